@@ -1,0 +1,50 @@
+"""A small name → factory registry with timm-style listing and helpful errors."""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from typing import Callable, Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """Maps names to factories. ``kind`` names what is registered in error messages."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._entries: dict[str, T] = {}
+
+    def register(self, name: str) -> Callable[[T], T]:
+        """Decorator registering ``obj`` under ``name``; a name may be taken once."""
+
+        def decorator(obj: T) -> T:
+            if name in self._entries and self._entries[name] is not obj:
+                raise ValueError(f"{self.kind} {name!r} is already registered")
+            self._entries[name] = obj
+            return obj
+
+        return decorator
+
+    def get(self, name: str) -> T:
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise KeyError(unknown_name_message(self.kind, name, self._entries)) from None
+
+    def names(self, pattern: str = "*") -> list[str]:
+        """Sorted registered names matching a shell-style ``pattern``."""
+        return sorted(n for n in self._entries if fnmatch.fnmatch(n, pattern))
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+
+def unknown_name_message(kind: str, name: str, known) -> str:
+    """'unknown method 'tnet'; did you mean 'tent'? Known: ...' style message."""
+    known = sorted(known)
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else "."
+    listing = ", ".join(known) if len(known) <= 40 else f"{len(known)} names, list them with list_models()"
+    return f"unknown {kind} {name!r}{hint} Known {kind}s: {listing}"

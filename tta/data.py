@@ -1,0 +1,62 @@
+"""Small, dependency-light image loading for tests, examples and benchmarks."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from .paths import tta_home
+
+__all__ = ["IMG_EXTENSIONS", "list_image_folder", "load_image_folder", "cifar10_dir"]
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+def cifar10_dir(split: str = "test") -> Path:
+    """``$TTA_HOME/data/cifar10/<split>`` (ImageFolder layout), checked to exist."""
+    path = tta_home() / "data" / "cifar10" / split
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"CIFAR-10 {split} images not found at {path}: expected an ImageFolder "
+            f"layout <root>/<class>/*.jpg under $TTA_HOME/data/cifar10 (TTA_HOME={tta_home()})"
+        )
+    return path
+
+
+def list_image_folder(root: str | os.PathLike) -> tuple[list[Path], list[int], list[str]]:
+    """Files, labels and sorted class names of an ImageFolder tree."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder not found: {root} (expected <root>/<class>/<image>)")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    files, labels = [], []
+    for idx, cls in enumerate(classes):
+        for f in sorted((root / cls).iterdir()):
+            if f.suffix.lower() in IMG_EXTENSIONS:
+                files.append(f)
+                labels.append(idx)
+    if not files:
+        raise FileNotFoundError(f"no images under {root} (expected <root>/<class>/<image>)")
+    return files, labels, classes
+
+
+def load_image_folder(
+    root: str | os.PathLike, num_images: int | None = None, seed: int = 0, shuffle: bool = True
+) -> tuple[Tensor, Tensor]:
+    """Decode (a seeded random subset of) an ImageFolder into float RGB in [0, 1].
+
+    Returns ``(images (N, 3, H, W), labels (N,))``; all images must share one size.
+    """
+    files, labels, _ = list_image_folder(root)
+    order = np.random.default_rng(seed).permutation(len(files)) if shuffle else np.arange(len(files))
+    if num_images is not None:
+        order = order[:num_images]
+    arrays = [np.asarray(Image.open(files[i]).convert("RGB")) for i in order]
+    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255)
+    y = torch.tensor([labels[i] for i in order])
+    return x, y

@@ -1,0 +1,18 @@
+"""Adaptation methods, one per module, registered by name."""
+
+from . import deyo, eata, eta, norm, sar, source, tent  # noqa: F401  (registration)
+from .base import StepRecord, TTAMethod, softmax_entropy, select_norm_params, last_stage_prefixes
+from .registry import list_methods, method_class, method_defaults, register_method, wrap
+
+__all__ = [
+    "StepRecord",
+    "TTAMethod",
+    "list_methods",
+    "method_class",
+    "method_defaults",
+    "register_method",
+    "wrap",
+    "softmax_entropy",
+    "select_norm_params",
+    "last_stage_prefixes",
+]

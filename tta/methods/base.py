@@ -1,0 +1,464 @@
+"""Shared pieces of every adaptation method.
+
+A method is three small ideas: which parameters adapt (``select_params``), what the
+loss is, and how one step runs (``forward_and_adapt``). Everything else lives here
+once: entropy, norm-layer selection, batch-statistics normalisation, optimizers,
+input checks, snapshot/reset, and the per-step record.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+__all__ = [
+    "TTAMethod",
+    "StepRecord",
+    "softmax_entropy",
+    "select_norm_params",
+    "last_stage_prefixes",
+    "use_batch_stats",
+    "sample_weighted_batch_stats",
+    "build_optimizer",
+    "gated_step",
+    "gated_reset",
+    "check_images",
+    "entropy_margin",
+    "NORM_LAYERS",
+]
+
+NORM_LAYERS = (_BatchNorm, nn.LayerNorm, nn.GroupNorm)
+
+
+def softmax_entropy(logits: Tensor) -> Tensor:
+    """Shannon entropy (nats) of ``softmax(logits)`` per row: ``-sum p log p``."""
+    log_p = logits.log_softmax(dim=1)
+    return -(log_p.exp() * log_p).sum(dim=1)
+
+
+def entropy_margin(value: float | None, fraction: float, num_classes: int) -> float:
+    """``value`` if given, else ``fraction * ln(num_classes)``: papers state margins as
+    fractions of the maximum entropy so one default serves 10 and 1000 classes."""
+    return value if value is not None else fraction * math.log(num_classes)
+
+
+# ----------------------------------------------------------------------------------
+# Parameter selection
+# ----------------------------------------------------------------------------------
+
+
+def _matches(name: str, prefixes: Sequence[str]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def select_norm_params(model: nn.Module, skip: Sequence[str] = ()) -> list[tuple[str, nn.Parameter]]:
+    """Affine parameters (weight, bias) of every BatchNorm/LayerNorm/GroupNorm layer,
+    except those inside a module whose qualified name is in ``skip`` (prefix match on
+    whole name segments: ``"layer4"`` skips ``layer4.0.bn1`` but not ``layer40``)."""
+    chosen = []
+    for mod_name, module in model.named_modules():
+        if not isinstance(module, NORM_LAYERS) or _matches(mod_name, skip):
+            continue
+        for p_name, param in module.named_parameters(recurse=False):
+            if p_name in ("weight", "bias"):
+                chosen.append((f"{mod_name}.{p_name}" if mod_name else p_name, param))
+    return chosen
+
+
+def last_stage_prefixes(model: nn.Module) -> list[str]:
+    """Module names of the top of the network, which DeYO and SAR leave frozen: the
+    last ``layerN`` stage of a ResNet, or the last quarter of a ViT's ``blocks`` plus
+    its final norm (blocks 9-11 and ``norm`` of a 12-block ViT-B).
+
+    Deep features are the least shifted by low-level corruptions and the most fragile
+    under noisy entropy gradients, hence the papers' choice. Returns ``[]`` when the
+    architecture is not recognised (then every norm layer adapts)."""
+    names = [n for n, _ in model.named_modules()]
+    stages: dict[str, int] = {}
+    for n in names:
+        m = re.search(r"(?:^|\.)layer(\d+)$", n)
+        if m:
+            stages[n] = int(m.group(1))
+    if stages:
+        top = max(stages.values())
+        return sorted(n for n, i in stages.items() if i == top)
+    blocks = [n for n in names if re.search(r"(^|\.)blocks\.\d+$", n)]
+    if blocks:
+        parent = blocks[0].rsplit("blocks.", 1)[0]
+        count = len([b for b in blocks if b.startswith(parent + "blocks.")])
+        first_skipped = count - max(1, count // 4)
+        skipped = [f"{parent}blocks.{i}" for i in range(first_skipped, count)]
+        for final in ("norm", "fc_norm"):
+            if f"{parent}{final}" in names:
+                skipped.append(f"{parent}{final}")
+        return skipped
+    return []
+
+
+# ----------------------------------------------------------------------------------
+# Batch-statistics normalisation
+# ----------------------------------------------------------------------------------
+
+
+def _adaptive_bn_forward(self: _BatchNorm, x: Tensor) -> Tensor:
+    alpha: float = self.tta_alpha
+    weight: Tensor | None = self.tta_sample_weight
+    if weight is None and alpha == 1.0:
+        return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+    dims = [0, *range(2, x.dim())]
+    if weight is None:
+        var, mean = torch.var_mean(x, dim=dims, unbiased=False)
+    else:
+        # Statistics of the selected samples only, as if the batch were the subset,
+        # computed with a weighted sum so the step needs no host sync.
+        w = weight.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+        per_sample = x[0, 0].numel()
+        denom = (weight.to(x.dtype).sum() * per_sample).clamp_min(1.0)
+        mean = (x * w).sum(dims) / denom
+        var = (((x - mean.view(1, -1, *([1] * (x.dim() - 2)))) ** 2) * w).sum(dims) / denom
+    if alpha != 1.0:
+        mean = alpha * mean + (1 - alpha) * self.running_mean
+        var = alpha * var + (1 - alpha) * self.running_var
+    return F.batch_norm(x, mean, var, self.weight, self.bias, False, 0.0, self.eps)
+
+
+_ADAPTIVE_CLASSES: dict[type, type] = {}
+
+
+def use_batch_stats(model: nn.Module, alpha: float = 1.0) -> int:
+    """Make every BatchNorm layer of ``model`` normalise with test-batch statistics.
+
+    ``alpha`` mixes them with the source running statistics (Schneider et al. 2020):
+    ``alpha * batch + (1 - alpha) * source``; 1.0 is pure test statistics (Tent's
+    choice), 0.0 the source model. Running statistics are never updated, so the
+    model's state stays that of the source apart from the adapted parameters. The
+    layers keep their class's behaviour otherwise (their class is swapped for a
+    subclass, state-dict keys are unchanged). Returns the number of layers changed.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"bn alpha must be in [0, 1], got {alpha}")
+    count = 0
+    for module in model.modules():
+        if isinstance(module, _BatchNorm):
+            base = type(module)
+            if base not in _ADAPTIVE_CLASSES.values():
+                if base not in _ADAPTIVE_CLASSES:
+                    _ADAPTIVE_CLASSES[base] = type(
+                        f"TestStats{base.__name__}", (base,), {"forward": _adaptive_bn_forward}
+                    )
+                module.__class__ = _ADAPTIVE_CLASSES[base]
+            if alpha < 1.0 and module.running_mean is None:
+                raise ValueError("bn alpha < 1 needs BatchNorm layers with running statistics")
+            module.tta_alpha = float(alpha)
+            module.tta_sample_weight = None
+            count += 1
+    return count
+
+
+@contextmanager
+def sample_weighted_batch_stats(model: nn.Module, weight: Tensor) -> Iterator[None]:
+    """Within the block, test-statistics BatchNorm layers compute their statistics
+    from the samples with non-zero ``weight`` (shape (B,)) only: a forward on the full
+    batch then equals, for those samples, a forward on the selected subset."""
+    layers = [m for m in model.modules() if hasattr(m, "tta_sample_weight")]
+    for m in layers:
+        m.tta_sample_weight = weight
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.tta_sample_weight = None
+
+
+def _uses_pure_batch_stats(model: nn.Module) -> bool:
+    return any(getattr(m, "tta_alpha", None) == 1.0 for m in model.modules())
+
+
+# ----------------------------------------------------------------------------------
+# Optimisation
+# ----------------------------------------------------------------------------------
+
+
+def build_optimizer(
+    params: Sequence[nn.Parameter],
+    optimizer: str = "sgd",
+    lr: float = 2.5e-4,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    betas: tuple[float, float] = (0.9, 0.999),
+    nesterov: bool = False,
+) -> torch.optim.Optimizer:
+    """SGD (with momentum) or Adam/AdamW over ``params``, validated."""
+    if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    if momentum < 0 or weight_decay < 0:
+        raise ValueError("momentum and weight_decay must be >= 0")
+    name = optimizer.lower()
+    if name == "sgd":
+        return torch.optim.SGD(
+            params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov
+        )
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, betas=betas, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
+    raise ValueError(f"optimizer must be 'sgd', 'adam' or 'adamw', got {optimizer!r}")
+
+
+def _state_tensors(optimizer: torch.optim.Optimizer) -> list[tuple[dict, str, Tensor]]:
+    return [
+        (state, key, value)
+        for state in optimizer.state.values()
+        for key, value in state.items()
+        if isinstance(value, Tensor)
+    ]
+
+
+@torch.no_grad()
+def gated_step(optimizer: torch.optim.Optimizer, enabled: Tensor) -> None:
+    """``optimizer.step()`` that takes effect only if the 0-dim bool ``enabled`` holds.
+
+    Methods that filter samples skip the update when nothing passes the filter (the
+    papers' ``if len(selected) > 0``). Deciding that on the host would stall the
+    device every step, so the step always runs and is undone with ``torch.where``;
+    the adapted parameters are only norm affines, so the copies are tiny.
+    """
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    before = [p.detach().clone() for p in params]
+    state_before = {(id(s), k): v.clone() for s, k, v in _state_tensors(optimizer)}
+    optimizer.step()
+    for p, old in zip(params, before):
+        p.copy_(torch.where(enabled.to(p.device), p, old))
+    for state, key, value in _state_tensors(optimizer):
+        # State created by this very step reverts to zeros: the same as no state for
+        # SGD momentum and Adam moments/step count.
+        old = state_before.get((id(state), key), torch.zeros_like(value))
+        state[key] = torch.where(enabled.to(value.device), value, old)
+
+
+@torch.no_grad()
+def gated_reset(
+    params: Sequence[Tensor],
+    source: Sequence[Tensor],
+    optimizer: torch.optim.Optimizer | None,
+    enabled: Tensor,
+) -> None:
+    """Restore ``params`` to ``source`` and clear the optimizer state where the 0-dim
+    bool ``enabled`` holds, without a host sync (SAR's model recovery)."""
+    for p, p0 in zip(params, source):
+        p.copy_(torch.where(enabled.to(p.device), p0, p))
+    if optimizer is not None:
+        for state, key, value in _state_tensors(optimizer):
+            state[key] = torch.where(enabled.to(value.device), torch.zeros_like(value), value)
+
+
+# ----------------------------------------------------------------------------------
+# Inputs
+# ----------------------------------------------------------------------------------
+
+
+def check_images(x: Any) -> None:
+    """Reject what a model in pixel space cannot take, with advice. One host sync."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"expected a torch.Tensor of images, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(
+            f"expected float images in [0, 1], got dtype {x.dtype}; "
+            "convert uint8 images with x.float() / 255"
+        )
+    if x.dim() != 4:
+        raise ValueError(f"expected images of shape (B, 3, H, W), got shape {tuple(x.shape)}")
+    if x.shape[1] != 3:
+        hint = {1: " (grayscale: use x.expand(-1, 3, -1, -1))", 4: " (RGBA: drop alpha, x[:, :3])"}
+        raise ValueError(
+            f"expected 3 RGB channels, got {x.shape[1]}{hint.get(x.shape[1], '')}"
+        )
+    if x.shape[0] == 0:
+        raise ValueError("empty batch: nothing to predict or adapt on")
+    finite, lo, hi = torch.stack(
+        [torch.isfinite(x).all().to(x.dtype), x.amin(), x.amax()]
+    ).tolist()
+    if not finite:
+        raise ValueError("images contain NaN or inf pixels; the batch was not used")
+    if lo < -1e-4 or hi > 1 + 1e-4:
+        advice = " (looks like 0-255 pixels: divide by 255)" if hi > 2 else ""
+        raise ValueError(
+            f"expected pixels in [0, 1], got range [{lo:.3g}, {hi:.3g}]{advice}; "
+            "tta models normalise internally, pass un-normalised RGB"
+        )
+
+
+# ----------------------------------------------------------------------------------
+# The method base class
+# ----------------------------------------------------------------------------------
+
+
+@dataclass
+class StepRecord:
+    """What one adaptation step did. Tensor fields stay on the device until read
+    through :meth:`to_dict`, so recording costs no sync."""
+
+    num_samples: int
+    num_selected: Tensor | int | None = None
+    loss: Tensor | float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, float | int | None]:
+        def plain(v: Any) -> Any:
+            return v.item() if isinstance(v, Tensor) else v
+
+        out = {"num_samples": self.num_samples, "num_selected": plain(self.num_selected)}
+        out["loss"] = plain(self.loss)
+        out.update({k: plain(v) for k, v in self.extra.items()})
+        return out
+
+
+class TTAMethod(nn.Module):
+    """Base class: wraps ``model``; ``forward(x)`` predicts on ``x`` and adapts on it.
+
+    Subclasses set which parameters adapt (``select_params``) and implement one
+    adaptation step (``forward_and_adapt``). The wrapped model is changed in place
+    (norm layers switch to test statistics, ``requires_grad`` is set on the adapted
+    parameters only); wrap a ``copy.deepcopy`` to keep the original.
+
+    Args:
+        model: classifier taking float RGB in [0, 1], returning (B, C) logits.
+        steps: adaptation steps per batch (prediction comes from the last one).
+        episodic: reset to the source state before every batch.
+        optimizer, lr, momentum, weight_decay, betas: the optimizer of the adapted
+            parameters (see :func:`build_optimizer`).
+        bn_alpha: weight of test-batch statistics in BatchNorm layers (1.0: test
+            statistics only; below 1 mixes in the source statistics, which also
+            makes batch size 1 usable).
+        check_inputs: validate each batch (dtype, shape, finite, in [0, 1]) before
+            using it; costs one host sync per batch.
+    """
+
+    #: set by ``@register_method``
+    method_name: str = ""
+    #: whether the BatchNorm layers use test-batch statistics
+    batch_stats: bool = True
+    #: whether the method has an optimizer (``source`` and ``norm`` do not)
+    has_optimizer: bool = True
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        steps: int = 1,
+        episodic: bool = False,
+        optimizer: str = "sgd",
+        lr: float = 2.5e-4,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        bn_alpha: float = 1.0,
+        check_inputs: bool = True,
+    ) -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"expected an nn.Module to wrap, got {type(model).__name__}")
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        self.model = model
+        self.steps = steps
+        self.episodic = episodic
+        self.bn_alpha = bn_alpha
+        self.check_inputs = check_inputs
+        self.last_record: StepRecord | None = None
+
+        model.eval()  # dropout off; norm layers are configured explicitly below
+        if self.batch_stats:
+            use_batch_stats(model, alpha=bn_alpha)
+        model.requires_grad_(False)
+        self.adapted = self.select_params() if self.has_optimizer else []
+        for _, p in self.adapted:
+            p.requires_grad_(True)
+        self.optimizer: torch.optim.Optimizer | None = None
+        if self.adapted:
+            self.optimizer = build_optimizer(
+                [p for _, p in self.adapted], optimizer, lr, momentum, weight_decay, betas
+            )
+        self._source_state: dict[str, Any] | None = None
+
+    # -- the three ideas -------------------------------------------------------------
+    def select_params(self) -> list[tuple[str, nn.Parameter]]:
+        """Which parameters adapt. Default: every norm layer's affine parameters."""
+        return select_norm_params(self.model)
+
+    def forward_and_adapt(self, x: Tensor) -> tuple[Tensor, StepRecord]:
+        """One step on batch ``x``: return the logits to report and a record."""
+        raise NotImplementedError
+
+    # -- the common loop -------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        """Predict on ``x`` (float RGB in [0, 1], NCHW) and adapt on it."""
+        if self._source_state is None:
+            self.snapshot()
+        if self.check_inputs:
+            check_images(x)
+        if self.batch_stats and x.shape[0] == 1 and _uses_pure_batch_stats(self.model):
+            raise ValueError(
+                f"batch size 1 with BatchNorm test statistics: {self.method_name or 'this method'} "
+                "would normalise each image by its own statistics. Use batches of >= 2 "
+                "images, pass bn_alpha < 1 (e.g. 0.1) to mix in the source statistics, "
+                "or use a GroupNorm/LayerNorm model."
+            )
+        if self.episodic:
+            self.reset()
+        for _ in range(self.steps):
+            logits, record = self.forward_and_adapt(x)
+        if logits.dim() != 2 or logits.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"the model must return (B, num_classes) logits, got shape {tuple(logits.shape)}"
+            )
+        self.last_record = record
+        return logits
+
+    # -- state -----------------------------------------------------------------------
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict() if self.optimizer else None}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        if self.optimizer is not None and state.get("optimizer") is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # Method buffers may change shape once the class count is known (a running
+        # mean prediction starts as a scalar NaN): take the stored shape.
+        for name, buf in self._buffers.items():
+            stored = state_dict.get(prefix + name)
+            if buf is not None and stored is not None and stored.shape != buf.shape:
+                self._buffers[name] = torch.empty_like(stored, device=buf.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def snapshot(self) -> None:
+        """Record the current state as the one :meth:`reset` returns to. Taken
+        automatically before the first batch."""
+        self._source_state = copy.deepcopy(self.state_dict())
+
+    def reset(self) -> None:
+        """Return model, optimizer and method state to the source, bit-exact."""
+        if self._source_state is None:
+            self.snapshot()
+            return
+        self.load_state_dict(self._source_state)
+        if self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def train(self, mode: bool = True) -> "TTAMethod":
+        # The wrapped model's modes are part of the method's configuration: keep them.
+        self.training = mode
+        return self
+
+    def extra_repr(self) -> str:
+        return f"method={self.method_name!r}, adapted_params={len(self.adapted)}"

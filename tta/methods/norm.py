@@ -1,0 +1,36 @@
+"""``norm``: test-time BatchNorm statistics (Nado et al. 2020; Schneider et al. 2020).
+
+Only the normalisation statistics change: each batch is normalised with its own
+mean and variance, optionally mixed with the source statistics by ``alpha``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .base import StepRecord, TTAMethod
+from .registry import register_method
+
+
+@register_method("norm")
+class Norm(TTAMethod):
+    """BatchNorm with test-batch statistics; no parameter is trained.
+
+    Args:
+        alpha: weight of the test-batch statistics; ``1 - alpha`` goes to the source
+            statistics (Schneider et al.'s ``N / (N + n)`` prior corresponds to
+            ``alpha = n / (N + n)``). ``alpha < 1`` works at batch size 1.
+    """
+
+    has_optimizer = False
+
+    def __init__(self, model: nn.Module, *, alpha: float = 1.0, **kwargs) -> None:
+        # ``alpha`` is the paper's name for the shared ``bn_alpha`` option.
+        if kwargs.setdefault("bn_alpha", alpha) != alpha:
+            raise ValueError("give norm's statistics weight as alpha or bn_alpha, not both")
+        super().__init__(model, **kwargs)
+
+    @torch.no_grad()
+    def forward_and_adapt(self, x: Tensor) -> tuple[Tensor, StepRecord]:
+        return self.model(x), StepRecord(num_samples=x.shape[0], num_selected=x.shape[0])

@@ -1,0 +1,75 @@
+"""The method registry: ``@register_method``, ``list_methods``, ``wrap``."""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from typing import Any, Callable, TypeVar
+
+from torch import nn
+
+from .._registry import Registry
+from .base import TTAMethod
+
+__all__ = ["register_method", "list_methods", "wrap", "method_class", "method_defaults"]
+
+_METHODS: Registry[type[TTAMethod]] = Registry("method")
+M = TypeVar("M", bound=type[TTAMethod])
+
+
+def register_method(name: str) -> Callable[[M], M]:
+    """Class decorator registering a :class:`TTAMethod` subclass under ``name``."""
+
+    def decorator(cls: M) -> M:
+        if not (isinstance(cls, type) and issubclass(cls, TTAMethod)):
+            raise TypeError("@register_method decorates TTAMethod subclasses")
+        cls.method_name = name
+        return _METHODS.register(name)(cls)
+
+    return decorator
+
+
+def list_methods(pattern: str = "*") -> list[str]:
+    """Registered method names matching a shell-style pattern, sorted."""
+    return _METHODS.names(pattern)
+
+
+def method_class(name: str) -> type[TTAMethod]:
+    """The class registered under ``name`` (``KeyError`` with close matches if none)."""
+    return _METHODS.get(name)
+
+
+def method_defaults(name: str) -> dict[str, Any]:
+    """Every keyword override of method ``name`` with its default value, including
+    the shared ones of :class:`TTAMethod` (``steps``, ``optimizer``, ``lr``, ...)."""
+    cls = method_class(name)
+    defaults: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        if klass is object or not issubclass(klass, TTAMethod):
+            continue
+        for p in inspect.signature(klass.__init__).parameters.values():
+            if p.kind is p.KEYWORD_ONLY:
+                defaults[p.name] = p.default
+    return defaults
+
+
+def wrap(model: nn.Module, name: str, **overrides: Any) -> TTAMethod:
+    """Wrap ``model`` with adaptation method ``name``; ``overrides`` set its
+    hyper-parameters by their paper names, e.g. ``wrap(m, "tent", lr=1e-3)``.
+
+    The returned module predicts and adapts on every ``forward``; ``reset()``
+    returns it to the source weights.
+    """
+    cls = method_class(name)
+    known = method_defaults(name)
+    unknown = [k for k in overrides if k not in known]
+    if unknown:
+        parts = []
+        for k in unknown:
+            close = difflib.get_close_matches(k, known, n=2, cutoff=0.5)
+            parts.append(f"{k!r}" + (f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""))
+        raise TypeError(
+            f"method {name!r} has no hyper-parameter {', '.join(parts)}; "
+            f"its hyper-parameters are: {', '.join(sorted(known))}"
+        )
+    return cls(model, **overrides)

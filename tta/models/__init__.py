@@ -1,0 +1,151 @@
+"""The model registry: ``load_model(name)`` returns a classifier taking float RGB in
+[0, 1] (normalisation inside), ready to wrap with :func:`tta.wrap`.
+
+Names: the registered ones (``list_models()``), plus ``"timm:<any timm model>"``.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .._registry import Registry
+from ..paths import download, sha256_of, tta_home
+from .cifar_resnet import CifarResNet
+from .classifier import IMAGENET_MEAN, IMAGENET_STD, ImageClassifier
+
+__all__ = [
+    "ImageClassifier",
+    "CifarResNet",
+    "register_model",
+    "list_models",
+    "load_model",
+    "load_checkpoint",
+]
+
+_MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
+
+
+def register_model(name: str) -> Callable:
+    """Decorator registering a model factory ``fn(weights=None, **kw) -> nn.Module``."""
+    return _MODELS.register(name)
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Registered model names matching a shell-style pattern (``timm:<name>`` also
+    works for every timm model, see ``timm.list_models``)."""
+    return _MODELS.names(pattern)
+
+
+def load_model(name: str, *, weights: str | os.PathLike | None = None, **kwargs: Any) -> nn.Module:
+    """Build model ``name`` in eval mode.
+
+    Args:
+        name: a registered name (``"cifar10_resnet20"``) or ``"timm:<model>"``.
+        weights: a local checkpoint to load instead of the default weights.
+        **kwargs: passed to the factory (``pretrained`` and ``num_classes`` for timm).
+    """
+    if name.startswith("timm:"):
+        from .timm_models import timm_classifier
+
+        model = timm_classifier(name[len("timm:"):], weights=weights, **kwargs)
+    else:
+        model = _MODELS.get(name)(weights=weights, **kwargs)
+    return model.eval()
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Load a state dict safely: ``weights_only=True`` refuses pickled code.
+
+    Accepts a bare state dict or a dict with ``state_dict``/``model``/``state``
+    inside; strips a ``module.`` (DataParallel) prefix.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(
+            f"refusing to load {path}: it is not a plain tensor checkpoint (it holds "
+            f"pickled objects or code, which tta never executes). Re-save it as a "
+            f"state_dict of tensors. Detail: {str(err).splitlines()[0]}"
+        ) from None
+    except (RuntimeError, EOFError) as err:
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({err})") from None
+    for key in ("state_dict", "model", "state"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{path} does not hold a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """``load_state_dict`` with an error that says which file and which keys."""
+    result = model.load_state_dict(state, strict=False)
+    shapes = [
+        k for k, v in state.items()
+        if k in model.state_dict() and model.state_dict()[k].shape != v.shape
+    ]
+    if result.missing_keys or result.unexpected_keys or shapes:
+        raise ValueError(
+            f"{source} does not match {type(model).__name__}: "
+            f"missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}"
+        )
+
+
+# ----------------------------------------------------------------------------------
+# CIFAR-10 ResNets (checkpoints of akamaster/pytorch_resnet_cifar10)
+# ----------------------------------------------------------------------------------
+
+_CIFAR_RESNET_FILES = {
+    20: "resnet20-12fca82f.th",
+    32: "resnet32-d509ac18.th",
+    44: "resnet44-014dd654.th",
+    56: "resnet56-4bfd9763.th",
+}
+_CIFAR_RESNET_URL = "https://github.com/akamaster/pytorch_resnet_cifar10/raw/master/pretrained_models/"
+
+
+def cifar_resnet_weights(depth: int) -> Path:
+    """Path of the pretrained checkpoint under ``$TTA_HOME/models/cifar10``,
+    downloaded there (checksum verified) if missing."""
+    filename = _CIFAR_RESNET_FILES[depth]
+    path = tta_home() / "models" / "cifar10" / filename
+    if not path.exists():
+        download(_CIFAR_RESNET_URL + filename, path, sha256_prefix=filename.split("-")[1][:-3])
+    return path
+
+
+def _make_cifar_factory(depth: int) -> Callable[..., nn.Module]:
+    def factory(weights: str | os.PathLike | None = None, pretrained: bool = True) -> nn.Module:
+        net = CifarResNet(depth, num_classes=10)
+        if weights is not None or pretrained:
+            path = Path(weights) if weights is not None else cifar_resnet_weights(depth)
+            if weights is None:
+                expected = path.name.split("-")[1][:-3]
+                if not sha256_of(path).startswith(expected):
+                    raise ValueError(f"{path} is corrupted: its sha256 does not start with {expected}")
+            load_state_into(net, load_checkpoint(path), str(path))
+        return ImageClassifier(net, 10, IMAGENET_MEAN, IMAGENET_STD, input_size=(32, 32))
+
+    factory.__doc__ = (
+        f"CIFAR-10 ResNet-{depth}, pretrained unless ``pretrained=False``; ``weights`` "
+        f"overrides the default $TTA_HOME/models/cifar10/{_CIFAR_RESNET_FILES[depth]}."
+    )
+    return factory
+
+
+for _depth in _CIFAR_RESNET_FILES:
+    register_model(f"cifar10_resnet{_depth}")(_make_cifar_factory(_depth))
