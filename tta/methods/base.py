@@ -82,7 +82,8 @@ def last_stage_prefixes(model: nn.Module) -> list[str]:
     Deep features are the least shifted by low-level corruptions and the most fragile
     under noisy entropy gradients, hence the papers' choice. Returns ``[]`` when the
     architecture is not recognised (then every norm layer adapts)."""
-    names = [n for n, _ in model.named_modules()]
+    modules = dict(model.named_modules())
+    names = list(modules)
     stages: dict[str, int] = {}
     for n in names:
         m = re.search(r"(?:^|\.)layer(\d+)$", n)
@@ -98,7 +99,7 @@ def last_stage_prefixes(model: nn.Module) -> list[str]:
         first_skipped = count - max(1, count // 4)
         skipped = [f"{parent}blocks.{i}" for i in range(first_skipped, count)]
         for final in ("norm", "fc_norm"):
-            if f"{parent}{final}" in names:
+            if isinstance(modules.get(f"{parent}{final}"), NORM_LAYERS):
                 skipped.append(f"{parent}{final}")
         return skipped
     return []

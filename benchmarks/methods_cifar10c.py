@@ -1,0 +1,133 @@
+"""Error and speed of every entropy-family method on a severity-5 CIFAR-10-C stream.
+
+The stream: ``--num-images`` shared CIFAR-10 test images per corruption (a seeded
+subset, shuffled), rendered with ``tta.corruptions`` (CIFAR preset), streamed
+continually (no reset between corruptions) in batches of ``--batch-size``.
+
+    TTA_HOME=../shared python benchmarks/methods_cifar10c.py --num-images 2000
+
+Speed is reported as the ratio of each method's adaptation loop to plain eval-mode
+inference of the source model over the same batches, timed in the same process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import time
+
+import torch
+
+import tta
+from tta.data import cifar10_dir, load_image_folder
+
+EIGHT = [
+    "gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur",
+    "contrast", "brightness", "pixelate", "jpeg_compression",
+]
+
+# The CIFAR-10 settings of the published implementations the issue compares with.
+SETTINGS: dict[str, dict] = {
+    "source": {},
+    "norm": {},
+    "tent": dict(optimizer="adam", lr=1e-3),
+    "eta": dict(optimizer="adam", lr=1e-3, d_margin=0.4),
+    "eata": dict(optimizer="adam", lr=1e-3, d_margin=0.4, fisher_alpha=1.0),
+    "sar": dict(optimizer="sgd", lr=1e-3, momentum=0.9),
+    "deyo": dict(optimizer="adam", lr=1e-3),
+}
+
+
+def build_stream(corruptions, num_images, seed):
+    x, y = load_image_folder(cifar10_dir("test"), num_images=None, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    domains = []
+    for i, name in enumerate(corruptions):
+        idx = torch.randperm(x.shape[0], generator=g)[:num_images]
+        if name == "clean":
+            xc = x[idx]
+        else:
+            from tta.corruptions import corrupt
+
+            gen = torch.Generator().manual_seed(seed * 1000 + i)
+            xc = torch.cat([
+                corrupt(x[idx[j:j + 500]], name, 5, preset="cifar", generator=gen)
+                for j in range(0, num_images, 500)
+            ])
+        domains.append((name, xc, y[idx]))
+    return domains
+
+
+def run_method(name, domains, batch_size, model_name, fisher_images):
+    model = tta.load_model(model_name)
+    kw = dict(SETTINGS[name])
+    if name == "eata":
+        kw.update(fisher_loader=[fisher_images[i:i + 100] for i in range(0, len(fisher_images), 100)],
+                  fisher_size=len(fisher_images))
+    adapted = tta.wrap(model, name, **kw)
+    errors, elapsed = {}, 0.0
+    for domain, x, y in domains:
+        wrong = 0
+        for i in range(0, x.shape[0], batch_size):
+            xb = x[i:i + batch_size]
+            t0 = time.perf_counter()
+            logits = adapted(xb)
+            elapsed += time.perf_counter() - t0
+            wrong += (logits.argmax(1) != y[i:i + batch_size]).sum().item()
+        errors[domain] = 100.0 * wrong / x.shape[0]
+    return errors, elapsed
+
+
+@torch.no_grad()
+def plain_inference_time(domains, batch_size, model_name):
+    model = tta.load_model(model_name).eval()
+    t0 = time.perf_counter()
+    for _, x, _ in domains:
+        for i in range(0, x.shape[0], batch_size):
+            model(x[i:i + batch_size])
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", nargs="+", default=list(SETTINGS))
+    parser.add_argument("--corruptions", nargs="+", default=EIGHT)
+    parser.add_argument("--num-images", type=int, default=2000)
+    parser.add_argument("--batch-size", type=int, default=200)
+    parser.add_argument("--model", default="cifar10_resnet20")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", default=None, help="also write the results here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    domains = build_stream(args.corruptions, args.num_images, args.seed)
+    fisher_images, _ = load_image_folder(cifar10_dir("train"), num_images=500, seed=args.seed)
+    results, plain = {}, []
+    for name in args.methods:
+        plain.append(plain_inference_time(domains, args.batch_size, args.model))
+        torch.manual_seed(args.seed)
+        errors, elapsed = run_method(name, domains, args.batch_size, args.model, fisher_images)
+        results[name] = dict(errors=errors, mean=statistics.mean(errors.values()), seconds=elapsed)
+    plain.append(plain_inference_time(domains, args.batch_size, args.model))
+    base = statistics.median(plain)
+    total = sum(x.shape[0] for _, x, _ in domains)
+
+    cols = [d for d, _, _ in domains]
+    print(f"| method | {' | '.join(cols)} | mean | img/s | x inference |")
+    print("|" + "---|" * (len(cols) + 4))
+    for name, r in results.items():
+        row = " | ".join(f"{r['errors'][c]:.1f}" for c in cols)
+        print(f"| {name} | {row} | **{r['mean']:.1f}** | {total / r['seconds']:.0f} | {r['seconds'] / base:.2f} |")
+    print(f"\nplain inference: {total / base:.0f} img/s; {platform.processor() or platform.machine()}, "
+          f"{args.threads} threads, torch {torch.__version__}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(dict(args=vars(args), results=results, plain_seconds=plain, settings=SETTINGS), fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""Shared fixtures: the real shared ResNet-20 and real CIFAR-10 test images, offline."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# Tests read data and weights from the shared read-only folder next to the repo
+# unless TTA_HOME is set already.
+_SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+if "TTA_HOME" not in os.environ and _SHARED.is_dir():
+    os.environ["TTA_HOME"] = str(_SHARED)
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+import tta  # noqa: E402
+from tta.data import cifar10_dir, load_image_folder  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def cifar_test_images() -> tuple[torch.Tensor, torch.Tensor]:
+    """2000 shared CIFAR-10 test images (seeded subset) and labels."""
+    return load_image_folder(cifar10_dir("test"), num_images=2000, seed=0)
+
+
+@pytest.fixture(scope="session")
+def cifar_train_images() -> tuple[torch.Tensor, torch.Tensor]:
+    return load_image_folder(cifar10_dir("train"), num_images=256, seed=0)
+
+
+@pytest.fixture(scope="session")
+def noisy_batch(cifar_test_images) -> torch.Tensor:
+    """64 test images with severity-5 Gaussian noise (CIFAR-10-C: std 0.10)."""
+    x = cifar_test_images[0][:64]
+    g = torch.Generator().manual_seed(1)
+    return (x + 0.10 * torch.randn(x.shape, generator=g)).clamp(0, 1)
+
+
+@pytest.fixture
+def resnet20() -> torch.nn.Module:
+    """A fresh copy of the pretrained shared CIFAR-10 ResNet-20."""
+    return tta.load_model("cifar10_resnet20")

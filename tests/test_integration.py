@@ -1,0 +1,55 @@
+"""End to end, offline: the shared pretrained ResNet-20 on real corrupted CIFAR-10."""
+
+import pytest
+import torch
+
+import tta
+
+pytestmark = pytest.mark.slow
+
+CIFAR_SETTINGS = {
+    "source": {},
+    "norm": {},
+    "tent": dict(optimizer="adam", lr=1e-3),
+    "eta": dict(optimizer="adam", lr=1e-3, d_margin=0.4),
+    "eata": dict(optimizer="adam", lr=1e-3, d_margin=0.4, fisher_alpha=1.0),
+    "sar": dict(optimizer="sgd", lr=1e-3),
+    "deyo": dict(optimizer="adam", lr=1e-3),
+}
+
+
+def stream_error(name, batches, fisher_images=None):
+    kw = dict(CIFAR_SETTINGS[name])
+    if name == "eata":
+        kw.update(fisher_loader=[fisher_images], fisher_size=len(fisher_images))
+    torch.manual_seed(0)
+    adapted = tta.wrap(tta.load_model("cifar10_resnet20"), name, **kw)
+    wrong = total = 0
+    for x, y in batches:
+        wrong += (adapted(x).argmax(1) != y).sum().item()
+        total += y.numel()
+    return 100.0 * wrong / total
+
+
+@pytest.fixture(scope="module")
+def gaussian_stream(cifar_test_images):
+    """1000 test images, severity-5 Gaussian noise (CIFAR-10-C: std 0.10), shuffled,
+    batches of 200."""
+    x, y = cifar_test_images
+    g = torch.Generator().manual_seed(0)
+    order = torch.randperm(1000, generator=g)
+    x, y = x[order], y[order]
+    x = (x + 0.10 * torch.randn(x.shape, generator=g)).clamp(0, 1)
+    return [(x[i:i + 200], y[i:i + 200]) for i in range(0, 1000, 200)]
+
+
+@pytest.fixture(scope="module")
+def source_error(gaussian_stream):
+    return stream_error("source", gaussian_stream)
+
+
+@pytest.mark.parametrize("name", ["norm", "tent", "eta", "eata", "sar", "deyo"])
+def test_method_beats_source_on_gaussian_noise(name, gaussian_stream, source_error, cifar_train_images):
+    assert source_error > 70  # severity 5 noise really hurts the source model
+    error = stream_error(name, gaussian_stream, cifar_train_images[0])
+    assert error < source_error - 15, (name, error, source_error)

@@ -1,0 +1,253 @@
+"""Per-method behaviour on the real shared ResNet-20 and real noisy CIFAR-10 images."""
+
+import copy
+
+import pytest
+import torch
+
+import tta
+from tta.methods.base import (
+    gated_step,
+    last_stage_prefixes,
+    sample_weighted_batch_stats,
+    select_norm_params,
+    softmax_entropy,
+)
+
+GRADIENT_METHODS = ["tent", "eta", "eata", "sar", "deyo"]
+
+
+def make(name, model, train_images=None, **kw):
+    if name == "eata" and "fisher_loader" not in kw:
+        x = train_images[0][:128] if train_images is not None else torch.rand(64, 3, 32, 32)
+        kw.update(fisher_loader=[x[:64], x[64:]], fisher_size=128)
+    return tta.wrap(model, name, **kw)
+
+
+def state(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items() if isinstance(v, torch.Tensor)}
+
+
+def same(a, b):
+    """Bit-exact equality where NaN equals NaN (unset running averages are NaN)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.is_floating_point():
+        return bool(((a == b) | (a.isnan() & b.isnan())).all())
+    return torch.equal(a, b)
+
+
+def changed_keys(before, after):
+    return {k for k in before if not same(before[k], after[k])}
+
+
+def expected_params(model, name):
+    if name in ("sar", "deyo"):
+        skip = last_stage_prefixes(model)
+        assert skip == ["backbone.layer3"]
+        return {n for n, _ in select_norm_params(model, skip)}
+    return {n for n, _ in select_norm_params(model)}
+
+
+@pytest.mark.parametrize("name", GRADIENT_METHODS)
+def test_only_intended_parameters_change(name, resnet20, noisy_batch, cifar_train_images):
+    before = state(resnet20)
+    expected = expected_params(resnet20, name)
+    adapted = make(name, resnet20, cifar_train_images, lr=1e-3)
+    for _ in range(3):
+        adapted(noisy_batch)
+    changed = changed_keys(before, state(resnet20))
+    assert changed, f"{name} changed nothing"
+    assert changed <= expected, changed - expected
+    # running statistics are never touched
+    assert not any("running" in k for k in changed)
+
+
+@pytest.mark.parametrize("name", GRADIENT_METHODS)
+def test_loss_goes_down_on_a_fixed_batch(name, resnet20, noisy_batch, cifar_train_images):
+    torch.manual_seed(0)
+    kw = dict(optimizer="sgd", lr=5e-3, momentum=0.9)
+    if name in ("eta", "eata"):
+        kw["d_margin"] = 1.0  # a fixed batch is redundant with itself by design
+    adapted = make(name, resnet20, cifar_train_images, **kw)
+    losses = []
+    for _ in range(8):
+        adapted(noisy_batch)
+        losses.append(adapted.last_record.to_dict()["loss"])
+    assert losses[-1] < losses[0], losses
+    with torch.no_grad():
+        mean_entropy = softmax_entropy(resnet20(noisy_batch)).mean()
+        # the starting point: the same model with test statistics, before any update
+        start = tta.wrap(tta.load_model("cifar10_resnet20"), "norm")(noisy_batch)
+    assert mean_entropy < softmax_entropy(start).mean()
+
+
+@pytest.mark.parametrize("name", GRADIENT_METHODS + ["norm"])
+def test_reset_is_bit_exact(name, resnet20, noisy_batch, cifar_train_images):
+    adapted = make(name, resnet20, cifar_train_images, lr=1e-2)
+    source = state(adapted)
+    torch.manual_seed(0)
+    first = adapted(noisy_batch)
+    for _ in range(3):
+        adapted(noisy_batch)
+    if adapted.optimizer is not None:
+        assert adapted.optimizer.state  # there is optimizer state to reset
+    adapted.reset()
+    after = state(adapted)
+    assert not changed_keys(source, after)
+    if adapted.optimizer is not None:
+        assert not adapted.optimizer.state
+    # the same stream after reset gives the same predictions
+    torch.manual_seed(0)
+    again = adapted(noisy_batch)
+    assert torch.equal(first.argmax(1), again.argmax(1))
+
+
+def test_source_changes_nothing(resnet20, noisy_batch):
+    reference = copy.deepcopy(resnet20).eval()
+    before = state(resnet20)
+    adapted = tta.wrap(resnet20, "source")
+    out = adapted(noisy_batch)
+    with torch.no_grad():
+        assert torch.equal(out, reference(noisy_batch))
+    assert not changed_keys(before, state(resnet20))
+    assert adapted.optimizer is None
+
+
+def test_norm_uses_batch_statistics_and_alpha_mixes(resnet20, noisy_batch):
+    reference = copy.deepcopy(resnet20)
+    out = tta.wrap(resnet20, "norm")(noisy_batch)
+    reference.train()  # plain train-mode BN normalises with batch statistics
+    with torch.no_grad():
+        torch.testing.assert_close(out, reference(noisy_batch), rtol=1e-4, atol=1e-4)
+    source = tta.load_model("cifar10_resnet20")
+    with torch.no_grad():
+        torch.testing.assert_close(tta.wrap(copy.deepcopy(source), "norm", alpha=0.0)(noisy_batch), source(noisy_batch), rtol=1e-4, atol=1e-4)
+    half = tta.wrap(copy.deepcopy(source), "norm", alpha=0.5)(noisy_batch)
+    assert not torch.allclose(half, out) and not torch.allclose(half, source(noisy_batch))
+    with pytest.raises(ValueError, match="not both"):
+        tta.wrap(copy.deepcopy(source), "norm", alpha=0.5, bn_alpha=0.2)
+
+
+def test_state_dict_resumes_a_stream(noisy_batch, cifar_test_images):
+    x = cifar_test_images[0][:128]
+    a = tta.wrap(tta.load_model("cifar10_resnet20"), "eta", lr=1e-2, d_margin=0.4)
+    a(noisy_batch)
+    a(x[:64])
+    saved = copy.deepcopy(a.state_dict())
+    b = tta.wrap(tta.load_model("cifar10_resnet20"), "eta", lr=1e-2, d_margin=0.4)
+    b.load_state_dict(saved)
+    for batch in (x[64:], noisy_batch):
+        assert torch.equal(a(batch), b(batch))
+    assert torch.equal(a.mean_probs, b.mean_probs)
+
+
+def test_episodic_resets_before_each_batch(resnet20, noisy_batch):
+    adapted = tta.wrap(resnet20, "tent", episodic=True, lr=1e-2)
+    assert torch.equal(adapted(noisy_batch), adapted(noisy_batch))
+
+
+def test_gated_step_skips_exactly():
+    p = torch.nn.Parameter(torch.ones(3))
+    for opt in (torch.optim.SGD([p], lr=0.1, momentum=0.9, weight_decay=0.1), torch.optim.Adam([p], lr=0.1)):
+        p.grad = torch.full((3,), 2.0)
+        gated_step(opt, torch.tensor(False))
+        assert torch.equal(p.detach(), torch.ones(3))
+        assert all(torch.count_nonzero(v) == 0 for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
+        gated_step(opt, torch.tensor(True))
+        assert not torch.equal(p.detach(), torch.ones(3))
+        with torch.no_grad():
+            p.fill_(1.0)
+
+
+def test_sample_weighted_stats_equal_a_subset_forward(resnet20, noisy_batch):
+    tta.methods.base.use_batch_stats(resnet20)
+    keep = torch.zeros(noisy_batch.shape[0], dtype=torch.bool)
+    keep[::3] = True
+    with torch.no_grad():
+        with sample_weighted_batch_stats(resnet20, keep):
+            full = resnet20(noisy_batch)
+        subset = resnet20(noisy_batch[keep])
+    torch.testing.assert_close(full[keep], subset, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["sar", "deyo"])
+def test_last_stage_detection(name):
+    vit = tta.load_model("timm:vit_tiny_patch16_224", pretrained=False)
+    skipped = last_stage_prefixes(vit)
+    assert skipped == ["backbone.blocks.9", "backbone.blocks.10", "backbone.blocks.11", "backbone.norm"]
+    r18 = tta.load_model("timm:resnet18", pretrained=False)
+    assert last_stage_prefixes(r18) == ["backbone.layer4"]
+    adapted = tta.wrap(vit, name)
+    names = {n for n, _ in adapted.adapted}
+    assert names and not any(n.startswith(tuple(skipped)) for n in names)
+    assert all("norm" in n for n in names)
+
+
+def test_eata_fisher_regulariser(resnet20, noisy_batch, cifar_train_images):
+    with pytest.raises(ValueError, match="fisher_loader"):
+        tta.wrap(copy.deepcopy(resnet20), "eata")
+    adapted = make("eata", resnet20, cifar_train_images, lr=1e-2, d_margin=0.4)
+    assert len(adapted.fisher) == len(adapted.adapted)
+    assert all((f >= 0).all() for f in adapted.fisher) and any(f.sum() > 0 for f in adapted.fisher)
+    adapted(noisy_batch)
+    # a strong regulariser keeps the weights closer to the source
+    strong = make("eata", tta.load_model("cifar10_resnet20"), cifar_train_images, lr=1e-2, d_margin=0.4, fisher_alpha=5e3)
+    strong(noisy_batch)
+    strong(noisy_batch)
+    adapted(noisy_batch)
+
+    def drift(m):
+        return sum(((p - a) ** 2).sum() for (_, p), a in zip(m.adapted, m.anchors))
+
+    assert drift(strong) < drift(adapted)
+
+
+def test_sar_recovers_from_collapse(resnet20, noisy_batch):
+    # a reset threshold above any entropy forces the recovery path every step
+    adapted = tta.wrap(resnet20, "sar", lr=1e-2, reset_constant=100.0)
+    source = [p.detach().clone() for _, p in adapted.adapted]
+    adapted(noisy_batch)
+    assert adapted.num_resets.item() == 1
+    assert all(torch.equal(p, s) for (_, p), s in zip(adapted.adapted, source))
+    normal = tta.wrap(tta.load_model("cifar10_resnet20"), "sar", lr=1e-2)
+    normal(noisy_batch)
+    assert normal.num_resets.item() == 0 and not torch.isnan(normal.ema)
+
+
+def test_batch_size_one_with_batch_norm_is_refused(resnet20, noisy_batch):
+    adapted = tta.wrap(resnet20, "tent")
+    with pytest.raises(ValueError, match="batch size 1"):
+        adapted(noisy_batch[:1])
+    mixed = tta.wrap(tta.load_model("cifar10_resnet20"), "norm", alpha=0.1)
+    assert mixed(noisy_batch[:1]).shape == (1, 10)
+    assert tta.wrap(tta.load_model("cifar10_resnet20"), "source")(noisy_batch[:1]).shape == (1, 10)
+
+
+BAD_INPUTS = {
+    "nan": (lambda x: x.masked_fill(torch.rand_like(x) < 0.01, float("nan")), ValueError, "NaN"),
+    "inf": (lambda x: x.masked_fill(torch.rand_like(x) < 0.01, float("inf")), ValueError, "inf"),
+    "0-255 floats": (lambda x: x * 255, ValueError, "divide by 255"),
+    "uint8": (lambda x: (x * 255).to(torch.uint8), TypeError, "uint8"),
+    "grayscale": (lambda x: x[:, :1], ValueError, "grayscale"),
+    "rgba": (lambda x: torch.cat([x, x[:, :1]], 1), ValueError, "RGBA"),
+    "rank 3": (lambda x: x[0], ValueError, "shape"),
+    "empty": (lambda x: x[:0], ValueError, "empty"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_is_refused_and_state_untouched(case, resnet20, noisy_batch):
+    transform, error, message = BAD_INPUTS[case]
+    adapted = tta.wrap(resnet20, "tent", lr=1e-2)
+    adapted(noisy_batch)
+    before = state(adapted)
+    with pytest.raises(error, match=message):
+        adapted(transform(noisy_batch.clone()))
+    assert not changed_keys(before, state(adapted))
+
+
+def test_non_logit_output_is_refused(noisy_batch):
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    with pytest.raises(ValueError, match="logits"):
+        tta.wrap(model, "norm")(noisy_batch)

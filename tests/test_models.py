@@ -1,0 +1,69 @@
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+import tta
+from tta.models import load_checkpoint
+
+
+def test_resnet20_clean_accuracy(cifar_test_images):
+    x, y = cifar_test_images
+    model = tta.load_model("cifar10_resnet20")
+    with torch.no_grad():
+        acc = (model(x[:1000]).argmax(1) == y[:1000]).float().mean().item()
+    assert 0.77 < acc < 0.86  # ~81% on the shared JPEG split
+    assert model.num_classes == 10 and model.input_size == (32, 32)
+
+
+@pytest.mark.parametrize("depth", [32, 44, 56])
+def test_deeper_cifar_resnets_load(depth, cifar_test_images):
+    x, y = cifar_test_images
+    model = tta.load_model(f"cifar10_resnet{depth}")
+    with torch.no_grad():
+        acc = (model(x[:300]).argmax(1) == y[:300]).float().mean().item()
+    assert acc > 0.75
+
+
+def test_weights_path_and_mismatch(tmp_path):
+    good = tta.load_model("cifar10_resnet20")
+    path = tmp_path / "r20.pt"
+    torch.save({"state_dict": good.backbone.state_dict()}, path)
+    again = tta.load_model("cifar10_resnet20", weights=path)
+    for a, b in zip(good.state_dict().values(), again.state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="does not match"):
+        tta.load_model("cifar10_resnet32", weights=path)
+    junk = tmp_path / "junk.th"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable|not a plain"):
+        tta.load_model("cifar10_resnet20", weights=junk)
+
+
+class _Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_pickle_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.th"
+    with open(path, "wb") as fh:
+        pickle.dump({"state_dict": _Exploit(marker)}, fh)
+    with pytest.raises(ValueError, match="refusing to load"):
+        load_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_timm_model_normalises_inside():
+    model = tta.load_model("timm:resnet18", pretrained=False, num_classes=7)
+    assert model.num_classes == 7 and model.input_size == (224, 224)
+    assert model.mean.flatten().tolist() == pytest.approx([0.485, 0.456, 0.406])
+    assert model(torch.rand(2, 3, 64, 64)).shape == (2, 7)
+    with pytest.raises(KeyError, match="did you mean"):
+        tta.load_model("timm:resnet5O", pretrained=False)
