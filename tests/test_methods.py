@@ -251,3 +251,27 @@ def test_non_logit_output_is_refused(noisy_batch):
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
     with pytest.raises(ValueError, match="logits"):
         tta.wrap(model, "norm")(noisy_batch)
+
+
+def test_channels_last_gives_the_same_result(noisy_batch):
+    torch.manual_seed(0)
+    plain = tta.wrap(tta.load_model("cifar10_resnet20"), "tent")
+    fast = tta.wrap(tta.load_model("cifar10_resnet20"), "tent", channels_last=True)
+    for _ in range(2):
+        a, b = plain(noisy_batch), fast(noisy_batch)
+    torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["tent", "deyo", "sar"])
+def test_bf16_autocast_adapts_like_float32(name, noisy_batch):
+    torch.manual_seed(0)
+    full = tta.wrap(tta.load_model("cifar10_resnet20"), name, lr=1e-2)
+    half = tta.wrap(tta.load_model("cifar10_resnet20"), name, lr=1e-2, amp="bf16")
+    for _ in range(2):
+        a, b = full(noisy_batch), half(noisy_batch)
+    assert b.dtype == torch.float32
+    assert (a.argmax(1) == b.argmax(1)).float().mean() > 0.85
+    with pytest.raises(ValueError, match="CUDA"):
+        tta.wrap(tta.load_model("cifar10_resnet20"), "tent", amp="fp16")(noisy_batch)
+    with pytest.raises(ValueError, match="amp"):
+        tta.wrap(tta.load_model("cifar10_resnet20"), "tent", amp="int8")

@@ -13,7 +13,7 @@ import math
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -40,8 +40,9 @@ NORM_LAYERS = (_BatchNorm, nn.LayerNorm, nn.GroupNorm)
 
 
 def softmax_entropy(logits: Tensor) -> Tensor:
-    """Shannon entropy (nats) of ``softmax(logits)`` per row: ``-sum p log p``."""
-    log_p = logits.log_softmax(dim=1)
+    """Shannon entropy (nats) of ``softmax(logits)`` per row: ``-sum p log p``,
+    computed in float32 at least (logits may come from an autocast region)."""
+    log_p = logits.float().log_softmax(dim=1)
     return -(log_p.exp() * log_p).sum(dim=1)
 
 
@@ -121,11 +122,15 @@ def _adaptive_bn_forward(self: _BatchNorm, x: Tensor) -> Tensor:
     else:
         # Statistics of the selected samples only, as if the batch were the subset,
         # computed with a weighted sum so the step needs no host sync.
-        w = weight.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
-        per_sample = x[0, 0].numel()
-        denom = (weight.to(x.dtype).sum() * per_sample).clamp_min(1.0)
-        mean = (x * w).sum(dims) / denom
-        var = (((x - mean.view(1, -1, *([1] * (x.dim() - 2)))) ** 2) * w).sum(dims) / denom
+        # Weighted sums as one (1, B) x (B, C*HW) product each: far cheaper than
+        # broadcasting the weight over the activations.
+        w = weight.to(x.dtype)
+        flat = x.reshape(x.shape[0], x.shape[1], -1)
+        denom = (w.sum() * flat.shape[2]).clamp_min(1.0)
+        mean = torch.einsum("b,bcn->c", w, flat) / denom
+        var = (torch.einsum("b,bcn->c", w, flat * flat) / denom - mean * mean).clamp_min(0)
+    # Statistics in float32, as BatchNorm keeps them under bf16 autocast.
+    mean, var = mean.float(), var.float()
     if alpha != 1.0:
         mean = alpha * mean + (1 - alpha) * self.running_mean
         var = alpha * var + (1 - alpha) * self.running_var
@@ -225,7 +230,9 @@ def _state_tensors(optimizer: torch.optim.Optimizer) -> list[tuple[dict, str, Te
 
 
 @torch.no_grad()
-def gated_step(optimizer: torch.optim.Optimizer, enabled: Tensor) -> None:
+def gated_step(
+    optimizer: torch.optim.Optimizer, enabled: Tensor, step_fn: Callable[[], Any] | None = None
+) -> None:
     """``optimizer.step()`` that takes effect only if the 0-dim bool ``enabled`` holds.
 
     Methods that filter samples skip the update when nothing passes the filter (the
@@ -236,7 +243,7 @@ def gated_step(optimizer: torch.optim.Optimizer, enabled: Tensor) -> None:
     params = [p for g in optimizer.param_groups for p in g["params"]]
     before = [p.detach().clone() for p in params]
     state_before = {(id(s), k): v.clone() for s, k, v in _state_tensors(optimizer)}
-    optimizer.step()
+    (step_fn or optimizer.step)()
     for p, old in zip(params, before):
         p.copy_(torch.where(enabled.to(p.device), p, old))
     for state, key, value in _state_tensors(optimizer):
@@ -342,6 +349,11 @@ class TTAMethod(nn.Module):
             makes batch size 1 usable).
         check_inputs: validate each batch (dtype, shape, finite, in [0, 1]) before
             using it; costs one host sync per batch.
+        amp: mixed precision for the forward passes: ``"bf16"`` or ``"fp16"`` (with
+            a gradient scaler; CUDA only), ``None`` for full precision. Losses are
+            computed in float32 either way.
+        channels_last: run the model in channels-last memory format (faster
+            convolutions on recent GPUs and on CPUs with oneDNN).
     """
 
     #: set by ``@register_method``
@@ -364,6 +376,8 @@ class TTAMethod(nn.Module):
         betas: tuple[float, float] = (0.9, 0.999),
         bn_alpha: float = 1.0,
         check_inputs: bool = True,
+        amp: str | None = None,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -376,6 +390,13 @@ class TTAMethod(nn.Module):
         self.bn_alpha = bn_alpha
         self.check_inputs = check_inputs
         self.last_record: StepRecord | None = None
+        if amp not in (None, "bf16", "fp16"):
+            raise ValueError(f"amp must be None, 'bf16' or 'fp16', got {amp!r}")
+        self.amp = amp
+        self.channels_last = channels_last
+        self.scaler: torch.amp.GradScaler | None = None
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
 
         model.eval()  # dropout off; norm layers are configured explicitly below
         if self.batch_stats:
@@ -389,6 +410,8 @@ class TTAMethod(nn.Module):
             self.optimizer = build_optimizer(
                 [p for _, p in self.adapted], optimizer, lr, momentum, weight_decay, betas
             )
+        if amp == "fp16" and self.optimizer is not None:
+            self.scaler = torch.amp.GradScaler("cuda")
         self._source_state: dict[str, Any] | None = None
 
     # -- the three ideas -------------------------------------------------------------
@@ -416,14 +439,38 @@ class TTAMethod(nn.Module):
             )
         if self.episodic:
             self.reset()
-        for _ in range(self.steps):
-            logits, record = self.forward_and_adapt(x)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if self.amp == "fp16" and x.device.type != "cuda":
+            raise ValueError("amp='fp16' needs a CUDA device; use amp='bf16' on the CPU")
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.amp)
+        with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
+            for _ in range(self.steps):
+                logits, record = self.forward_and_adapt(x)
+        logits = logits.float()
         if logits.dim() != 2 or logits.shape[0] != x.shape[0]:
             raise ValueError(
                 f"the model must return (B, num_classes) logits, got shape {tuple(logits.shape)}"
             )
         self.last_record = record
         return logits
+
+    # -- shared step pieces ------------------------------------------------------------
+    def backward(self, loss: Tensor) -> None:
+        """``loss.backward()``, scaled when training in float16."""
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def step(self, enabled: Tensor | None = None) -> None:
+        """Optimizer step (skipped without a host sync where the 0-dim bool
+        ``enabled`` is False, see :func:`gated_step`), then clear the gradients."""
+        step_fn = (lambda: self.scaler.step(self.optimizer)) if self.scaler is not None else self.optimizer.step
+        if enabled is None:
+            step_fn()
+        else:
+            gated_step(self.optimizer, enabled, step_fn)
+        if self.scaler is not None:
+            self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
 
     # -- state -----------------------------------------------------------------------
     def get_extra_state(self) -> dict[str, Any]:

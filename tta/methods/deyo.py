@@ -18,7 +18,6 @@ from .base import (
     StepRecord,
     TTAMethod,
     entropy_margin,
-    gated_step,
     last_stage_prefixes,
     sample_weighted_batch_stats,
     select_norm_params,
@@ -111,9 +110,8 @@ class DeYO(TTAMethod):
         weight = deyo_weights(entropy.detach(), plpd_value, margin_e0, self.reweight_ent, self.reweight_plpd)
         count = selected.sum()
         loss = (entropy * weight * selected).sum() / count.clamp_min(1)
-        loss.backward()
-        gated_step(self.optimizer, count > 0)
-        self.optimizer.zero_grad(set_to_none=True)
+        self.backward(loss)
+        self.step(enabled=count > 0)
         record = StepRecord(
             num_samples=x.shape[0],
             num_selected=count,

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import StepRecord, TTAMethod, entropy_margin, gated_step, softmax_entropy
+from .base import StepRecord, TTAMethod, entropy_margin, softmax_entropy
 from .registry import register_method
 
 
@@ -99,9 +99,8 @@ class EATA(TTAMethod):
                 (f * (p - p0) ** 2).sum() for f, p, p0 in zip(self.fisher, params, self.anchors)
             )
             loss = loss + self.fisher_alpha * penalty
-        loss.backward()
-        gated_step(self.optimizer, count > 0)
-        self.optimizer.zero_grad(set_to_none=True)
+        self.backward(loss)
+        self.step(enabled=count > 0)
         self._update_mean_probs(probs, selected, count)
         record = StepRecord(
             num_samples=x.shape[0],

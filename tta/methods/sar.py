@@ -17,7 +17,6 @@ from .base import (
     TTAMethod,
     entropy_margin,
     gated_reset,
-    gated_step,
     last_stage_prefixes,
     select_norm_params,
     softmax_entropy,
@@ -54,6 +53,9 @@ class SAR(TTAMethod):
     ) -> None:
         if rho <= 0:
             raise ValueError(f"rho must be > 0, got {rho}")
+        if kwargs.get("amp") == "fp16":
+            # The SAM perturbation reads raw gradients, which a float16 scaler scales.
+            raise ValueError("sar supports amp='bf16' (or None), not 'fp16'")
         self.skip_modules = skip_modules
         super().__init__(model, **kwargs)
         self.rho, self.e_margin = rho, e_margin
@@ -89,8 +91,7 @@ class SAR(TTAMethod):
         loss2.backward()
         with torch.no_grad():
             torch._foreach_sub_(params, eps)
-        gated_step(self.optimizer, n2 > 0)
-        self.optimizer.zero_grad(set_to_none=True)
+        self.step(enabled=n2 > 0)
 
         if self.reset_constant is not None:
             self._recover_if_collapsed(loss2.detach(), n2 > 0, params)

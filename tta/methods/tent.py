@@ -25,8 +25,7 @@ class Tent(TTAMethod):
     def forward_and_adapt(self, x: Tensor) -> tuple[Tensor, StepRecord]:
         logits = self.model(x)
         loss = softmax_entropy(logits).mean()
-        loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.backward(loss)
+        self.step()
         record = StepRecord(num_samples=x.shape[0], num_selected=x.shape[0], loss=loss.detach())
         return logits.detach(), record
