@@ -275,3 +275,26 @@ def test_bf16_autocast_adapts_like_float32(name, noisy_batch):
         tta.wrap(tta.load_model("cifar10_resnet20"), "tent", amp="fp16")(noisy_batch)
     with pytest.raises(ValueError, match="amp"):
         tta.wrap(tta.load_model("cifar10_resnet20"), "tent", amp="int8")
+
+
+def test_compile_falls_back_to_eager_when_compilation_fails(noisy_batch, monkeypatch):
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    reference = tta.wrap(tta.load_model("cifar10_resnet20"), "tent")
+    adapted = tta.wrap(tta.load_model("cifar10_resnet20"), "tent", compile=True)
+    assert adapted.compiled
+    real_call = adapted.model._call_impl
+    calls = []
+
+    def failing_compiled_call(*args, **kwargs):
+        # what a compiled module raises when its backend cannot build a graph
+        calls.append(1)
+        raise BackendCompilerFailed(lambda *a: None, RuntimeError("no compiler here"), None)
+
+    monkeypatch.setattr(adapted.model, "_compiled_call_impl", failing_compiled_call)
+    with pytest.warns(UserWarning, match="running eagerly"):
+        out = adapted(noisy_batch)
+    assert calls and not adapted.compiled and adapted.model._compiled_call_impl is None
+    torch.testing.assert_close(out, reference(noisy_batch))
+    torch.testing.assert_close(adapted(noisy_batch), reference(noisy_batch))
+    assert real_call is not None

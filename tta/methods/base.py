@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import math
 import re
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
@@ -354,6 +355,8 @@ class TTAMethod(nn.Module):
             computed in float32 either way.
         channels_last: run the model in channels-last memory format (faster
             convolutions on recent GPUs and on CPUs with oneDNN).
+        compile: ``torch.compile`` the model's forward (``True`` or a backend name).
+            If compilation fails, tta warns and runs eagerly.
     """
 
     #: set by ``@register_method``
@@ -378,6 +381,7 @@ class TTAMethod(nn.Module):
         check_inputs: bool = True,
         amp: str | None = None,
         channels_last: bool = False,
+        compile: bool | str = False,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -397,6 +401,9 @@ class TTAMethod(nn.Module):
         self.scaler: torch.amp.GradScaler | None = None
         if channels_last:
             model.to(memory_format=torch.channels_last)
+        self.compiled = bool(compile)
+        if compile:
+            model.compile(**({"backend": compile} if isinstance(compile, str) else {}))
 
         model.eval()  # dropout off; norm layers are configured explicitly below
         if self.batch_stats:
@@ -446,7 +453,7 @@ class TTAMethod(nn.Module):
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.amp)
         with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
             for _ in range(self.steps):
-                logits, record = self.forward_and_adapt(x)
+                logits, record = self._run_step(x)
         logits = logits.float()
         if logits.dim() != 2 or logits.shape[0] != x.shape[0]:
             raise ValueError(
@@ -454,6 +461,23 @@ class TTAMethod(nn.Module):
             )
         self.last_record = record
         return logits
+
+    def _run_step(self, x: Tensor) -> tuple[Tensor, StepRecord]:
+        if not self.compiled:
+            return self.forward_and_adapt(x)
+        from torch._dynamo.exc import TorchDynamoException
+
+        try:
+            return self.forward_and_adapt(x)
+        except TorchDynamoException as err:
+            # Compilation fails before anything is updated (the first forward of
+            # the step is where it happens), so running eagerly loses nothing.
+            warnings.warn(f"torch.compile failed ({type(err).__name__}); running eagerly", stacklevel=3)
+            self.model._compiled_call_impl = None
+            self.compiled = False
+            if self.optimizer is not None:
+                self.optimizer.zero_grad(set_to_none=True)
+            return self.forward_and_adapt(x)
 
     # -- shared step pieces ------------------------------------------------------------
     def backward(self, loss: Tensor) -> None:

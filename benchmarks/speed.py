@@ -1,0 +1,130 @@
+"""Speed of every method as a multiple of plain inference, measured in one process.
+
+For each method: images/s of ``adapted(x)`` (predict + adapt), its ratio to plain
+eval-mode ``model(x)`` under ``torch.no_grad()`` on the same batch, and peak memory.
+Methods and the plain baseline are interleaved repeat by repeat and the median of
+the per-repeat ratios is reported, so machine noise hits both sides alike.
+
+    TTA_HOME=../shared python benchmarks/speed.py                       # ResNet-20, CPU
+    python benchmarks/speed.py --model timm:resnet50 --batch-size 64 --device cuda
+
+Peak memory: CUDA ``max_memory_allocated``; on the CPU the peak of live tensor
+memory in one call, from the profiler's allocation events (model and data excluded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import torch
+
+import tta
+
+METHODS = ["norm", "tent", "eta", "eata", "sar", "deyo"]
+CIFAR = {"tent": dict(optimizer="adam", lr=1e-3), "eta": dict(d_margin=0.4), "eata": dict(d_margin=0.4)}
+
+
+def build(method: str, model_name: str, device: str, options: dict, batch: torch.Tensor):
+    kw = dict(pretrained=False) if model_name.startswith("timm:") else {}
+    model = tta.load_model(model_name, **kw).to(device)
+    if method == "plain":
+        model.eval()
+        if options.get("channels_last"):
+            model.to(memory_format=torch.channels_last)
+
+        @torch.no_grad()
+        def plain(x):
+            return model(x)
+
+        return plain
+    extra = dict(CIFAR.get(method, {})) if model_name.startswith("cifar10") else {}
+    if method == "eata":
+        extra.update(fisher_loader=[batch[:16]], fisher_size=16)
+    return tta.wrap(model, method, **extra, **options)
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def cpu_peak_mb(run, x) -> float:
+    """Peak of live tensor memory during one call, from the profiler's allocation
+    events in time order (what PyTorch allocates, not the process's resident set)."""
+    from torch.profiler import profile
+
+    with profile(profile_memory=True) as prof:
+        run(x)
+    current = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        current += event.self_cpu_memory_usage
+        peak = max(peak, current)
+    return peak / 2**20
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="cifar10_resnet20")
+    parser.add_argument("--methods", nargs="+", default=METHODS)
+    parser.add_argument("--batch-size", type=int, default=200)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--amp", default=None, choices=[None, "bf16", "fp16"])
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the plain model too")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    options = {k: v for k, v in dict(amp=args.amp, channels_last=args.channels_last).items() if v}
+
+    size = tta.load_model(args.model, **(dict(pretrained=False) if args.model.startswith("timm:") else {})).input_size
+    x = torch.rand(args.batch_size, 3, *size, device=args.device)
+
+    runners = {"plain": build("plain", args.model, args.device, dict(channels_last=args.channels_last), x)}
+    runners.update({m: build(m, args.model, args.device, options, x) for m in args.methods})
+    for run in runners.values():  # warm-up (allocator, oneDNN/cuDNN plans)
+        run(x)
+    sync(args.device)
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    for _ in range(args.repeats):
+        for name, run in runners.items():
+            sync(args.device)
+            t0 = time.perf_counter()
+            run(x)
+            sync(args.device)
+            times[name].append(time.perf_counter() - t0)
+
+    peak: dict[str, float] = {}
+    for name in runners:
+        if args.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+            runners[name](x)
+            sync(args.device)
+            peak[name] = torch.cuda.max_memory_allocated() / 2**20
+        else:
+            peak[name] = cpu_peak_mb(runners[name], x)
+
+    print(f"| method | img/s | x plain inference | peak memory MB |")
+    print("|---|---|---|---|")
+    rows = {}
+    for name, ts in times.items():
+        ratio = statistics.median(t / p for t, p in zip(ts, times["plain"]))
+        ips = args.batch_size / statistics.median(ts)
+        rows[name] = dict(images_per_s=ips, ratio=ratio, peak_mb=peak[name])
+        print(f"| {name} | {ips:.0f} | {ratio:.2f} | {peak[name]:.0f} |")
+    cpu = platform.processor() or platform.machine()
+    print(f"\n{args.model}, batch {args.batch_size}, {args.device}, {args.threads} threads, "
+          f"amp={args.amp}, channels_last={args.channels_last}, torch {torch.__version__}, {cpu}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(dict(args=vars(args), rows=rows), fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
