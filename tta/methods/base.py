@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .guard import CollapseGuard
+
 __all__ = [
     "TTAMethod",
     "StepRecord",
@@ -357,6 +359,9 @@ class TTAMethod(nn.Module):
             convolutions on recent GPUs and on CPUs with oneDNN).
         compile: ``torch.compile`` the model's forward (``True`` or a backend name).
             If compilation fails, tta warns and runs eagerly.
+        collapse_guard: watch for collapse and reset to the source when it happens
+            (``True``, or a dict of :class:`~tta.methods.guard.CollapseGuard`
+            settings). Gradient methods only; costs a reference forward per check.
     """
 
     #: set by ``@register_method``
@@ -382,6 +387,7 @@ class TTAMethod(nn.Module):
         amp: str | None = None,
         channels_last: bool = False,
         compile: bool | str = False,
+        collapse_guard: "bool | dict | CollapseGuard" = False,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -419,6 +425,11 @@ class TTAMethod(nn.Module):
             )
         if amp == "fp16" and self.optimizer is not None:
             self.scaler = torch.amp.GradScaler("cuda")
+        self.guard = CollapseGuard.from_option(collapse_guard)
+        if self.guard is not None:
+            if self.optimizer is None:
+                raise ValueError(f"collapse_guard needs a gradient method, not {self.method_name!r}")
+            self.guard.attach(model)
         self._source_state: dict[str, Any] | None = None
 
     # -- the three ideas -------------------------------------------------------------
@@ -459,6 +470,9 @@ class TTAMethod(nn.Module):
             raise ValueError(
                 f"the model must return (B, num_classes) logits, got shape {tuple(logits.shape)}"
             )
+        if self.guard is not None and self.guard.check(x, logits):
+            self.reset()
+        record.extra["num_collapses"] = self.guard.num_collapses if self.guard is not None else 0
         self.last_record = record
         return logits
 

@@ -1,0 +1,47 @@
+"""The collapse guard on a stream built to collapse Tent."""
+
+import pytest
+import torch
+
+import tta
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def hard_stream(cifar_test_images):
+    x, y = cifar_test_images
+    g = torch.Generator().manual_seed(0)
+    x = (x + 0.10 * torch.randn(x.shape, generator=g)).clamp(0, 1)
+    return [(x[i:i + 100], y[i:i + 100]) for i in range(0, 2000, 100)]
+
+
+def error(adapted, stream):
+    wrong = sum((adapted(x).argmax(1) != y).sum().item() for x, y in stream)
+    return 100.0 * wrong / sum(y.numel() for _, y in stream)
+
+
+def test_guard_resets_a_collapsing_tent_and_keeps_error_down(hard_stream):
+    plain = tta.wrap(tta.load_model("cifar10_resnet20"), "tent", lr=0.1)
+    guarded = tta.wrap(tta.load_model("cifar10_resnet20"), "tent", lr=0.1, collapse_guard=True)
+    norm = error(tta.wrap(tta.load_model("cifar10_resnet20"), "norm"), hard_stream)
+    plain_error, guarded_error = error(plain, hard_stream), error(guarded, hard_stream)
+    assert plain_error > norm + 20  # lr 0.1 really collapses Tent
+    assert guarded.guard.num_collapses >= 1
+    assert guarded.last_record.to_dict()["num_collapses"] == guarded.guard.num_collapses
+    assert guarded_error < plain_error - 8, (norm, plain_error, guarded_error)
+
+
+def test_guard_stays_quiet_on_healthy_adaptation(hard_stream):
+    guarded = tta.wrap(tta.load_model("cifar10_resnet20"), "tent", collapse_guard=dict(window=3))
+    error(guarded, hard_stream)
+    assert guarded.guard.num_collapses == 0
+
+
+def test_guard_option_validation():
+    with pytest.raises(ValueError, match="gradient method"):
+        tta.wrap(tta.load_model("cifar10_resnet20"), "norm", collapse_guard=True)
+    with pytest.raises(TypeError, match="collapse_guard"):
+        tta.wrap(tta.load_model("cifar10_resnet20"), "tent", collapse_guard="yes")
+    with pytest.raises(TypeError):
+        tta.wrap(tta.load_model("cifar10_resnet20"), "tent", collapse_guard=dict(windw=3))
