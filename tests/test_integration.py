@@ -53,3 +53,28 @@ def test_method_beats_source_on_gaussian_noise(name, gaussian_stream, source_err
     assert source_error > 70  # severity 5 noise really hurts the source model
     error = stream_error(name, gaussian_stream, cifar_train_images[0])
     assert error < source_error - 15, (name, error, source_error)
+
+
+EIGHT = ["gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur",
+         "contrast", "brightness", "pixelate", "jpeg_compression"]
+
+
+@pytest.fixture(scope="module")
+def eight_corruption_stream(cifar_test_images):
+    """8 severity-5 corruptions x 400 images, continual, batches of 200, rendered by
+    tta.corruptions with the CIFAR preset."""
+    from tta.corruptions import corrupt
+
+    x, y = cifar_test_images
+    batches = []
+    for i, name in enumerate(EIGHT):
+        sl = slice(400 * (i % 5), 400 * (i % 5) + 400)
+        xc = corrupt(x[sl], name, 5, preset="cifar", generator=torch.Generator().manual_seed(i))
+        batches += [(xc[j:j + 200], y[sl][j:j + 200]) for j in range(0, 400, 200)]
+    return batches
+
+
+def test_deyo_beats_source_and_matches_tent_on_eight_corruptions(eight_corruption_stream, cifar_train_images):
+    errors = {m: stream_error(m, eight_corruption_stream) for m in ("source", "tent", "deyo")}
+    assert errors["deyo"] < errors["source"] - 10, errors
+    assert errors["deyo"] <= errors["tent"], errors

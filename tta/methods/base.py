@@ -114,26 +114,31 @@ def last_stage_prefixes(model: nn.Module) -> list[str]:
 # ----------------------------------------------------------------------------------
 
 
-def _adaptive_bn_forward(self: _BatchNorm, x: Tensor) -> Tensor:
-    alpha: float = self.tta_alpha
-    weight: Tensor | None = self.tta_sample_weight
-    if weight is None and alpha == 1.0:
-        return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
-    dims = [0, *range(2, x.dim())]
-    if weight is None:
-        var, mean = torch.var_mean(x, dim=dims, unbiased=False)
-    else:
-        # Statistics of the selected samples only, as if the batch were the subset,
-        # computed with a weighted sum so the step needs no host sync.
-        # Weighted sums as one (1, B) x (B, C*HW) product each: far cheaper than
-        # broadcasting the weight over the activations.
-        w = weight.to(x.dtype)
-        flat = x.reshape(x.shape[0], x.shape[1], -1)
+def _weighted_stats(x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance over the samples, weighted by ``weight``
+    (B,). Two (B,) x (B, C*HW) products: much cheaper on CPUs than broadcasting the
+    weight over the activations or ``var_mean``, and sync-free. Computed in float32
+    (``E[x^2] - E[x]^2`` needs the precision)."""
+    with torch.autocast(x.device.type, enabled=False):
+        flat = x.reshape(x.shape[0], x.shape[1], -1).float()
+        w = weight.float()
         denom = (w.sum() * flat.shape[2]).clamp_min(1.0)
         mean = torch.einsum("b,bcn->c", w, flat) / denom
         var = (torch.einsum("b,bcn->c", w, flat * flat) / denom - mean * mean).clamp_min(0)
-    # Statistics in float32, as BatchNorm keeps them under bf16 autocast.
-    mean, var = mean.float(), var.float()
+    return mean, var
+
+
+def _adaptive_bn_forward(self: _BatchNorm, x: Tensor) -> Tensor:
+    alpha: float = self.tta_alpha
+    weight: Tensor | None = self.tta_sample_weight
+    if weight is None and alpha == 1.0 and torch.is_grad_enabled():
+        # Native train-mode BatchNorm: its fused backward is the fastest path.
+        return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+    if weight is None:
+        weight = torch.ones(x.shape[0], device=x.device)
+    # With a weight: statistics of the selected samples only, as if the batch were
+    # that subset, without a host sync to gather them.
+    mean, var = _weighted_stats(x, weight)
     if alpha != 1.0:
         mean = alpha * mean + (1 - alpha) * self.running_mean
         var = alpha * var + (1 - alpha) * self.running_var
