@@ -67,3 +67,15 @@ def test_timm_model_normalises_inside():
     assert model(torch.rand(2, 3, 64, 64)).shape == (2, 7)
     with pytest.raises(KeyError, match="did you mean"):
         tta.load_model("timm:resnet5O", pretrained=False)
+
+
+def test_corrupted_cached_checkpoint_is_reported(tmp_path, monkeypatch):
+    cache = tmp_path / "models" / "cifar10"
+    cache.mkdir(parents=True)
+    good = tta.tta_home() / "models" / "cifar10" / "resnet20-12fca82f.th"
+    data = bytearray(good.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte
+    (cache / good.name).write_bytes(bytes(data))
+    monkeypatch.setenv("TTA_HOME", str(tmp_path))
+    with pytest.raises(ValueError, match="corrupted"):
+        tta.load_model("cifar10_resnet20")
