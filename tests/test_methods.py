@@ -298,3 +298,12 @@ def test_compile_falls_back_to_eager_when_compilation_fails(noisy_batch, monkeyp
     torch.testing.assert_close(out, reference(noisy_batch))
     torch.testing.assert_close(adapted(noisy_batch), reference(noisy_batch))
     assert real_call is not None
+
+
+@pytest.mark.parametrize("name", ["norm", "deyo"])
+def test_channels_last_test_statistics_match(name, noisy_batch):
+    torch.manual_seed(0)
+    a = tta.wrap(tta.load_model("cifar10_resnet20"), name)(noisy_batch)
+    torch.manual_seed(0)
+    b = tta.wrap(tta.load_model("cifar10_resnet20"), name, channels_last=True)(noisy_batch)
+    torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)

@@ -120,11 +120,15 @@ def _weighted_stats(x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
     weight over the activations or ``var_mean``, and sync-free. Computed in float32
     (``E[x^2] - E[x]^2`` needs the precision)."""
     with torch.autocast(x.device.type, enabled=False):
-        flat = x.reshape(x.shape[0], x.shape[1], -1).float()
+        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+            # (B, H*W, C) is a view of a channels-last tensor; (B, C, H*W) a copy.
+            flat, eq = x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, x.shape[1]).float(), "b,bnc->c"
+        else:
+            flat, eq = x.reshape(x.shape[0], x.shape[1], -1).float(), "b,bcn->c"
         w = weight.float()
-        denom = (w.sum() * flat.shape[2]).clamp_min(1.0)
-        mean = torch.einsum("b,bcn->c", w, flat) / denom
-        var = (torch.einsum("b,bcn->c", w, flat * flat) / denom - mean * mean).clamp_min(0)
+        denom = (w.sum() * (flat.numel() // (flat.shape[0] * x.shape[1]))).clamp_min(1.0)
+        mean = torch.einsum(eq, w, flat) / denom
+        var = (torch.einsum(eq, w, flat * flat) / denom - mean * mean).clamp_min(0)
     return mean, var
 
 
