@@ -1,0 +1,177 @@
+"""Speed of tta's batched ImageNet-C corruptions against the original code, one process.
+
+For every corruption: images/s of ``tta.corruptions.corrupt`` on a batch (default 64
+images, 224 px, severity 5) and of the original ``imagenet_c`` functions (image by
+image, as the original runs; fewer images for the slow ones), on the same CPU. The two
+are interleaved repeat by repeat and the median of the per-repeat speed ratios is
+reported, so load from other jobs hits both sides alike.
+
+    TTA_HOME=../shared python benchmarks/corruptions_speed.py --threads 2 \
+        --markdown benchmarks/corruptions_results.md
+
+Needs the test extras of the fidelity tests (imagenet-c, wand + ImageMagick, OpenCV,
+scikit-image, SciPy); see tests/corruption_reference.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from tta.corruptions import NAMES, corrupt  # noqa: E402
+from tta.corruptions._frost import default_frost_dir  # noqa: E402
+from tta.data import cifar10_dir, load_image_folder  # noqa: E402
+
+# images the original processes per repeat (its pure-Python glass blur takes ~2 s each)
+REF_IMAGES = {"glass_blur": 1, "default": 8}
+
+
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return platform.processor() or "unknown"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--names", default=",".join(NAMES))
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--severity", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--json", default=None, help="write raw results here")
+    ap.add_argument("--markdown", default=None, help="write the results table here")
+    ap.add_argument("--append", action="store_true", help="append to --markdown instead of overwriting it")
+    args = ap.parse_args()
+
+    torch.set_num_threads(args.threads)
+    import corruption_reference as ref  # the original code, patched to import today
+
+    frost_dir = default_frost_dir()
+    orig = ref.load_reference(frost_dir)
+    x32, _ = load_image_folder(cifar10_dir("test"), num_images=args.batch_size, seed=0)
+    x = F.interpolate(x32, size=args.size, mode="bilinear", align_corners=False)
+    x = x.mul(255).round().clamp(0, 255).div(255).to(args.device)
+    clean_u8 = (x.cpu().permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    from PIL import Image
+
+    pil_images = [Image.fromarray(a) for a in clean_u8]
+
+    def sync() -> None:
+        if x.is_cuda:
+            torch.cuda.synchronize()
+
+    load_before = os.getloadavg()[0]
+    rows = []
+    for name in args.names.split(","):
+        n_ref = min(REF_IMAGES.get(name, REF_IMAGES["default"]), len(pil_images))
+        fn = getattr(orig, name)
+        g = torch.Generator(device=args.device).manual_seed(0)
+        corrupt(x[:2], name, args.severity, generator=g)  # warm caches (kernels, textures)
+        np.random.seed(0)
+        fn(pil_images[0], args.severity)
+        ours_ips, ref_ips, ratios = [], [], []
+        for _ in range(args.repeats):
+            sync()
+            t0 = time.perf_counter()
+            corrupt(x, name, args.severity, generator=g)
+            sync()
+            t_ours = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            for img in pil_images[:n_ref]:  # the original corrupts one PIL image at a time
+                np.uint8(fn(img, args.severity))
+            t_ref = time.perf_counter() - t0
+            ours_ips.append(len(x) / t_ours)
+            ref_ips.append(n_ref / t_ref)
+            ratios.append(ours_ips[-1] / ref_ips[-1])
+        row = {
+            "name": name,
+            "tta_images_per_s": statistics.median(ours_ips),
+            "original_images_per_s": statistics.median(ref_ips),
+            "speedup": statistics.median(ratios),
+            "original_images": n_ref,
+        }
+        rows.append(row)
+        print(
+            f"{name:18s} tta {row['tta_images_per_s']:8.1f} img/s   original {row['original_images_per_s']:7.1f} img/s"
+            f"   x{row['speedup']:.1f}",
+            flush=True,
+        )
+
+    meta = {
+        "date": datetime.date.today().isoformat(),
+        "cpu": cpu_model(),
+        "threads": args.threads,
+        "device": args.device,
+        "torch": torch.__version__,
+        "batch_size": args.batch_size,
+        "size": args.size,
+        "severity": args.severity,
+        "repeats": args.repeats,
+        "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
+        # the machine may be shared: a load above the thread count slows both sides
+        "loadavg_1min": (round(load_before, 2), round(os.getloadavg()[0], 2)),
+        "cores": os.cpu_count(),
+    }
+    if args.json:
+        Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    if args.markdown:
+        text = render_markdown(meta, rows)
+        path = Path(args.markdown)
+        if args.append and path.exists():
+            text = path.read_text() + "\n" + text.replace("# ImageNet-C corruptions", "## Rerun: ImageNet-C corruptions", 1)
+        path.write_text(text)
+        print(f"results written to {args.markdown}")
+
+
+def render_markdown(meta: dict, rows: list[dict]) -> str:
+    lines = [
+        "# ImageNet-C corruptions: tta (batched torch) vs the original code",
+        "",
+        f"- date: {meta['date']}",
+        f"- machine: {meta['cpu']}, {meta['threads']} CPU threads (`torch.set_num_threads({meta['threads']})`), "
+        f"device `{meta['device']}`, torch {meta['torch']}",
+        f"- workload: severity {meta['severity']}, {meta['size']}x{meta['size']} px (CIFAR-10 test images upsampled), "
+        f"tta on one batch of {meta['batch_size']}, the original image by image (`imagenet_c` functions, "
+        f"PIL in, `np.uint8` out) on the first few images of the same batch",
+        f"- {meta['repeats']} interleaved repeats (tta, then original); medians; speed-up = median of per-repeat ratios",
+        f"- command: `TTA_HOME=../shared {meta['command']}`",
+        f"- {meta['cores']} cores; 1-min load average at start / end: {meta['loadavg_1min'][0]} / "
+        f"{meta['loadavg_1min'][1]} (other jobs shared the machine; interleaving spreads their load over both "
+        "sides, but torch's 2 OpenMP threads suffer more from a busy machine than single-threaded NumPy)",
+        "",
+        "| corruption | tta (img/s) | original (img/s) | original images/repeat | speed-up |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['name']} | {r['tta_images_per_s']:.1f} | {r['original_images_per_s']:.1f} | "
+            f"{r['original_images']} | {r['speedup']:.2f}x |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

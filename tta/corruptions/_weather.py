@@ -1,0 +1,254 @@
+"""Weather corruptions: snow, frost, fog, spatter."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._common import Context, Rng, clipped_zoom, gaussian_nearest, motion_blur_im
+from ._frost import load_frost_textures
+
+
+def _roll(t: Tensor, shift: int, dim: int) -> Tensor:
+    return torch.roll(t, shifts=shift, dims=dim)
+
+
+def plasma_fractal(batch: int, mapsize: int, wibbledecay: float, rng: Rng) -> Tensor:
+    """The original's diamond-square heightmap, one per image, in [0, 1].
+
+    Same law as ImageNet-C (wrap-around neighbours via ``roll``, midpoint = mean of
+    4 + wibble * U(-wibble, wibble), wibble /= decay per level), vectorised over the
+    batch. Not ``kornia.contrib.diamond_square``: that one mixes mean and noise with
+    a per-level weight on a non-wrapping 2^n + 1 grid, which gives other fog.
+    Random draws come in the original's order (squares, then the two diamond sets).
+    """
+    assert mapsize & (mapsize - 1) == 0, "mapsize must be a power of two"
+    m = torch.zeros(batch, mapsize, mapsize, dtype=rng.dtype, device=rng.device)
+    step = mapsize
+    wibble = 100.0
+
+    def wibbled_mean(a: Tensor) -> Tensor:
+        return a / 4 + wibble * rng.uniform(tuple(a.shape), -wibble, wibble)
+
+    while step >= 2:  # log2(mapsize) levels, each refining the previous one
+        half = step // 2
+        corners = m[:, 0:mapsize:step, 0:mapsize:step]
+        sq = corners + _roll(corners, -1, 1)
+        sq = sq + _roll(sq, -1, 2)
+        m[:, half:mapsize:step, half:mapsize:step] = wibbled_mean(sq)
+        dr = m[:, half:mapsize:step, half:mapsize:step]
+        ul = m[:, 0:mapsize:step, 0:mapsize:step]
+        lt = dr + _roll(dr, 1, 1) + ul + _roll(ul, -1, 2)
+        m[:, 0:mapsize:step, half:mapsize:step] = wibbled_mean(lt)
+        tt = dr + _roll(dr, 1, 2) + ul + _roll(ul, -1, 1)
+        m[:, half:mapsize:step, 0:mapsize:step] = wibbled_mean(tt)
+        step //= 2
+        wibble /= wibbledecay
+    m = m - m.amin(dim=(1, 2), keepdim=True)
+    return m / m.amax(dim=(1, 2), keepdim=True)
+
+
+def fog(x: Tensor, c: tuple[float, float], ctx: Context) -> Tensor:
+    """Add ``c[0]`` x plasma fractal (decay ``c[1]``), rescale by max/(max + c[0])."""
+    b, _, h, w = x.shape
+    # the original's map (256 / 64 / 32) is cropped to the image; larger images get
+    # the next power of two instead of failing
+    mapsize = max(int(ctx.table["_plasma_mapsize"]), 1 << math.ceil(math.log2(max(h, w))))
+    plasma = plasma_fractal(b, mapsize, float(c[1]), ctx.rng)[:, None, :h, :w]
+    max_val = x.amax(dim=(1, 2, 3), keepdim=True)
+    y = x + c[0] * plasma
+    return (y * max_val / (max_val + c[0])).clamp_(0, 1)
+
+
+# id(cached texture list), device -> (flat stack (3, N), heights, widths, row stride, plane size)
+_STACKS: dict[tuple[int, int, int], tuple[Tensor, Tensor, Tensor, int, int]] = {}
+
+
+def _frost_stack(textures: list[Tensor], h: int, w: int) -> tuple[Tensor, Tensor, Tensor, int, int]:
+    """The five usable textures padded into one flat uint8 tensor (cached), upscaled
+    first when the images are larger than a texture (not in the original, which
+    only ever crops 224/64/32 px)."""
+    key = (id(textures), h, w)
+    if key in _STACKS:
+        return _STACKS[key]
+    need = max((h + 1) / min(t.shape[1] for t in textures), (w + 1) / min(t.shape[2] for t in textures))
+    if need > 1:
+        textures = [
+            F.interpolate(t[None].float(), scale_factor=need, mode="bilinear", align_corners=False)[0]
+            .round()
+            .clamp(0, 255)
+            .to(torch.uint8)
+            for t in textures
+        ]
+    dev = textures[0].device
+    th = torch.tensor([t.shape[1] for t in textures], device=dev)
+    tw = torch.tensor([t.shape[2] for t in textures], device=dev)
+    hmax, wmax = int(th.max()), int(tw.max())
+    stack = torch.zeros(3, len(textures), hmax, wmax, dtype=torch.uint8, device=dev)
+    for i, t in enumerate(textures):  # five textures, not images
+        stack[:, i, : t.shape[1], : t.shape[2]] = t
+    entry = (stack.reshape(3, -1), th, tw, wmax, hmax * wmax)
+    _STACKS[key] = entry
+    return entry
+
+
+def frost(x: Tensor, c: tuple[float, float], ctx: Context) -> Tensor:
+    """Blend with a random crop of one of the first five frost textures (the
+    original draws ``randint(5)``, so ``frost6.jpg`` is never used)."""
+    b, _, h, w = x.shape
+    textures = load_frost_textures(ctx.frost_dir, float(ctx.table["_frost_rescale"]), x.device)[:5]
+    flat, th, tw, stride, plane = _frost_stack(textures, h, w)
+    idx = ctx.rng.randint(0, len(th), (b,))
+    top = ctx.rng.randint_below(th[idx] - h)
+    left = ctx.rng.randint_below(tw[idx] - w)
+    rows = top[:, None] + torch.arange(h, device=x.device)
+    cols = left[:, None] + torch.arange(w, device=x.device)
+    where = idx[:, None, None] * plane + rows[:, :, None] * stride + cols[:, None, :]  # (B, H, W)
+    crop = flat[:, where.reshape(-1)].reshape(3, b, h, w).transpose(0, 1).to(x.dtype)
+    return (c[0] * x + crop * (c[1] / 255)).clamp_(0, 1)
+
+
+def snow(x: Tensor, c: tuple[float, ...], ctx: Context) -> Tensor:
+    """Zoomed, thresholded Gaussian flakes, motion-blurred by ImageMagick at an angle
+    in [-135, -45) degrees, added twice (and rotated 180 degrees) over a greyed,
+    brightened image."""
+    b, _, h, w = x.shape
+    flakes = ctx.rng.normal((b, 1, h, w), float(c[0]), float(c[1]))
+    flakes = clipped_zoom(flakes, float(c[2]))
+    flakes = torch.where(flakes < c[3], torch.zeros_like(flakes), flakes)
+    # the original round-trips the layer through an 8-bit PNG and ImageMagick
+    flakes = torch.floor(flakes.clamp(0, 1) * 255 + 1e-3) / 255
+    angle = ctx.rng.uniform((b,), -135.0, -45.0)
+    flakes = torch.floor(motion_blur_im(flakes, float(c[4]), float(c[5]), angle) * 255 + 1e-3) / 255
+    grey = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]) * 1.5 + 0.5
+    y = c[6] * x + (1 - c[6]) * torch.maximum(x, grey)
+    return (y + flakes + torch.rot90(flakes, 2, dims=(-2, -1))).clamp_(0, 1)
+
+
+def _shift(t: Tensor, dy: int, dx: int, fill: float) -> Tensor:
+    """``out[..., i, j] = t[..., i + dy, j + dx]``, ``fill`` outside the image."""
+    h, w = t.shape[-2:]
+    p = max(abs(dy), abs(dx))
+    padded = F.pad(t, (p, p, p, p), value=fill)
+    return padded[..., p + dy : p + dy + h, p + dx : p + dx + w]
+
+
+def _canny(img: Tensor, low: int = 50, high: int = 150) -> Tensor:
+    """``cv2.Canny(img, low, high)`` (3x3 Sobel with replicated border, L1
+    magnitude, OpenCV's fixed-point direction sectors and asymmetric non-maximum
+    comparisons, 8-connected hysteresis) on uint8-valued (B, 1, H, W) float input."""
+    v = F.pad(img.double(), (1, 1, 1, 1), mode="replicate")
+    sobel_x = torch.tensor([[-1.0, 0, 1], [-2, 0, 2], [-1, 0, 1]], dtype=v.dtype, device=v.device)
+    gx = F.conv2d(v, sobel_x[None, None]).long()
+    gy = F.conv2d(v, sobel_x.T.contiguous()[None, None]).long()
+    mag = gx.abs() + gy.abs()
+    ax = gx.abs()
+    ay = gy.abs() << 15
+    tg22x = ax * 13573  # round(tan(22.5 deg) * 2^15)
+    tg67x = tg22x + (ax << 16)
+    horiz = ay < tg22x
+    vert = ~horiz & (ay > tg67x)
+    diag = ~horiz & ~vert
+    s_pos = (gx ^ gy) >= 0  # same signs: compare up-left / down-right
+    m = mag
+
+    def nb(dy: int, dx: int) -> Tensor:
+        return _shift(m, dy, dx, 0)
+
+    is_max = (
+        (horiz & (m > nb(0, -1)) & (m >= nb(0, 1)))
+        | (vert & (m > nb(-1, 0)) & (m >= nb(1, 0)))
+        | (diag & s_pos & (m > nb(-1, -1)) & (m > nb(1, 1)))
+        | (diag & ~s_pos & (m > nb(-1, 1)) & (m > nb(1, -1)))
+    )
+    weak = is_max & (m > low)
+    edges = weak & (m > high)
+    weak_f = weak.to(img.dtype)
+    edges_f = edges.to(img.dtype)
+    # Hysteresis grows strong edges along weak ones: a flood fill, inherently
+    # iterative; each step is one batched 3x3 dilation, until nothing changes.
+    while True:
+        grown = F.max_pool2d(edges_f, 3, stride=1, padding=1) * weak_f
+        grown = torch.maximum(grown, edges_f)
+        if torch.equal(grown, edges_f):
+            break
+        edges_f = grown
+    return edges_f * 255
+
+
+def _chamfer_distance(zero: Tensor, cap: float) -> Tensor:
+    """``cv2.distanceTransform(src, DIST_L2, 5)`` (5x5 chamfer: 1, 1.4, 2.1969) to
+    the pixels where ``zero`` is true, exact up to ``cap``; pixels outside the image
+    are never sources. Min-plus relaxation: every path of cost <= cap has <= cap
+    steps, so at most ``cap + 1`` batched sweeps."""
+    big = cap + 10.0
+    d = torch.where(zero, torch.zeros_like(zero, dtype=torch.float32), torch.full_like(zero, big, dtype=torch.float32))
+    moves = [(0, 1, 1.0), (0, -1, 1.0), (1, 0, 1.0), (-1, 0, 1.0)]
+    moves += [(dy, dx, 1.4) for dy in (-1, 1) for dx in (-1, 1)]
+    moves += [(dy, dx, 2.1969) for dy, dx in ((1, 2), (2, 1), (-1, 2), (-2, 1), (1, -2), (2, -1), (-1, -2), (-2, -1))]
+    for _ in range(int(cap) + 2):
+        new = d
+        for dy, dx, cost in moves:
+            new = torch.minimum(new, _shift(d, dy, dx, big) + cost)
+        new = new.clamp_(max=big)
+        if torch.equal(new, d):
+            break
+        d = new
+    return d
+
+
+def _box3_reflect101(t: Tensor) -> Tensor:
+    """``cv2.blur(t, (3, 3))``: 3x3 mean, reflect-101 border."""
+    return F.avg_pool2d(F.pad(t, (1, 1, 1, 1), mode="reflect"), 3, stride=1)
+
+
+def _equalize_hist(u8: Tensor) -> Tensor:
+    """``cv2.equalizeHist`` per image on uint8-valued (B, 1, H, W) float input."""
+    b = u8.shape[0]
+    flat = u8.reshape(b, -1).long()
+    total = flat.shape[1]
+    hist = torch.zeros(b, 256, dtype=torch.long, device=u8.device).scatter_add_(1, flat, torch.ones_like(flat))
+    first = (hist > 0).long().argmax(dim=1, keepdim=True)  # lowest level present
+    first_count = torch.gather(hist, 1, first)
+    levels = torch.arange(256, device=u8.device)[None]
+    cum = torch.cumsum(hist, 1) - first_count  # sum over levels first+1 .. i
+    scale = 255.0 / (total - first_count).clamp_min(1).float()  # float32, as OpenCV
+    lut = torch.round(cum.float() * scale).clamp_(0, 255)  # saturate_cast rounds half to even
+    lut = torch.where(levels <= first, torch.zeros_like(lut), lut)
+    constant = first_count == total  # one level only: OpenCV fills with it
+    lut = torch.where(constant, first.float().expand_as(lut), lut)
+    return torch.gather(lut, 1, flat).reshape(u8.shape).to(u8.dtype)
+
+
+def spatter(x: Tensor, c: tuple[float, ...], ctx: Context) -> Tensor:
+    """Water drops (mode 0: edge-distance shaded turquoise) or mud (mode 1: brown
+    blobs) from a smoothed, thresholded Gaussian liquid layer; the water branch
+    reproduces the original's OpenCV chain (Canny, chamfer distance transform,
+    histogram equalisation, emboss filter, box blurs) with its uint8 steps."""
+    b, _, h, w = x.shape
+    liquid = ctx.rng.normal((b, 1, h, w), float(c[0]), float(c[1]))
+    liquid = gaussian_nearest(liquid, float(c[2]))
+    liquid = torch.where(liquid < c[3], torch.zeros_like(liquid), liquid)
+    if c[5] == 0:
+        # astype(uint8) truncates and wraps above 255
+        liq8 = torch.remainder(torch.floor(liquid * 255), 256)
+        edges = _canny(liq8)
+        dist = _chamfer_distance(edges > 0, 20.0).clamp_(max=20.0).to(x.dtype)
+        dist = torch.floor(_box3_reflect101(dist) + 1e-4)
+        dist = _equalize_hist(dist)
+        emboss = torch.tensor([[-2.0, -1, 0], [-1, 1, 1], [0, 1, 2]], dtype=x.dtype, device=x.device)
+        dist = F.conv2d(F.pad(dist, (1, 1, 1, 1), mode="reflect"), emboss[None, None]).clamp_(0, 255)
+        dist = torch.round(_box3_reflect101(dist))
+        m = liq8 * dist
+        peak = m.amax(dim=(2, 3), keepdim=True)
+        m = torch.where(peak > 0, m / peak.clamp_min(1e-12), torch.zeros_like(m)) * c[4]
+        color = torch.tensor([175 / 255.0, 238 / 255.0, 238 / 255.0], dtype=x.dtype, device=x.device)
+        return (x + m * color.view(1, 3, 1, 1)).clamp_(0, 1)
+    m = (liquid > c[3]).to(x.dtype)
+    m = gaussian_nearest(m, float(c[4]))
+    m = torch.where(m < 0.8, torch.zeros_like(m), m)
+    color = torch.tensor([63 / 255.0, 42 / 255.0, 20 / 255.0], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x * (1 - m) + color * m).clamp_(0, 1)
