@@ -307,3 +307,13 @@ def test_channels_last_test_statistics_match(name, noisy_batch):
     torch.manual_seed(0)
     b = tta.wrap(tta.load_model("cifar10_resnet20"), name, channels_last=True)(noisy_batch)
     torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["tent", "sar", "deyo", "eta"])
+def test_gradient_methods_with_mixed_bn_statistics_adapt_at_batch_size_one(name, noisy_batch):
+    adapted = tta.wrap(tta.load_model("cifar10_resnet20"), name, bn_alpha=0.1, lr=1e-2)
+    before = [p.detach().clone() for _, p in adapted.adapted]
+    for i in range(4):
+        assert adapted(noisy_batch[i:i + 1]).shape == (1, 10)
+    if name in ("tent",):
+        assert any(not torch.equal(b, p) for b, (_, p) in zip(before, adapted.adapted))

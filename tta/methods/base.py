@@ -146,6 +146,14 @@ def _adaptive_bn_forward(self: _BatchNorm, x: Tensor) -> Tensor:
     if alpha != 1.0:
         mean = alpha * mean + (1 - alpha) * self.running_mean
         var = alpha * var + (1 - alpha) * self.running_var
+    if mean.requires_grad:
+        # The fused op does not differentiate through given statistics: spell it out.
+        shape = (1, -1, *([1] * (x.dim() - 2)))
+        scale = torch.rsqrt(var + self.eps)
+        if self.weight is not None:
+            scale = scale * self.weight
+        out = (x - mean.view(shape).to(x.dtype)) * scale.view(shape).to(x.dtype)
+        return out + self.bias.view(shape).to(x.dtype) if self.bias is not None else out
     return F.batch_norm(x, mean, var, self.weight, self.bias, False, 0.0, self.eps)
 
 
