@@ -1,0 +1,257 @@
+"""tta.bench: config documentation and shipping, launchers, the loader's two paths,
+clear errors, and the command line (single runs, joblib sweeps).
+
+tests/test_bench.py covers the data sources, the scenarios end to end, resume and
+the report; this file covers the rest. Runs offline on $TTA_HOME (the shared
+CIFAR-10 JPEGs and ResNet-20 weights), with runs of a few batches of 8 images.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("hydra")
+
+import tta  # noqa: E402
+from tta.bench import compose_config, config_dir, run_benchmark  # noqa: E402
+from tta.bench.config import NON_RESULT_KEYS, config_hash, dirname_from_overrides, method_overrides  # noqa: E402
+from tta.bench.methodconf import configurable_defaults, render_method_yaml  # noqa: E402
+from tta.bench.sources import build_domains, imagenet_wnids  # noqa: E402
+from tta.bench.stream import BatchLoader, build_stream  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+CIFAR_TEST = tta.tta_home() / "data" / "cifar10" / "test"
+needs_cifar = pytest.mark.skipif(
+    not CIFAR_TEST.is_dir() or not (tta.tta_home() / "models" / "cifar10").is_dir(),
+    reason="needs $TTA_HOME/data/cifar10 and $TTA_HOME/models/cifar10",
+)
+
+# Cheap corruptions keep the runs fast; the runner renders them on the fly.
+# One thread: tiny batches gain nothing from two, and lose a lot when the other
+# core is busy.
+TINY = ["data.corruptions=[contrast,pixelate]", "data.num_images=16", "run.batch_size=8",
+        "run.device=cpu", "run.progress=false", "run.plot=false", "run.num_threads=1"]
+CLI_TINY = ["data.corruptions=[contrast]", "data.num_images=16", "run.batch_size=8", "run.device=cpu",
+            "run.progress=false"]
+REQUIRED_KEYS = {"method", "model", "scenario", "error", "mean_error", "images_per_s", "peak_mem_mb",
+                 "config", "config_hash", "versions", "git", "steps"}
+
+
+def _cli(args: list[str], cwd: Path, module: str = "tta.bench", timeout: float = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, TTA_HOME=str(tta.tta_home()), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{module} {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+# ----------------------------------------------------------------------------------
+# Configs
+# ----------------------------------------------------------------------------------
+
+
+def test_method_yaml_generator_round_trips():
+    from omegaconf import OmegaConf
+
+    for name in tta.list_methods():
+        data = OmegaConf.to_container(OmegaConf.create(render_method_yaml(name)))
+        assert data.pop("name") == name
+        assert data == configurable_defaults(name)
+
+
+def test_method_overrides_pass_only_changes():
+    for name in tta.list_methods():
+        # The YAML passes nothing to wrap(): the Python defaults rule.
+        assert method_overrides(compose_config([f"method={name}"]).method) == (name, {})
+    cfg = compose_config(["method=tent", "method.lr=0.01", "method.betas=[0.8,0.9]"])
+    assert method_overrides(cfg.method) == ("tent", {"lr": 0.01, "betas": (0.8, 0.9)})
+    assert "fisher_loader" not in configurable_defaults("eata")
+    with pytest.raises(Exception, match="lrr"):
+        compose_config(["method=tent", "method.lrr=0.1"])  # typos are refused
+
+
+def _leaf_keys_without_comment(path: Path) -> list[str]:
+    lines = path.read_text().splitlines()
+    missing = []
+    for i, line in enumerate(lines):
+        m = re.match(r"^(\s*)([\w./]+):\s*(\S.*)?$", line)
+        if not m or line.lstrip().startswith("-") or m.group(2) == "defaults" or m.group(3) is None:
+            continue
+        j = i - 1
+        # One comment may introduce a group of consecutive keys.
+        while j >= 0 and re.match(rf"^{m.group(1)}[\w./]+:\s*\S", lines[j]):
+            j -= 1
+        if j < 0 or not lines[j].strip().startswith("#"):
+            missing.append(f"{path.relative_to(config_dir())}:{i + 1}: {line.strip()}")
+    return missing
+
+
+def test_every_config_value_is_documented():
+    files = sorted(config_dir().rglob("*.yaml"))
+    assert len(files) >= 20
+    assert [m for f in files for m in _leaf_keys_without_comment(f)] == []
+
+
+def test_every_group_option_composes():
+    groups = {g: sorted(p.stem for p in (config_dir() / g).glob("*.yaml"))
+              for g in ("model", "method", "data", "scenario")}
+    assert set(groups["method"]) == set(tta.list_methods())
+    assert {f"cifar10_resnet{d}" for d in (20, 32, 44, 56)} <= set(groups["model"])
+    for group, names in groups.items():
+        for name in names:
+            cfg = compose_config([f"{group}={name}", "data.root=/x"])
+            assert cfg[group].name == name or group == "model"
+    assert compose_config(["scenario=batch_size_1", "run.batch_size=2"]).run.batch_size == 2
+    cfg = compose_config(["hydra/launcher=joblib_local"], return_hydra_config=True)
+    assert cfg.hydra.launcher.n_jobs == 2 and "JoblibLauncher" in cfg.hydra.launcher._target_
+    cfg = compose_config(["method=tent"], return_hydra_config=True)
+    assert cfg.hydra.callbacks.report._target_ == "tta.bench.callbacks.ReportOnMultirunEnd"
+
+
+def test_slurm_launcher_yaml_is_valid():
+    from omegaconf import OmegaConf
+
+    data = OmegaConf.to_container(OmegaConf.load(config_dir() / "hydra" / "launcher" / "slurm.yaml"))
+    assert data.pop("defaults") == ["submitit_slurm"]
+    try:
+        from hydra_plugins.hydra_submitit_launcher.config import SlurmQueueConf
+    except ImportError:
+        pytest.skip("hydra-submitit-launcher not installed")
+    fields = set(SlurmQueueConf.__dataclass_fields__)
+    assert set(data) <= fields, set(data) - fields
+    cfg = compose_config(["hydra/launcher=slurm"], return_hydra_config=True)
+    assert cfg.hydra.launcher.timeout_min == data["timeout_min"]
+
+
+def test_hash_ignores_settings_that_do_not_change_results():
+    base = config_hash(compose_config(TINY))
+    assert config_hash(compose_config(TINY + ["run.progress=true", "data.num_workers=0"])) == base
+    assert config_hash(compose_config(TINY + ["run.seed=1"])) != base
+    assert "run.progress" in NON_RESULT_KEYS
+
+
+def test_configs_ship_as_package_data():
+    # conf/ is where people edit; the package sees the same files (tta/bench/conf
+    # links there) and setup.cfg's package_data globs must cover all of them.
+    assert config_dir().resolve() == (REPO / "conf").resolve()
+    import configparser
+    from fnmatch import fnmatch
+
+    parser = configparser.ConfigParser()
+    parser.read(REPO / "setup.cfg")
+    globs = [g.strip() for g in parser["options.package_data"]["tta.bench"].splitlines() if g.strip()]
+    assert "imagenet_wnids.txt" in globs
+    for f in (REPO / "conf").rglob("*.yaml"):
+        rel = "conf/" + f.relative_to(REPO / "conf").as_posix()
+        assert any(fnmatch(rel, g) and rel.count("/") == g.count("/") for g in globs), rel
+    entry = parser["options.entry_points"]["console_scripts"]
+    assert "tta-bench = tta.bench.app:main" in entry and "tta-bench-report = tta.bench.report:main" in entry
+
+
+def test_dirname_from_overrides():
+    assert dirname_from_overrides("") == "default"
+    assert dirname_from_overrides("data.root=/a/b,method=tent") == "data.root=_a_b,method=tent"
+    long = dirname_from_overrides("data.corruptions=[" + ",".join(["gaussian_noise"] * 30) + "]")
+    assert len(long.encode()) <= 200 and long != dirname_from_overrides("x" * 500)
+
+
+def test_imagenet_wnids_match_timm():
+    wnids = imagenet_wnids()
+    assert len(wnids) == 1000 and list(wnids) == sorted(wnids) and wnids[0] == "n01440764"
+    timm_data = pytest.importorskip("timm.data")
+    assert list(wnids) == list(timm_data.ImageNetInfo().label_names())
+
+
+# ----------------------------------------------------------------------------------
+# Loading and errors
+# ----------------------------------------------------------------------------------
+
+
+@needs_cifar
+def test_dataloader_workers_give_the_cached_batches(tmp_path):
+    from PIL import Image
+
+    from tta.data import load_image_folder
+
+    x, _ = load_image_folder(CIFAR_TEST, 8, seed=5)
+    for i in range(8):
+        folder = tmp_path / "fog" / "5" / imagenet_wnids()[(i % 2) * 999]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((x[i].permute(1, 2, 0).numpy() * 255).astype(np.uint8)).save(folder / f"{i}.JPEG")
+    cfg = compose_config(["data=imagenetc", f"data.root={tmp_path}", "data.corruptions=[fog]",
+                          "data.image_size=40", "data.num_images=null"])
+    domains, num_classes = build_domains(cfg.data, cfg.scenario, seed=0)
+    assert num_classes == 1000 and sorted(set(domains[0].labels.tolist())) == [0, 999]
+    stream = build_stream(domains, cfg.scenario, 3, 0)
+    cache = BatchLoader(stream, torch.device("cpu"))
+    assert cache.cached
+    workers = BatchLoader(stream, torch.device("cpu"), cache_mb=0, num_workers=2)
+    assert not workers.cached
+    a, b = list(cache), list(workers)
+    assert [t.images.shape for t in b] == [(3, 3, 40, 40)] * 2 + [(2, 3, 40, 40)]
+    assert all(torch.equal(p.images, q.images) and torch.equal(p.labels, q.labels) for p, q in zip(a, b))
+
+
+@needs_cifar
+def test_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="unknown corruption"):
+        run_benchmark(compose_config(TINY + ["data.corruptions=[gaussian_nosie]"]), tmp_path)
+    with pytest.raises(FileNotFoundError, match="labels.npy"):
+        run_benchmark(compose_config(TINY + ["data=cifar10c_disk", f"data.root={tmp_path}"]), tmp_path)
+    with pytest.raises(ValueError, match="data.source_root"):
+        run_benchmark(compose_config(TINY + ["method=eata", "data.source_root=null"]), tmp_path)
+    with pytest.raises(ValueError, match="1000 classes"):
+        folder = tmp_path / "inet" / "contrast" / "5" / imagenet_wnids()[3]
+        folder.mkdir(parents=True)
+        from PIL import Image
+
+        Image.new("RGB", (32, 32)).save(folder / "a.JPEG")
+        run_benchmark(compose_config(TINY + ["data=imagenetc", f"data.root={tmp_path / 'inet'}",
+                                             "data.corruptions=[contrast]"]), tmp_path)
+
+
+@needs_cifar
+def test_changed_config_reruns_in_place(tmp_path):
+    first = run_benchmark(compose_config(TINY + ["method=source"]), tmp_path)
+    again = run_benchmark(compose_config(TINY + ["method=source", "run.progress=true"]), tmp_path)
+    assert again.get("skipped") and again["config_hash"] == first["config_hash"]
+    changed = run_benchmark(compose_config(TINY + ["method=source", "data.num_images=8"]), tmp_path)
+    assert not changed.get("skipped") and changed["num_images"] == 16
+    assert json.loads((tmp_path / "results.json").read_text())["config_hash"] == changed["config_hash"]
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+# ----------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------
+
+
+@needs_cifar
+def test_cli_single_run(tmp_path):
+    _cli(CLI_TINY + ["method=norm"], tmp_path)
+    runs = list((tmp_path / "outputs" / "runs").iterdir())
+    # Named after the overrides, minus those that do not change results (run.progress).
+    assert [r.name for r in runs] == ["data.corruptions=[contrast],data.num_images=16,method=norm,run.batch_size=8,run.device=cpu"]
+    res = json.loads((runs[0] / "results.json").read_text())
+    assert REQUIRED_KEYS <= set(res) and res["method"] == "norm"
+    assert "run.progress=false" in res["hydra"]["overrides"]  # as typed (sweeps re-render it)
+    assert {"results.csv", "results.png", "tta-bench.log"} <= {p.name for p in runs[0].iterdir()}
+
+
+@needs_cifar
+def test_cli_sweep_with_joblib_launcher(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = _cli(["-m", "hydra/launcher=joblib_local", "method=source,tent", f"hydra.sweep.dir={sweep}"] + CLI_TINY,
+                tmp_path)
+    results = sorted(sweep.rglob("results.json"))
+    assert {json.loads(p.read_text())["method"] for p in results} == {"source", "tent"}
+    assert "| source |" in proc.stdout and "| tent |" in proc.stdout

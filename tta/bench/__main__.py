@@ -1,0 +1,5 @@
+"""``python -m tta.bench``: the same as the ``tta-bench`` command."""
+
+from .app import main
+
+main()

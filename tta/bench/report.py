@@ -1,0 +1,199 @@
+"""``tta-bench-report <sweep dir>``: one markdown table and one plot for a sweep.
+
+Reads every ``results.json`` under the folder (the jobs of a ``tta-bench -m`` sweep),
+prints a method x domain error table with the mean and images/s, and writes it to
+``report.md`` with a comparison plot ``report.png`` beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import math
+import sys
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from ..paths import atomic_write_bytes
+from .results import RESULTS_JSON, load_results
+
+__all__ = ["collect_results", "row_labels", "markdown_table", "plot_comparison", "make_report", "main"]
+
+
+def collect_results(sweep_dir: str | Path, only: Iterable[frozenset[str]] | None = None) -> list[dict[str, Any]]:
+    """Every readable ``results.json`` under ``sweep_dir``, in job order (Hydra's
+    job number, then folder name). Each gets ``_path``, its folder. With ``only``,
+    just the results whose command-line overrides are one of those sets."""
+    wanted = None if only is None else {_result_overrides(o) for o in only}
+    root = Path(sweep_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"sweep folder not found: {root}")
+    found = []
+    for path in sorted(root.rglob(RESULTS_JSON)):
+        res = load_results(path)
+        if res is not None and "error" in res:
+            if wanted is not None and _result_overrides((res.get("hydra") or {}).get("overrides") or []) not in wanted:
+                continue
+            res["_path"] = str(path.parent)
+            found.append(res)
+    found.sort(key=lambda r: ((r.get("hydra") or {}).get("job_num") is None,
+                              (r.get("hydra") or {}).get("job_num") or 0, r["_path"]))
+    return found
+
+
+def _result_overrides(overrides: Iterable[str]) -> frozenset[str]:
+    """Overrides minus those of settings that do not change results (the same
+    job whether or not a rerun adds run.progress=false)."""
+    from .config import NON_RESULT_KEYS
+
+    return frozenset(_canonical(o) for o in overrides if o.partition("=")[0].lstrip("+~") not in NON_RESULT_KEYS)
+
+
+def _canonical(override: str) -> str:
+    """``key=value`` as Hydra's basic sweeper renders it (``x=true`` -> ``x=True``):
+    single runs record overrides as typed, sweep jobs re-rendered."""
+    try:
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        parsed = OverridesParser.create().parse_override(override)
+        if parsed.is_sweep_override():
+            return override
+        return f"{parsed.get_key_element()}={parsed.get_value_element_as_str()}"
+    except Exception:  # not Hydra syntax (hand-written results): compare as written
+        return override
+
+
+def _override_pairs(res: dict[str, Any]) -> dict[str, str]:
+    pairs = {}
+    overrides = [_canonical(o) for o in (res.get("hydra") or {}).get("overrides") or []]
+    kept = _result_overrides(overrides)
+    for item in (o for o in overrides if o in kept):
+        key, _, value = item.partition("=")
+        pairs[key.lstrip("+~")] = value
+    return pairs
+
+
+def row_labels(results: Sequence[dict[str, Any]]) -> list[str]:
+    """A label per result: the method, plus the overrides that tell apart results
+    of the same method (e.g. ``tent method.lr=0.01``)."""
+    pairs = [_override_pairs(r) for r in results]
+    keys = list(dict.fromkeys(k for p in pairs for k in p if k != "method"))
+    varying = [k for k in keys if len({p.get(k) for p in pairs}) > 1]
+    for field in ("model", "data", "scenario"):
+        if len({r.get(field) for r in results}) > 1 and field not in varying:
+            varying.append(field)
+    labels = []
+    for r, p in zip(results, pairs):
+        parts = [str(r.get("method"))]
+        for k in varying:
+            value = p.get(k, r.get(k)) if k in ("model", "data", "scenario") else p.get(k)
+            if value is not None:
+                parts.append(f"{k}={value}")
+        labels.append(" ".join(parts))
+    return labels
+
+
+def _fmt(v: Any, digits: int = 1) -> str:
+    return f"{v:.{digits}f}" if isinstance(v, (int, float)) and math.isfinite(v) else "–"
+
+
+def markdown_table(results: Sequence[dict[str, Any]]) -> str:
+    """Method x domain error (%) table with the mean error and images/s."""
+    domains = list(dict.fromkeys(d for r in results for d in r["error"]))
+    header = ["method", *domains, "mean", "images/s"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    for label, r in zip(row_labels(results), results):
+        cells = [label] + [_fmt(r["error"].get(d)) for d in domains]
+        cells += [_fmt(r.get("mean_error")), _fmt(r.get("images_per_s"), 0)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_comparison(results: Sequence[dict[str, Any]]) -> bytes:
+    """PNG: grouped bars of the error per domain (and the mean) for each result."""
+    from .results import _pyplot
+
+    plt = _pyplot()
+    labels = row_labels(results)
+    domains = list(dict.fromkeys(d for r in results for d in r["error"])) + ["mean"]
+    width = 0.8 / max(1, len(results))
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.7 * len(domains) * max(1, len(results)) ** 0.5 + 2), 4.5))
+    for i, (label, r) in enumerate(zip(labels, results)):
+        values = [r["error"].get(d, float("nan")) for d in domains[:-1]] + [r.get("mean_error", float("nan"))]
+        ax.bar([j + (i - (len(results) - 1) / 2) * width for j in range(len(domains))], values, width, label=label)
+    ax.set_xticks(range(len(domains)), domains, rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel("error (%)")
+    first = results[0]
+    ax.set_title(f"{first.get('data')}, {first.get('scenario')}, {first.get('model')}")
+    ax.legend(fontsize=8, ncol=min(4, len(results)))
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def make_report(sweep_dir: str | Path, out_md: str | Path | None = None,
+                out_png: str | Path | None = None, *, plot: bool = True,
+                only: Iterable[frozenset[str]] | None = None) -> str:
+    """Build the report of the sweep in ``sweep_dir`` (optionally of the jobs in
+    ``only``, see :func:`collect_results`); write the markdown (default
+    ``<sweep_dir>/report.md``) and the plot (default ``report.png`` beside it);
+    return the markdown."""
+    results = collect_results(sweep_dir, only)
+    if not results:
+        raise FileNotFoundError(
+            f"no {RESULTS_JSON} under {sweep_dir}: expected the folder of a tta-bench sweep "
+            "(e.g. outputs/multirun)"
+        )
+    sweep = Path(sweep_dir)
+    md_path = Path(out_md) if out_md else sweep / "report.md"
+    png_path = Path(out_png) if out_png else md_path.with_suffix(".png")
+    first = results[0]
+    cfg = first.get("config") or {}
+    sev = (cfg.get("data") or {}).get("severity")
+    notes = [
+        f"data: {first.get('data')}" + (f" (severity {sev})" if sev and "/" not in next(iter(first["error"]), "") else ""),
+        f"model: {first.get('model')}",
+        f"scenario: {first.get('scenario')}",
+        f"batch size: {first.get('batch_size')}",
+        f"images per domain: {first['domains'][0]['num_images'] if first.get('domains') else '?'}",
+        f"device: {first.get('device')}",
+    ]
+    text = "\n".join([
+        f"# tta-bench report: {sweep}",
+        "",
+        "Error (%) per domain, mean over domains, and images/s of the adaptation loop.",
+        "",
+        "; ".join(notes),
+        "",
+        markdown_table(results),
+        "",
+    ])
+    if plot:
+        atomic_write_bytes(png_path, plot_comparison(results))
+        text += f"\n![comparison]({png_path.name})\n"
+    atomic_write_bytes(md_path, text.encode())
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point of ``tta-bench-report``."""
+    parser = argparse.ArgumentParser(prog="tta-bench-report", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sweep_dir", type=Path, help="folder of a tta-bench sweep (e.g. outputs/multirun)")
+    parser.add_argument("--out", type=Path, default=None, help="markdown file (default <sweep_dir>/report.md)")
+    parser.add_argument("--plot", type=Path, default=None, help="plot file (default report.png beside --out)")
+    parser.add_argument("--no-plot", action="store_true", help="skip the plot")
+    args = parser.parse_args(argv)
+    try:
+        text = make_report(args.sweep_dir, args.out, args.plot, plot=not args.no_plot)
+    except FileNotFoundError as err:
+        print(f"tta-bench-report: {err}", file=sys.stderr)
+        return 2
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,346 @@
+"""The streaming benchmark loop: model, method, stream, metrics, results."""
+
+from __future__ import annotations
+
+import logging
+import resource
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch import Tensor
+
+from .config import config_hash, method_overrides, register_resolvers, to_container
+from .results import RESULTS_JSON, git_info, load_results, versions, write_results
+from .sources import build_domains, load_source_images
+from .stream import BatchLoader, Batch, Stream, build_stream, seed_for
+
+__all__ = ["run_benchmark", "resolve_device", "expected_calibration_error", "peak_memory_mb"]
+
+log = logging.getLogger("tta.bench")
+
+#: Batch size of the clean source images that estimate EATA's Fisher information
+#: (the paper's test batch size; independent of run.batch_size so batch-size-1 runs
+#: do not estimate it from single images).
+FISHER_BATCH_SIZE = 64
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is cuda when available, else cpu; cuda without a GPU is an error."""
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"run.device={name} but torch sees no CUDA device; use run.device=cpu")
+    return device
+
+
+def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = 15) -> float:
+    """ECE in %: the sample-weighted gap between accuracy and mean confidence over
+    ``bins`` equal-width confidence bins."""
+    if len(confidence) == 0:
+        return float("nan")
+    idx = np.clip((confidence * bins).astype(int), 0, bins - 1)
+    total = 0.0
+    for b in range(bins):
+        sel = idx == b
+        if sel.any():
+            total += sel.sum() * abs(correct[sel].mean() - confidence[sel].mean())
+    return 100.0 * total / len(confidence)
+
+
+def peak_memory_mb(device: torch.device) -> tuple[float, str]:
+    """Peak memory and how it was measured: CUDA ``max_memory_allocated`` of the
+    loop on a GPU, else the process's peak resident set size (whole process)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_memory_allocated"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # ru_maxrss is kilobytes on Linux, bytes on macOS.
+    return rss / (2**20 if sys.platform == "darwin" else 2**10), "process_peak_rss"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _to_model_size(x: Tensor, size: Sequence[int] | None) -> Tensor:
+    if size is None or tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False, antialias=True).clamp_(0, 1)
+
+
+class _Renderer:
+    """Corrupts on-the-fly batches on the run device; each (batch, domain) group
+    gets its own seeded generator, so the stream does not depend on the method."""
+
+    def __init__(self, stream: Stream, device: torch.device, seed: int, preset: str | None) -> None:
+        from .. import corruptions
+
+        self.corrupt = corruptions.corrupt
+        self.stream, self.device, self.seed, self.preset = stream, device, seed, preset
+
+    def __call__(self, x: Tensor, batch: Batch) -> Tensor:
+        out = x
+        for d in np.unique(batch.domains):
+            domain = self.stream.domains[int(d)]
+            if not domain.render:
+                continue
+            gen = torch.Generator(device=self.device).manual_seed(seed_for(self.seed, 3, batch.index, int(d)))
+            if len(np.unique(batch.domains)) == 1:
+                return self.corrupt(x, domain.corruption, domain.severity, preset=self.preset, generator=gen)
+            sel = torch.from_numpy(np.flatnonzero(batch.domains == d)).to(x.device)
+            if out is x:
+                out = x.clone()
+            out[sel] = self.corrupt(x[sel], domain.corruption, domain.severity, preset=self.preset, generator=gen)
+        return out
+
+
+def _fisher_batches(data: Mapping[str, Any], method: Mapping[str, Any], device: torch.device,
+                    input_size, seed: int) -> list[Tensor]:
+    root = data.get("source_root")
+    name = method["name"]
+    if not root:
+        raise ValueError(
+            f"method {name} needs clean source images for its Fisher regulariser: set "
+            f"data.source_root=<ImageFolder of training images of the same data set>, or "
+            f"method.fisher_alpha=0 (that is method=eta)"
+        )
+    size = int(method.get("fisher_size") or 2000)
+    img_size = data.get("image_size") or (input_size[0] if input_size else None)
+    images = load_source_images(root, size, size=img_size, crop_ratio=float(data.get("crop_ratio", 1.0)),
+                                seed=seed, num_workers=int(data.get("num_workers") or 0))
+    return [
+        _to_model_size(images[i: i + FISHER_BATCH_SIZE].to(device).float().div_(255), input_size)
+        for i in range(0, len(images), FISHER_BATCH_SIZE)
+    ]
+
+
+def _existing(out: Path, chash: str) -> dict[str, Any] | None:
+    old = load_results(out / RESULTS_JSON)
+    return old if old is not None and old.get("config_hash") == chash else None
+
+
+def run_benchmark(
+    cfg: DictConfig | Mapping[str, Any],
+    output_dir: str | Path,
+    *,
+    hydra_info: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Run one benchmark job described by ``cfg`` (the composed ``bench`` config)
+    and write its results to ``output_dir``; return the results dict.
+
+    When ``run.skip_existing`` is set and ``output_dir`` already holds the
+    ``results.json`` of a config with the same hash, that is returned instead and
+    nothing runs.
+    """
+    register_resolvers()
+    out = Path(output_dir)
+    chash = config_hash(cfg)
+    plain = to_container(cfg)
+    if plain["run"].get("skip_existing", True):
+        old = _existing(out, chash)
+        if old is not None:
+            log.info("skipping %s: %s holds results of the same config (hash %s)", out, RESULTS_JSON, chash[:12])
+            old["skipped"] = True
+            return old
+
+    previous_threads = torch.get_num_threads()
+    try:
+        return _run(plain, chash, out, hydra_info)
+    finally:
+        # run.num_threads is a per-run setting: do not leak it into the caller.
+        torch.set_num_threads(previous_threads)
+
+
+def _run(plain: dict[str, Any], chash: str, out: Path, hydra_info: Mapping[str, Any] | None) -> dict[str, Any]:
+    import tta
+
+    run, data, scenario, mcfg = plain["run"], plain["data"], plain["scenario"], plain["method"]
+    started = datetime.now(timezone.utc)
+    t_setup = time.perf_counter()
+    seed = int(run.get("seed", 0))
+    torch.manual_seed(seed)
+    if run.get("num_threads"):
+        torch.set_num_threads(int(run["num_threads"]))
+    device = resolve_device(run.get("device", "auto"))
+
+    model_cfg = plain["model"]
+    model = tta.load_model(model_cfg["name"], weights=model_cfg.get("weights"),
+                           pretrained=bool(model_cfg.get("pretrained", True))).to(device)
+    input_size = getattr(model, "input_size", None)
+    domains, num_classes = build_domains(data, scenario, input_size=input_size, seed=seed)
+    model_classes = getattr(model, "num_classes", None)
+    if num_classes is not None and model_classes is not None and num_classes != model_classes:
+        raise ValueError(
+            f"data {data.get('name')} has {num_classes} classes but model {model_cfg['name']} predicts "
+            f"{model_classes}: pick a matching model (or data.class_index)"
+        )
+    max_label = max(int(d.labels.max()) for d in domains)
+    if model_classes is not None and max_label >= model_classes:
+        raise ValueError(f"labels go up to {max_label} but model {model_cfg['name']} predicts {model_classes} classes")
+    batch_size = int(run["batch_size"])
+    stream = build_stream(domains, scenario, batch_size, seed, num_classes or model_classes)
+    loader = BatchLoader(stream, device, cache_mb=float(data.get("cache_mb", 4096)),
+                         num_workers=int(data.get("num_workers") or 0))
+
+    name, overrides = method_overrides(mcfg)
+    if "fisher_loader" in tta.method_defaults(name) and float(mcfg.get("fisher_alpha") or 0) > 0:
+        overrides["fisher_loader"] = _fisher_batches(data, mcfg, device, input_size, seed)
+    method = tta.wrap(model, name, **overrides)
+    renderer = _Renderer(stream, device, seed, data.get("preset")) if any(d.render for d in domains) else None
+    loader.prepare()
+    setup_s = time.perf_counter() - t_setup
+    log.info("%s on %s/%s (%s): %d domains, %d images, %d batches of %d, device %s, %s",
+             name, data.get("name"), scenario.get("name"), model_cfg["name"], len(domains), len(stream),
+             len(loader), batch_size, device, "tensor cache" if loader.cached else "DataLoader workers")
+
+    from tqdm.auto import tqdm
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    correct_parts: list[Tensor] = []
+    conf_parts: list[Tensor] = []
+    records = []
+    n_correct = torch.zeros((), dtype=torch.long, device=device)
+    seen, last_refresh = 0, 0.0
+    step_s: list[float] = []
+    t_first = 0.0
+    bar = tqdm(total=len(stream), unit="img", desc=name, disable=not run.get("progress", True),
+               dynamic_ncols=True, mininterval=0.5)
+    t_loop = time.perf_counter()
+    for batch in loader:
+        if batch.reset:
+            method.reset()
+        x = batch.images.float().div_(255)
+        if renderer is not None:
+            x = renderer(x, batch)
+        x = _to_model_size(x, input_size)
+        _sync(device)
+        t0 = time.perf_counter()
+        logits = method(x)
+        _sync(device)
+        step_s.append(time.perf_counter() - t0)
+        with torch.no_grad():
+            conf, pred = logits.detach().float().softmax(1).max(1)
+            correct = pred == batch.labels
+        correct_parts.append(correct)
+        conf_parts.append(conf)
+        records.append(method.last_record)
+        if batch.index == 0:
+            t_first = time.perf_counter()
+        n_correct += correct.sum()
+        seen += len(correct)
+        bar.update(len(correct))
+        now = time.perf_counter()
+        if not bar.disable and now - last_refresh > 0.5:
+            last_refresh = now
+            doms = {stream.domains[int(d)].name for d in np.unique(batch.domains)}
+            bar.set_postfix_str(f"err={100 * (1 - n_correct.item() / seen):.1f}% "
+                                f"domain={doms.pop() if len(doms) == 1 else 'mixed'}", refresh=False)
+    _sync(device)
+    t_end = time.perf_counter()
+    loop_s = t_end - t_loop
+    bar.close()
+    # Throughput leaves out the first step when there are others: it pays one-off
+    # costs (allocator warm-up, kernel selection, optimizer state creation).
+    sizes = [e - s for s, e in stream.batches]
+    warm = 1 if len(step_s) > 1 else 0
+    adapt_s = sum(step_s[warm:])
+    e2e_s = (t_end - t_first) if warm else loop_s
+    timed_images = sum(sizes[warm:])
+    peak_mb, peak_kind = peak_memory_mb(device)
+
+    results = _summarise(stream, correct_parts, conf_parts, records, run)
+    results["steps"]["seconds"] = step_s
+    results.update({
+        "method": name,
+        "model": model_cfg["name"],
+        "data": data.get("name"),
+        "scenario": scenario.get("name"),
+        "images_per_s": timed_images / adapt_s if adapt_s > 0 else None,
+        "images_per_s_end_to_end": timed_images / e2e_s if e2e_s > 0 else None,
+        "seconds": {"setup": setup_s, "adapt": sum(step_s), "loop": loop_s,
+                    "first_step": step_s[0] if step_s else None},
+        "peak_mem_mb": peak_mb,
+        "peak_mem_kind": peak_kind,
+        "batch_size": batch_size,
+        "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+        "num_threads": torch.get_num_threads(),
+        "loader": "tensor_cache" if loader.cached else "dataloader",
+        "config": plain,
+        "config_hash": chash,
+        "method_overrides": {k: v for k, v in overrides.items() if k != "fisher_loader"},
+        "versions": versions(),
+        "git": git_info(),
+        "hydra": dict(hydra_info or {}),
+        "started_at": started.isoformat(timespec="seconds"),
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    })
+    # Key order: the summary first, the bulky parts last.
+    order = ["method", "model", "data", "scenario", "error", "mean_error", "ece", "mean_ece",
+             "images_per_s", "images_per_s_end_to_end", "peak_mem_mb", "peak_mem_kind"]
+    results = {**{k: results[k] for k in order if k in results},
+               **{k: v for k, v in results.items() if k not in order and k != "steps"},
+               "steps": results["steps"]}
+    write_results(out, results, plot=bool(run.get("plot", True)))
+    log.info("%s: mean error %.2f%% over %d domains, %.0f images/s (adaptation), results in %s",
+             name, results["mean_error"], len(results["error"]), results["images_per_s"] or 0, out)
+    return results
+
+
+def _summarise(stream: Stream, correct_parts, conf_parts, records, run) -> dict[str, Any]:
+    correct = torch.cat(correct_parts).cpu().numpy()
+    confidence = torch.cat(conf_parts).cpu().numpy().astype(np.float64)
+    names = [d.name for d in stream.domains]
+    ordered = list(dict.fromkeys(names))
+    elem_name = np.array(names, dtype=object)[stream.dom]
+    error, ece, domains = {}, {}, []
+    for n in ordered:
+        sel = elem_name == n
+        error[n] = float(100.0 * (1.0 - correct[sel].mean()))
+        if run.get("ece", True):
+            ece[n] = float(expected_calibration_error(confidence[sel], correct[sel], int(run.get("ece_bins", 15))))
+        first = stream.domains[names.index(n)]
+        domains.append({"name": n, "corruption": first.corruption, "severity": first.severity,
+                        "num_images": int(sel.sum())})
+
+    steps: dict[str, list] = {"domain": [], "num_samples": [], "num_selected": [], "loss": [], "error": []}
+    extra_keys: list[str] = []
+    dicts = [r.to_dict() if r is not None else {} for r in records]
+    for d in dicts:
+        extra_keys += [k for k in d if k not in steps and k not in extra_keys]
+    for k in extra_keys:
+        steps[k] = []
+    selected = {n: [0, 0] for n in ordered}
+    for (s, e), rec in zip(stream.batches, dicts):
+        doms = set(elem_name[s:e])
+        dom = doms.pop() if len(doms) == 1 else "mixed"
+        steps["domain"].append(dom)
+        steps["error"].append(float(100.0 * (1.0 - correct[s:e].mean())))
+        steps["num_samples"].append(rec.get("num_samples", e - s))
+        for k in steps:
+            if k not in ("domain", "error", "num_samples"):
+                steps[k].append(rec.get(k))
+        if dom in selected and rec.get("num_selected") is not None:
+            selected[dom][0] += rec["num_selected"]
+            selected[dom][1] += rec.get("num_samples", e - s)
+    result = {
+        "error": error,
+        "mean_error": float(np.mean(list(error.values()))),
+        "num_images": int(len(correct)),
+        "num_steps": len(stream.batches),
+        "domains": domains,
+        "selected_fraction": {n: (a / b if b else None) for n, (a, b) in selected.items()},
+        "steps": steps,
+    }
+    if ece:
+        result["ece"] = ece
+        result["mean_ece"] = float(np.mean(list(ece.values())))
+    return result

@@ -1,0 +1,254 @@
+"""Scenarios as streams of batches, and the loader that feeds them to the device.
+
+:func:`build_stream` orders the images of the domains the way a scenario says
+(domain after domain, shuffled together, classes in Dirichlet runs) and cuts the
+order into batches; every random choice comes from seeded generators, so the same
+config gives the same stream. :class:`BatchLoader` yields the batches as uint8
+tensors on the run device, either from a tensor cache decoded once (small sets) or
+through DataLoader workers (large sets).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from .sources import Domain, ImagePool
+
+__all__ = ["Stream", "Batch", "build_stream", "dirichlet_order", "BatchLoader", "decode_all", "seed_for"]
+
+
+def seed_for(*parts: int) -> int:
+    """A 63-bit seed derived from integers (stable across runs and platforms)."""
+    return int(np.random.SeedSequence([abs(int(p)) for p in parts]).generate_state(2, np.uint64)[0] >> 1)
+
+
+def dirichlet_order(labels: np.ndarray, gamma: float, num_slots: int, rng: np.random.Generator) -> np.ndarray:
+    """An order of ``labels``' positions with online label shift: each class is
+    spread over ``num_slots`` consecutive time slots with proportions drawn from
+    ``Dirichlet(gamma)``, and the slots are concatenated (the non-i.i.d. streams of
+    NOTE, SAR and DeYO). Small ``gamma`` puts each class in few slots; large
+    ``gamma`` approaches an i.i.d. order."""
+    if gamma <= 0 or num_slots < 1:
+        raise ValueError(f"label shift needs gamma > 0 and num_slots >= 1, got {gamma}, {num_slots}")
+    slots: list[list[int]] = [[] for _ in range(num_slots)]
+    for cls in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == cls))
+        share = rng.dirichlet([gamma] * num_slots)
+        cuts = np.round(np.cumsum(share)[:-1] * len(members)).astype(int)
+        for slot, part in zip(slots, np.split(members, cuts)):
+            slot.extend(part.tolist())
+    return np.array([i for slot in slots for i in rng.permutation(slot)], dtype=np.int64)
+
+
+@dataclass
+class Stream:
+    """The images of a run in stream order: element ``e`` is image ``pos[e]`` of
+    domain ``dom[e]``; batch ``b`` is elements ``batches[b][0]:batches[b][1]``;
+    the method is reset before the batches in ``resets``."""
+
+    domains: list[Domain]
+    dom: np.ndarray
+    pos: np.ndarray
+    batches: list[tuple[int, int]]
+    resets: set[int] = field(default_factory=set)
+
+    @property
+    def labels(self) -> np.ndarray:
+        out = np.empty(len(self.dom), dtype=np.int64)
+        for d, domain in enumerate(self.domains):
+            sel = self.dom == d
+            out[sel] = domain.labels[self.pos[sel]]
+        return out
+
+    def __len__(self) -> int:
+        return len(self.dom)
+
+
+def build_stream(
+    domains: Sequence[Domain], scenario: Mapping[str, Any], batch_size: int, seed: int,
+    num_classes: int | None = None,
+) -> Stream:
+    """Order the domains' images as ``scenario`` says and cut them into batches.
+
+    Batches never straddle two domains unless the scenario mixes them
+    (``mix_domains``); the last batch of a domain may be smaller.
+    """
+    if batch_size < 1:
+        raise ValueError(f"run.batch_size must be >= 1, got {batch_size}")
+    gamma = scenario.get("label_shift_gamma")
+    doms, poss = [], []
+    for d, domain in enumerate(domains):
+        rng = np.random.default_rng([seed, 1, d])
+        if gamma is not None:
+            slots = scenario.get("label_shift_slots") or num_classes or int(domain.labels.max()) + 1
+            order = dirichlet_order(domain.labels, float(gamma), int(slots), rng)
+        else:
+            order = rng.permutation(len(domain))
+        doms.append(np.full(len(order), d, dtype=np.int64))
+        poss.append(order)
+    if scenario.get("mix_domains"):
+        dom, pos = np.concatenate(doms), np.concatenate(poss)
+        perm = np.random.default_rng([seed, 2]).permutation(len(dom))
+        dom, pos = dom[perm], pos[perm]
+        batches = [(s, min(s + batch_size, len(dom))) for s in range(0, len(dom), batch_size)]
+        return Stream(list(domains), dom, pos, batches)
+    batches, resets, start = [], set(), 0
+    for d, order in enumerate(poss):
+        if d > 0 and scenario.get("reset_each_shift"):
+            resets.add(len(batches))
+        batches += [(start + s, start + min(s + batch_size, len(order))) for s in range(0, len(order), batch_size)]
+        start += len(order)
+    return Stream(list(domains), np.concatenate(doms), np.concatenate(poss), batches, resets)
+
+
+# ----------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------
+
+
+def decode_all(pool: ImagePool, rows: np.ndarray, num_workers: int = 0) -> Tensor:
+    """Images ``rows`` of ``pool`` as one uint8 (N, 3, H, W) tensor, decoded by
+    ``num_workers`` threads when the pool reads files."""
+    if len(rows) == 0:
+        raise ValueError("no images to decode")
+    if not hasattr(pool, "files") or num_workers <= 0 or len(rows) < 256:
+        return pool.read_many(rows)
+    # Threads, not processes: Pillow decodes without the GIL, and a runner that is
+    # itself a joblib (loky) worker cannot start DataLoader processes the usual way.
+    from concurrent.futures import ThreadPoolExecutor
+
+    first = pool.read(int(rows[0]))
+    out = torch.empty((len(rows), *first.shape), dtype=torch.uint8)
+    out[0] = first
+
+    def fill(chunk: np.ndarray) -> None:
+        for i in chunk:
+            out[i] = pool.read(int(rows[i]))
+
+    with ThreadPoolExecutor(max_workers=num_workers) as ex:
+        list(ex.map(fill, np.array_split(np.arange(1, len(rows)), num_workers * 8)))
+    return out
+
+
+def _worker_context() -> str | None:
+    """Start method for DataLoader workers: the default, except inside processes
+    whose default is not a standard one (joblib's loky workers say 'loky', which
+    DataLoader cannot use; fork works there)."""
+    import multiprocessing as mp
+
+    if mp.get_start_method(allow_none=True) in (None, "fork", "spawn", "forkserver"):
+        return None
+    return "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+
+
+@dataclass
+class Batch:
+    """One step of the stream: uint8 images and labels on the run device, the
+    domain index of each image (host), and the batch's index in the stream."""
+
+    index: int
+    images: Tensor
+    labels: Tensor
+    domains: np.ndarray
+    reset: bool
+
+
+class _StreamItems(Dataset):
+    def __init__(self, stream: Stream) -> None:
+        self.stream = stream
+
+    def __len__(self) -> int:
+        return len(self.stream)
+
+    def __getitem__(self, e: int) -> tuple[Tensor, int, int]:
+        d = int(self.stream.dom[e])
+        domain = self.stream.domains[d]
+        p = int(self.stream.pos[e])
+        return domain.pool.read(int(domain.rows[p])), int(domain.labels[p]), d
+
+
+class BatchLoader:
+    """Yields the stream's batches on ``device``.
+
+    Sets up to ``cache_mb`` are decoded once into one uint8 tensor (rows shared by
+    domains that show the same images, e.g. on-the-fly corruptions of one clean
+    set), kept on the device when it is a GPU; each batch is then one
+    ``index_select``. Larger sets stream through a DataLoader with ``num_workers``
+    processes and pinned memory.
+    """
+
+    def __init__(self, stream: Stream, device: torch.device, *, cache_mb: float = 4096,
+                 num_workers: int = 0) -> None:
+        self.stream, self.device, self.num_workers = stream, torch.device(device), int(num_workers)
+        self.labels = torch.from_numpy(stream.labels)
+        # Unique (pool, row) pairs the stream touches, numbered in first-use order.
+        self._needed: dict[str, tuple[ImagePool, list[int]]] = {}
+        for domain in stream.domains:
+            pool, used = self._needed.setdefault(domain.pool.key, (domain.pool, []))
+            used.extend(domain.rows.tolist())
+        shapes = {pool.image_shape() for pool, _ in self._needed.values()}
+        if len(shapes) > 1:
+            raise ValueError(f"domains have images of different shapes {sorted(shapes)}: set data.image_size")
+        self.image_shape = shapes.pop()
+        total = sum(len(set(rows)) for _, rows in self._needed.values())
+        self.cache_bytes = total * math.prod(self.image_shape)
+        self.cached = self.cache_bytes <= cache_mb * 2**20
+        self._cache: Tensor | None = None
+        self._elem_rows: Tensor | None = None
+
+    def prepare(self) -> None:
+        """Decode the cache (no-op when streaming). Called before timing starts."""
+        if not self.cached or self._cache is not None:
+            return
+        chunks, offsets = [], {}
+        base = 0
+        for key, (pool, rows) in self._needed.items():
+            unique = np.unique(np.asarray(rows, dtype=np.int64))
+            chunks.append(decode_all(pool, unique, self.num_workers))
+            offsets[key] = (base, unique)
+            base += len(unique)
+        cache = torch.cat(chunks) if len(chunks) > 1 else chunks[0]
+        elem_rows = np.empty(len(self.stream), dtype=np.int64)
+        for d, domain in enumerate(self.stream.domains):
+            start, unique = offsets[domain.pool.key]
+            sel = np.flatnonzero(self.stream.dom == d)
+            elem_rows[sel] = start + np.searchsorted(unique, domain.rows[self.stream.pos[sel]])
+        if self.device.type == "cuda":
+            cache = cache.to(self.device)
+            self.labels = self.labels.to(self.device)
+        self._cache = cache
+        self._elem_rows = torch.from_numpy(elem_rows).to(cache.device)
+
+    def __len__(self) -> int:
+        return len(self.stream.batches)
+
+    def __iter__(self) -> Iterator[Batch]:
+        stream = self.stream
+        if self.cached:
+            self.prepare()
+            assert self._cache is not None and self._elem_rows is not None
+            for b, (s, e) in enumerate(stream.batches):
+                rows = self._elem_rows[s:e]
+                x = self._cache.index_select(0, rows).to(self.device, non_blocking=True)
+                y = self.labels[s:e].to(self.device, non_blocking=True)
+                yield Batch(b, x, y, stream.dom[s:e], b in stream.resets)
+            return
+        loader = DataLoader(
+            _StreamItems(stream),
+            batch_sampler=[range(s, e) for s, e in stream.batches],
+            num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda",
+            prefetch_factor=4 if self.num_workers > 0 else None,
+            multiprocessing_context=_worker_context() if self.num_workers > 0 else None,
+        )
+        for b, (x, y, _) in enumerate(loader):
+            s, e = stream.batches[b]
+            yield Batch(b, x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True),
+                        stream.dom[s:e], b in stream.resets)
