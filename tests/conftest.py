@@ -13,6 +13,10 @@ import torch
 _SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 if "TTA_HOME" not in os.environ and _SHARED.is_dir():
     os.environ["TTA_HOME"] = str(_SHARED)
+# CI passes a relative TTA_HOME (``../shared``); subprocesses started from a temporary
+# directory (the tta-bench CLI tests) must still find it.
+if "TTA_HOME" in os.environ:
+    os.environ["TTA_HOME"] = str(Path(os.environ["TTA_HOME"]).expanduser().resolve())
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

@@ -371,7 +371,7 @@ def test_frost_download_once_with_checksum(tmp_path, monkeypatch, clean32):
     src = _shared_frost_dir()
     if not src.is_dir():
         pytest.skip(f"no shared frost textures at {src}")
-    monkeypatch.setattr(frost_mod, "FROST_URL", src.as_uri() + "/{name}")
+    monkeypatch.setattr(frost_mod, "FROST_URL", src.resolve().as_uri() + "/{name}")
     calls = []
     real = frost_mod.download
     monkeypatch.setattr(frost_mod, "download", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
@@ -388,7 +388,7 @@ def test_frost_download_once_with_checksum(tmp_path, monkeypatch, clean32):
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "frost1.png").write_bytes(b"not a png")
-    monkeypatch.setattr(frost_mod, "FROST_URL", bad.as_uri() + "/{name}")
+    monkeypatch.setattr(frost_mod, "FROST_URL", bad.resolve().as_uri() + "/{name}")
     with pytest.raises(FileNotFoundError, match="checksum"):
         corrupt(clean32[:1], "frost", 1, frost_dir=tmp_path / "other")
 

@@ -19,8 +19,9 @@ __all__ = ["tta_home", "sha256_of", "download", "atomic_write_bytes"]
 
 
 def tta_home() -> Path:
-    """Root of tta's data and weights: ``$TTA_HOME`` or ``~/.cache/tta``."""
-    return Path(os.environ.get("TTA_HOME", "~/.cache/tta")).expanduser()
+    """Root of tta's data and weights: ``$TTA_HOME`` or ``~/.cache/tta``, as an
+    absolute path (a relative ``$TTA_HOME`` is taken from the current directory)."""
+    return Path(os.environ.get("TTA_HOME", "~/.cache/tta")).expanduser().absolute()
 
 
 def sha256_of(path: str | os.PathLike) -> str:
