@@ -12,6 +12,7 @@ import json
 import os
 import re
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -255,3 +256,56 @@ def test_cli_sweep_with_joblib_launcher(tmp_path):
     results = sorted(sweep.rglob("results.json"))
     assert {json.loads(p.read_text())["method"] for p in results} == {"source", "tent"}
     assert "| source |" in proc.stdout and "| tent |" in proc.stdout
+
+
+# ----------------------------------------------------------------------------------
+# A run killed mid-stream resumes from its checkpoint
+# ----------------------------------------------------------------------------------
+
+# Runs tta-bench with every adaptation step slowed down, so the test can kill it
+# between checkpoints.
+_SLOW_BENCH = """
+import sys, time
+import tta.methods.base as base
+step = base.TTAMethod.forward
+base.TTAMethod.forward = lambda self, x: (time.sleep(0.25), step(self, x))[1]
+from tta.bench.app import main
+sys.argv = ["tta-bench", *sys.argv[1:]]
+main()
+"""
+
+
+@needs_cifar
+def test_killed_run_resumes_from_checkpoint_with_the_same_numbers(tmp_path: Path) -> None:
+    # DeYO draws random patch permutations: the RNG state must come back too.
+    args = ["method=deyo", "data.corruptions=[contrast,pixelate]", "data.num_images=48", "run.batch_size=8",
+            "run.device=cpu", "run.progress=false", "run.plot=false", "run.num_threads=1",
+            "run.checkpoint_every=2"]
+    _cli([*args, "run.out_dir=straight"], tmp_path)
+    (reference,) = (tmp_path / "straight").rglob("results.json")
+
+    env = dict(os.environ, TTA_HOME=str(tta.tta_home()), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_BENCH, *args, "run.out_dir=killed"], cwd=tmp_path,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    position = 0
+    try:
+        deadline = time.monotonic() + 240
+        while position < 4 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+            found = list((tmp_path / "killed").rglob("checkpoint.pt"))
+            if found:
+                position = torch.load(found[0], weights_only=True)["position"]
+    finally:
+        proc.kill()
+        proc.wait()
+    assert 4 <= position < 12, f"no checkpoint mid-stream (position {position}, rc {proc.returncode})"
+    assert not list((tmp_path / "killed").rglob("results.json"))
+
+    _cli([*args, "run.out_dir=killed"], tmp_path)
+    (resumed,) = (tmp_path / "killed").rglob("results.json")
+    assert not list((tmp_path / "killed").rglob("checkpoint.pt"))
+    ref, res = json.loads(reference.read_text()), json.loads(resumed.read_text())
+    assert res["resumed_at_batch"] >= 4 and ref["resumed_at_batch"] is None
+    assert res["error"] == ref["error"] and res["ece"] == ref["ece"]
+    for key in ("error", "loss", "num_selected"):
+        assert res["steps"][key] == ref["steps"][key], key

@@ -45,3 +45,24 @@ def test_guard_option_validation():
         tta.wrap(tta.load_model("cifar10_resnet20"), "tent", collapse_guard="yes")
     with pytest.raises(TypeError):
         tta.wrap(tta.load_model("cifar10_resnet20"), "tent", collapse_guard=dict(windw=3))
+
+
+def test_guarded_state_dict_resumes_the_stream_exactly(hard_stream):
+    """A checkpoint of a guarded method (weights, optimizer, the guard's window and
+    count) loaded into a fresh wrap continues exactly like the uninterrupted run,
+    and reset() still returns to the source weights."""
+    kw = dict(lr=0.1, collapse_guard=dict(window=3))
+    straight = tta.wrap(tta.load_model("cifar10_resnet20"), "tent", **kw)
+    first = tta.wrap(tta.load_model("cifar10_resnet20"), "tent", **kw)
+    for x, _ in hard_stream[:8]:
+        straight(x)
+        first(x)
+    resumed = tta.wrap(tta.load_model("cifar10_resnet20"), "tent", **kw)
+    resumed.load_state_dict(first.state_dict())
+    assert resumed.guard.num_collapses == straight.guard.num_collapses
+    for x, _ in hard_stream[8:]:
+        assert torch.equal(straight(x), resumed(x))
+    assert resumed.guard.num_collapses == straight.guard.num_collapses >= 1
+    resumed.reset()
+    source = tta.load_model("cifar10_resnet20").state_dict()
+    assert all(torch.equal(v, source[k]) for k, v in resumed.model.state_dict().items())

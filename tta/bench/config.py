@@ -39,6 +39,8 @@ NON_RESULT_KEYS: tuple[str, ...] = (
     "run.skip_existing",
     "run.out_dir",
     "run.plot",
+    "run.checkpoint_every",
+    "run.checkpoint_minutes",
     "data.num_workers",
     "data.cache_mb",
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import resource
 import sys
@@ -17,6 +18,8 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from .config import config_hash, method_overrides, register_resolvers, to_container
+from ..methods.base import StepRecord
+from ..paths import atomic_write_bytes
 from .results import RESULTS_JSON, git_info, load_results, versions, write_results
 from .sources import build_domains, load_source_images
 from .stream import BatchLoader, Batch, Stream, build_stream, seed_for
@@ -122,6 +125,44 @@ def _fisher_batches(data: Mapping[str, Any], method: Mapping[str, Any], device: 
     ]
 
 
+#: Mid-stream checkpoint of a run, in its output folder.
+CHECKPOINT = "checkpoint.pt"
+
+
+def _save_checkpoint(path: Path, chash: str, position: int, method: torch.nn.Module, device: torch.device,
+                     correct: Tensor, confidence: Tensor, records: list, step_s: list[float]) -> None:
+    """Everything a resumed run needs to end with the numbers of an uninterrupted
+    one, written atomically (a kill during the write leaves the previous one)."""
+    state = {
+        "config_hash": chash,
+        "position": position,
+        "method": method.state_dict(),
+        "rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "correct": correct.cpu(),
+        "confidence": confidence.cpu(),
+        "records": records,
+        "step_s": list(step_s),
+    }
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _load_checkpoint(path: Path, chash: str, device: torch.device) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable checkpoint means: start over
+        log.warning("ignoring unreadable checkpoint %s (%s): starting the stream from the beginning", path, err)
+        return None
+    if state.get("config_hash") != chash:
+        log.warning("ignoring %s: it belongs to a different config; starting from the beginning", path)
+        return None
+    return state
+
+
 def _existing(out: Path, chash: str) -> dict[str, Any] | None:
     old = load_results(out / RESULTS_JSON)
     return old if old is not None and old.get("config_hash") == chash else None
@@ -203,19 +244,37 @@ def _run(plain: dict[str, Any], chash: str, out: Path, hydra_info: Mapping[str, 
 
     from tqdm.auto import tqdm
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    ckpt_path = out / CHECKPOINT
+    resumed = _load_checkpoint(ckpt_path, chash, device)
+    start = 0
     correct_parts: list[Tensor] = []
     conf_parts: list[Tensor] = []
-    records = []
-    n_correct = torch.zeros((), dtype=torch.long, device=device)
-    seen, last_refresh = 0, 0.0
+    records: list[Any] = []
     step_s: list[float] = []
+    if resumed is not None:
+        start = int(resumed["position"])
+        method.load_state_dict(resumed["method"])
+        torch.set_rng_state(resumed["rng"])
+        if device.type == "cuda" and resumed.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(resumed["cuda_rng"], device)
+        correct_parts, conf_parts = [resumed["correct"].to(device)], [resumed["confidence"].to(device)]
+        records, step_s = list(resumed["records"]), list(resumed["step_s"])
+        log.info("resuming from %s at batch %d of %d", ckpt_path, start, len(loader))
+    every = int(run.get("checkpoint_every") or 0)
+    every_s = 60.0 * float(run.get("checkpoint_minutes") or 0)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seen = stream.batches[start][0] if start < len(stream.batches) else len(stream)
+    n_correct = torch.zeros((), dtype=torch.long, device=device)
+    if correct_parts:
+        n_correct += correct_parts[0].sum()
+    last_refresh = 0.0
     t_first = 0.0
-    bar = tqdm(total=len(stream), unit="img", desc=name, disable=not run.get("progress", True),
+    bar = tqdm(total=len(stream), initial=seen, unit="img", desc=name, disable=not run.get("progress", True),
                dynamic_ncols=True, mininterval=0.5)
-    t_loop = time.perf_counter()
-    for batch in loader:
+    t_loop = last_ckpt = time.perf_counter()
+    for batch in loader.iter_from(start):
         if batch.reset:
             method.reset()
         x = batch.images.float().div_(255)
@@ -233,7 +292,7 @@ def _run(plain: dict[str, Any], chash: str, out: Path, hydra_info: Mapping[str, 
         correct_parts.append(correct)
         conf_parts.append(conf)
         records.append(method.last_record)
-        if batch.index == 0:
+        if batch.index == start:
             t_first = time.perf_counter()
         n_correct += correct.sum()
         seen += len(correct)
@@ -244,17 +303,27 @@ def _run(plain: dict[str, Any], chash: str, out: Path, hydra_info: Mapping[str, 
             doms = {stream.domains[int(d)].name for d in np.unique(batch.domains)}
             bar.set_postfix_str(f"err={100 * (1 - n_correct.item() / seen):.1f}% "
                                 f"domain={doms.pop() if len(doms) == 1 else 'mixed'}", refresh=False)
+        position = batch.index + 1
+        if position < len(loader) and ((every and position % every == 0) or (every_s and now - last_ckpt >= every_s)):
+            correct_parts, conf_parts = [torch.cat(correct_parts)], [torch.cat(conf_parts)]
+            records = [r.to_dict() if isinstance(r, StepRecord) else r for r in records]
+            _save_checkpoint(ckpt_path, chash, position, method, device, correct_parts[0], conf_parts[0],
+                             records, step_s)
+            last_ckpt = time.perf_counter()
     _sync(device)
     t_end = time.perf_counter()
     loop_s = t_end - t_loop
     bar.close()
     # Throughput leaves out the first step when there are others: it pays one-off
-    # costs (allocator warm-up, kernel selection, optimizer state creation).
+    # costs (allocator warm-up, kernel selection, optimizer state creation). After a
+    # resume, the end-to-end rate covers the resumed part only.
     sizes = [e - s for s, e in stream.batches]
     warm = 1 if len(step_s) > 1 else 0
     adapt_s = sum(step_s[warm:])
-    e2e_s = (t_end - t_first) if warm else loop_s
+    seg_warm = 1 if len(stream.batches) - start > 1 else 0
+    e2e_s = (t_end - t_first) if seg_warm else loop_s
     timed_images = sum(sizes[warm:])
+    e2e_images = sum(sizes[start + seg_warm:])
     peak_mb, peak_kind = peak_memory_mb(device)
 
     results = _summarise(stream, correct_parts, conf_parts, records, run)
@@ -265,7 +334,8 @@ def _run(plain: dict[str, Any], chash: str, out: Path, hydra_info: Mapping[str, 
         "data": data.get("name"),
         "scenario": scenario.get("name"),
         "images_per_s": timed_images / adapt_s if adapt_s > 0 else None,
-        "images_per_s_end_to_end": timed_images / e2e_s if e2e_s > 0 else None,
+        "images_per_s_end_to_end": e2e_images / e2e_s if e2e_s > 0 else None,
+        "resumed_at_batch": start if resumed is not None else None,
         "seconds": {"setup": setup_s, "adapt": sum(step_s), "loop": loop_s,
                     "first_step": step_s[0] if step_s else None},
         "peak_mem_mb": peak_mb,
@@ -290,6 +360,7 @@ def _run(plain: dict[str, Any], chash: str, out: Path, hydra_info: Mapping[str, 
                **{k: v for k, v in results.items() if k not in order and k != "steps"},
                "steps": results["steps"]}
     write_results(out, results, plot=bool(run.get("plot", True)))
+    ckpt_path.unlink(missing_ok=True)
     log.info("%s: mean error %.2f%% over %d domains, %.0f images/s (adaptation), results in %s",
              name, results["mean_error"], len(results["error"]), results["images_per_s"] or 0, out)
     return results
@@ -313,7 +384,7 @@ def _summarise(stream: Stream, correct_parts, conf_parts, records, run) -> dict[
 
     steps: dict[str, list] = {"domain": [], "num_samples": [], "num_selected": [], "loss": [], "error": []}
     extra_keys: list[str] = []
-    dicts = [r.to_dict() if r is not None else {} for r in records]
+    dicts = [r.to_dict() if isinstance(r, StepRecord) else (r or {}) for r in records]
     for d in dicts:
         extra_keys += [k for k in d if k not in steps and k not in extra_keys]
     for k in extra_keys:

@@ -230,11 +230,16 @@ class BatchLoader:
         return len(self.stream.batches)
 
     def __iter__(self) -> Iterator[Batch]:
+        return self.iter_from(0)
+
+    def iter_from(self, start: int) -> Iterator[Batch]:
+        """The batches from index ``start`` on (resuming a checkpointed run); the
+        earlier ones are not read."""
         stream = self.stream
         if self.cached:
             self.prepare()
             assert self._cache is not None and self._elem_rows is not None
-            for b, (s, e) in enumerate(stream.batches):
+            for b, (s, e) in enumerate(stream.batches[start:], start):
                 rows = self._elem_rows[s:e]
                 x = self._cache.index_select(0, rows).to(self.device, non_blocking=True)
                 y = self.labels[s:e].to(self.device, non_blocking=True)
@@ -242,13 +247,13 @@ class BatchLoader:
             return
         loader = DataLoader(
             _StreamItems(stream),
-            batch_sampler=[range(s, e) for s, e in stream.batches],
+            batch_sampler=[range(s, e) for s, e in stream.batches[start:]],
             num_workers=self.num_workers,
             pin_memory=self.device.type == "cuda",
             prefetch_factor=4 if self.num_workers > 0 else None,
             multiprocessing_context=_worker_context() if self.num_workers > 0 else None,
         )
-        for b, (x, y, _) in enumerate(loader):
+        for b, (x, y, _) in enumerate(loader, start):
             s, e = stream.batches[b]
             yield Batch(b, x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True),
                         stream.dom[s:e], b in stream.resets)

@@ -14,7 +14,7 @@ import re
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -529,11 +529,24 @@ class TTAMethod(nn.Module):
 
     # -- state -----------------------------------------------------------------------
     def get_extra_state(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict() if self.optimizer else None}
+        state: dict[str, Any] = {"optimizer": self.optimizer.state_dict() if self.optimizer else None}
+        if self.guard is not None:
+            state["guard"] = self.guard.state_dict()
+        return state
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         if self.optimizer is not None and state.get("optimizer") is not None:
             self.optimizer.load_state_dict(state["optimizer"])
+        if self.guard is not None and state.get("guard") is not None:
+            self.guard.load_state_dict(state["guard"])
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        """Load an adapted state (resuming a stream). The source state that
+        :meth:`reset` returns to stays the wrapped model's own, even when this is
+        called before the first batch."""
+        if self._source_state is None:
+            self.snapshot()
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         # Method buffers may change shape once the class count is known (a running
@@ -554,7 +567,12 @@ class TTAMethod(nn.Module):
         if self._source_state is None:
             self.snapshot()
             return
+        # The guard's collapse count outlives resets (it is what results report);
+        # its window starts afresh.
+        collapses = self.guard.num_collapses if self.guard is not None else 0
         self.load_state_dict(self._source_state)
+        if self.guard is not None:
+            self.guard.num_collapses = collapses
         if self.optimizer is not None:
             self.optimizer.zero_grad(set_to_none=True)
 

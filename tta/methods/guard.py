@@ -68,6 +68,17 @@ class CollapseGuard:
             return cls(**option)
         raise TypeError(f"collapse_guard must be a bool, a dict of settings or a CollapseGuard, got {option!r}")
 
+    def state_dict(self) -> dict:
+        """Counters and the current window, for checkpointing a stream."""
+        return {"num_collapses": self.num_collapses, "batches": self._batches,
+                "history": [(a.clone(), c.clone(), n) for a, c, n in self._history]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.num_collapses = int(state["num_collapses"])
+        self._batches = int(state["batches"])
+        self._history.clear()
+        self._history.extend((a.clone(), c.clone(), int(n)) for a, c, n in state["history"])
+
     def attach(self, model: nn.Module) -> None:
         """Freeze a copy of the source ``model`` as the reference."""
         self._reference = copy.deepcopy(model).requires_grad_(False)
