@@ -30,7 +30,17 @@ def test_unknown_hyperparameter_suggests_close_match(resnet20):
         tta.wrap(resnet20, "eta", e_margn=0.3)
 
 
-def test_register_method_decorator_and_wrap():
+@pytest.fixture
+def scratch_method_name():
+    """A method name registered only for the test: other tests (the bench's
+    one-YAML-per-method check) must not see it afterwards."""
+    from tta.methods.registry import _METHODS
+
+    yield "_test_identity"
+    _METHODS._entries.pop("_test_identity", None)
+
+
+def test_register_method_decorator_and_wrap(scratch_method_name):
     from tta.methods.base import StepRecord, TTAMethod
 
     @tta.register_method("_test_identity")
