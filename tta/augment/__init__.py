@@ -10,6 +10,15 @@ from .destroy import (
     patch_shuffle,
     pixel_permute,
 )
+from .views import (
+    Views,
+    augmix,
+    gather_views,
+    make_views,
+    marginal_entropy,
+    random_resized_crops,
+    select_confident,
+)
 
 __all__ = [
     "DESTROY_TRANSFORMS",
@@ -20,4 +29,11 @@ __all__ = [
     "occlude",
     "patch_shuffle",
     "pixel_permute",
+    "Views",
+    "augmix",
+    "gather_views",
+    "make_views",
+    "marginal_entropy",
+    "random_resized_crops",
+    "select_confident",
 ]

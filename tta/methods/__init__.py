@@ -1,6 +1,6 @@
 """Adaptation methods, one per module, registered by name."""
 
-from . import deyo, eata, eta, norm, sar, source, tent  # noqa: F401  (registration)
+from . import deyo, eata, eta, norm, rlcf, sar, source, tent, tpt  # noqa: F401  (registration)
 from .base import StepRecord, TTAMethod, softmax_entropy, select_norm_params, last_stage_prefixes
 from .registry import list_methods, method_class, method_defaults, register_method, wrap
 

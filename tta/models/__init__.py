@@ -1,7 +1,9 @@
 """The model registry: ``load_model(name)`` returns a classifier taking float RGB in
 [0, 1] (normalisation inside), ready to wrap with :func:`tta.wrap`.
 
-Names: the registered ones (``list_models()``), plus ``"timm:<any timm model>"``.
+Names: the registered ones (``list_models()``), plus ``"timm:<any timm model>"`` and
+``"clip:<open_clip model>/<pretrained tag or checkpoint path>"`` (zero-shot CLIP
+classifiers, see :mod:`tta.models.clip`).
 """
 
 from __future__ import annotations
@@ -46,14 +48,21 @@ def load_model(name: str, *, weights: str | os.PathLike | None = None, **kwargs:
     """Build model ``name`` in eval mode.
 
     Args:
-        name: a registered name (``"cifar10_resnet20"``) or ``"timm:<model>"``.
+        name: a registered name (``"cifar10_resnet20"``), ``"timm:<model>"`` or
+            ``"clip:<model>/<pretrained>"``.
         weights: a local checkpoint to load instead of the default weights.
-        **kwargs: passed to the factory (``pretrained`` and ``num_classes`` for timm).
+        **kwargs: passed to the factory (``pretrained`` and ``num_classes`` for timm;
+            ``classnames``, ``templates``, ``ctx_init`` for clip, see
+            :func:`tta.models.clip.clip_classifier`).
     """
     if name.startswith("timm:"):
         from .timm_models import timm_classifier
 
         model = timm_classifier(name[len("timm:"):], weights=weights, **kwargs)
+    elif name.startswith("clip:"):
+        from .clip import clip_classifier
+
+        model = clip_classifier(name[len("clip:"):], weights=weights, **kwargs)
     else:
         model = _MODELS.get(name)(weights=weights, **kwargs)
     return model.eval()

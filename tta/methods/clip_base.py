@@ -1,0 +1,120 @@
+"""What TPT and RLCF share: CLIP policies, augmented views, confident-view selection,
+and a fresh start from the source parameters for every test image."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..augment.views import Views, gather_views, select_confident
+from .base import TTAMethod
+
+#: Views encoded per forward pass when selecting (bounds memory for big batches).
+VIEW_CHUNK = 256
+
+
+def check_clip_classifier(model: nn.Module, method: str) -> None:
+    """Raise a helpful error unless ``model`` is a :class:`~tta.models.clip.CLIPClassifier`."""
+    from ..models.clip import CLIPClassifier
+
+    if not isinstance(model, CLIPClassifier):
+        raise TypeError(
+            f"{method} adapts a CLIP classifier (its prompt or image encoder), got "
+            f"{type(model).__name__}; load one with tta.load_model('clip:ViT-B-16/openai', classnames=...)"
+        )
+
+
+class CLIPViewsMethod(TTAMethod):
+    """Base of the per-image CLIP methods. Each test image is seen through
+    ``num_views`` views (itself plus random resized crops), the ``selection_p``
+    fraction with the lowest entropy is kept, ``steps`` optimisation steps run on
+    those, and the prediction is made on the image itself. Every image starts from
+    the source parameters and a fresh optimizer (the papers' protocol), so the
+    method is always episodic, per image.
+
+    The crops are cut from the image as given (the reference code cuts them from the
+    full-resolution image, before its resize and centre crop); the classifier then
+    resizes every view to its input size.
+
+    The views of the whole batch are drawn and scored in one go; the optimisation
+    loops over the images of a batch, since each image needs its own copy of the
+    adapted parameters (a prompt's text pass over all classes, or the image encoder).
+
+    Args:
+        num_views: views per test image, the image itself included (the papers: 64).
+        selection_p: fraction of the views kept, the most confident (the papers: 0.1).
+        augmix: AugMix the crops. The reference code does so for fine-grained
+            datasets only, not for ImageNet and its variants (crops and flips only).
+        steps: optimisation steps per test image, on the same selected views.
+        ctx_init: text whose token embeddings start the learnable context (CoOp),
+            when the classifier has no learnable prompt yet.
+        episodic: no further effect: every test image starts from the source anyway.
+    """
+
+    #: the kind of model the method needs (the generic method tests skip these)
+    requires = "clip"
+    batch_stats = False  # CLIP is used as trained (ResNet towers keep their statistics)
+    #: whether the learnable prompt context is what adapts
+    adapts_prompt = True
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        num_views: int = 64,
+        selection_p: float = 0.1,
+        augmix: bool = False,
+        steps: int = 1,
+        ctx_init: str = "a photo of a",
+        **kwargs,
+    ) -> None:
+        check_clip_classifier(model, self.method_name or type(self).__name__)
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        if not 0 < selection_p <= 1:
+            raise ValueError(f"selection_p must be in (0, 1], got {selection_p!r}")
+        if self.adapts_prompt and model.ctx is None:
+            model.use_prompt(ctx_init)
+        # The base loop runs forward_and_adapt once per batch; the steps run inside.
+        super().__init__(model, steps=1, **kwargs)
+        self.tta_steps = steps
+        self.selection_p = selection_p
+        self.views = Views(num_views, use_augmix=augmix)
+
+    def select_params(self) -> list[tuple[str, nn.Parameter]]:
+        return [("ctx", self.model.ctx)]
+
+    @torch.no_grad()
+    def select_views(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Views of each image, scored with the source parameters. Returns the
+        image features of all views (B, N, dim; view 0 is the image itself), the
+        indices of the selected views (B, k), and their pixels (B, k, C, H, W)."""
+        self.reset()
+        per_chunk = max(1, VIEW_CHUNK // self.views.num_views)
+        features, index, pixels = [], [], []
+        text = self.model.text_features()
+        for images in x.split(per_chunk):
+            views = self.views(images)
+            feats = self.model.encode_image(views.flatten(0, 1)).view(*views.shape[:2], -1)
+            chosen = select_confident(self.model.logits(feats, text), self.selection_p)
+            features.append(feats)
+            index.append(chosen)
+            pixels.append(gather_views(views, chosen))
+        return torch.cat(features), torch.cat(index), torch.cat(pixels)
+
+    def snapshot(self) -> None:
+        """Record the adapted parameters as the state every test image starts from
+        (only those change, so only those are kept)."""
+        self._source_state = {"params": [p.detach().clone() for _, p in self.adapted]}
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Back to the source parameters and a fresh optimizer, bit-exact."""
+        if self._source_state is None:
+            self.snapshot()
+            return
+        for (_, p), p0 in zip(self.adapted, self._source_state["params"]):
+            p.copy_(p0)
+        if self.optimizer is not None:
+            self.optimizer.state.clear()
+            self.optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,359 @@
+"""open_clip models as zero-shot classifiers in pixel space (``load_model("clip:...")``).
+
+A :class:`CLIPClassifier` maps float RGB in [0, 1] to ``exp(logit_scale) *
+cos(image, class text)`` logits. Its preprocessing (resize, centre crop and the
+model's mean/std) runs inside, batched, on the images' device. The class texts come
+from fixed templates (the zero-shot head, an average over templates as in the CLIP
+paper) or from a learnable context in front of each class name (CoOp prompts, which
+TPT and RLCF adapt). Text features are computed on first use and cached until the
+prompt or the text tower changes.
+
+open_clip is imported on first use only (``pip install tta[clip]``).
+"""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["CLIPClassifier", "clip_classifier", "class_names", "prompt_templates", "TEMPLATE_SETS"]
+
+CIFAR10_CLASSNAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+#: Template sets by name: ``photo`` is the single "a photo of a {}."; ``clip7`` the
+#: 7-template ImageNet ensemble the CLIP authors selected; ``clip80`` the CLIP paper's
+#: 80 ImageNet templates (both read from open_clip).
+TEMPLATE_SETS = ("photo", "clip7", "clip80")
+
+
+def _open_clip():
+    try:
+        import open_clip
+    except ImportError as err:
+        raise ImportError("CLIP models need open_clip: pip install 'tta[clip]' (open_clip_torch)") from err
+    return open_clip
+
+
+def class_names(names: str | Sequence[str] | None) -> list[str]:
+    """``None`` or ``"imagenet"``: the 1000 ImageNet class names of the CLIP paper
+    (open_clip's ``IMAGENET_CLASSNAMES``); ``"cifar10"``; or a list as given."""
+    if names is None or names == "imagenet":
+        return list(_open_clip().IMAGENET_CLASSNAMES)
+    if names == "cifar10":
+        return list(CIFAR10_CLASSNAMES)
+    if isinstance(names, str):
+        raise ValueError(f"classnames must be 'imagenet', 'cifar10' or a list of names, got {names!r}")
+    names = [str(n) for n in names]
+    if not names:
+        raise ValueError("classnames is empty")
+    return names
+
+
+def prompt_templates(templates: str | Sequence[str]) -> list[str]:
+    """A template set by name (:data:`TEMPLATE_SETS`) or a list of ``"...{}..."``."""
+    if templates == "photo":
+        return ["a photo of a {}."]
+    if templates in ("clip7", "clip80"):
+        oc = _open_clip()
+        found = oc.SIMPLE_IMAGENET_TEMPLATES if templates == "clip7" else oc.OPENAI_IMAGENET_TEMPLATES
+        return [t("{}") for t in found]
+    if isinstance(templates, str):
+        raise ValueError(f"templates must be one of {TEMPLATE_SETS} or a list, got {templates!r}")
+    templates = list(templates)
+    if not templates or not all(isinstance(t, str) and "{}" in t for t in templates):
+        raise ValueError("templates must be strings with a '{}' where the class name goes")
+    return templates
+
+
+class CLIPClassifier(nn.Module):
+    """An open_clip model as a classifier over ``classnames``.
+
+    Args:
+        clip_model: an open_clip ``CLIP`` or ``CustomTextCLIP``.
+        tokenizer: its tokenizer (``open_clip.get_tokenizer``).
+        classnames: the class names (``_`` reads as a space).
+        templates: texts per class, ``"{}"`` standing for the name; their normalised
+            features are averaged (the CLIP paper's prompt ensemble).
+        ctx_init: if given, the text before each class name becomes learnable
+            context vectors (CoOp), initialised from the token embeddings of this
+            text, e.g. ``"a photo of a"``; ``templates`` are then unused.
+        mean, std, image_size, interpolation, resize_mode: the preprocessing
+            (open_clip's ``preprocess_cfg``).
+    """
+
+    def __init__(
+        self,
+        clip_model: nn.Module,
+        tokenizer: Callable[..., Tensor],
+        classnames: Sequence[str],
+        templates: Sequence[str] = ("a photo of a {}.",),
+        *,
+        ctx_init: str | None = None,
+        mean: Sequence[float] = (0.48145466, 0.4578275, 0.40821073),
+        std: Sequence[float] = (0.26862954, 0.26130258, 0.27577711),
+        image_size: int | tuple[int, int] = 224,
+        interpolation: str = "bicubic",
+        resize_mode: str = "shortest",
+    ) -> None:
+        super().__init__()
+        self.clip = clip_model
+        self.tokenizer = tokenizer
+        self.templates = prompt_templates(templates)
+        size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        self.input_size: tuple[int, int] = (int(size[0]), int(size[1]))
+        self.interpolation = interpolation if interpolation in ("bilinear", "bicubic") else "bicubic"
+        self.resize_mode = resize_mode
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.ctx: nn.Parameter | None = None
+        self.ctx_init: str | None = None
+        self.text_encode_count = 0  # text-tower passes run so far (the cache's misses)
+        self._cache: tuple[Any, Tensor] | None = None
+        self.set_classnames(classnames)
+        if ctx_init is not None:
+            self.use_prompt(ctx_init)
+
+    # -- classes and prompts -------------------------------------------------------------
+    @property
+    def num_classes(self) -> int:
+        return len(self.classnames)
+
+    def set_classnames(self, classnames: Sequence[str]) -> None:
+        """Classify over ``classnames`` from now on (a learnable context is kept)."""
+        self.classnames = class_names(classnames)
+        if self.ctx is not None:
+            self._build_prompt_tokens()
+        self._cache = None
+
+    def use_prompt(self, ctx_init: str = "a photo of a") -> None:
+        """Switch to a learnable context (CoOp): ``ctx`` holds the token embeddings of
+        ``ctx_init``, shared by all classes, in front of each class name. Before any
+        update the logits equal those of the template ``f"{ctx_init} {{}}."``."""
+        ids = self.tokenizer([ctx_init])[0]
+        start = 1 if getattr(self.tokenizer, "sot_token_id", None) == int(ids[0]) else 0
+        tokens = self.tokenizer([f"{ctx_init} {n.replace('_', ' ')}." for n in self.classnames])
+        # The context is the run of tokens every prompt shares with ctx_init alone.
+        n_ctx = int((tokens == ids).cumprod(dim=1).sum(dim=1).min()) - start
+        if n_ctx < 1:
+            raise ValueError(f"ctx_init {ctx_init!r} gives no context tokens")
+        self.ctx_init, self._ctx_span = ctx_init, (start, n_ctx)
+        self._build_prompt_tokens()
+        with torch.no_grad():
+            ctx = self._text_tower().token_embedding(ids[start : start + n_ctx].to(self.mean.device))
+        self.ctx = nn.Parameter(ctx.detach().clone().float())
+        self._cache = None
+
+    def _build_prompt_tokens(self) -> None:
+        """Token ids of ``"<ctx_init> <class name>."`` and the fixed embeddings around
+        the context (start-of-text before it; class name, period, end after it)."""
+        texts = [f"{self.ctx_init} {name.replace('_', ' ')}." for name in self.classnames]
+        tokens = self.tokenizer(texts).to(self.mean.device)
+        with torch.no_grad():
+            emb = self._text_tower().token_embedding(tokens)
+        start, n_ctx = self._ctx_span
+        self.register_buffer("prompt_tokens", tokens, persistent=False)
+        self.register_buffer("token_prefix", emb[:, :start].clone(), persistent=False)
+        self.register_buffer("token_suffix", emb[:, start + n_ctx :].clone(), persistent=False)
+
+    # -- text side ------------------------------------------------------------------------
+    def _text_tower(self) -> SimpleNamespace:
+        """The text tower's pieces, wherever this open_clip class keeps them."""
+        m = self.clip
+        if hasattr(m, "text"):  # CustomTextCLIP
+            t = m.text
+            if not hasattr(t, "token_embedding"):
+                raise NotImplementedError(f"text tower {type(t).__name__} is not an open_clip TextTransformer")
+            if getattr(t, "cls_emb", None) is not None or getattr(t, "use_pad_mask", False):
+                raise NotImplementedError("learnable prompts need a text tower without class token or pad mask")
+            return SimpleNamespace(token_embedding=t.token_embedding, positional_embedding=t.positional_embedding,
+                                   transformer=t.transformer, ln_final=t.ln_final, text_projection=t.text_projection,
+                                   attn_mask=t.attn_mask, pool_type=t.pool_type, eos_id=getattr(t, "eos_id", None))
+        return SimpleNamespace(token_embedding=m.token_embedding, positional_embedding=m.positional_embedding,
+                               transformer=m.transformer, ln_final=m.ln_final, text_projection=m.text_projection,
+                               attn_mask=m.attn_mask, pool_type=m.text_pool_type,
+                               eos_id=getattr(m, "text_eos_id", None))
+
+    def _text_params(self) -> list[nn.Parameter]:
+        t = self.clip.text if hasattr(self.clip, "text") else self.clip
+        if t is self.clip:
+            mods = [t.token_embedding, t.transformer, t.ln_final]
+            params = [p for mod in mods for p in mod.parameters()] + [t.positional_embedding]
+            if isinstance(t.text_projection, nn.Parameter):
+                params.append(t.text_projection)
+            elif t.text_projection is not None:
+                params += list(t.text_projection.parameters())
+        else:
+            params = list(t.parameters())
+        return params + ([self.ctx] if self.ctx is not None else [])
+
+    def _encode_embedded(self, emb: Tensor, tokens: Tensor) -> Tensor:
+        """open_clip's ``encode_text`` from token embeddings instead of token ids (the
+        ids still locate the end-of-text token that is pooled)."""
+        from open_clip.transformer import text_global_pool
+
+        t = self._text_tower()
+        cast = t.transformer.get_cast_dtype()
+        x = emb.to(cast) + t.positional_embedding[: emb.shape[1]].to(cast)
+        x = t.transformer(x, attn_mask=t.attn_mask)
+        x = t.ln_final(x)
+        x = text_global_pool(x, tokens, t.pool_type, eos_token_id=t.eos_id)
+        if isinstance(t.text_projection, nn.Linear):
+            x = t.text_projection(x)
+        elif t.text_projection is not None:
+            x = x @ t.text_projection
+        return x
+
+    def _compute_text_features(self) -> Tensor:
+        self.text_encode_count += 1
+        if self.ctx is not None:
+            k = self.num_classes
+            ctx = self.ctx.unsqueeze(0).expand(k, -1, -1).to(self.token_prefix.dtype)
+            emb = torch.cat([self.token_prefix, ctx, self.token_suffix], dim=1)
+            return F.normalize(self._encode_embedded(emb, self.prompt_tokens).float(), dim=-1)
+        texts = [t.format(name.replace("_", " ")) for name in self.classnames for t in self.templates]
+        device = self.mean.device
+        chunks = [self.clip.encode_text(self.tokenizer(texts[i : i + 1000]).to(device)).float()
+                  for i in range(0, len(texts), 1000)]
+        per_template = F.normalize(torch.cat(chunks), dim=-1).view(self.num_classes, len(self.templates), -1)
+        return F.normalize(per_template.mean(dim=1), dim=-1)
+
+    def text_features(self) -> Tensor:
+        """L2-normalised class text features (classes, dim), float32.
+
+        Cached, and recomputed only when the prompt context or a text-tower weight
+        changed (or the device did). With a learnable context, inside a
+        grad-enabled region where text parameters require grad, they are computed
+        afresh with a graph so gradients reach the context. With fixed templates the
+        text side is a constant zero-shot head: gradients never reach it."""
+        params = self._text_params()
+        if self.ctx is not None and torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            return self._compute_text_features()
+        key = (self.mean.device, tuple(p._version for p in params), tuple(id(p) for p in params))
+        if self._cache is None or self._cache[0] != key:
+            with torch.no_grad():
+                self._cache = (key, self._compute_text_features())
+        return self._cache[1]
+
+    # -- image side -----------------------------------------------------------------------
+    def preprocess(self, x: Tensor) -> Tensor:
+        """Resize (shorter side, then centre crop; or squash) to :attr:`input_size`
+        and normalise with the model's mean and std. Float RGB in [0, 1] in."""
+        h, w = x.shape[-2:]
+        th, tw = self.input_size
+        if (h, w) != (th, tw):
+            if self.resize_mode == "squash":
+                x = F.interpolate(x, size=(th, tw), mode=self.interpolation, antialias=True, align_corners=False)
+            else:
+                scale = max(th / h, tw / w)
+                nh, nw = max(th, int(h * scale + 0.5)), max(tw, int(w * scale + 0.5))
+                x = F.interpolate(x, size=(nh, nw), mode=self.interpolation, antialias=True, align_corners=False)
+                top, left = int(round((nh - th) / 2)), int(round((nw - tw) / 2))
+                x = x[..., top : top + th, left : left + tw]
+            if self.interpolation == "bicubic":
+                x = x.clamp(0, 1)  # bicubic overshoots; PIL's uint8 output is clipped
+        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+
+    def encode_image(self, x: Tensor, preprocessed: bool = False) -> Tensor:
+        """L2-normalised image features (B, dim), float32, of pixels in [0, 1] (or of
+        :meth:`preprocess` output with ``preprocessed=True``)."""
+        features = self.clip.encode_image(x if preprocessed else self.preprocess(x))
+        return F.normalize(features.float(), dim=-1)
+
+    @property
+    def logit_scale(self) -> Tensor:
+        """The multiplier of the cosine similarities: ``exp(clip.logit_scale)``."""
+        return self.clip.logit_scale.exp().float()
+
+    def logits(self, image_features: Tensor, text_features: Tensor | None = None) -> Tensor:
+        """``logit_scale * image_features @ text_features.T`` (+ the model's logit
+        bias, SigLIP); ``text_features`` default to :meth:`text_features`."""
+        text_features = self.text_features() if text_features is None else text_features
+        out = self.logit_scale * image_features.float() @ text_features.float().t()
+        bias = getattr(self.clip, "logit_bias", None)
+        return out + bias.float() if bias is not None else out
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.logits(self.encode_image(x))
+
+    def extra_repr(self) -> str:
+        text = f"ctx_init={self.ctx_init!r}" if self.ctx is not None else f"templates={len(self.templates)}"
+        return f"num_classes={self.num_classes}, input_size={self.input_size}, {text}"
+
+
+def _split_spec(spec: str, known: Sequence[str]) -> tuple[str, str | None]:
+    """``"ViT-B-16/openai"`` -> ``("ViT-B-16", "openai")``; the model name may also be
+    written with slashes (``"ViT-B/16/openai"``) and the rest may be a path."""
+    if spec.startswith(("hf-hub:", "local-dir:")):
+        return spec, None
+    parts = spec.split("/")
+    for i in range(len(parts), 0, -1):
+        name = "-".join(parts[:i])
+        if name in known:
+            rest = "/".join(parts[i:])
+            return name, rest or None
+    name, _, rest = spec.partition("/")
+    return name, rest or None
+
+
+def clip_classifier(
+    spec: str,
+    *,
+    weights: str | os.PathLike | None = None,
+    classnames: str | Sequence[str] | None = None,
+    templates: str | Sequence[str] = "photo",
+    ctx_init: str | None = None,
+    precision: str = "fp32",
+    cache_dir: str | None = None,
+) -> CLIPClassifier:
+    """Build ``load_model("clip:<spec>")``: an open_clip model and its tokenizer as
+    a :class:`CLIPClassifier`.
+
+    Args:
+        spec: ``"<model>/<pretrained>"``: an open_clip model (``open_clip.list_models()``,
+            or a config registered with ``open_clip.add_model_config``) and a pretrained
+            tag (``open_clip.list_pretrained()``, weights from open_clip's cache or
+            downloaded) or a local checkpoint path (.pt/.bin/.safetensors); ``"<model>"``
+            alone is randomly initialised; ``"hf-hub:..."``/``"local-dir:..."`` work too.
+        weights: a local checkpoint, instead of a tag in ``spec``.
+        classnames: ``None``/``"imagenet"`` (1000 ImageNet classes), ``"cifar10"`` or a list.
+        templates: ``"photo"``, ``"clip7"``, ``"clip80"`` (see :data:`TEMPLATE_SETS`) or a list.
+        ctx_init: make the text before the class name learnable (see
+            :meth:`CLIPClassifier.use_prompt`); TPT and RLCF set it up themselves.
+        precision: open_clip's ``precision`` (``"fp32"``, ``"bf16"``, ...).
+        cache_dir: open_clip's download cache.
+    """
+    oc = _open_clip()
+    name, pretrained = _split_spec(spec, oc.list_models())
+    if weights is not None:
+        if pretrained is not None:
+            raise ValueError(f"give the weights either in the name ({pretrained!r}) or as weights=, not both")
+        pretrained = os.fspath(weights)
+        if not os.path.isfile(pretrained):
+            raise FileNotFoundError(f"checkpoint not found: {pretrained}")
+    try:
+        model = oc.create_model(name, pretrained=pretrained, precision=precision, cache_dir=cache_dir,
+                                weights_only=True)
+    except RuntimeError as err:
+        if "not found" in str(err) and name not in oc.list_models():
+            from .._registry import unknown_name_message
+
+            raise KeyError(unknown_name_message("open_clip model", name, oc.list_models())) from None
+        raise
+    cfg = getattr(model.visual, "preprocess_cfg", {})
+    return CLIPClassifier(
+        model.eval(),
+        oc.get_tokenizer(name, cache_dir=cache_dir),
+        class_names(classnames),
+        prompt_templates(templates),
+        ctx_init=ctx_init,
+        mean=cfg.get("mean", (0.48145466, 0.4578275, 0.40821073)),
+        std=cfg.get("std", (0.26862954, 0.26130258, 0.27577711)),
+        image_size=cfg.get("size", getattr(model.visual, "image_size", 224)),
+        interpolation=cfg.get("interpolation", "bicubic"),
+        resize_mode=cfg.get("resize_mode", "shortest"),
+    )
