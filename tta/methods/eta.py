@@ -11,8 +11,8 @@ from .registry import register_method
 
 @register_method("eta")
 class ETA(EATA):
-    """ETA: :class:`EATA` with ``fisher_alpha = 0``."""
+    """ETA: :class:`EATA` with ``fisher_alpha = 0`` (no Fisher regulariser, so no
+    source images needed)."""
 
-    def __init__(self, model: nn.Module, **kwargs) -> None:
-        kwargs.setdefault("fisher_alpha", 0.0)
-        super().__init__(model, **kwargs)
+    def __init__(self, model: nn.Module, *, fisher_alpha: float = 0.0, **kwargs) -> None:
+        super().__init__(model, fisher_alpha=fisher_alpha, **kwargs)
