@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from ..data import IMG_EXTENSIONS, list_image_folder
+from ..data import list_image_folder
 
 __all__ = [
     "Domain",
@@ -345,23 +345,21 @@ def _imagenet_c(data, root, segments, num_images, input_size, seed):
                 f"{folder} not found: expected the ImageNet-C layout {_IMAGENET_C_LAYOUT}; "
                 f"corruption folders present: {present or 'none'}"
             )
-        classes = sorted(d.name for d in folder.iterdir() if d.is_dir())
+        try:
+            files, folder_labels, classes = list_image_folder(folder)
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"no images under {folder}: expected the ImageNet-C layout {_IMAGENET_C_LAYOUT}"
+            ) from None
         class_labels, n_cls = _class_indices(classes, mode, folder)
         if num_classes is not None and n_cls != num_classes:
             raise ValueError(f"{folder}: {n_cls} classes, other domains have {num_classes}")
         num_classes = n_cls
-        files, labels = [], []
-        for cls, label in zip(classes, class_labels):
-            for f in sorted((folder / cls).iterdir()):
-                if f.suffix.lower() in IMG_EXTENSIONS:
-                    files.append(f)
-                    labels.append(label)
-        if not files:
-            raise FileNotFoundError(f"no images under {folder}: expected the ImageNet-C layout {_IMAGENET_C_LAYOUT}")
+        labels = np.asarray(class_labels, dtype=np.int64)[np.asarray(folder_labels, dtype=np.int64)]
         rows = _subset(len(files), num_images, seed)
         pool = FilePool([files[r] for r in rows], size, crop, key=f"imagenet_c:{folder}")
         domains.append(Domain(name, corruption, severity, pool, np.arange(len(rows)),
-                              np.asarray(labels, dtype=np.int64)[rows], render=False))
+                              labels[rows], render=False))
     return domains, num_classes
 
 
