@@ -3,7 +3,8 @@
 
 Names: the registered ones (``list_models()``), plus ``"timm:<any timm model>"`` and
 ``"clip:<open_clip model>/<pretrained tag or checkpoint path>"`` (zero-shot CLIP
-classifiers, see :mod:`tta.models.clip`).
+classifiers, see :mod:`tta.models.clip`) and ``"zoo:<name>"`` (tta's offline model
+zoo, see :mod:`tta.models.zoo`).
 """
 
 from __future__ import annotations
@@ -40,7 +41,12 @@ def register_model(name: str) -> Callable:
 
 def list_models(pattern: str = "*") -> list[str]:
     """Registered model names matching a shell-style pattern (``timm:<name>`` also
-    works for every timm model, see ``timm.list_models``)."""
+    works for every timm model, see ``timm.list_models``). Zoo models are listed by
+    a pattern starting with ``zoo:`` (``list_models("zoo:*")``)."""
+    if pattern.startswith("zoo:"):
+        from .zoo import list_zoo
+
+        return [f"zoo:{n}" for n in list_zoo(pattern[len("zoo:"):])]
     return _MODELS.names(pattern)
 
 
@@ -48,12 +54,13 @@ def load_model(name: str, *, weights: str | os.PathLike | None = None, **kwargs:
     """Build model ``name`` in eval mode.
 
     Args:
-        name: a registered name (``"cifar10_resnet20"``), ``"timm:<model>"`` or
-            ``"clip:<model>/<pretrained>"``.
+        name: a registered name (``"cifar10_resnet20"``), ``"timm:<model>"``,
+            ``"clip:<model>/<pretrained>"`` or ``"zoo:<name>"``.
         weights: a local checkpoint to load instead of the default weights.
         **kwargs: passed to the factory (``pretrained`` and ``num_classes`` for timm;
             ``classnames``, ``templates``, ``ctx_init`` for clip, see
-            :func:`tta.models.clip.clip_classifier`).
+            :func:`tta.models.clip.clip_classifier`); ``verify`` for zoo (see
+            :func:`tta.models.zoo.load_zoo_model`).
     """
     if name.startswith("timm:"):
         from .timm_models import timm_classifier
@@ -63,6 +70,10 @@ def load_model(name: str, *, weights: str | os.PathLike | None = None, **kwargs:
         from .clip import clip_classifier
 
         model = clip_classifier(name[len("clip:"):], weights=weights, **kwargs)
+    elif name.startswith("zoo:"):
+        from .zoo import load_zoo_model
+
+        model = load_zoo_model(name[len("zoo:"):], weights=weights, **kwargs)
     else:
         model = _MODELS.get(name)(weights=weights, **kwargs)
     return model.eval()

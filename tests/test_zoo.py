@@ -1,0 +1,97 @@
+"""The offline model zoo: ``tta.load_model("zoo:<name>")``, checksums, clear errors."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import tta
+from tta.models import zoo
+from tta.paths import sha256_of
+
+NAME = "resnet20_bn_jpeg"
+CHECKOUT_CKPT = zoo.checkout_dir() / f"{NAME}.pt"
+needs_checkpoint = pytest.mark.skipif(
+    not CHECKOUT_CKPT.is_file(), reason=f"{CHECKOUT_CKPT} not trained yet (benchmarks/zoo/train.py)"
+)
+
+
+@pytest.fixture
+def fake_home(tmp_path, monkeypatch):
+    """An empty TTA_HOME and no source-checkout checkpoints."""
+    monkeypatch.setenv("TTA_HOME", str(tmp_path))
+    monkeypatch.setattr(zoo, "checkout_dir", lambda: tmp_path / "no-checkout")
+    return tmp_path
+
+
+@needs_checkpoint
+def test_zoo_resnet20_loads_with_manifest_sha_and_scores(cifar_test_images):
+    info = zoo.zoo_info(NAME)
+    assert sha256_of(CHECKOUT_CKPT) == info["sha256"]
+    assert info["architecture"] == "cifar_resnet20" and info["clean_accuracy"] >= 88
+    assert CHECKOUT_CKPT.stat().st_size < 8e6
+    model = tta.load_model(f"zoo:{NAME}")
+    assert not model.training and model.num_classes == 10 and model.input_size == (32, 32)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    x, y = cifar_test_images
+    with torch.no_grad():
+        acc = (model(x[:1000]).argmax(1) == y[:1000]).float().mean().item()
+    assert acc >= 0.87  # 88.4% measured; a margin for other BLAS builds
+    assert f"zoo:{NAME}" in tta.list_models("zoo:*")
+
+
+@needs_checkpoint
+def test_tampered_checkpoint_is_refused_by_checksum(tmp_path):
+    data = bytearray(CHECKOUT_CKPT.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one flipped bit in the tensor data
+    bad = tmp_path / f"{NAME}.pt"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        tta.load_model(f"zoo:{NAME}", weights=bad)
+
+
+def test_unknown_zoo_name_lists_the_zoo():
+    with pytest.raises(KeyError, match=NAME):
+        tta.load_model("zoo:resnet20_bn_jepg")
+
+
+def test_missing_checkpoint_says_where_it_looked(fake_home):
+    with pytest.raises(FileNotFoundError) as err:
+        tta.load_model(f"zoo:{NAME}")
+    msg = str(err.value)
+    assert str(fake_home / "models" / "zoo" / f"{NAME}.pt") in msg
+    assert str(fake_home / "no-checkout" / f"{NAME}.pt") in msg and NAME in msg
+
+
+@pytest.fixture(scope="module")
+def shared_resnet20():
+    return tta.load_model("cifar10_resnet20")  # before fake_home changes TTA_HOME
+
+
+def test_tta_home_checkpoint_with_manifest(shared_resnet20, fake_home, cifar_test_images):
+    """Self-contained: an fp16 export of the shared ResNet-20 under $TTA_HOME/models/zoo
+    (as the training script writes it) loads as float32, checked against its manifest."""
+    home = fake_home / "models" / "zoo"
+    home.mkdir(parents=True)
+    state = {k: v.half() if v.is_floating_point() else v
+             for k, v in shared_resnet20.backbone.state_dict().items()}
+    path = home / f"{NAME}.pt"
+    torch.save(state, path)
+    manifest = {"format": 1, "models": {NAME: {
+        "file": path.name, "sha256": sha256_of(path), "architecture": "cifar_resnet20"}}}
+    (home / "manifest.json").write_text(json.dumps(manifest))
+    assert tta.list_models("zoo:*") == [f"zoo:{NAME}"]
+    model = tta.load_model(f"zoo:{NAME}")
+    x = cifar_test_images[0][:64]
+    with torch.no_grad():
+        assert torch.allclose(model(x), shared_resnet20(x), atol=0.05)
+    # the same file, one flipped bit: refused unless verify=False
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    tampered = fake_home / "tampered.pt"
+    tampered.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        tta.load_model(f"zoo:{NAME}", weights=tampered)
+    shutil.copy(path, fake_home / "copy.pt")
+    tta.load_model(f"zoo:{NAME}", weights=fake_home / "copy.pt")
