@@ -43,10 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor, nn
 from tqdm import tqdm
 
@@ -54,7 +52,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # benchmarks/ for methods_cifar10c
 
 import tta  # noqa: E402
-from tta.data import cifar10_dir, list_image_folder  # noqa: E402
+from tta.data import cifar10_dir, load_image_folder  # noqa: E402
 from tta.paths import atomic_write_bytes  # noqa: E402
 
 CHECKPOINT_DIR = HERE / "checkpoints"
@@ -97,12 +95,7 @@ ZOO: dict[str, ZooEntry] = {
 
 def decode_split(split: str) -> tuple[Tensor, Tensor]:
     """All images of a shared CIFAR-10 split as uint8 (N, 3, 32, 32) and labels."""
-    files, labels, _ = list_image_folder(cifar10_dir(split))
-    x = np.empty((len(files), 32, 32, 3), dtype=np.uint8)
-    for i, f in enumerate(tqdm(files, desc=f"decode {split}", leave=False, mininterval=2)):
-        with Image.open(f) as im:
-            x[i] = np.asarray(im.convert("RGB"))
-    return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), torch.tensor(labels)
+    return load_image_folder(cifar10_dir(split), shuffle=False, uint8=True)
 
 
 def augment(x: Tensor, generator: torch.Generator, pad: int = 4) -> Tensor:
