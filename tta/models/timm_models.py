@@ -23,6 +23,7 @@ def timm_classifier(
     import timm
 
     from . import load_checkpoint, load_state_into
+    from . import timm_cifar  # noqa: F401  (registers tta_cifar_* with timm)
 
     if name not in timm.list_models() and name.split(".")[0] not in timm.list_models():
         from .._registry import unknown_name_message
