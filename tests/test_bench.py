@@ -319,3 +319,18 @@ def test_cli_sweep_resume_and_report(tmp_path: Path) -> None:
 def test_report_on_empty_folder_fails_clearly(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no results.json"):
         make_report(tmp_path)
+
+
+ZOO_RESNET20 = Path(__file__).resolve().parents[1] / "benchmarks" / "zoo" / "checkpoints" / "resnet20_bn_jpeg.pt"
+
+
+@pytest.mark.skipif(not ZOO_RESNET20.is_file(), reason="zoo checkpoint not trained")
+def test_zoo_model_runs_in_the_bench(tmp_path: Path) -> None:
+    # The zoo loader takes the runner's pretrained flag: true loads the checked
+    # checkpoint, false the bare architecture.
+    cfg = compose_config([*QUICK, "model=zoo_resnet20_bn_jpeg", "method=norm", "run.plot=false"])
+    res = run_benchmark(cfg, tmp_path / "zoo")
+    assert res["model"] == "zoo:resnet20_bn_jpeg" and res["mean_error"] < 60
+    bare = run_benchmark(compose_config([*QUICK, "model=zoo_resnet20_bn_jpeg", "model.pretrained=false",
+                                         "run.plot=false"]), tmp_path / "bare")
+    assert bare["mean_error"] > 70

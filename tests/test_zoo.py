@@ -81,7 +81,7 @@ def test_tta_home_checkpoint_with_manifest(shared_resnet20, fake_home, cifar_tes
     manifest = {"format": 1, "models": {NAME: {
         "file": path.name, "sha256": sha256_of(path), "architecture": "cifar_resnet20"}}}
     (home / "manifest.json").write_text(json.dumps(manifest))
-    assert tta.list_models("zoo:*") == [f"zoo:{NAME}"]
+    assert f"zoo:{NAME}" in tta.list_models("zoo:*")
     model = tta.load_model(f"zoo:{NAME}")
     x = cifar_test_images[0][:64]
     with torch.no_grad():

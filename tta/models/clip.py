@@ -318,7 +318,9 @@ def clip_classifier(
             or a config registered with ``open_clip.add_model_config``) and a pretrained
             tag (``open_clip.list_pretrained()``, weights from open_clip's cache or
             downloaded) or a local checkpoint path (.pt/.bin/.safetensors); ``"<model>"``
-            alone is randomly initialised; ``"hf-hub:..."``/``"local-dir:..."`` work too.
+            alone is randomly initialised; ``"hf-hub:..."``/``"local-dir:..."`` work too;
+            ``"zoo/<name>"`` is a CLIP of tta's offline zoo (``clip_small``, ``clip_base``:
+            CIFAR-10 models, see :mod:`tta.models.zoo`; ``classnames`` default to CIFAR-10).
         weights: a local checkpoint, instead of a tag in ``spec``.
         classnames: ``None``/``"imagenet"`` (1000 ImageNet classes), ``"cifar10"`` or a list.
         templates: ``"photo"``, ``"clip7"``, ``"clip80"`` (see :data:`TEMPLATE_SETS`) or a list.
@@ -327,6 +329,13 @@ def clip_classifier(
         precision: open_clip's ``precision`` (``"fp32"``, ``"bf16"``, ...).
         cache_dir: open_clip's download cache.
     """
+    if spec.startswith("zoo/"):
+        from .zoo import load_zoo_model
+
+        if precision != "fp32":
+            raise ValueError(f"zoo CLIP models run in fp32, got precision={precision!r}")
+        return load_zoo_model(spec[len("zoo/"):], weights=weights, classnames=classnames or "cifar10",
+                              templates=templates, ctx_init=ctx_init)
     oc = _open_clip()
     name, pretrained = _split_spec(spec, oc.list_models())
     if weights is not None:

@@ -29,15 +29,16 @@ from ..paths import sha256_of, tta_home
 from .cifar_resnet import CifarResNet
 from .classifier import IMAGENET_MEAN, IMAGENET_STD, ImageClassifier
 
-__all__ = ["list_zoo", "zoo_info", "zoo_checkpoint", "load_zoo_model", "ARCHITECTURES"]
+__all__ = ["list_zoo", "zoo_info", "zoo_checkpoint", "load_zoo_model", "build_zoo_clip", "zoo_clip_classifier",
+           "ARCHITECTURES", "CLIP_ARCHITECTURES"]
 
 PREFIX = "zoo:"
 MANIFEST_NAME = "manifest.json"
 
 
-def _cifar_resnet(depth: int) -> Callable[[], tuple[nn.Module, dict[str, Any]]]:
+def _cifar_resnet(depth: int, norm: str = "bn") -> Callable[[], tuple[nn.Module, dict[str, Any]]]:
     def build() -> tuple[nn.Module, dict[str, Any]]:
-        return CifarResNet(depth, num_classes=10), dict(
+        return CifarResNet(depth, num_classes=10, norm=norm), dict(
             num_classes=10, mean=IMAGENET_MEAN, std=IMAGENET_STD, input_size=(32, 32)
         )
 
@@ -47,13 +48,63 @@ def _cifar_resnet(depth: int) -> Callable[[], tuple[nn.Module, dict[str, Any]]]:
 # architecture key (the manifest's "architecture") -> (backbone, ImageClassifier kwargs)
 ARCHITECTURES: dict[str, Callable[[], tuple[nn.Module, dict[str, Any]]]] = {
     "cifar_resnet20": _cifar_resnet(20),
+    "cifar_resnet26_gn": _cifar_resnet(26, "gn"),
 }
+
+# open_clip model configs of the zoo's CLIP models: a tta CIFAR ResNet (a timm
+# entrypoint of tta.models.timm_cifar) as image tower, its ``linear`` the projection
+# into the joint space, and a small text transformer. The token embedding (49408 x
+# width, the CLIP BPE vocabulary) dominates the size, hence the narrow text width.
+_CLIP_TEXT = dict(context_length=16, vocab_size=49408, width=48, heads=4)
+CLIP_ARCHITECTURES: dict[str, dict[str, Any]] = {
+    "clip_cifar_resnet20": dict(
+        embed_dim=64,
+        vision_cfg=dict(timm_model_name="tta_cifar_resnet20", timm_pool="avg", timm_proj="none", image_size=32),
+        text_cfg=dict(_CLIP_TEXT, layers=3),
+    ),
+    "clip_cifar_resnet56": dict(
+        embed_dim=64,
+        vision_cfg=dict(timm_model_name="tta_cifar_resnet56", timm_pool="avg", timm_proj="none", image_size=32),
+        text_cfg=dict(_CLIP_TEXT, layers=4),
+    ),
+}
+# CIFAR pixels, normalised as the CIFAR ResNets' weights expect
+_CLIP_PREPROCESS = dict(mean=IMAGENET_MEAN, std=IMAGENET_STD, image_size=32, interpolation="bilinear",
+                        resize_mode="squash")
 
 # Architecture of each zoo model, for when no manifest is available (an installed
 # package with only $TTA_HOME/models/zoo/<name>.pt).
 _BUILTIN: dict[str, str] = {
     "resnet20_bn_jpeg": "cifar_resnet20",
+    "clip_small": "clip_cifar_resnet20",
+    "clip_base": "clip_cifar_resnet56",
 }
+
+
+def build_zoo_clip(arch: str) -> tuple[nn.Module, Callable[..., Any]]:
+    """A randomly initialised open_clip ``CLIP`` of zoo architecture ``arch`` and its
+    tokenizer (CLIP's BPE at the config's context length)."""
+    import copy
+
+    from .clip import _open_clip
+    from . import timm_cifar  # noqa: F401  (registers the image towers with timm)
+
+    oc = _open_clip()
+    cfg = copy.deepcopy(CLIP_ARCHITECTURES[arch])
+    model = oc.CLIP(**cfg)
+    model.visual.preprocess_cfg = dict(_CLIP_PREPROCESS, size=_CLIP_PREPROCESS["image_size"])
+    return model, oc.SimpleTokenizer(context_length=cfg["text_cfg"]["context_length"])
+
+
+def zoo_clip_classifier(model: nn.Module, tokenizer: Callable[..., Any], *, classnames: Any = "cifar10",
+                        templates: Any = "photo", ctx_init: str | None = None) -> nn.Module:
+    """A zoo CLIP as a :class:`~tta.models.clip.CLIPClassifier` (CIFAR-10 classes by default)."""
+    from .clip import CLIPClassifier, class_names, prompt_templates
+
+    pre = _CLIP_PREPROCESS
+    return CLIPClassifier(model.eval(), tokenizer, class_names(classnames), prompt_templates(templates),
+                          ctx_init=ctx_init, mean=pre["mean"], std=pre["std"], image_size=pre["image_size"],
+                          interpolation=pre["interpolation"], resize_mode=pre["resize_mode"])
 
 
 def checkout_dir() -> Path:
@@ -106,7 +157,10 @@ def zoo_checkpoint(name: str, weights: str | os.PathLike | None = None) -> Path:
     """Where the checkpoint of zoo model ``name`` is; a ``FileNotFoundError`` that
     lists the places looked at otherwise."""
     name = name.removeprefix(PREFIX)
-    info = zoo_info(name)
+    return _find_checkpoint(name, zoo_info(name), weights)
+
+
+def _find_checkpoint(name: str, info: dict[str, Any], weights: str | os.PathLike | None) -> Path:
     filename = info.get("file", f"{name}.pt")
     candidates = (
         [Path(weights)] if weights is not None else [home_dir() / filename, checkout_dir() / filename]
@@ -117,28 +171,44 @@ def zoo_checkpoint(name: str, weights: str | os.PathLike | None = None) -> Path:
     looked = ", ".join(str(p) for p in candidates)
     raise FileNotFoundError(
         f"no checkpoint for zoo model {name!r}: looked at {looked}. Put {filename} in "
-        f"$TTA_HOME/models/zoo/ or train it with `python benchmarks/zoo/train.py {name}`. "
-        f"Zoo models: {', '.join(list_zoo())}"
+        f"$TTA_HOME/models/zoo/ or train it with the command in benchmarks/zoo/ "
+        f"(README, 'Model zoo'). Zoo models: {', '.join(list_zoo())}"
     )
 
 
 def load_zoo_model(
-    name: str, *, weights: str | os.PathLike | None = None, verify: bool = True
+    name: str,
+    *,
+    weights: str | os.PathLike | None = None,
+    verify: bool = True,
+    pretrained: bool = True,
+    **clip_kwargs: Any,
 ) -> nn.Module:
     """Zoo model ``name`` (with or without ``zoo:``) in eval mode, taking float RGB in
     [0, 1]. ``verify`` checks the file's sha256 against the manifest when there is
-    one (also for ``weights=``)."""
+    one (also for ``weights=``); ``pretrained=False`` gives the architecture with
+    random weights (smoke tests), no checkpoint needed. CLIP models (``clip_small``, ``clip_base``) come as
+    a :class:`~tta.models.clip.CLIPClassifier` and take ``classnames`` (default
+    ``"cifar10"``), ``templates`` and ``ctx_init``, as ``load_model("clip:...")`` does."""
     from . import load_checkpoint, load_state_into
 
     name = name.removeprefix(PREFIX)
     info = zoo_info(name)
     arch = info["architecture"]
-    if arch not in ARCHITECTURES:
+    if arch not in ARCHITECTURES and arch not in CLIP_ARCHITECTURES:
+        known = sorted(ARCHITECTURES) + sorted(CLIP_ARCHITECTURES)
         raise ValueError(
             f"zoo model {name!r} has architecture {arch!r}, which this version of tta "
-            f"does not know ({', '.join(sorted(ARCHITECTURES))}): upgrade tta"
+            f"does not know ({', '.join(known)}): upgrade tta"
         )
-    path = zoo_checkpoint(name, weights)
+    if clip_kwargs and arch not in CLIP_ARCHITECTURES:
+        raise TypeError(f"zoo model {name!r} is not a CLIP model: unexpected {sorted(clip_kwargs)}")
+    if not pretrained and weights is None:
+        if arch in CLIP_ARCHITECTURES:
+            return zoo_clip_classifier(*build_zoo_clip(arch), **clip_kwargs)
+        backbone, kwargs = ARCHITECTURES[arch]()
+        return ImageClassifier(backbone, **kwargs).eval()
+    path = _find_checkpoint(name, info, weights)
     expected = info.get("sha256")
     if verify and expected:
         actual = sha256_of(path)
@@ -149,7 +219,10 @@ def load_zoo_model(
                 f"pass verify=False to load your own weights)"
             )
     state = {k: v.float() if v.is_floating_point() else v for k, v in load_checkpoint(path).items()}
+    if arch in CLIP_ARCHITECTURES:
+        clip_model, tokenizer = build_zoo_clip(arch)
+        load_state_into(clip_model, state, str(path))
+        return zoo_clip_classifier(clip_model, tokenizer, **clip_kwargs)
     backbone, kwargs = ARCHITECTURES[arch]()
     load_state_into(backbone, state, str(path))
     return ImageClassifier(backbone, **kwargs).eval()
-

@@ -1,0 +1,90 @@
+"""The zoo's GN ResNet and CLIP pair: tta's CIFAR ResNets as timm models, open_clip
+models with a CIFAR ResNet image tower, ``load_model("clip:zoo/<name>")``."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import tta
+from tta.models import zoo
+from tta.models.clip import CLIPClassifier
+from tta.paths import sha256_of
+
+timm = pytest.importorskip("timm")
+pytest.importorskip("open_clip")
+
+
+@pytest.fixture
+def fake_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("TTA_HOME", str(tmp_path))
+    monkeypatch.setattr(zoo, "checkout_dir", lambda: tmp_path / "no-checkout")
+    return tmp_path
+
+
+def test_cifar_resnets_are_timm_models():
+    import tta.models.timm_cifar  # noqa: F401
+
+    assert {"tta_cifar_resnet20", "tta_cifar_resnet56", "tta_cifar_resnet26_gn"} <= set(timm.list_models("tta_*"))
+    net = timm.create_model("tta_cifar_resnet20", num_classes=7)
+    assert net(torch.rand(2, 3, 32, 32)).shape == (2, 7)
+    assert net.pretrained_cfg["input_size"] == (3, 32, 32)
+    net.reset_classifier(0)
+    assert net(torch.rand(2, 3, 32, 32)).shape == (2, 64)
+    with pytest.raises(ValueError, match="no weights"):
+        timm.create_model("tta_cifar_resnet20", pretrained=True)
+    model = tta.load_model("timm:tta_cifar_resnet26_gn", pretrained=False)
+    assert model.input_size == (32, 32) and model.num_classes == 10
+    norms = [type(m) for m in model.modules() if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm))]
+    assert len(norms) == 1 + 2 * 12 and set(norms) == {nn.GroupNorm}
+
+
+def test_group_norm_resnet_is_batch_independent():
+    net = tta.models.CifarResNet(26, norm="gn").train()
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(net(x)[:1], net(x[:1]), atol=1e-5)
+    with pytest.raises(ValueError, match="norm"):
+        tta.models.CifarResNet(20, norm="ln")
+
+
+def _export(model: nn.Module, home, name: str, arch: str):
+    """Write ``model``'s fp16 state and a manifest as benchmarks/zoo/train.py does."""
+    folder = home / "models" / "zoo"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.pt"
+    torch.save({k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}, path)
+    manifest = {"format": 1, "models": {name: {"file": path.name, "sha256": sha256_of(path),
+                                               "architecture": arch}}}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return path
+
+
+def test_zoo_clip_loads_as_a_clip_classifier(fake_home):
+    torch.manual_seed(0)
+    clip_model, tokenizer = zoo.build_zoo_clip("clip_cifar_resnet20")
+    reference = zoo.zoo_clip_classifier(clip_model, tokenizer)
+    _export(clip_model, fake_home, "clip_small", "clip_cifar_resnet20")
+
+    model = tta.load_model("clip:zoo/clip_small")
+    assert isinstance(model, CLIPClassifier) and not model.training
+    assert model.classnames[:2] == ["airplane", "automobile"] and model.input_size == (32, 32)
+    x = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        out, ref = model(x), reference(x)
+    assert out.shape == (3, 10)
+    assert torch.allclose(out, ref, atol=0.05 * ref.abs().max().item())  # fp16 storage
+    same = tta.load_model("zoo:clip_small", templates="clip7", classnames=["cat", "dog"], ctx_init="a photo of a")
+    assert same.num_classes == 2 and same.ctx is not None
+    assert tta.wrap(tta.load_model("clip:zoo/clip_small"), "tpt", num_views=8)(x).shape == (3, 10)
+    with pytest.raises(ValueError, match="fp32"):
+        tta.load_model("clip:zoo/clip_small", precision="bf16")
+    with pytest.raises(KeyError, match="clip_small"):
+        tta.load_model("clip:zoo/clip_smal")
+
+
+def test_classifier_zoo_models_refuse_clip_options(fake_home):
+    _export(tta.models.CifarResNet(20), fake_home, "resnet20_bn_jpeg", "cifar_resnet20")
+    with pytest.raises(TypeError, match="not a CLIP model"):
+        tta.load_model("zoo:resnet20_bn_jpeg", templates="clip7")
