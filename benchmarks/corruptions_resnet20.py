@@ -28,14 +28,10 @@ from tta.data import cifar10_dir, load_image_folder
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from corruption_reference import reference_corrupt  # noqa: E402
+from methods_cifar10c import error_rate  # noqa: E402
 
 
 @torch.no_grad()
-def error(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 500) -> float:
-    wrong = sum((model(x[i:i + batch]).argmax(1) != y[i:i + batch]).sum().item() for i in range(0, len(x), batch))
-    return 100.0 * wrong / len(x)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-images", type=int, default=10000)
@@ -49,7 +45,7 @@ def main() -> None:
     x, y = load_image_folder(cifar10_dir("test"), num_images=args.num_images, seed=0)
     model = tta.load_model("cifar10_resnet20")
     frost = default_frost_dir()
-    rows = {"clean": (error(model, x, y), None)}
+    rows = {"clean": (error_rate(model, x, y), None)}
     uint8 = (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     for i, name in enumerate(tqdm(args.corruptions, desc="corruptions")):
         gen = torch.Generator().manual_seed(i)
@@ -59,7 +55,7 @@ def main() -> None:
         ref = reference_corrupt(uint8, name, args.severity, "cifar", frost, seed=i)
         ref_s = time.perf_counter() - t0
         ref_x = torch.from_numpy(ref).permute(0, 3, 1, 2).float() / 255
-        rows[name] = (error(model, ours, y), error(model, ref_x, y))
+        rows[name] = (error_rate(model, ours, y), error_rate(model, ref_x, y))
         print(f"{name}: tta {rows[name][0]:.2f}  original {rows[name][1]:.2f}  (original took {ref_s:.0f} s)",
               flush=True)
 

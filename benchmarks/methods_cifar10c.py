@@ -61,6 +61,18 @@ def build_stream(corruptions, num_images, seed):
     return domains
 
 
+@torch.no_grad()
+def error_rate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500) -> float:
+    """Top-1 error (%) of ``model`` in its current mode on images ``x`` (float in [0, 1],
+    or uint8), in batches."""
+    wrong = 0
+    for i in range(0, x.shape[0], batch_size):
+        xb = x[i:i + batch_size]
+        xb = xb.float().div(255) if xb.dtype == torch.uint8 else xb
+        wrong += (model(xb).argmax(1) != y[i:i + batch_size]).sum().item()
+    return 100.0 * wrong / x.shape[0]
+
+
 def run_method(name, domains, batch_size, model_name, fisher_images):
     model = tta.load_model(model_name)
     kw = dict(SETTINGS[name])

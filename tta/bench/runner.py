@@ -306,7 +306,7 @@ def _run(plain: dict[str, Any], chash: str, out: Path, hydra_info: Mapping[str, 
         position = batch.index + 1
         if position < len(loader) and ((every and position % every == 0) or (every_s and now - last_ckpt >= every_s)):
             correct_parts, conf_parts = [torch.cat(correct_parts)], [torch.cat(conf_parts)]
-            records = [r.to_dict() if isinstance(r, StepRecord) else r for r in records]
+            records = _record_dicts(records)
             _save_checkpoint(ckpt_path, chash, position, method, device, correct_parts[0], conf_parts[0],
                              records, step_s)
             last_ckpt = time.perf_counter()
@@ -366,6 +366,12 @@ def _run(plain: dict[str, Any], chash: str, out: Path, hydra_info: Mapping[str, 
     return results
 
 
+def _record_dicts(records: Sequence[Any]) -> list[dict[str, Any]]:
+    """Step records as plain dicts (a checkpoint stores them so; methods that do not
+    step leave ``None``)."""
+    return [r.to_dict() if isinstance(r, StepRecord) else (r or {}) for r in records]
+
+
 def _summarise(stream: Stream, correct_parts, conf_parts, records, run) -> dict[str, Any]:
     correct = torch.cat(correct_parts).cpu().numpy()
     confidence = torch.cat(conf_parts).cpu().numpy().astype(np.float64)
@@ -384,7 +390,7 @@ def _summarise(stream: Stream, correct_parts, conf_parts, records, run) -> dict[
 
     steps: dict[str, list] = {"domain": [], "num_samples": [], "num_selected": [], "loss": [], "error": []}
     extra_keys: list[str] = []
-    dicts = [r.to_dict() if isinstance(r, StepRecord) else (r or {}) for r in records]
+    dicts = _record_dicts(records)
     for d in dicts:
         extra_keys += [k for k in d if k not in steps and k not in extra_keys]
     for k in extra_keys:
