@@ -80,27 +80,38 @@ def run_method(name, domains, batch_size, model_name, fisher_images):
         kw.update(fisher_loader=[fisher_images[i:i + 100] for i in range(0, len(fisher_images), 100)],
                   fisher_size=len(fisher_images))
     adapted = tta.wrap(model, name, **kw)
+    return stream_errors(adapted, domains, batch_size)
+
+
+def stream_errors(model, domains, batch_size):
+    """Error (%) per domain of ``model`` over the stream, in order, and the seconds
+    spent inside ``model(x)`` calls."""
     errors, elapsed = {}, 0.0
     for domain, x, y in domains:
         wrong = 0
         for i in range(0, x.shape[0], batch_size):
             xb = x[i:i + batch_size]
             t0 = time.perf_counter()
-            logits = adapted(xb)
+            logits = model(xb)
             elapsed += time.perf_counter() - t0
             wrong += (logits.argmax(1) != y[i:i + batch_size]).sum().item()
         errors[domain] = 100.0 * wrong / x.shape[0]
     return errors, elapsed
 
 
+def print_table(results, cols, total, base, speed_label="x inference"):
+    """Markdown table: per-domain error, mean, images/s and time as a multiple of
+    ``base`` seconds (plain inference over the same stream)."""
+    print(f"| method | {' | '.join(cols)} | mean | img/s | {speed_label} |")
+    print("|" + "---|" * (len(cols) + 4))
+    for name, r in results.items():
+        row = " | ".join(f"{r['errors'][c]:.1f}" for c in cols)
+        print(f"| {name} | {row} | **{r['mean']:.1f}** | {total / r['seconds']:.1f} | {r['seconds'] / base:.2f} |")
+
+
 @torch.no_grad()
 def plain_inference_time(domains, batch_size, model_name):
-    model = tta.load_model(model_name).eval()
-    t0 = time.perf_counter()
-    for _, x, _ in domains:
-        for i in range(0, x.shape[0], batch_size):
-            model(x[i:i + batch_size])
-    return time.perf_counter() - t0
+    return stream_errors(tta.load_model(model_name).eval(), domains, batch_size)[1]
 
 
 def main() -> None:
@@ -128,12 +139,7 @@ def main() -> None:
     base = statistics.median(plain)
     total = sum(x.shape[0] for _, x, _ in domains)
 
-    cols = [d for d, _, _ in domains]
-    print(f"| method | {' | '.join(cols)} | mean | img/s | x inference |")
-    print("|" + "---|" * (len(cols) + 4))
-    for name, r in results.items():
-        row = " | ".join(f"{r['errors'][c]:.1f}" for c in cols)
-        print(f"| {name} | {row} | **{r['mean']:.1f}** | {total / r['seconds']:.0f} | {r['seconds'] / base:.2f} |")
+    print_table(results, [d for d, _, _ in domains], total, base)
     print(f"\nplain inference: {total / base:.0f} img/s; {platform.processor() or platform.machine()}, "
           f"{args.threads} threads, torch {torch.__version__}")
     if args.json:

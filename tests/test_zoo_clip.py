@@ -88,3 +88,26 @@ def test_classifier_zoo_models_refuse_clip_options(fake_home):
     _export(tta.models.CifarResNet(20), fake_home, "resnet20_bn_jpeg", "cifar_resnet20")
     with pytest.raises(TypeError, match="not a CLIP model"):
         tta.load_model("zoo:resnet20_bn_jpeg", templates="clip7")
+
+
+SMALL_CKPT, BASE_CKPT = (zoo.checkout_dir() / f"{n}.pt" for n in ("clip_small", "clip_base"))
+needs_pair = pytest.mark.skipif(not (SMALL_CKPT.is_file() and BASE_CKPT.is_file()),
+                                reason="the zoo CLIP pair is not trained (benchmarks/zoo/train.py)")
+
+
+@needs_pair
+def test_zoo_clip_pair_accuracy_and_robustness(cifar_test_images):
+    small, base = zoo.zoo_info("clip_small"), zoo.zoo_info("clip_base")
+    assert small["clean_accuracy"] >= 85 and base["clean_accuracy"] >= small["clean_accuracy"]
+    assert SMALL_CKPT.stat().st_size < 8e6 and BASE_CKPT.stat().st_size < 8e6
+    # the reward model is clearly stronger under corruption, on every one of the 8
+    assert base["corruption_error_sev5_mean"] < small["corruption_error_sev5_mean"] - 5
+    assert all(base["corruption_error_sev5"][c] < e for c, e in small["corruption_error_sev5"].items())
+    policy = tta.load_model("clip:zoo/clip_small")  # sha256 checked against the manifest
+    x, y = cifar_test_images
+    with torch.no_grad():
+        acc = (policy(x[:1000]).argmax(1) == y[:1000]).float().mean().item()
+    assert acc >= 0.84  # 87.0% on all 10k
+    # the policy's text tower reads the prompt, not just the class name
+    dark = zoo.zoo_clip_classifier(policy.clip, policy.tokenizer, templates=["a dark photo of a {}."])
+    assert (policy.text_features() * dark.text_features()).sum(dim=1).max() < 0.9

@@ -3,11 +3,28 @@
     TTA_HOME=../shared python benchmarks/zoo/train.py resnet20_bn_jpeg --epochs 10
 
 Plain PyTorch, CPU-friendly and seeded. The train split is decoded once into a uint8
-tensor in memory; augmentation (random crop with 4-px zero padding, horizontal flip)
-runs on whole batches of tensors. Optimiser: SGD, momentum 0.9, Nesterov, weight
-decay 5e-4 (on conv/linear weights; none on BatchNorm parameters and biases).
+tensor in memory; augmentation (random crop with 4-px zero padding, horizontal flip;
+AugMix on top for entries that ask for it) runs on whole batches of tensors.
 Schedule: a short linear warm-up (``--warmup-steps``), then cosine decay of the
 learning rate to 0, stepped every batch.
+
+Classifiers: cross-entropy; SGD, momentum 0.9, Nesterov, weight decay (on conv/linear
+weights; none on norm parameters and biases).
+
+CLIP models (``clip_small``, ``clip_base``): an open_clip ``CLIP`` whose image tower is
+a CIFAR ResNet initialised from trained weights, and a text tower trained from
+scratch on captions made from the class names and CLIP's 80 templates (one random
+template per image and step). With class names and neutral templates only, a text
+tower learns to ignore everything but the class name, and a learnable prompt (TPT,
+RLCF) then has nothing to act on. ``clip_small`` (the policy) therefore also learns
+from captions that describe an edit made to the image (``ATTRIBUTES``: black and
+white, dark, close-up, small; none of them a benchmark corruption), as real
+captions describe more than the class. The loss is the symmetric image-text contrastive loss
+with every same-class caption of the batch a positive (UniCL, Yang et al. 2022: with
+10 classes most of a batch shares a class). ``--locked-epochs`` first train with the
+image tower locked except its projection (LiT, Zhai et al. 2022), so the random
+text tower cannot wreck the trained image features; then everything trains, the
+image tower at ``--image-lr``. AdamW (weight decay on matrices only).
 
 The run is resumable: ``<work-dir>/last.pt`` (default ``outputs/zoo/<name>/``) holds
 the model, optimiser, scheduler, epoch and RNG states and is written at the end of
@@ -22,8 +39,7 @@ source error on the 8 severity-5 corruptions of ``benchmarks/methods_cifar10c.py
 reads.
 
 Adding a zoo model = adding an entry to ``ZOO`` (a builder and default
-hyper-parameters) and, if it is not a CifarResNet, its architecture to
-``tta.models.zoo``.
+hyper-parameters) and its architecture to ``tta.models.zoo``.
 """
 
 from __future__ import annotations
@@ -49,11 +65,13 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))  # benchmarks/ for methods_cifar10c
+sys.path.insert(0, str(HERE.parent))  # benchmarks/ for methods_cifar10c (stream, error rate)
 
 import tta  # noqa: E402
+from tta.augment.views import augmix  # noqa: E402
 from tta.data import cifar10_dir, load_image_folder  # noqa: E402
 from tta.paths import atomic_write_bytes  # noqa: E402
+from methods_cifar10c import EIGHT, build_stream, error_rate  # noqa: E402
 
 CHECKPOINT_DIR = HERE / "checkpoints"
 MANIFEST = CHECKPOINT_DIR / "manifest.json"
@@ -71,10 +89,49 @@ class ZooEntry:
     architecture: str  # key understood by tta.models.zoo (how to rebuild the net)
     description: str
     defaults: dict = field(default_factory=dict)
+    clip: bool = False  # contrastive image-text training instead of cross-entropy
+    augmix: bool = False  # AugMix (severity 3) after crop + flip
+    attribute_captions: bool = False  # CLIP: captions that describe an applied edit
 
 
 def _resnet20_pretrained() -> nn.Module:
     return tta.load_model("cifar10_resnet20")
+
+
+def _resnet26_gn_from_resnet20() -> nn.Module:
+    """ResNet-26-GN started from zoo:resnet20_bn_jpeg: its convolutions, norm affines
+    and classifier fill blocks 0-2 of each stage; the fourth block of each stage is
+    new, its last GroupNorm scale zero so that it starts as the identity (Goyal et al.
+    2017). Renormalising per image instead of per batch changes every activation, so
+    the copied weights are a warm start, not the answer."""
+    from tta.models.classifier import ImageClassifier
+
+    net = tta.models.CifarResNet(26, num_classes=10, norm="gn")
+    own = net.state_dict()
+    trained = {k: v for k, v in tta.load_model("zoo:resnet20_bn_jpeg").backbone.state_dict().items()
+               if k in own and own[k].shape == v.shape}  # drops BN running statistics
+    net.load_state_dict(trained, strict=False)
+    for stage in (net.layer1, net.layer2, net.layer3):
+        nn.init.zeros_(stage[3].bn2.weight)
+    return ImageClassifier(net, 10, input_size=(32, 32))
+
+
+def _zoo_clip(arch: str, image_init: str) -> Callable[[], nn.Module]:
+    """A zoo CLIP whose image trunk starts from the convolutional weights of
+    ``image_init`` (a tta model name); its projection and text tower start random."""
+
+    def build() -> nn.Module:
+        from tta.models.zoo import build_zoo_clip, zoo_clip_classifier
+
+        clip_model, tokenizer = build_zoo_clip(arch)
+        trained = tta.load_model(image_init).backbone.state_dict()
+        trunk = clip_model.visual.trunk
+        missing, unexpected = trunk.load_state_dict(
+            {k: v for k, v in trained.items() if not k.startswith("linear.")}, strict=False)
+        assert not unexpected and all(k.startswith("linear.") for k in missing), (missing, unexpected)
+        return zoo_clip_classifier(clip_model, tokenizer)
+
+    return build
 
 
 ZOO: dict[str, ZooEntry] = {
@@ -84,6 +141,33 @@ ZOO: dict[str, ZooEntry] = {
         description="the shared pretrained CIFAR-10 ResNet-20 (BatchNorm) fine-tuned "
                     "on the shared JPEG train split",
         defaults=dict(epochs=10, lr=0.04, batch_size=128, weight_decay=5e-4, warmup_steps=200),
+    ),
+    "resnet26_gn": ZooEntry(
+        build=_resnet26_gn_from_resnet20,
+        architecture="cifar_resnet26_gn",
+        description="CIFAR ResNet-26 with GroupNorm (8 groups), started from zoo:resnet20_bn_jpeg's "
+                    "weights plus one identity-initialised block per stage, trained on the JPEG train split",
+        defaults=dict(epochs=8, lr=0.05, batch_size=128, weight_decay=5e-4, warmup_steps=200),
+    ),
+    "clip_small": ZooEntry(
+        build=_zoo_clip("clip_cifar_resnet20", "zoo:resnet20_bn_jpeg"),
+        architecture="clip_cifar_resnet20",
+        description="CLIP policy: image tower zoo:resnet20_bn_jpeg, 3-layer text transformer (width 48), "
+                    "trained contrastively on the JPEG train split with CLIP-template captions",
+        defaults=dict(epochs=3, locked_epochs=1, lr=2e-3, image_lr=2e-4, batch_size=128,
+                      weight_decay=0.05, warmup_steps=100),
+        clip=True,
+        attribute_captions=True,
+    ),
+    "clip_base": ZooEntry(
+        build=_zoo_clip("clip_cifar_resnet56", "cifar10_resnet56"),
+        architecture="clip_cifar_resnet56",
+        description="CLIP reward model: image tower the shared ResNet-56, 4-layer text transformer "
+                    "(width 48), trained contrastively with AugMix on the JPEG train split",
+        defaults=dict(epochs=4, locked_epochs=1, lr=2e-3, image_lr=5e-4, batch_size=128,
+                      weight_decay=0.05, warmup_steps=100),
+        clip=True,
+        augmix=True,
     ),
 }
 
@@ -119,25 +203,23 @@ def augment(x: Tensor, generator: torch.Generator, pad: int = 4) -> Tensor:
 # ----------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def error_rate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 500) -> float:
-    wrong = 0
-    for i in range(0, x.shape[0], batch_size):
-        xb = x[i:i + batch_size]
-        xb = xb.float().div(255) if xb.dtype == torch.uint8 else xb
-        wrong += (model(xb).argmax(1) != y[i:i + batch_size]).sum().item()
-    return 100.0 * wrong / x.shape[0]
-
-
 def evaluate(model: nn.Module, seed: int) -> dict:
     """Clean accuracy on the 10k test images and source error on the 8 severity-5
-    corruptions of benchmarks/methods_cifar10c.py (10k images each, its seeded stream)."""
-    from methods_cifar10c import EIGHT, build_stream
+    corruptions of benchmarks/methods_cifar10c.py (10k images each, its seeded stream).
+    CLIP models are scored zero-shot with the single prompt "a photo of a {}." (where
+    TPT and RLCF start) and, on clean images, also with the 80-template ensemble."""
 
     model.eval()
     x, y = decode_split("test")
     clean_acc = 100.0 - error_rate(model, x, y)
     print(f"clean accuracy: {clean_acc:.2f}%", flush=True)
+    extra = {}
+    if hasattr(model, "clip"):
+        from tta.models.zoo import zoo_clip_classifier
+
+        ensemble = zoo_clip_classifier(model.clip, model.tokenizer, templates="clip80")
+        extra["clean_accuracy_clip80_templates"] = round(100.0 - error_rate(ensemble, x, y), 2)
+        print(f"clean accuracy, 80 templates: {extra['clean_accuracy_clip80_templates']:.2f}%", flush=True)
     errors = {}
     domains = build_stream(EIGHT, 10000, seed)
     for name, xc, yc in domains:
@@ -145,6 +227,7 @@ def evaluate(model: nn.Module, seed: int) -> dict:
         print(f"  {name}: {errors[name]:.2f}%", flush=True)
     return dict(
         clean_accuracy=round(clean_acc, 2),
+        **extra,
         corruption_error_sev5={k: round(v, 2) for k, v in errors.items()},
         corruption_error_sev5_mean=round(statistics.mean(errors.values()), 2),
     )
@@ -168,7 +251,7 @@ def cpu_model() -> str:
 def export(name: str, entry: ZooEntry, model: nn.Module, record: dict) -> Path:
     """fp16 state_dict of the backbone (plain tensors) + a manifest entry."""
     CHECKPOINT_DIR.mkdir(parents=True, exist_ok=True)
-    backbone = getattr(model, "backbone", model)
+    backbone = getattr(model, "backbone", None) or getattr(model, "clip", model)
     state = {
         k: (v.detach().half() if v.is_floating_point() else v.detach()).clone().contiguous()
         for k, v in backbone.state_dict().items()
@@ -213,6 +296,142 @@ def make_scheduler(optimizer, total_steps: int, warmup_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def _gray(x: Tensor, g: torch.Generator) -> Tensor:
+    luma = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+    return luma.expand_as(x)
+
+
+def _dark(x: Tensor, g: torch.Generator) -> Tensor:
+    return x * torch.empty(x.shape[0], 1, 1, 1).uniform_(0.25, 0.5, generator=g)
+
+
+def _close_up(x: Tensor, g: torch.Generator) -> Tensor:
+    from tta.augment.views import random_resized_crops
+
+    return random_resized_crops(x, scale=(0.2, 0.4), flip_p=0.0, generator=g)
+
+
+def _small(x: Tensor, g: torch.Generator) -> Tensor:
+    side = int(torch.randint(12, 21, (), generator=g))
+    pad = x.shape[-1] - side
+    left = int(torch.randint(0, pad + 1, (), generator=g))
+    top = int(torch.randint(0, pad + 1, (), generator=g))
+    small = F.interpolate(x, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
+    return F.pad(small, (left, pad - left, top, pad - top), value=0.5)
+
+
+# edit -> (image transform, the captions that describe it). Each applies to 1/8 of a
+# batch; the other half gets a neutral template.
+ATTRIBUTES: dict[str, tuple[Callable[[Tensor, torch.Generator], Tensor], list[str]]] = {
+    "black and white": (_gray, ["a black and white photo of a {}.", "a black and white photo of the {}."]),
+    "dark": (_dark, ["a dark photo of a {}.", "a dark photo of the {}."]),
+    "close-up": (_close_up, ["a close-up photo of a {}.", "a close-up photo of the {}.", "a cropped photo of a {}."]),
+    "small": (_small, ["a photo of a small {}.", "a photo of the small {}."]),
+}
+# CLIP's templates that say nothing about how the image looks
+_NOT_NEUTRAL = ("black and white", "dark", "bright", "cropped", "close-up", "small", "big", "large", "blurry",
+                "pixelated", "low resolution", "jpeg", "bad", "hard to see", "clean", "dirty", "weird", "nice", "cool")
+
+
+@dataclass
+class Captions:
+    tokens: Tensor  # (classes, templates, context)
+    groups: list[Tensor]  # template indices per group: neutral first, then one per attribute
+    transforms: list[Callable[[Tensor, torch.Generator], Tensor] | None]
+
+
+def make_captions(model: nn.Module, attributes: bool) -> Captions:
+    """Every caption (class name x template) as token ids, grouped by what it says."""
+    from tta.models.clip import prompt_templates
+
+    templates = prompt_templates("clip80")
+    groups_text = [templates]
+    transforms: list = [None]
+    if attributes:
+        groups_text = [[t for t in templates if not any(w in t for w in _NOT_NEUTRAL)]]
+        for transform, texts in ATTRIBUTES.values():
+            groups_text.append(texts)
+            transforms.append(transform)
+    flat = [t for group in groups_text for t in group]
+    sizes = torch.tensor([len(g) for g in groups_text])
+    starts = torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)[:-1]])
+    groups = [torch.arange(int(a), int(a + n)) for a, n in zip(starts, sizes)]
+    texts = [t.format(name) for name in model.classnames for t in flat]
+    tokens = model.tokenizer(texts).view(len(model.classnames), len(flat), -1)
+    return Captions(tokens, groups, transforms)
+
+
+def caption_batch(x: Tensor, captions: Captions, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+    """Apply the edits (half the batch keeps its image and gets a neutral caption)
+    and draw one template per image from its group. Returns the images, template
+    indices and groups."""
+    b, n_groups = x.shape[0], len(captions.groups)
+    if n_groups == 1:
+        group = torch.zeros(b, dtype=torch.long)
+    else:
+        edited = torch.rand(b, generator=generator) < 0.5
+        group = torch.where(edited, torch.randint(1, n_groups, (b,), generator=generator), 0)
+        out = x
+        for gi in range(1, n_groups):
+            mask = (group == gi).view(-1, 1, 1, 1)
+            out = torch.where(mask, captions.transforms[gi](x, generator), out)
+        x = out
+    template = torch.empty(b, dtype=torch.long)
+    for gi, indices in enumerate(captions.groups):
+        mask = group == gi
+        template[mask] = indices[torch.randint(0, len(indices), (int(mask.sum()),), generator=generator)]
+    return x, template, group
+
+
+def contrastive_loss(model: nn.Module, x: Tensor, y: Tensor, captions: Captions,
+                     generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Symmetric CLIP loss with same-class captions as positives (UniCL); also the
+    image-to-class logits against the batch's captions, for the train accuracy.
+    A caption of the right class but the wrong edit ("a dark photo of a cat" for an
+    unedited cat) is a negative: that is what makes the text tower read more than
+    the class name."""
+    x, template, group = caption_batch(x, captions, generator)
+    tokens = captions.tokens
+    image = model.encode_image(x)
+    text = F.normalize(model.clip.encode_text(tokens[y, template]).float(), dim=-1)
+    logits = model.logit_scale * image @ text.t()
+    positives = ((y[:, None] == y[None, :]) & (group[:, None] == group[None, :])).float()
+    targets = positives / positives.sum(dim=1, keepdim=True)  # symmetric: rows = columns
+    loss = 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets))
+    class_logits = torch.full((y.shape[0], len(model.classnames)), -torch.inf).scatter_reduce_(
+        1, y.expand(y.shape[0], -1), logits.detach(), "amax", include_self=False)
+    return loss, class_logits
+
+
+def set_image_locked(model: nn.Module, locked: bool) -> None:
+    """LiT: freeze the CLIP image trunk, BN statistics included, but its projection."""
+    trunk = model.clip.visual.trunk
+    for name, p in trunk.named_parameters():
+        p.requires_grad_(not locked or name.startswith("linear."))
+    trunk.train(not locked and model.training)
+
+
+def make_optimizer(model: nn.Module, entry: ZooEntry, hp: dict) -> torch.optim.Optimizer:
+    if not entry.clip:
+        decay = [p for p in model.parameters() if p.ndim > 1]
+        other = [p for p in model.parameters() if p.ndim <= 1]
+        return torch.optim.SGD(
+            [dict(params=decay, weight_decay=hp["weight_decay"]), dict(params=other, weight_decay=0.0)],
+            lr=hp["lr"], momentum=0.9, nesterov=True,
+        )
+    trunk = model.clip.visual.trunk
+    image = [p for n, p in trunk.named_parameters() if not n.startswith("linear.")]
+    image_ids = {id(p) for p in image}
+    rest = [p for p in model.clip.parameters() if id(p) not in image_ids]
+    groups = [
+        dict(params=[p for p in image if p.ndim > 1], lr=hp["image_lr"], weight_decay=hp["weight_decay"]),
+        dict(params=[p for p in image if p.ndim <= 1], lr=hp["image_lr"], weight_decay=0.0),
+        dict(params=[p for p in rest if p.ndim > 1], lr=hp["lr"], weight_decay=hp["weight_decay"]),
+        dict(params=[p for p in rest if p.ndim <= 1], lr=hp["lr"], weight_decay=0.0),
+    ]
+    return torch.optim.AdamW(groups, lr=hp["lr"], betas=(0.9, 0.98), eps=1e-6)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("name", choices=sorted(ZOO))
@@ -221,6 +440,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--weight-decay", type=float, default=None)
     parser.add_argument("--warmup-steps", type=int, default=None)
+    parser.add_argument("--locked-epochs", type=int, default=None, help="CLIP: epochs with the image tower locked")
+    parser.add_argument("--image-lr", type=float, default=None, help="CLIP: learning rate of the image tower")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work-dir", default=None, help="default outputs/zoo/<name>/")
@@ -250,13 +471,7 @@ def main() -> None:
     total_steps = steps_per_epoch * hp["epochs"]
 
     model = entry.build()
-    params_decay = [p for p in model.parameters() if p.ndim > 1]
-    params_other = [p for p in model.parameters() if p.ndim <= 1]
-    optimizer = torch.optim.SGD(
-        [dict(params=params_decay, weight_decay=hp["weight_decay"]),
-         dict(params=params_other, weight_decay=0.0)],
-        lr=hp["lr"], momentum=0.9, nesterov=True,
-    )
+    optimizer = make_optimizer(model, entry, hp)
     scheduler = make_scheduler(optimizer, total_steps, hp["warmup_steps"])
     gen = torch.Generator().manual_seed(args.seed)
 
@@ -292,8 +507,11 @@ def main() -> None:
     # A --max-steps stop mid-epoch stores the epoch's permutation, so the resumed run
     # continues the same epoch where it stopped.
     pending_perm = ckpt.get("perm")
+    captions = make_captions(model, entry.attribute_captions) if entry.clip else None
     while epoch < hp["epochs"] and not stopped:
         model.train()
+        if entry.clip:
+            set_image_locked(model, epoch < hp["locked_epochs"])
         perm = pending_perm if pending_perm is not None else torch.randperm(x_train.shape[0], generator=gen)
         pending_perm = None
         first = step - epoch * steps_per_epoch
@@ -304,8 +522,13 @@ def main() -> None:
         for i in bar:
             idx = perm[i * hp["batch_size"]:(i + 1) * hp["batch_size"]]
             xb, yb = augment(x_train[idx], gen), y_train[idx]
-            logits = model(xb)
-            loss = F.cross_entropy(logits, yb)
+            if entry.augmix:
+                xb = augmix(xb, severity=3.0, generator=gen)
+            if entry.clip:
+                loss, logits = contrastive_loss(model, xb, yb, captions, gen)
+            else:
+                logits = model(xb)
+                loss = F.cross_entropy(logits, yb)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -315,7 +538,7 @@ def main() -> None:
             correct += (logits.argmax(1) == yb).sum().item()
             seen += yb.shape[0]
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}",
-                            lr=f"{scheduler.get_last_lr()[0]:.4f}", refresh=False)
+                            lr=f"{max(scheduler.get_last_lr()):.4f}", refresh=False)
             if args.max_steps is not None and step >= args.max_steps:
                 stopped = True
                 break
@@ -340,10 +563,17 @@ def main() -> None:
     print(f"evaluation took {time.perf_counter() - t_eval:.0f} s", flush=True)
     record = dict(
         training_command=f"TTA_HOME=<shared> {command}",
-        hyperparameters=dict(hp, optimizer="SGD momentum 0.9 nesterov",
-                             schedule="linear warm-up then per-step cosine to 0",
-                             augmentation="random crop (4 px zero pad) + horizontal flip",
-                             seed=args.seed),
+        hyperparameters=dict(
+            hp,
+            optimizer="AdamW (0.9, 0.98)" if entry.clip else "SGD momentum 0.9 nesterov",
+            schedule="linear warm-up then per-step cosine to 0",
+            augmentation="random crop (4 px zero pad) + horizontal flip" + (" + AugMix severity 3" if entry.augmix else ""),
+            **(dict(loss="symmetric contrastive, captions of the same class (and edit) positive (UniCL); "
+                          "captions: CIFAR-10 class names x CLIP's 80 templates"
+                          + (" (neutral ones) or x edit captions: " + ", ".join(ATTRIBUTES)
+                             if entry.attribute_captions else ""),
+                    locked="image tower locked but its projection for locked_epochs (LiT)") if entry.clip else {}),
+            seed=args.seed),
         epochs=hp["epochs"],
         wall_time_s=round(train_seconds),
         machine=dict(cpu=cpu_model(), threads=args.threads, torch=torch.__version__),
