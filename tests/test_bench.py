@@ -334,3 +334,14 @@ def test_zoo_model_runs_in_the_bench(tmp_path: Path) -> None:
     bare = run_benchmark(compose_config([*QUICK, "model=zoo_resnet20_bn_jpeg", "model.pretrained=false",
                                          "run.plot=false"]), tmp_path / "bare")
     assert bare["mean_error"] > 70
+
+
+def test_zoo_clip_policy_runs_tpt_in_the_bench(tmp_path: Path) -> None:
+    # Random weights (pretrained=false): the bench composes a CLIP model and a CLIP
+    # method end to end without the trained checkpoint.
+    cfg = compose_config([*QUICK, "data.num_images=8", "data.corruptions=[gaussian_noise]",
+                          "model=zoo_clip_small", "model.pretrained=false", "method=tpt",
+                          "method.num_views=4", "run.plot=false"])
+    res = run_benchmark(cfg, tmp_path)
+    assert res["model"] == "clip:zoo/clip_small" and res["num_steps"] == 1
+    assert 0 <= res["mean_error"] <= 100

@@ -309,6 +309,7 @@ def clip_classifier(
     ctx_init: str | None = None,
     precision: str = "fp32",
     cache_dir: str | None = None,
+    pretrained: bool = True,
 ) -> CLIPClassifier:
     """Build ``load_model("clip:<spec>")``: an open_clip model and its tokenizer as
     a :class:`CLIPClassifier`.
@@ -328,24 +329,29 @@ def clip_classifier(
             :meth:`CLIPClassifier.use_prompt`); TPT and RLCF set it up themselves.
         precision: open_clip's ``precision`` (``"fp32"``, ``"bf16"``, ...).
         cache_dir: open_clip's download cache.
+        pretrained: ``False`` ignores the weights named in ``spec`` and builds the
+            model with random weights (smoke tests; ``tta-bench model.pretrained=false``);
+            ``weights=`` still loads.
     """
     if spec.startswith("zoo/"):
         from .zoo import load_zoo_model
 
         if precision != "fp32":
             raise ValueError(f"zoo CLIP models run in fp32, got precision={precision!r}")
-        return load_zoo_model(spec[len("zoo/"):], weights=weights, classnames=classnames or "cifar10",
-                              templates=templates, ctx_init=ctx_init)
+        return load_zoo_model(spec[len("zoo/"):], weights=weights, pretrained=pretrained,
+                              classnames=classnames or "cifar10", templates=templates, ctx_init=ctx_init)
     oc = _open_clip()
-    name, pretrained = _split_spec(spec, oc.list_models())
+    name, tag = _split_spec(spec, oc.list_models())
+    if not pretrained:
+        tag = None  # random weights, unless a checkpoint is given as weights=
     if weights is not None:
-        if pretrained is not None:
-            raise ValueError(f"give the weights either in the name ({pretrained!r}) or as weights=, not both")
-        pretrained = os.fspath(weights)
-        if not os.path.isfile(pretrained):
-            raise FileNotFoundError(f"checkpoint not found: {pretrained}")
+        if tag is not None:
+            raise ValueError(f"give the weights either in the name ({tag!r}) or as weights=, not both")
+        tag = os.fspath(weights)
+        if not os.path.isfile(tag):
+            raise FileNotFoundError(f"checkpoint not found: {tag}")
     try:
-        model = oc.create_model(name, pretrained=pretrained, precision=precision, cache_dir=cache_dir,
+        model = oc.create_model(name, pretrained=tag, precision=precision, cache_dir=cache_dir,
                                 weights_only=True)
     except RuntimeError as err:
         if "not found" in str(err) and name not in oc.list_models():
