@@ -76,6 +76,7 @@ _CLIP_PREPROCESS = dict(mean=IMAGENET_MEAN, std=IMAGENET_STD, image_size=32, int
 # package with only $TTA_HOME/models/zoo/<name>.pt).
 _BUILTIN: dict[str, str] = {
     "resnet20_bn_jpeg": "cifar_resnet20",
+    "resnet26_gn": "cifar_resnet26_gn",
     "clip_small": "clip_cifar_resnet20",
     "clip_base": "clip_cifar_resnet56",
 }
