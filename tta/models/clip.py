@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["CLIPClassifier", "clip_classifier", "class_names", "prompt_templates", "TEMPLATE_SETS"]
+__all__ = ["CLIPClassifier", "clip_classifier", "from_open_clip", "class_names", "prompt_templates", "TEMPLATE_SETS"]
 
 CIFAR10_CLASSNAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
@@ -359,10 +359,24 @@ def clip_classifier(
 
             raise KeyError(unknown_name_message("open_clip model", name, oc.list_models())) from None
         raise
+    return from_open_clip(model, oc.get_tokenizer(name, cache_dir=cache_dir), classnames=classnames,
+                          templates=templates, ctx_init=ctx_init)
+
+
+def from_open_clip(
+    model: nn.Module,
+    tokenizer: Callable[..., Tensor],
+    *,
+    classnames: str | Sequence[str] | None = None,
+    templates: str | Sequence[str] = "photo",
+    ctx_init: str | None = None,
+) -> CLIPClassifier:
+    """An open_clip model (in eval mode) as a :class:`CLIPClassifier`, preprocessing
+    as its ``model.visual.preprocess_cfg`` says (open_clip's defaults where unset)."""
     cfg = getattr(model.visual, "preprocess_cfg", {})
     return CLIPClassifier(
         model.eval(),
-        oc.get_tokenizer(name, cache_dir=cache_dir),
+        tokenizer,
         class_names(classnames),
         prompt_templates(templates),
         ctx_init=ctx_init,

@@ -68,8 +68,8 @@ CLIP_ARCHITECTURES: dict[str, dict[str, Any]] = {
         text_cfg=dict(_CLIP_TEXT, layers=4),
     ),
 }
-# CIFAR pixels, normalised as the CIFAR ResNets' weights expect
-_CLIP_PREPROCESS = dict(mean=IMAGENET_MEAN, std=IMAGENET_STD, image_size=32, interpolation="bilinear",
+# open_clip's preprocess_cfg: CIFAR pixels, normalised as the CIFAR ResNets' weights expect
+_CLIP_PREPROCESS = dict(mean=IMAGENET_MEAN, std=IMAGENET_STD, size=32, interpolation="bilinear",
                         resize_mode="squash")
 
 # Architecture of each zoo model, for when no manifest is available (an installed
@@ -93,19 +93,16 @@ def build_zoo_clip(arch: str) -> tuple[nn.Module, Callable[..., Any]]:
     oc = _open_clip()
     cfg = copy.deepcopy(CLIP_ARCHITECTURES[arch])
     model = oc.CLIP(**cfg)
-    model.visual.preprocess_cfg = dict(_CLIP_PREPROCESS, size=_CLIP_PREPROCESS["image_size"])
+    model.visual.preprocess_cfg = dict(_CLIP_PREPROCESS)
     return model, oc.SimpleTokenizer(context_length=cfg["text_cfg"]["context_length"])
 
 
 def zoo_clip_classifier(model: nn.Module, tokenizer: Callable[..., Any], *, classnames: Any = "cifar10",
                         templates: Any = "photo", ctx_init: str | None = None) -> nn.Module:
     """A zoo CLIP as a :class:`~tta.models.clip.CLIPClassifier` (CIFAR-10 classes by default)."""
-    from .clip import CLIPClassifier, class_names, prompt_templates
+    from .clip import from_open_clip
 
-    pre = _CLIP_PREPROCESS
-    return CLIPClassifier(model.eval(), tokenizer, class_names(classnames), prompt_templates(templates),
-                          ctx_init=ctx_init, mean=pre["mean"], std=pre["std"], image_size=pre["image_size"],
-                          interpolation=pre["interpolation"], resize_mode=pre["resize_mode"])
+    return from_open_clip(model, tokenizer, classnames=classnames, templates=templates, ctx_init=ctx_init)
 
 
 def checkout_dir() -> Path:
