@@ -31,7 +31,6 @@ from corruption_reference import reference_corrupt  # noqa: E402
 from methods_cifar10c import error_rate  # noqa: E402
 
 
-@torch.no_grad()
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-images", type=int, default=10000)

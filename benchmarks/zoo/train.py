@@ -19,9 +19,10 @@ tower learns to ignore everything but the class name, and a learnable prompt (TP
 RLCF) then has nothing to act on. ``clip_small`` (the policy) therefore also learns
 from captions that describe an edit made to the image (``ATTRIBUTES``: black and
 white, dark, close-up, small; none of them a benchmark corruption), as real
-captions describe more than the class. The loss is the symmetric image-text contrastive loss
-with every same-class caption of the batch a positive (UniCL, Yang et al. 2022: with
-10 classes most of a batch shares a class). ``--locked-epochs`` first train with the
+captions describe more than the class. The loss is the symmetric image-text
+contrastive loss with every caption of the batch that has the image's class (and,
+for ``clip_small``, its edit) a positive (UniCL, Yang et al. 2022: with 10 classes
+most of a batch shares a class). ``--locked-epochs`` first train with the
 image tower locked except its projection (LiT, Zhai et al. 2022), so the random
 text tower cannot wreck the trained image features; then everything trains, the
 image tower at ``--image-lr``. AdamW (weight decay on matrices only).
