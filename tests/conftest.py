@@ -24,6 +24,16 @@ import tta  # noqa: E402
 from tta.data import cifar10_dir, load_image_folder  # noqa: E402
 
 
+@pytest.fixture
+def fake_home(tmp_path, monkeypatch):
+    """An empty TTA_HOME and no source-checkout zoo checkpoints."""
+    from tta.models import zoo
+
+    monkeypatch.setenv("TTA_HOME", str(tmp_path))
+    monkeypatch.setattr(zoo, "checkout_dir", lambda: tmp_path / "no-checkout")
+    return tmp_path
+
+
 @pytest.fixture(scope="session")
 def cifar_test_images() -> tuple[torch.Tensor, torch.Tensor]:
     """2000 shared CIFAR-10 test images (seeded subset) and labels."""

@@ -17,14 +17,6 @@ needs_checkpoint = pytest.mark.skipif(
 )
 
 
-@pytest.fixture
-def fake_home(tmp_path, monkeypatch):
-    """An empty TTA_HOME and no source-checkout checkpoints."""
-    monkeypatch.setenv("TTA_HOME", str(tmp_path))
-    monkeypatch.setattr(zoo, "checkout_dir", lambda: tmp_path / "no-checkout")
-    return tmp_path
-
-
 @needs_checkpoint
 def test_zoo_resnet20_loads_with_manifest_sha_and_scores(cifar_test_images):
     info = zoo.zoo_info(NAME)

@@ -16,13 +16,6 @@ timm = pytest.importorskip("timm")
 pytest.importorskip("open_clip")
 
 
-@pytest.fixture
-def fake_home(tmp_path, monkeypatch):
-    monkeypatch.setenv("TTA_HOME", str(tmp_path))
-    monkeypatch.setattr(zoo, "checkout_dir", lambda: tmp_path / "no-checkout")
-    return tmp_path
-
-
 def test_cifar_resnets_are_timm_models():
     import tta.models.timm_cifar  # noqa: F401
 
