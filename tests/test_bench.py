@@ -336,6 +336,17 @@ def test_zoo_model_runs_in_the_bench(tmp_path: Path) -> None:
     assert bare["mean_error"] > 70
 
 
+def test_layer_norm_vit_runs_deyo_at_batch_size_1_in_the_bench(tmp_path: Path) -> None:
+    pytest.importorskip("timm")
+    quick = [o for o in QUICK if not o.startswith("run.batch_size=")]  # it would override the scenario's
+    cfg = compose_config([*quick, "model=zoo_vit_tiny_ln", "model.pretrained=false", "method=deyo",
+                          "scenario=batch_size_1", "data.num_images=6", "run.plot=false"])
+    assert cfg.run.batch_size == 1
+    res = run_benchmark(cfg, tmp_path / "vit")
+    assert res["model"] == "zoo:vit_tiny_ln" and res["batch_size"] == 1
+    assert sum(res["steps"]["num_samples"]) == 12 and len(res["steps"]["num_samples"]) == 12
+
+
 def test_zoo_clip_policy_runs_tpt_in_the_bench(tmp_path: Path) -> None:
     # Random weights (pretrained=false): the bench composes a CLIP model and a CLIP
     # method end to end without the trained checkpoint.

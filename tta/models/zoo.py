@@ -45,10 +45,24 @@ def _cifar_resnet(depth: int, norm: str = "bn") -> Callable[[], tuple[nn.Module,
     return build
 
 
+def _timm_cifar(name: str) -> Callable[[], tuple[nn.Module, dict[str, Any]]]:
+    def build() -> tuple[nn.Module, dict[str, Any]]:
+        import timm
+
+        from . import timm_cifar  # noqa: F401  (registers tta's timm entrypoints)
+
+        return timm.create_model(name, pretrained=False), dict(
+            num_classes=10, mean=IMAGENET_MEAN, std=IMAGENET_STD, input_size=(32, 32)
+        )
+
+    return build
+
+
 # architecture key (the manifest's "architecture") -> (backbone, ImageClassifier kwargs)
 ARCHITECTURES: dict[str, Callable[[], tuple[nn.Module, dict[str, Any]]]] = {
     "cifar_resnet20": _cifar_resnet(20),
     "cifar_resnet26_gn": _cifar_resnet(26, "gn"),
+    "timm_vit_tiny_patch4_cifar": _timm_cifar("tta_vit_tiny_patch4_cifar"),
 }
 
 # open_clip model configs of the zoo's CLIP models: a tta CIFAR ResNet (a timm
@@ -77,6 +91,7 @@ _CLIP_PREPROCESS = dict(mean=IMAGENET_MEAN, std=IMAGENET_STD, size=32, interpola
 _BUILTIN: dict[str, str] = {
     "resnet20_bn_jpeg": "cifar_resnet20",
     "resnet26_gn": "cifar_resnet26_gn",
+    "vit_tiny_ln": "timm_vit_tiny_patch4_cifar",
     "clip_small": "clip_cifar_resnet20",
     "clip_base": "clip_cifar_resnet56",
 }
