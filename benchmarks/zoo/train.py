@@ -9,7 +9,11 @@ Schedule: a short linear warm-up (``--warmup-steps``), then cosine decay of the
 learning rate to 0, stepped every batch.
 
 Classifiers: cross-entropy; SGD, momentum 0.9, Nesterov, weight decay (on conv/linear
-weights; none on norm parameters and biases).
+weights; none on norm parameters and biases). ``vit_tiny_ln`` (a ViT from scratch):
+AdamW, weight decay 0.05 (none on norms, biases and the position embedding), half
+of the tokens dropped at random in each training step (PatchDropout), and the loss
+half cross-entropy, half KL to a teacher's (``zoo:resnet20_bn_jpeg``) softmax on the
+same augmented batch (``--distill-weight``).
 
 CLIP models (``clip_small``, ``clip_base``): an open_clip ``CLIP`` whose image tower is
 a CIFAR ResNet initialised from trained weights, and a text tower trained from
