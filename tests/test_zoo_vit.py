@@ -55,7 +55,10 @@ def test_layer_norm_vit_adapts_its_layer_norms_with_deyo():
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     adapted = tta.wrap(model, "deyo", lr=1e-2, plpd_threshold=-1.0, deyo_margin=10.0)
     names = {n for n, _ in adapted.adapted}
-    assert names and all(".norm" in n or "fc_norm" in n for n in names)
+    assert names and all(".norm" in n for n in names)
+    # as for ViT-B in the paper, the top (last block and final norm) stays frozen
+    assert not any(".blocks.5." in n or "fc_norm" in n for n in names)
+    assert any(".blocks.4." in n for n in names)
     adapted(torch.rand(8, 3, 32, 32))
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and changed <= names
