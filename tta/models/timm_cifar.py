@@ -59,7 +59,6 @@ def tta_cifar_resnet26_gn(pretrained: bool = False, **kwargs: Any) -> CifarResNe
     return _create(26, "gn", pretrained, **kwargs)
 
 
-
 # ViT-Tiny's width and heads at a depth and MLP ratio small enough for CPU training and
 # an fp16 checkpoint under 4 MB. Patch 4 gives 64 tokens on 32x32 images. Averaging
 # the tokens instead of a class token is the usual choice for ViTs trained from

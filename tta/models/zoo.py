@@ -36,11 +36,14 @@ PREFIX = "zoo:"
 MANIFEST_NAME = "manifest.json"
 
 
+# ImageClassifier arguments of every zoo classifier: CIFAR-10 pixels, normalised as the
+# shared CIFAR ResNets' weights expect
+_CIFAR10_INPUT: dict[str, Any] = dict(num_classes=10, mean=IMAGENET_MEAN, std=IMAGENET_STD, input_size=(32, 32))
+
+
 def _cifar_resnet(depth: int, norm: str = "bn") -> Callable[[], tuple[nn.Module, dict[str, Any]]]:
     def build() -> tuple[nn.Module, dict[str, Any]]:
-        return CifarResNet(depth, num_classes=10, norm=norm), dict(
-            num_classes=10, mean=IMAGENET_MEAN, std=IMAGENET_STD, input_size=(32, 32)
-        )
+        return CifarResNet(depth, num_classes=10, norm=norm), dict(_CIFAR10_INPUT)
 
     return build
 
@@ -51,9 +54,7 @@ def _timm_cifar(name: str) -> Callable[[], tuple[nn.Module, dict[str, Any]]]:
 
         from . import timm_cifar  # noqa: F401  (registers tta's timm entrypoints)
 
-        return timm.create_model(name, pretrained=False), dict(
-            num_classes=10, mean=IMAGENET_MEAN, std=IMAGENET_STD, input_size=(32, 32)
-        )
+        return timm.create_model(name, pretrained=False), dict(_CIFAR10_INPUT)
 
     return build
 
