@@ -429,7 +429,8 @@ class TTAMethod(nn.Module):
             model.compile(**({"backend": compile} if isinstance(compile, str) else {}))
 
         model.eval()  # dropout off; norm layers are configured explicitly below
-        if self.batch_stats and use_batch_stats(model, alpha=bn_alpha) == 0 and not self.has_optimizer:
+        switched = use_batch_stats(model, alpha=bn_alpha) if self.batch_stats else None
+        if switched == 0 and not self.has_optimizer:
             # GroupNorm/LayerNorm models have no batch statistics to adapt: say so
             # rather than report source-model numbers under this method's name
             warnings.warn(f"{self.method_name or type(self).__name__}: the model has no BatchNorm layer, "
