@@ -142,11 +142,7 @@ def _zoo_clip(arch: str, image_init: str) -> Callable[[], nn.Module]:
 
 
 def _vit_tiny_ln() -> nn.Module:
-    from tta.models.classifier import ImageClassifier
-    from tta.models.zoo import ARCHITECTURES
-
-    backbone, kwargs = ARCHITECTURES["timm_vit_tiny_patch4_cifar"]()
-    return ImageClassifier(backbone, **kwargs)
+    return tta.load_model("zoo:vit_tiny_ln", pretrained=False)  # the zoo architecture, random weights
 
 
 ZOO: dict[str, ZooEntry] = {
@@ -445,15 +441,10 @@ def make_optimizer(model: nn.Module, entry: ZooEntry, hp: dict) -> torch.optim.O
         skip = {f"backbone.{n}" for n in getattr(model.backbone, "no_weight_decay", set)()}
         decay = [p for n, p in model.named_parameters() if p.ndim > 1 and n not in skip]
         other = [p for n, p in model.named_parameters() if p.ndim <= 1 or n in skip]
+        groups = [dict(params=decay, weight_decay=hp["weight_decay"]), dict(params=other, weight_decay=0.0)]
         if entry.optimizer == "adamw":
-            return torch.optim.AdamW(
-                [dict(params=decay, weight_decay=hp["weight_decay"]), dict(params=other, weight_decay=0.0)],
-                lr=hp["lr"], betas=(0.9, 0.999),
-            )
-        return torch.optim.SGD(
-            [dict(params=decay, weight_decay=hp["weight_decay"]), dict(params=other, weight_decay=0.0)],
-            lr=hp["lr"], momentum=0.9, nesterov=True,
-        )
+            return torch.optim.AdamW(groups, lr=hp["lr"], betas=(0.9, 0.999))
+        return torch.optim.SGD(groups, lr=hp["lr"], momentum=0.9, nesterov=True)
     trunk = model.clip.visual.trunk
     image = [p for n, p in trunk.named_parameters() if not n.startswith("linear.")]
     image_ids = {id(p) for p in image}
