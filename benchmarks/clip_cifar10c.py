@@ -28,7 +28,7 @@ import time
 import torch
 
 import tta
-from methods_cifar10c import EIGHT, build_stream, print_table, stream_errors
+from methods_cifar10c import EIGHT, build_stream, parse_lr_overrides, print_table, stream_errors
 
 POLICY, REWARD = "clip:zoo/clip_small", "clip:zoo/clip_base"
 
@@ -55,10 +55,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    lrs = {k: float(v) for k, v in (item.split("=", 1) for item in args.lr)}
-    unknown = set(lrs) - {m for m in METHODS if METHODS[m] is not None}
-    if unknown:
-        parser.error(f"--lr for unknown methods {sorted(unknown)}")
+    lrs = parse_lr_overrides(parser, args.lr, [m for m in METHODS if METHODS[m] is not None])
     domains = build_stream(args.corruptions, args.num_images, args.seed)
     total = sum(x.shape[0] for _, x, _ in domains)
     results, plain = {}, []

@@ -73,6 +73,15 @@ def error_rate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_s
     return 100.0 * wrong / x.shape[0]
 
 
+def parse_lr_overrides(parser: argparse.ArgumentParser, items: list[str], allowed) -> dict[str, float]:
+    """``--lr METHOD=LR ...`` as a dict; a method not in ``allowed`` is a usage error."""
+    lrs = {k: float(v) for k, v in (item.split("=", 1) for item in items)}
+    unknown = set(lrs) - set(allowed)
+    if unknown:
+        parser.error(f"--lr for unknown methods or methods without a learning rate: {sorted(unknown)}")
+    return lrs
+
+
 def run_method(name, domains, batch_size, model_name, fisher_images, lr=None):
     model = tta.load_model(model_name)
     kw = dict(SETTINGS[name], **({} if lr is None else {"lr": lr}))
@@ -129,9 +138,7 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    lrs = {k: float(v) for k, v in (item.split("=", 1) for item in args.lr)}
-    if set(lrs) - {m for m in SETTINGS if "lr" in SETTINGS[m]}:
-        parser.error(f"--lr for methods without a learning rate or unknown: {sorted(set(lrs))}")
+    lrs = parse_lr_overrides(parser, args.lr, [m for m in SETTINGS if "lr" in SETTINGS[m]])
 
     domains = build_stream(args.corruptions, args.num_images, args.seed)
     fisher_images, _ = load_image_folder(cifar10_dir("train"), num_images=500, seed=args.seed)
