@@ -36,6 +36,12 @@ the model, optimiser, scheduler, epoch and RNG states and is written at the end 
 every epoch (and when ``--max-steps`` stops a run); running the same command again
 continues from it (``--restart`` ignores it).
 
+``--init zoo:<name>`` starts from the weights of a model already in the zoo instead of
+the entry's builder: a further stage of training with a fresh optimiser and schedule
+(with ``zoo:<name>`` the same model, "train longer"). The manifest then keeps the
+earlier stage's record (command, hyper-parameters, wall time, accuracy) under
+``previous_stages``, and ``total_wall_time_s`` sums all stages.
+
 At the end the script evaluates clean test accuracy (all 10k test images) and the
 source error on the 8 severity-5 corruptions of ``benchmarks/methods_cifar10c.py``
 (all 10k test images each, the same seeded stream), saves fp16 weights to
@@ -458,6 +464,22 @@ def make_optimizer(model: nn.Module, entry: ZooEntry, hp: dict) -> torch.optim.O
     return torch.optim.AdamW(groups, lr=hp["lr"], betas=(0.9, 0.98), eps=1e-6)
 
 
+def init_stages(init: str, entry: ZooEntry) -> list[dict]:
+    """The training stages behind zoo model ``init`` (its own record first), checked
+    to be of ``entry``'s architecture: the provenance a further stage carries on."""
+    from tta.models.zoo import zoo_info
+
+    if not init.startswith("zoo:"):
+        raise SystemExit(f"--init takes a zoo model (zoo:NAME), not {init!r}")
+    info = zoo_info(init.removeprefix("zoo:"))
+    if info["architecture"] != entry.architecture:
+        raise SystemExit(f"--init {init} is a {info['architecture']}, this entry a {entry.architecture}")
+    keys = ("training_command", "hyperparameters", "epochs", "wall_time_s", "machine", "date",
+            "sha256", "clean_accuracy", "corruption_error_sev5_mean")
+    own = {k: info[k] for k in keys if k in info}
+    return [own] + list(info.get("previous_stages", []))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("name", choices=sorted(ZOO))
@@ -471,6 +493,9 @@ def main() -> None:
     parser.add_argument("--patch-drop", type=float, default=None, help="ViT: fraction of tokens dropped per step")
     parser.add_argument("--distill-weight", type=float, default=None,
                         help="weight of the KL to the teacher's predictions (the rest on the labels)")
+    parser.add_argument("--init", default=None, metavar="zoo:NAME",
+                        help="start from this zoo model's weights (a further training stage) "
+                             "instead of the entry's builder")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work-dir", default=None, help="default outputs/zoo/<name>/")
@@ -486,6 +511,10 @@ def main() -> None:
     for key in hp:
         if getattr(args, key) is not None:
             hp[key] = getattr(args, key)
+    previous_stages = []
+    if args.init is not None:
+        previous_stages = init_stages(args.init, entry)
+        hp["init"] = args.init  # part of the hyper-parameters: a resume must start from the same weights
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     work_dir = Path(args.work_dir or Path("outputs") / "zoo" / args.name)
@@ -499,7 +528,7 @@ def main() -> None:
     steps_per_epoch = x_train.shape[0] // hp["batch_size"]  # drop the last partial batch
     total_steps = steps_per_epoch * hp["epochs"]
 
-    model = entry.build()
+    model = tta.load_model(args.init).train() if args.init else entry.build()
     if hp.get("patch_drop"):
         from timm.layers import PatchDropout
 
@@ -523,6 +552,8 @@ def main() -> None:
         gen.set_state(ckpt["generator"])
         torch.set_rng_state(ckpt["torch_rng"])
         epoch, step, train_seconds = ckpt["epoch"], ckpt["step"], ckpt["train_seconds"]
+        # read when the run began: by now the manifest may already hold this stage's export
+        previous_stages = ckpt.get("previous_stages", previous_stages)
         print(f"resumed from {resume_path}: epoch {epoch}, step {step}", flush=True)
 
     def save_resume(epoch_done: int, step_done: int, perm: Tensor | None = None) -> None:
@@ -530,7 +561,7 @@ def main() -> None:
             model=model.state_dict(), optimizer=optimizer.state_dict(),
             scheduler=scheduler.state_dict(), generator=gen.get_state(),
             torch_rng=torch.get_rng_state(), epoch=epoch_done, step=step_done,
-            train_seconds=train_seconds, hparams=hp,
+            train_seconds=train_seconds, hparams=hp, previous_stages=previous_stages,
         )
         if perm is not None:
             state["perm"] = perm
@@ -620,6 +651,10 @@ def main() -> None:
             seed=args.seed),
         epochs=hp["epochs"],
         wall_time_s=round(train_seconds),
+        **(dict(previous_stages=previous_stages,
+                total_epochs=hp["epochs"] + sum(s["epochs"] for s in previous_stages),
+                total_wall_time_s=round(train_seconds) + sum(s["wall_time_s"] for s in previous_stages))
+           if previous_stages else {}),
         machine=dict(cpu=cpu_model(), threads=args.threads, torch=torch.__version__),
         date=datetime.date.today().isoformat(),
         **metrics,
