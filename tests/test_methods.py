@@ -292,8 +292,9 @@ def test_compile_falls_back_to_eager_when_compilation_fails(noisy_batch, monkeyp
         raise BackendCompilerFailed(lambda *a: None, RuntimeError("no compiler here"), None)
 
     monkeypatch.setattr(adapted.model, "_compiled_call_impl", failing_compiled_call)
-    with pytest.warns(UserWarning, match="running eagerly"):
+    with pytest.warns(UserWarning, match="running eagerly") as record:
         out = adapted(noisy_batch)
+    assert record[0].filename == __file__
     assert calls and not adapted.compiled and adapted.model._compiled_call_impl is None
     torch.testing.assert_close(out, reference(noisy_batch))
     torch.testing.assert_close(adapted(noisy_batch), reference(noisy_batch))

@@ -41,8 +41,9 @@ def test_zoo_vit_architecture_builds_without_a_checkpoint():
 def test_norm_warns_on_a_model_without_batch_norm():
     torch.manual_seed(0)
     gn = tta.models.CifarResNet(20, norm="gn")
-    with pytest.warns(UserWarning, match="no BatchNorm"):
+    with pytest.warns(UserWarning, match="no BatchNorm") as record:
         tta.wrap(gn, "norm")
+    assert record[0].filename == __file__  # names the caller's line, not tta's internals
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         tta.wrap(tta.models.CifarResNet(20), "norm")  # BatchNorm: statistics to adapt, no warning

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import re
+import sys
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -22,6 +24,20 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .guard import CollapseGuard
+
+# tta's own files and torch's (nn.Module.__call__ sits between a user and forward)
+_INTERNAL_DIRS = tuple(os.path.join(d, "") for d in (os.path.dirname(os.path.dirname(__file__)),
+                                                     os.path.dirname(torch.__file__)))
+
+
+def warn_at_caller(message: str, category: type[Warning] = UserWarning) -> None:
+    """``warnings.warn`` attributed to the first frame outside tta and torch, so the
+    warning names the user's line however deep in tta (subclass ``__init__``s,
+    ``tta.wrap``, ``nn.Module.__call__``) it was raised."""
+    frame, level = sys._getframe(1), 2  # stacklevel 2: our caller
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
 
 __all__ = [
     "TTAMethod",
@@ -433,9 +449,8 @@ class TTAMethod(nn.Module):
         if switched == 0 and not self.has_optimizer:
             # GroupNorm/LayerNorm models have no batch statistics to adapt: say so
             # rather than report source-model numbers under this method's name
-            warnings.warn(f"{self.method_name or type(self).__name__}: the model has no BatchNorm layer, "
-                          "so there are no statistics to adapt and it predicts as the source model",
-                          stacklevel=2)
+            warn_at_caller(f"{self.method_name or type(self).__name__}: the model has no BatchNorm layer, "
+                           "so there are no statistics to adapt and it predicts as the source model")
         model.requires_grad_(False)
         self.adapted = self.select_params() if self.has_optimizer else []
         for _, p in self.adapted:
@@ -508,7 +523,7 @@ class TTAMethod(nn.Module):
         except TorchDynamoException as err:
             # Compilation fails before anything is updated (the first forward of
             # the step is where it happens), so running eagerly loses nothing.
-            warnings.warn(f"torch.compile failed ({type(err).__name__}); running eagerly", stacklevel=3)
+            warn_at_caller(f"torch.compile failed ({type(err).__name__}); running eagerly")
             self.model._compiled_call_impl = None
             self.compiled = False
             if self.optimizer is not None:
