@@ -217,26 +217,21 @@ def load_zoo_model(
         )
     if clip_kwargs and arch not in CLIP_ARCHITECTURES:
         raise TypeError(f"zoo model {name!r} is not a CLIP model: unexpected {sorted(clip_kwargs)}")
-    if not pretrained and weights is None:
-        if arch in CLIP_ARCHITECTURES:
-            return zoo_clip_classifier(*build_zoo_clip(arch), **clip_kwargs)
-        backbone, kwargs = ARCHITECTURES[arch]()
-        return ImageClassifier(backbone, **kwargs).eval()
-    path = _find_checkpoint(name, info, weights)
-    expected = info.get("sha256")
-    if verify and expected:
-        actual = sha256_of(path)
-        if actual != expected:
-            raise ValueError(
-                f"{path} is corrupted or not the zoo's {name!r}: its sha256 {actual[:16]}... "
-                f"does not match the manifest's {expected[:16]}... (checksum mismatch; "
-                f"pass verify=False to load your own weights)"
-            )
-    state = {k: v.float() if v.is_floating_point() else v for k, v in load_checkpoint(path).items()}
-    if arch in CLIP_ARCHITECTURES:
-        clip_model, tokenizer = build_zoo_clip(arch)
-        load_state_into(clip_model, state, str(path))
-        return zoo_clip_classifier(clip_model, tokenizer, **clip_kwargs)
-    backbone, kwargs = ARCHITECTURES[arch]()
-    load_state_into(backbone, state, str(path))
-    return ImageClassifier(backbone, **kwargs).eval()
+    is_clip = arch in CLIP_ARCHITECTURES
+    net, extra = build_zoo_clip(arch) if is_clip else ARCHITECTURES[arch]()  # extra: tokenizer / classifier kwargs
+    if pretrained or weights is not None:
+        path = _find_checkpoint(name, info, weights)
+        expected = info.get("sha256")
+        if verify and expected:
+            actual = sha256_of(path)
+            if actual != expected:
+                raise ValueError(
+                    f"{path} is corrupted or not the zoo's {name!r}: its sha256 {actual[:16]}... "
+                    f"does not match the manifest's {expected[:16]}... (checksum mismatch; "
+                    f"pass verify=False to load your own weights)"
+                )
+        state = {k: v.float() if v.is_floating_point() else v for k, v in load_checkpoint(path).items()}
+        load_state_into(net, state, str(path))
+    if is_clip:
+        return zoo_clip_classifier(net, extra, **clip_kwargs)
+    return ImageClassifier(net, **extra).eval()
