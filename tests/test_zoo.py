@@ -87,3 +87,24 @@ def test_tta_home_checkpoint_with_manifest(shared_resnet20, fake_home, cifar_tes
         tta.load_model(f"zoo:{NAME}", weights=tampered)
     shutil.copy(path, fake_home / "copy.pt")
     tta.load_model(f"zoo:{NAME}", weights=fake_home / "copy.pt")
+
+
+def test_manifest_names_every_input_by_a_sha_from_its_history():
+    """Zoo models start from (or distil from) one another; each record names those
+    inputs by sha256, which must be a version the zoo has had: the input's current
+    checkpoint or one of its earlier stages, or a shared CIFAR ResNet's file."""
+    models = json.loads((zoo.checkout_dir() / "manifest.json").read_text())["models"]
+
+    def versions(name: str) -> set[str]:
+        info = models[name]
+        return {info["sha256"]} | {stage["sha256"] for stage in info.get("previous_stages", [])}
+
+    for name, info in models.items():
+        for record in [info, *info.get("previous_stages", [])]:
+            assert record.get("inputs"), f"{name}: no inputs recorded"
+            for source, sha in record["inputs"].items():
+                if source.startswith("zoo:"):
+                    assert sha in versions(source.removeprefix("zoo:")), (name, source)
+                else:
+                    depth = int(source.removeprefix("cifar10_resnet"))
+                    assert sha.startswith(tta.models._CIFAR_RESNET_FILES[depth].split("-")[1][:-3]), (name, source)

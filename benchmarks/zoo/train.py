@@ -42,6 +42,12 @@ the entry's builder: a further stage of training with a fresh optimiser and sche
 earlier stage's record (command, hyper-parameters, wall time, accuracy) under
 ``previous_stages``, and ``total_wall_time_s`` sums all stages.
 
+Every record lists under ``inputs`` the trained weights the run read (where it
+started and its teacher) by sha256: the zoo models build on one another
+(``resnet26_gn``, ``clip_small`` and ``vit_tiny_ln``'s teacher are
+``resnet20_bn_jpeg``), and retraining one must not rewrite the history of the others.
+A resume refuses to go on with a teacher that was retrained in between.
+
 At the end the script evaluates clean test accuracy (all 10k test images) and the
 source error on the 8 severity-5 corruptions of ``benchmarks/methods_cifar10c.py``
 (all 10k test images each, the same seeded stream), saves fp16 weights to
@@ -96,7 +102,7 @@ MANIFEST = CHECKPOINT_DIR / "manifest.json"
 
 @dataclass
 class ZooEntry:
-    build: Callable[[], nn.Module]
+    build: Callable[[str | None], nn.Module]  # called with warm_start
     architecture: str  # key understood by tta.models.zoo (how to rebuild the net)
     description: str
     defaults: dict = field(default_factory=dict)
@@ -105,14 +111,15 @@ class ZooEntry:
     attribute_captions: bool = False  # CLIP: captions that describe an applied edit
     optimizer: str = "sgd"  # classifiers: "sgd" or "adamw"
     teacher: str | None = None  # tta model name to distil from (its soft predictions on each batch)
+    warm_start: str | None = None  # tta model name whose weights the builder starts from
 
 
-def _resnet20_pretrained() -> nn.Module:
-    return tta.load_model("cifar10_resnet20")
+def _fine_tune(start: str | None) -> nn.Module:
+    return tta.load_model(start)
 
 
-def _resnet26_gn_from_resnet20() -> nn.Module:
-    """ResNet-26-GN started from zoo:resnet20_bn_jpeg: its convolutions, norm affines
+def _resnet26_gn_from(start: str | None) -> nn.Module:
+    """ResNet-26-GN started from a trained ResNet-20: its convolutions, norm affines
     and classifier fill blocks 0-2 of each stage; the fourth block of each stage is
     new, its last GroupNorm scale zero so that it starts as the identity (Goyal et al.
     2017). Renormalising per image instead of per batch changes every activation, so
@@ -121,7 +128,7 @@ def _resnet26_gn_from_resnet20() -> nn.Module:
 
     net = tta.models.CifarResNet(26, num_classes=10, norm="gn")
     own = net.state_dict()
-    trained = {k: v for k, v in tta.load_model("zoo:resnet20_bn_jpeg").backbone.state_dict().items()
+    trained = {k: v for k, v in tta.load_model(start).backbone.state_dict().items()
                if k in own and own[k].shape == v.shape}  # drops BN running statistics
     net.load_state_dict(trained, strict=False)
     for stage in (net.layer1, net.layer2, net.layer3):
@@ -129,11 +136,11 @@ def _resnet26_gn_from_resnet20() -> nn.Module:
     return ImageClassifier(net, 10, input_size=(32, 32))
 
 
-def _zoo_clip(arch: str, image_init: str) -> Callable[[], nn.Module]:
+def _zoo_clip(arch: str) -> Callable[[str | None], nn.Module]:
     """A zoo CLIP whose image trunk starts from the convolutional weights of
     ``image_init`` (a tta model name); its projection and text tower start random."""
 
-    def build() -> nn.Module:
+    def build(image_init: str | None) -> nn.Module:
         from tta.models.zoo import build_zoo_clip, zoo_clip_classifier
 
         clip_model, tokenizer = build_zoo_clip(arch)
@@ -147,20 +154,23 @@ def _zoo_clip(arch: str, image_init: str) -> Callable[[], nn.Module]:
     return build
 
 
-def _vit_tiny_ln() -> nn.Module:
+def _vit_tiny_ln(start: str | None) -> nn.Module:
+    assert start is None, "trained from scratch"
     return tta.load_model("zoo:vit_tiny_ln", pretrained=False)  # the zoo architecture, random weights
 
 
 ZOO: dict[str, ZooEntry] = {
     "resnet20_bn_jpeg": ZooEntry(
-        build=_resnet20_pretrained,
+        build=_fine_tune,
+        warm_start="cifar10_resnet20",
         architecture="cifar_resnet20",
         description="the shared pretrained CIFAR-10 ResNet-20 (BatchNorm) fine-tuned "
                     "on the shared JPEG train split",
         defaults=dict(epochs=10, lr=0.04, batch_size=128, weight_decay=5e-4, warmup_steps=200),
     ),
     "resnet26_gn": ZooEntry(
-        build=_resnet26_gn_from_resnet20,
+        build=_resnet26_gn_from,
+        warm_start="zoo:resnet20_bn_jpeg",
         architecture="cifar_resnet26_gn",
         description="CIFAR ResNet-26 with GroupNorm (8 groups), started from zoo:resnet20_bn_jpeg's "
                     "weights plus one identity-initialised block per stage, trained on the JPEG train split",
@@ -180,7 +190,8 @@ ZOO: dict[str, ZooEntry] = {
         teacher="zoo:resnet20_bn_jpeg",
     ),
     "clip_small": ZooEntry(
-        build=_zoo_clip("clip_cifar_resnet20", "zoo:resnet20_bn_jpeg"),
+        build=_zoo_clip("clip_cifar_resnet20"),
+        warm_start="zoo:resnet20_bn_jpeg",
         architecture="clip_cifar_resnet20",
         description="CLIP policy: image tower zoo:resnet20_bn_jpeg, 3-layer text transformer (width 48), "
                     "trained contrastively on the JPEG train split with CLIP-template captions",
@@ -190,7 +201,8 @@ ZOO: dict[str, ZooEntry] = {
         attribute_captions=True,
     ),
     "clip_base": ZooEntry(
-        build=_zoo_clip("clip_cifar_resnet56", "cifar10_resnet56"),
+        build=_zoo_clip("clip_cifar_resnet56"),
+        warm_start="cifar10_resnet56",
         architecture="clip_cifar_resnet56",
         description="CLIP reward model: image tower the shared ResNet-56, 4-layer text transformer "
                     "(width 48), trained contrastively with AugMix on the JPEG train split",
@@ -474,10 +486,32 @@ def init_stages(init: str, entry: ZooEntry) -> list[dict]:
     info = zoo_info(init.removeprefix("zoo:"))
     if info["architecture"] != entry.architecture:
         raise SystemExit(f"--init {init} is a {info['architecture']}, this entry a {entry.architecture}")
-    keys = ("training_command", "hyperparameters", "epochs", "wall_time_s", "machine", "date",
+    keys = ("training_command", "hyperparameters", "inputs", "epochs", "wall_time_s", "machine", "date",
             "sha256", "clean_accuracy", "corruption_error_sev5_mean")
     own = {k: info[k] for k in keys if k in info}
     return [own] + list(info.get("previous_stages", []))
+
+
+def weights_sha256(name: str) -> str:
+    """sha256 of the weights ``tta.load_model(name)`` reads (a zoo model or a shared
+    CIFAR ResNet): a run's record names its inputs by content, since a zoo model that
+    another was started from, or distilled from, may later be retrained."""
+    from tta.models import cifar_resnet_weights
+    from tta.models.zoo import zoo_info
+    from tta.paths import sha256_of
+
+    if name.startswith("zoo:"):
+        return zoo_info(name.removeprefix("zoo:"))["sha256"]
+    if name.startswith("cifar10_resnet"):
+        return sha256_of(cifar_resnet_weights(int(name.removeprefix("cifar10_resnet"))))
+    raise ValueError(f"no weights file known for {name!r}")
+
+
+def run_inputs(entry: ZooEntry, init: str | None) -> dict[str, str]:
+    """The trained weights a run reads, name -> sha256: where it starts (``--init`` or
+    the entry's warm start) and its teacher."""
+    names = [init or entry.warm_start, entry.teacher]
+    return {name: weights_sha256(name) for name in names if name}
 
 
 def main() -> None:
@@ -512,6 +546,7 @@ def main() -> None:
         if getattr(args, key) is not None:
             hp[key] = getattr(args, key)
     previous_stages = []
+    inputs = run_inputs(entry, args.init)
     if args.init is not None:
         previous_stages = init_stages(args.init, entry)
         hp["init"] = args.init  # part of the hyper-parameters: a resume must start from the same weights
@@ -528,7 +563,7 @@ def main() -> None:
     steps_per_epoch = x_train.shape[0] // hp["batch_size"]  # drop the last partial batch
     total_steps = steps_per_epoch * hp["epochs"]
 
-    model = tta.load_model(args.init).train() if args.init else entry.build()
+    model = tta.load_model(args.init).train() if args.init else entry.build(entry.warm_start)
     if hp.get("patch_drop"):
         from timm.layers import PatchDropout
 
@@ -554,6 +589,12 @@ def main() -> None:
         epoch, step, train_seconds = ckpt["epoch"], ckpt["step"], ckpt["train_seconds"]
         # read when the run began: by now the manifest may already hold this stage's export
         previous_stages = ckpt.get("previous_stages", previous_stages)
+        started = ckpt.get("inputs", inputs)
+        if entry.teacher and started.get(entry.teacher, inputs[entry.teacher]) != inputs[entry.teacher] \
+                and epoch < hp["epochs"]:
+            raise SystemExit(f"{entry.teacher} was retrained since {resume_path} was started: "
+                             f"finishing with another teacher would mix two runs; pass --restart")
+        inputs = started
         print(f"resumed from {resume_path}: epoch {epoch}, step {step}", flush=True)
 
     def save_resume(epoch_done: int, step_done: int, perm: Tensor | None = None) -> None:
@@ -561,7 +602,7 @@ def main() -> None:
             model=model.state_dict(), optimizer=optimizer.state_dict(),
             scheduler=scheduler.state_dict(), generator=gen.get_state(),
             torch_rng=torch.get_rng_state(), epoch=epoch_done, step=step_done,
-            train_seconds=train_seconds, hparams=hp, previous_stages=previous_stages,
+            train_seconds=train_seconds, hparams=hp, previous_stages=previous_stages, inputs=inputs,
         )
         if perm is not None:
             state["perm"] = perm
@@ -649,6 +690,7 @@ def main() -> None:
                              if entry.attribute_captions else ""),
                     locked="image tower locked but its projection for locked_epochs (LiT)") if entry.clip else {}),
             seed=args.seed),
+        inputs=inputs,
         epochs=hp["epochs"],
         wall_time_s=round(train_seconds),
         **(dict(previous_stages=previous_stages,
