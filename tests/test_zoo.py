@@ -92,7 +92,7 @@ def test_tta_home_checkpoint_with_manifest(shared_resnet20, fake_home, cifar_tes
 def test_manifest_names_every_input_by_a_sha_from_its_history():
     """Zoo models start from (or distil from) one another; each record names those
     inputs by sha256, which must be a version the zoo has had: the input's current
-    checkpoint or one of its earlier stages, or a shared CIFAR ResNet's file."""
+    checkpoint or one of its earlier stages, or the shared CIFAR ResNet file."""
     models = json.loads((zoo.checkout_dir() / "manifest.json").read_text())["models"]
 
     def versions(name: str) -> set[str]:
@@ -107,4 +107,4 @@ def test_manifest_names_every_input_by_a_sha_from_its_history():
                     assert sha in versions(source.removeprefix("zoo:")), (name, source)
                 else:
                     depth = int(source.removeprefix("cifar10_resnet"))
-                    assert sha.startswith(tta.models._CIFAR_RESNET_FILES[depth].split("-")[1][:-3]), (name, source)
+                    assert sha == sha256_of(tta.models.cifar_resnet_weights(depth)), (name, source)
