@@ -129,12 +129,15 @@ def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], source: st
 # CIFAR-10 ResNets (checkpoints of akamaster/pytorch_resnet_cifar10)
 # ----------------------------------------------------------------------------------
 
-_CIFAR_RESNET_FILES = {
-    20: "resnet20-12fca82f.th",
-    32: "resnet32-d509ac18.th",
-    44: "resnet44-014dd654.th",
-    56: "resnet56-4bfd9763.th",
+# depth -> sha256 prefix; the upstream file name is resnet<depth>-<prefix>.th
+_CIFAR_RESNET_SHA256_PREFIX = {
+    20: "12fca82f",
+    32: "d509ac18",
+    44: "014dd654",
+    56: "4bfd9763",
 }
+_CIFAR_RESNET_FILES = {depth: f"resnet{depth}-{prefix}.th"
+                       for depth, prefix in _CIFAR_RESNET_SHA256_PREFIX.items()}
 _CIFAR_RESNET_URL = "https://github.com/akamaster/pytorch_resnet_cifar10/raw/master/pretrained_models/"
 
 
@@ -144,7 +147,7 @@ def cifar_resnet_weights(depth: int) -> Path:
     filename = _CIFAR_RESNET_FILES[depth]
     path = tta_home() / "models" / "cifar10" / filename
     if not path.exists():
-        download(_CIFAR_RESNET_URL + filename, path, sha256_prefix=filename.split("-")[1][:-3])
+        download(_CIFAR_RESNET_URL + filename, path, sha256_prefix=_CIFAR_RESNET_SHA256_PREFIX[depth])
     return path
 
 
@@ -154,7 +157,7 @@ def _make_cifar_factory(depth: int) -> Callable[..., nn.Module]:
         if weights is not None or pretrained:
             path = Path(weights) if weights is not None else cifar_resnet_weights(depth)
             if weights is None:
-                expected = path.name.split("-")[1][:-3]
+                expected = _CIFAR_RESNET_SHA256_PREFIX[depth]
                 if not sha256_of(path).startswith(expected):
                     raise ValueError(f"{path} is corrupted: its sha256 does not start with {expected}")
             load_state_into(net, load_checkpoint(path), str(path))
