@@ -1,7 +1,11 @@
 """The offline model zoo: ``tta.load_model("zoo:<name>")``, checksums, clear errors."""
 
+import importlib.util
 import json
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -108,3 +112,41 @@ def test_manifest_names_every_input_by_a_sha_from_its_history():
                 else:
                     depth = int(source.removeprefix("cifar10_resnet"))
                     assert sha == sha256_of(tta.models.cifar_resnet_weights(depth)), (name, source)
+
+
+TRAIN = Path(__file__).resolve().parents[1] / "benchmarks" / "zoo" / "train.py"
+
+
+def _train_module():
+    if "zoo_train" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("zoo_train", TRAIN)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["zoo_train"] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+    return sys.modules["zoo_train"]
+
+
+def test_train_options_override_add_to_or_are_refused_by_an_entry():
+    train = _train_module()
+
+    def hp(*argv: str) -> dict:
+        return train.resolve_hparams(argv[0], train.make_parser().parse_args(argv))
+
+    assert hp("resnet26_gn") == train.ZOO["resnet26_gn"].defaults
+    assert hp("resnet26_gn", "--lr", "0.01")["lr"] == 0.01
+    gn = hp("resnet26_gn", "--teacher", "zoo:resnet20_bn_jpeg", "--label-smoothing", "0.1")
+    assert gn["teacher"] == "zoo:resnet20_bn_jpeg" and gn["distill_weight"] == 0.5
+    assert gn["label_smoothing"] == 0.1
+    assert hp("resnet26_gn", "--teacher", "zoo:x", "--distill-weight", "0.8")["distill_weight"] == 0.8
+    with pytest.raises(SystemExit, match="--patch-drop does not apply to resnet26_gn"):
+        hp("resnet26_gn", "--patch-drop", "0.5")
+    with pytest.raises(SystemExit, match="--distill-weight does not apply"):
+        hp("resnet20_bn_jpeg", "--distill-weight", "0.5")  # no teacher to weigh
+    with pytest.raises(SystemExit, match="clip_small trains contrastively"):
+        hp("clip_small", "--teacher", "zoo:resnet20_bn_jpeg")
+
+
+def test_train_refuses_an_inapplicable_option_before_any_work():
+    out = subprocess.run([sys.executable, str(TRAIN), "vit_tiny_ln", "--image-lr", "1e-4"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "--image-lr does not apply to vit_tiny_ln" in out.stderr

@@ -13,7 +13,10 @@ weights; none on norm parameters and biases). ``vit_tiny_ln`` (a ViT from scratc
 AdamW, weight decay 0.05 (none on norms, biases and the position embedding), half
 of the tokens dropped at random in each training step (PatchDropout), and the loss
 half cross-entropy, half KL to a teacher's (``zoo:resnet20_bn_jpeg``) softmax on the
-same augmented batch (``--distill-weight``).
+same augmented batch (``--distill-weight``). Any classifier can be given a teacher
+(``--teacher zoo:NAME``, e.g. to regularise a net that fits its train split far
+better than its test split) and label smoothing (``--label-smoothing``); an option
+an entry has no use for is refused.
 
 CLIP models (``clip_small``, ``clip_base``): an open_clip ``CLIP`` whose image tower is
 a CIFAR ResNet initialised from trained weights, and a text tower trained from
@@ -507,14 +510,48 @@ def weights_sha256(name: str) -> str:
     raise ValueError(f"no weights file known for {name!r}")
 
 
-def run_inputs(entry: ZooEntry, init: str | None) -> dict[str, str]:
+def run_inputs(entry: ZooEntry, init: str | None, teacher: str | None) -> dict[str, str]:
     """The trained weights a run reads, name -> sha256: where it starts (``--init`` or
     the entry's warm start) and its teacher."""
-    names = [init or entry.warm_start, entry.teacher]
+    names = [init or entry.warm_start, teacher]
     return {name: weights_sha256(name) for name in names if name}
 
 
-def main() -> None:
+# command-line options that override an entry's default hyper-parameter of the same name
+TUNABLE = ("epochs", "lr", "batch_size", "weight_decay", "warmup_steps", "locked_epochs", "image_lr",
+           "patch_drop", "distill_weight")
+
+
+def resolve_hparams(name: str, args: argparse.Namespace) -> dict:
+    """``name``'s default hyper-parameters with the command line's overrides. An option
+    the entry has no use for (``--patch-drop`` for a ResNet) is an error rather than
+    silently ignored, since the record would then claim a recipe that never ran.
+    ``--teacher`` and ``--label-smoothing`` add to a classifier's recipe (as
+    ``teacher``, with ``distill_weight`` 0.5 unless given, and ``label_smoothing``)."""
+    entry = ZOO[name]
+    hp = dict(entry.defaults)
+    added = {"teacher": args.teacher, "label_smoothing": args.label_smoothing}
+    for key, value in added.items():
+        if value is None:
+            continue
+        if entry.clip:
+            raise SystemExit(f"--{key.replace('_', '-')}: {name} trains contrastively, not on labels")
+        hp[key] = value
+    if args.teacher is not None:
+        hp.setdefault("distill_weight", 0.5)
+    for key in TUNABLE:
+        value = getattr(args, key)
+        if value is None:
+            continue
+        if key not in hp:
+            usable = ", ".join(f"--{k.replace('_', '-')}" for k in TUNABLE if k in hp)
+            raise SystemExit(f"--{key.replace('_', '-')} does not apply to {name} (it takes {usable}"
+                             + ("" if entry.clip else ", --teacher, --label-smoothing") + ")")
+        hp[key] = value
+    return hp
+
+
+def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("name", choices=sorted(ZOO))
     parser.add_argument("--epochs", type=int, default=None)
@@ -527,6 +564,11 @@ def main() -> None:
     parser.add_argument("--patch-drop", type=float, default=None, help="ViT: fraction of tokens dropped per step")
     parser.add_argument("--distill-weight", type=float, default=None,
                         help="weight of the KL to the teacher's predictions (the rest on the labels)")
+    parser.add_argument("--teacher", default=None, metavar="MODEL",
+                        help="classifiers: distil from this tta model (e.g. zoo:resnet20_bn_jpeg) "
+                             "instead of the entry's teacher (if any)")
+    parser.add_argument("--label-smoothing", type=float, default=None,
+                        help="classifiers: label smoothing of the cross-entropy (default 0)")
     parser.add_argument("--init", default=None, metavar="zoo:NAME",
                         help="start from this zoo model's weights (a further training stage) "
                              "instead of the entry's builder")
@@ -538,15 +580,17 @@ def main() -> None:
                              "saves the resume checkpoint, skips evaluation and export")
     parser.add_argument("--restart", action="store_true", help="ignore an existing resume checkpoint")
     parser.add_argument("--no-export", action="store_true", help="evaluate but do not write checkpoints/")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = make_parser().parse_args()
 
     entry = ZOO[args.name]
-    hp = dict(entry.defaults)
-    for key in hp:
-        if getattr(args, key) is not None:
-            hp[key] = getattr(args, key)
+    hp = resolve_hparams(args.name, args)
+    teacher_name = hp.get("teacher", entry.teacher)
     previous_stages = []
-    inputs = run_inputs(entry, args.init)
+    inputs = run_inputs(entry, args.init, teacher_name)
     if args.init is not None:
         previous_stages = init_stages(args.init, entry)
         hp["init"] = args.init  # part of the hyper-parameters: a resume must start from the same weights
@@ -570,7 +614,7 @@ def main() -> None:
         # training only (PatchDropout is the identity in eval mode); no parameters, so
         # the exported state_dict is that of the plain architecture
         model.backbone.patch_drop = PatchDropout(hp["patch_drop"], num_prefix_tokens=0)
-    teacher = tta.load_model(entry.teacher).eval() if entry.teacher else None
+    teacher = tta.load_model(teacher_name).eval() if teacher_name else None
     optimizer = make_optimizer(model, entry, hp)
     scheduler = make_scheduler(optimizer, total_steps, hp["warmup_steps"])
     gen = torch.Generator().manual_seed(args.seed)
@@ -590,9 +634,9 @@ def main() -> None:
         # read when the run began: by now the manifest may already hold this stage's export
         previous_stages = ckpt.get("previous_stages", previous_stages)
         started = ckpt.get("inputs", inputs)
-        if entry.teacher and started.get(entry.teacher, inputs[entry.teacher]) != inputs[entry.teacher] \
+        if teacher_name and started.get(teacher_name, inputs[teacher_name]) != inputs[teacher_name] \
                 and epoch < hp["epochs"]:
-            raise SystemExit(f"{entry.teacher} was retrained since {resume_path} was started: "
+            raise SystemExit(f"{teacher_name} was retrained since {resume_path} was started: "
                              f"finishing with another teacher would mix two runs; pass --restart")
         inputs = started
         print(f"resumed from {resume_path}: epoch {epoch}, step {step}", flush=True)
@@ -636,7 +680,7 @@ def main() -> None:
                 loss, logits = contrastive_loss(model, xb, yb, captions, gen)
             else:
                 logits = model(xb)
-                loss = F.cross_entropy(logits, yb)
+                loss = F.cross_entropy(logits, yb, label_smoothing=hp.get("label_smoothing", 0.0))
                 if teacher is not None:
                     with torch.no_grad():
                         target = teacher(xb).softmax(1)
@@ -680,8 +724,8 @@ def main() -> None:
             hp,
             optimizer="AdamW (0.9, 0.98)" if entry.clip else
                       "AdamW (0.9, 0.999)" if entry.optimizer == "adamw" else "SGD momentum 0.9 nesterov",
-            **(dict(teacher=f"{entry.teacher} (KL to its softmax on the same augmented batch)")
-               if entry.teacher else {}),
+            **(dict(teacher=f"{teacher_name} (KL to its softmax on the same augmented batch)")
+               if teacher_name else {}),
             schedule="linear warm-up then per-step cosine to 0",
             augmentation="random crop (4 px zero pad) + horizontal flip" + (" + AugMix severity 3" if entry.augmix else ""),
             **(dict(loss="symmetric contrastive, captions of the same class (and edit) positive (UniCL); "
