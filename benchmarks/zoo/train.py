@@ -522,6 +522,11 @@ TUNABLE = ("epochs", "lr", "batch_size", "weight_decay", "warmup_steps", "locked
            "patch_drop", "distill_weight")
 
 
+def _flag(key: str) -> str:
+    """The command-line spelling of hyper-parameter ``key`` (``patch_drop`` -> ``--patch-drop``)."""
+    return "--" + key.replace("_", "-")
+
+
 def resolve_hparams(name: str, args: argparse.Namespace) -> dict:
     """``name``'s default hyper-parameters with the command line's overrides. An option
     the entry has no use for (``--patch-drop`` for a ResNet) is an error rather than
@@ -535,7 +540,7 @@ def resolve_hparams(name: str, args: argparse.Namespace) -> dict:
         if value is None:
             continue
         if entry.clip:
-            raise SystemExit(f"--{key.replace('_', '-')}: {name} trains contrastively, not on labels")
+            raise SystemExit(f"{_flag(key)}: {name} trains contrastively, not on labels")
         hp[key] = value
     if args.teacher is not None:
         hp.setdefault("distill_weight", 0.5)
@@ -544,8 +549,8 @@ def resolve_hparams(name: str, args: argparse.Namespace) -> dict:
         if value is None:
             continue
         if key not in hp:
-            usable = ", ".join(f"--{k.replace('_', '-')}" for k in TUNABLE if k in hp)
-            raise SystemExit(f"--{key.replace('_', '-')} does not apply to {name} (it takes {usable}"
+            usable = ", ".join(_flag(k) for k in TUNABLE if k in hp)
+            raise SystemExit(f"{_flag(key)} does not apply to {name} (it takes {usable}"
                              + ("" if entry.clip else ", --teacher, --label-smoothing") + ")")
         hp[key] = value
     return hp

@@ -142,12 +142,16 @@ _CIFAR_RESNET_URL = "https://github.com/akamaster/pytorch_resnet_cifar10/raw/mas
 
 
 def cifar_resnet_weights(depth: int) -> Path:
-    """Path of the pretrained checkpoint under ``$TTA_HOME/models/cifar10``,
-    downloaded there (checksum verified) if missing."""
+    """Path of the pretrained checkpoint under ``$TTA_HOME/models/cifar10``, downloaded
+    there if missing. Either way its sha256 is checked once (a cached file by this
+    function, a fresh one by :func:`tta.paths.download`); a mismatch is a ``ValueError``."""
     filename = _CIFAR_RESNET_FILES[depth]
+    expected = _CIFAR_RESNET_SHA256_PREFIX[depth]
     path = tta_home() / "models" / "cifar10" / filename
     if not path.exists():
-        download(_CIFAR_RESNET_URL + filename, path, sha256_prefix=_CIFAR_RESNET_SHA256_PREFIX[depth])
+        download(_CIFAR_RESNET_URL + filename, path, sha256_prefix=expected)
+    elif not sha256_of(path).startswith(expected):
+        raise ValueError(f"{path} is corrupted: its sha256 does not start with {expected}")
     return path
 
 
@@ -156,10 +160,6 @@ def _make_cifar_factory(depth: int) -> Callable[..., nn.Module]:
         net = CifarResNet(depth, num_classes=10)
         if weights is not None or pretrained:
             path = Path(weights) if weights is not None else cifar_resnet_weights(depth)
-            if weights is None:
-                expected = _CIFAR_RESNET_SHA256_PREFIX[depth]
-                if not sha256_of(path).startswith(expected):
-                    raise ValueError(f"{path} is corrupted: its sha256 does not start with {expected}")
             load_state_into(net, load_checkpoint(path), str(path))
         return ImageClassifier(net, 10, IMAGENET_MEAN, IMAGENET_STD, input_size=(32, 32))
 
