@@ -144,6 +144,45 @@ def test_train_options_override_add_to_or_are_refused_by_an_entry():
         hp("resnet20_bn_jpeg", "--distill-weight", "0.5")  # no teacher to weigh
     with pytest.raises(SystemExit, match="clip_small trains contrastively"):
         hp("clip_small", "--teacher", "zoo:resnet20_bn_jpeg")
+    ensemble = hp("resnet20_bn_jpeg", "--teacher", "zoo:a", "zoo:b", "--teacher-targets", "fixed")
+    assert ensemble["teacher"] == ["zoo:a", "zoo:b"] and ensemble["teacher_targets"] == "fixed"
+    assert train.teacher_names(ensemble["teacher"]) == ["zoo:a", "zoo:b"]
+    assert train.teacher_names(gn["teacher"]) == ["zoo:resnet20_bn_jpeg"]
+    assert hp("vit_tiny_ln", "--teacher-targets", "fixed")["teacher_targets"] == "fixed"  # its own teacher
+    with pytest.raises(SystemExit, match="resnet26_gn has no teacher"):
+        hp("resnet26_gn", "--teacher-targets", "fixed")
+
+
+def test_fixed_teacher_targets_are_flip_averaged_probabilities():
+    train = _train_module()
+    torch.manual_seed(0)
+    linear = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 5))
+
+    class Teacher(torch.nn.Module):
+        def forward(self, x):
+            return linear(x).softmax(1)
+
+    x = torch.randint(0, 256, (7, 3, 8, 8), dtype=torch.uint8)
+    with torch.no_grad():
+        targets = train.fixed_teacher_targets(Teacher(), x, batch_size=3)  # batches of 3, 3, 1
+        xf = x.float() / 255
+        expected = (linear(xf).softmax(1) + linear(xf.flip(3)).softmax(1)) / 2
+        assert torch.allclose(targets, expected, atol=1e-6)
+        assert torch.allclose(train.fixed_teacher_targets(Teacher(), x.flip(3)), targets, atol=1e-6)
+        assert not torch.allclose(linear(xf).softmax(1), expected, atol=1e-3)  # the flip matters
+
+
+@needs_checkpoint
+def test_mean_softmax_teacher_averages_its_members(cifar_test_images):
+    train = _train_module()
+    x = cifar_test_images[0][:16]
+    one = train.MeanSoftmax([f"zoo:{NAME}"])
+    both = train.MeanSoftmax([f"zoo:{NAME}", "cifar10_resnet20"])
+    with torch.no_grad():
+        p20 = tta.load_model("cifar10_resnet20").eval()(x).softmax(1)
+        assert torch.allclose(one(x).sum(1), torch.ones(16), atol=1e-5)
+        assert torch.allclose(both(x), (one(x) + p20) / 2, atol=1e-5)
+    assert not both(x).requires_grad  # a target, never a path for the student's gradient
 
 
 def test_train_refuses_an_inapplicable_option_before_any_work():

@@ -15,8 +15,12 @@ of the tokens dropped at random in each training step (PatchDropout), and the lo
 half cross-entropy, half KL to a teacher's (``zoo:resnet20_bn_jpeg``) softmax on the
 same augmented batch (``--distill-weight``). Any classifier can be given a teacher
 (``--teacher zoo:NAME``, e.g. to regularise a net that fits its train split far
-better than its test split) and label smoothing (``--label-smoothing``); an option
-an entry has no use for is refused.
+better than its test split; several names distil from their mean softmax) and label
+smoothing (``--label-smoothing``); an option an entry has no use for is refused.
+``--teacher-targets fixed`` computes the teacher's targets once, before training, on
+each un-augmented train image and its mirror image (averaged; cached in the work dir)
+instead of on every augmented batch: a slow or ensemble teacher then costs one pass
+over the train split instead of one per epoch, and its target is flip-invariant.
 
 CLIP models (``clip_small``, ``clip_base``): an open_clip ``CLIP`` whose image tower is
 a CIFAR ResNet initialised from trained weights, and a text tower trained from
@@ -115,6 +119,39 @@ class ZooEntry:
     optimizer: str = "sgd"  # classifiers: "sgd" or "adamw"
     teacher: str | None = None  # tta model name to distil from (its soft predictions on each batch)
     warm_start: str | None = None  # tta model name whose weights the builder starts from
+
+
+def teacher_names(teacher: str | list[str] | None) -> list[str]:
+    """The model names of a ``teacher`` hyper-parameter: one name, a list of names (an
+    ensemble), or none."""
+    if teacher is None:
+        return []
+    return [teacher] if isinstance(teacher, str) else list(teacher)
+
+
+class MeanSoftmax(nn.Module):
+    """The mean softmax of trained classifiers (a distillation target): with several,
+    an ensemble whose errors are less correlated than any one member's."""
+
+    def __init__(self, names: list[str]):
+        super().__init__()
+        self.members = nn.ModuleList(tta.load_model(name).eval() for name in names)
+
+    @torch.no_grad()
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.stack([member(x).softmax(1) for member in self.members]).mean(0)
+
+
+def fixed_teacher_targets(teacher: nn.Module, x: Tensor, batch_size: int = 500) -> Tensor:
+    """``teacher``'s probabilities on each uint8 image of ``x`` and on its mirror image,
+    averaged: one target per train image for all its augmented views. The 4-px crops
+    of the augmentation barely move a CIFAR object; the flip is averaged out, so the
+    student is not taught a left-right preference that the flip augmentation denies."""
+    out = []
+    for i in tqdm(range(0, x.shape[0], batch_size), desc="teacher targets", mininterval=5):
+        xb = x[i:i + batch_size].float().div_(255)
+        out.append((teacher(xb) + teacher(xb.flip(3))) / 2)
+    return torch.cat(out)
 
 
 def _fine_tune(start: str | None) -> nn.Module:
@@ -510,10 +547,10 @@ def weights_sha256(name: str) -> str:
     raise ValueError(f"no weights file known for {name!r}")
 
 
-def run_inputs(entry: ZooEntry, init: str | None, teacher: str | None) -> dict[str, str]:
+def run_inputs(entry: ZooEntry, init: str | None, teachers: list[str]) -> dict[str, str]:
     """The trained weights a run reads, name -> sha256: where it starts (``--init`` or
-    the entry's warm start) and its teacher."""
-    names = [init or entry.warm_start, teacher]
+    the entry's warm start) and its teachers."""
+    names = [init or entry.warm_start, *teachers]
     return {name: weights_sha256(name) for name in names if name}
 
 
@@ -532,10 +569,13 @@ def resolve_hparams(name: str, args: argparse.Namespace) -> dict:
     the entry has no use for (``--patch-drop`` for a ResNet) is an error rather than
     silently ignored, since the record would then claim a recipe that never ran.
     ``--teacher`` and ``--label-smoothing`` add to a classifier's recipe (as
-    ``teacher``, with ``distill_weight`` 0.5 unless given, and ``label_smoothing``)."""
+    ``teacher``, with ``distill_weight`` 0.5 unless given, and ``label_smoothing``);
+    ``--teacher-targets`` to that of a classifier with a teacher."""
     entry = ZOO[name]
     hp = dict(entry.defaults)
-    added = {"teacher": args.teacher, "label_smoothing": args.label_smoothing}
+    teachers = args.teacher
+    added = {"teacher": teachers[0] if teachers and len(teachers) == 1 else teachers,
+             "label_smoothing": args.label_smoothing, "teacher_targets": args.teacher_targets}
     for key, value in added.items():
         if value is None:
             continue
@@ -544,6 +584,8 @@ def resolve_hparams(name: str, args: argparse.Namespace) -> dict:
         hp[key] = value
     if args.teacher is not None:
         hp.setdefault("distill_weight", 0.5)
+    if args.teacher_targets is not None and not teacher_names(hp.get("teacher", entry.teacher)):
+        raise SystemExit(f"--teacher-targets: {name} has no teacher (give one with --teacher)")
     for key in TUNABLE:
         value = getattr(args, key)
         if value is None:
@@ -569,9 +611,12 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--patch-drop", type=float, default=None, help="ViT: fraction of tokens dropped per step")
     parser.add_argument("--distill-weight", type=float, default=None,
                         help="weight of the KL to the teacher's predictions (the rest on the labels)")
-    parser.add_argument("--teacher", default=None, metavar="MODEL",
-                        help="classifiers: distil from this tta model (e.g. zoo:resnet20_bn_jpeg) "
-                             "instead of the entry's teacher (if any)")
+    parser.add_argument("--teacher", default=None, nargs="+", metavar="MODEL",
+                        help="classifiers: distil from this tta model (e.g. zoo:resnet20_bn_jpeg), "
+                             "or from the mean softmax of several, instead of the entry's teacher (if any)")
+    parser.add_argument("--teacher-targets", default=None, choices=("batch", "fixed"),
+                        help="batch (default): the teacher's softmax on each augmented batch; fixed: "
+                             "on each un-augmented train image and its mirror, computed once")
     parser.add_argument("--label-smoothing", type=float, default=None,
                         help="classifiers: label smoothing of the cross-entropy (default 0)")
     parser.add_argument("--init", default=None, metavar="zoo:NAME",
@@ -593,9 +638,9 @@ def main() -> None:
 
     entry = ZOO[args.name]
     hp = resolve_hparams(args.name, args)
-    teacher_name = hp.get("teacher", entry.teacher)
+    teachers = teacher_names(hp.get("teacher", entry.teacher))
     previous_stages = []
-    inputs = run_inputs(entry, args.init, teacher_name)
+    inputs = run_inputs(entry, args.init, teachers)
     if args.init is not None:
         previous_stages = init_stages(args.init, entry)
         hp["init"] = args.init  # part of the hyper-parameters: a resume must start from the same weights
@@ -619,7 +664,7 @@ def main() -> None:
         # training only (PatchDropout is the identity in eval mode); no parameters, so
         # the exported state_dict is that of the plain architecture
         model.backbone.patch_drop = PatchDropout(hp["patch_drop"], num_prefix_tokens=0)
-    teacher = tta.load_model(teacher_name).eval() if teacher_name else None
+    teacher = MeanSoftmax(teachers) if teachers else None
     optimizer = make_optimizer(model, entry, hp)
     scheduler = make_scheduler(optimizer, total_steps, hp["warmup_steps"])
     gen = torch.Generator().manual_seed(args.seed)
@@ -639,10 +684,10 @@ def main() -> None:
         # read when the run began: by now the manifest may already hold this stage's export
         previous_stages = ckpt.get("previous_stages", previous_stages)
         started = ckpt.get("inputs", inputs)
-        if teacher_name and started.get(teacher_name, inputs[teacher_name]) != inputs[teacher_name] \
-                and epoch < hp["epochs"]:
-            raise SystemExit(f"{teacher_name} was retrained since {resume_path} was started: "
-                             f"finishing with another teacher would mix two runs; pass --restart")
+        for name in teachers:
+            if started.get(name, inputs[name]) != inputs[name] and epoch < hp["epochs"]:
+                raise SystemExit(f"{name} was retrained since {resume_path} was started: "
+                                 f"finishing with another teacher would mix two runs; pass --restart")
         inputs = started
         print(f"resumed from {resume_path}: epoch {epoch}, step {step}", flush=True)
 
@@ -658,6 +703,21 @@ def main() -> None:
         tmp = resume_path.with_suffix(".tmp")
         torch.save(state, tmp)
         os.replace(tmp, resume_path)
+
+    targets = None
+    if teacher is not None and hp.get("teacher_targets") == "fixed" and epoch < hp["epochs"]:
+        # cached: for an ensemble teacher this pass takes as long as a few epochs
+        cache = work_dir / "teacher_targets.pt"
+        teacher_inputs = {name: inputs[name] for name in teachers}
+        cached = torch.load(cache, map_location="cpu", weights_only=True) if cache.exists() else {}
+        if cached.get("inputs") == teacher_inputs and cached["targets"].shape[0] == x_train.shape[0]:
+            targets = cached["targets"]
+        else:
+            t_targets = time.perf_counter()
+            targets = fixed_teacher_targets(teacher, x_train)
+            torch.save(dict(inputs=teacher_inputs, targets=targets), cache)
+            print(f"teacher targets: {time.perf_counter() - t_targets:.0f} s, train accuracy "
+                  f"{100 * (targets.argmax(1) == y_train).float().mean():.2f}%", flush=True)
 
     print(f"{args.name}: {hp}, {steps_per_epoch} steps/epoch, {args.threads} threads", flush=True)
     stopped = False
@@ -687,8 +747,7 @@ def main() -> None:
                 logits = model(xb)
                 loss = F.cross_entropy(logits, yb, label_smoothing=hp.get("label_smoothing", 0.0))
                 if teacher is not None:
-                    with torch.no_grad():
-                        target = teacher(xb).softmax(1)
+                    target = targets[idx] if targets is not None else teacher(xb)
                     kl = F.kl_div(logits.log_softmax(1), target, reduction="batchmean")
                     loss = (1 - hp["distill_weight"]) * loss + hp["distill_weight"] * kl
             optimizer.zero_grad(set_to_none=True)
@@ -729,8 +788,11 @@ def main() -> None:
             hp,
             optimizer="AdamW (0.9, 0.98)" if entry.clip else
                       "AdamW (0.9, 0.999)" if entry.optimizer == "adamw" else "SGD momentum 0.9 nesterov",
-            **(dict(teacher=f"{teacher_name} (KL to its softmax on the same augmented batch)")
-               if teacher_name else {}),
+            **(dict(teacher=" + ".join(teachers) + (" (mean softmax)" if len(teachers) > 1 else "")
+                    + (" (KL to its softmax on the un-augmented image and its mirror, averaged, computed once)"
+                       if hp.get("teacher_targets") == "fixed" else
+                       " (KL to its softmax on the same augmented batch)"))
+               if teachers else {}),
             schedule="linear warm-up then per-step cosine to 0",
             augmentation="random crop (4 px zero pad) + horizontal flip" + (" + AugMix severity 3" if entry.augmix else ""),
             **(dict(loss="symmetric contrastive, captions of the same class (and edit) positive (UniCL); "
