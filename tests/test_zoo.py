@@ -185,6 +185,31 @@ def test_mean_softmax_teacher_averages_its_members(cifar_test_images):
     assert not both(x).requires_grad  # a target, never a path for the student's gradient
 
 
+ENSEMBLE = TRAIN.parent / "ensemble.py"
+
+
+def test_ensemble_table_scores_every_subset_alone_and_flip_averaged():
+    spec = importlib.util.spec_from_file_location("zoo_ensemble", ENSEMBLE)
+    ensemble = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ensemble)
+    y = torch.tensor([0, 1, 0, 1])
+    t = torch.tensor
+    table = {  # name -> (softmax on the images, softmax on their mirror images)
+        "a": (t([[.9, .1], [.1, .9], [.4, .6], [.6, .4]]),) * 2,  # right on images 0 and 1
+        "b": (t([[.3, .7], [.7, .3], [.8, .2], [.6, .4]]),  # right on image 2 ...
+              t([[.3, .7], [.7, .3], [.8, .2], [.1, .9]])),  # ... and on image 3's mirror
+        "c": (t([[.55, .45]] * 4),) * 2,  # always class 0
+    }
+    rows = {names: (alone, flipped) for names, alone, flipped in ensemble.ensemble_table(table, y)}
+    assert list(rows)[:3] == [("a",), ("b",), ("c",)] and len(rows) == 7
+    assert rows[("a",)] == (50.0, 50.0)
+    assert rows[("b",)] == (25.0, 50.0)
+    assert rows[("c",)] == (50.0, 50.0)
+    assert rows[("a", "b")] == (75.0, 100.0)  # image 3: a [.6, .4] with b's flip average [.35, .65]
+    md = ensemble.markdown(ensemble.ensemble_table(table, y))
+    assert "| `a` + `b` |" in md and "| all 3 |" in md and md.count("\n") == 8
+
+
 def test_train_refuses_an_inapplicable_option_before_any_work():
     out = subprocess.run([sys.executable, str(TRAIN), "vit_tiny_ln", "--image-lr", "1e-4"],
                          capture_output=True, text=True, timeout=120)
