@@ -138,8 +138,9 @@ def test_train_options_override_add_to_or_are_refused_by_an_entry():
     assert gn["teacher"] == "zoo:resnet20_bn_jpeg" and gn["distill_weight"] == 0.5
     assert gn["label_smoothing"] == 0.1
     assert hp("resnet26_gn", "--teacher", "zoo:x", "--distill-weight", "0.8")["distill_weight"] == 0.8
-    with pytest.raises(SystemExit, match="--patch-drop does not apply to resnet26_gn"):
+    with pytest.raises(SystemExit, match="--patch-drop does not apply to resnet26_gn") as refused:
         hp("resnet26_gn", "--patch-drop", "0.5")
+    assert "--teacher, --teacher-targets, --label-smoothing" in str(refused.value)  # what it does take
     with pytest.raises(SystemExit, match="--distill-weight does not apply"):
         hp("resnet20_bn_jpeg", "--distill-weight", "0.5")  # no teacher to weigh
     with pytest.raises(SystemExit, match="clip_small trains contrastively"):
@@ -214,3 +215,66 @@ def test_train_refuses_an_inapplicable_option_before_any_work():
     out = subprocess.run([sys.executable, str(TRAIN), "vit_tiny_ln", "--image-lr", "1e-4"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "--image-lr does not apply to vit_tiny_ln" in out.stderr
+
+
+def test_swa_schedule_holds_its_lr_after_the_cosine():
+    train = _train_module()
+
+    def lrs(total: int, warmup: int, **kw) -> list[float]:
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        sched = train.make_scheduler(opt, total, warmup, **kw)
+        out = []
+        for _ in range(total):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return out
+
+    plain = lrs(20, 4)
+    assert plain[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0]) and plain[-1] < 0.01  # warm-up, cosine to 0
+    swa = lrs(20, 4, hold_from=12, hold=0.3)
+    assert swa[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert all(a > b for a, b in zip(swa[4:12], swa[5:12])) and swa[11] > 0.3  # cosine down towards 0.3 ...
+    assert swa[12:] == pytest.approx([0.3] * 8)  # ... held there while the weights are averaged
+    assert lrs(10, 4, hold_from=0, hold=0.5)[:5] == pytest.approx([0.125, 0.25, 0.375, 0.5, 0.5])
+
+
+def test_swa_model_is_the_mean_of_its_snapshots_with_fresh_batchnorm_statistics():
+    train = _train_module()
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
+    average = train.AveragedModel(net)
+    snapshots = []
+    for _ in range(3):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p))
+        snapshots.append([p.detach().clone() for p in net.parameters()])
+        average.update_parameters(net)
+    batches = [torch.randn(8, 3, 5, 5) * 2 + 1 for _ in range(3)]
+    model = train.swa_model(average, batches)
+    for p, *seen in zip(model.parameters(), *snapshots):
+        torch.testing.assert_close(p, torch.stack(seen).mean(0))
+    assert not model.training
+    with torch.no_grad():
+        features = [model[0](b) for b in batches]  # the averaged conv's output on each batch
+    # an equal-weight mean over the batches, of their means and their (unbiased) variances
+    torch.testing.assert_close(model[1].running_mean, torch.stack([f.mean((0, 2, 3)) for f in features]).mean(0))
+    torch.testing.assert_close(model[1].running_var, torch.stack([f.var((0, 2, 3)) for f in features]).mean(0))
+
+
+def test_swa_options_are_checked_and_default_to_half_the_lr():
+    train = _train_module()
+
+    def hp(*argv: str) -> dict:
+        return train.resolve_hparams(argv[0], train.make_parser().parse_args(argv))
+
+    swa = hp("resnet20_bn_jpeg", "--epochs", "12", "--lr", "0.04", "--swa-epochs", "12")
+    assert swa["swa_epochs"] == 12 and swa["swa_lr"] == 0.02
+    assert hp("resnet26_gn", "--swa-epochs", "3", "--swa-lr", "0.01")["swa_lr"] == 0.01
+    with pytest.raises(SystemExit, match="give --swa-epochs too"):
+        hp("resnet20_bn_jpeg", "--swa-lr", "0.01")
+    with pytest.raises(SystemExit, match="between 1 and the run's 10 epochs"):
+        hp("resnet20_bn_jpeg", "--swa-epochs", "11")
+    with pytest.raises(SystemExit, match="clip_base trains contrastively"):
+        hp("clip_base", "--swa-epochs", "2")

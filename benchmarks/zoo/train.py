@@ -21,6 +21,10 @@ smoothing (``--label-smoothing``); an option an entry has no use for is refused.
 each un-augmented train image and its mirror image (averaged; cached in the work dir)
 instead of on every augmented batch: a slow or ensemble teacher then costs one pass
 over the train split instead of one per epoch, and its target is flip-invariant.
+``--swa-epochs N`` (stochastic weight averaging, Izmailov et al. 2018) holds the
+learning rate at ``--swa-lr`` for the last N epochs, averages the weights reached at
+the end of each, recomputes the BatchNorm statistics of that average on one pass
+over the train split, and evaluates and exports the average.
 
 CLIP models (``clip_small``, ``clip_base``): an open_clip ``CLIP`` whose image tower is
 a CIFAR ResNet initialised from trained weights, and a text tower trained from
@@ -81,11 +85,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel, update_bn
 from tqdm import tqdm
 
 HERE = Path(__file__).resolve().parent
@@ -366,16 +371,37 @@ def export(name: str, entry: ZooEntry, model: nn.Module, record: dict) -> Path:
 # ----------------------------------------------------------------------------------
 
 
-def make_scheduler(optimizer, total_steps: int, warmup_steps: int):
+def make_scheduler(optimizer, total_steps: int, warmup_steps: int, hold_from: int | None = None,
+                   hold: float = 0.0):
+    """Per-step learning-rate factor: linear warm-up over ``warmup_steps``, then cosine
+    decay from 1 to ``hold`` by step ``hold_from`` (default: the last step), then
+    ``hold`` to the end: SWA's constant phase, whose weights are averaged. A warm-up
+    that reaches past ``hold_from`` ramps up to ``hold``, not to 1."""
     warmup_steps = min(warmup_steps, max(total_steps - 1, 0))
+    end = total_steps if hold_from is None else hold_from
+
+    def base(step: int) -> float:
+        if step >= end:
+            return hold
+        t = (step - warmup_steps) / max(1, end - warmup_steps)
+        return hold + (1.0 - hold) * 0.5 * (1.0 + math.cos(math.pi * min(max(t, 0.0), 1.0)))
 
     def factor(step: int) -> float:
         if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0)))
+            return (step + 1) / warmup_steps * base(warmup_steps)
+        return base(step)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def swa_model(average: AveragedModel, batches: Iterable[Tensor]) -> nn.Module:
+    """The weight average of an SWA run, ready to evaluate: the mean of the snapshots
+    ``average`` collected, with BatchNorm running statistics recomputed on
+    ``batches``, since the running statistics of no snapshot belong to the averaged
+    weights (Izmailov et al. 2018). A net without BatchNorm (GN, LN) is unaffected."""
+    model = average.module
+    update_bn(batches, model)
+    return model.eval()
 
 
 def _gray(x: Tensor, g: torch.Generator) -> Tensor:
@@ -570,12 +596,14 @@ def resolve_hparams(name: str, args: argparse.Namespace) -> dict:
     silently ignored, since the record would then claim a recipe that never ran.
     ``--teacher`` and ``--label-smoothing`` add to a classifier's recipe (as
     ``teacher``, with ``distill_weight`` 0.5 unless given, and ``label_smoothing``);
-    ``--teacher-targets`` to that of a classifier with a teacher."""
+    ``--teacher-targets`` to that of a classifier with a teacher; ``--swa-epochs`` (with
+    ``swa_lr`` half the peak lr unless given) to any classifier's."""
     entry = ZOO[name]
     hp = dict(entry.defaults)
     teachers = args.teacher
     added = {"teacher": teachers[0] if teachers and len(teachers) == 1 else teachers,
-             "label_smoothing": args.label_smoothing, "teacher_targets": args.teacher_targets}
+             "label_smoothing": args.label_smoothing, "teacher_targets": args.teacher_targets,
+             "swa_epochs": args.swa_epochs, "swa_lr": args.swa_lr}
     for key, value in added.items():
         if value is None:
             continue
@@ -593,8 +621,15 @@ def resolve_hparams(name: str, args: argparse.Namespace) -> dict:
         if key not in hp:
             usable = ", ".join(_flag(k) for k in TUNABLE if k in hp)
             raise SystemExit(f"{_flag(key)} does not apply to {name} (it takes {usable}"
-                             + ("" if entry.clip else ", --teacher, --label-smoothing") + ")")
+                             + ("" if entry.clip else ", --teacher, --teacher-targets, --label-smoothing, "
+                                                      "--swa-epochs, --swa-lr") + ")")
         hp[key] = value
+    if "swa_lr" in hp and "swa_epochs" not in hp:
+        raise SystemExit("--swa-lr: give --swa-epochs too (how many of the last epochs to average)")
+    if "swa_epochs" in hp:
+        if not 1 <= hp["swa_epochs"] <= hp["epochs"]:
+            raise SystemExit(f"--swa-epochs {hp['swa_epochs']}: must be between 1 and the run's {hp['epochs']} epochs")
+        hp.setdefault("swa_lr", hp["lr"] / 2)  # the SWA paper's constant lr on CIFAR, half the initial one
     return hp
 
 
@@ -619,6 +654,12 @@ def make_parser() -> argparse.ArgumentParser:
                              "on each un-augmented train image and its mirror, computed once")
     parser.add_argument("--label-smoothing", type=float, default=None,
                         help="classifiers: label smoothing of the cross-entropy (default 0)")
+    parser.add_argument("--swa-epochs", type=int, default=None, metavar="N",
+                        help="classifiers: stochastic weight averaging: the last N epochs run at the "
+                             "constant --swa-lr and the model exported is the average of their weights "
+                             "(BatchNorm statistics recomputed)")
+    parser.add_argument("--swa-lr", type=float, default=None,
+                        help="the constant learning rate of the SWA epochs (default: half of --lr)")
     parser.add_argument("--init", default=None, metavar="zoo:NAME",
                         help="start from this zoo model's weights (a further training stage) "
                              "instead of the entry's builder")
@@ -666,7 +707,14 @@ def main() -> None:
         model.backbone.patch_drop = PatchDropout(hp["patch_drop"], num_prefix_tokens=0)
     teacher = MeanSoftmax(teachers) if teachers else None
     optimizer = make_optimizer(model, entry, hp)
-    scheduler = make_scheduler(optimizer, total_steps, hp["warmup_steps"])
+    swa_epochs = hp.get("swa_epochs", 0)
+    swa_start = hp["epochs"] - swa_epochs  # epochs before the averaged ones
+    if swa_epochs:
+        scheduler = make_scheduler(optimizer, total_steps, hp["warmup_steps"],
+                                   hold_from=swa_start * steps_per_epoch, hold=hp["swa_lr"] / hp["lr"])
+    else:
+        scheduler = make_scheduler(optimizer, total_steps, hp["warmup_steps"])
+    average = AveragedModel(model) if swa_epochs else None
     gen = torch.Generator().manual_seed(args.seed)
 
     epoch, step, train_seconds, ckpt = 0, 0, 0.0, {}
@@ -681,6 +729,8 @@ def main() -> None:
         gen.set_state(ckpt["generator"])
         torch.set_rng_state(ckpt["torch_rng"])
         epoch, step, train_seconds = ckpt["epoch"], ckpt["step"], ckpt["train_seconds"]
+        if average is not None:
+            average.load_state_dict(ckpt["swa"])
         # read when the run began: by now the manifest may already hold this stage's export
         previous_stages = ckpt.get("previous_stages", previous_stages)
         started = ckpt.get("inputs", inputs)
@@ -700,6 +750,8 @@ def main() -> None:
         )
         if perm is not None:
             state["perm"] = perm
+        if average is not None:
+            state["swa"] = average.state_dict()
         tmp = resume_path.with_suffix(".tmp")
         torch.save(state, tmp)
         os.replace(tmp, resume_path)
@@ -772,12 +824,25 @@ def main() -> None:
                   f"s/step, ~{elapsed / max(1, seen) * x_train.shape[0] / 60:.1f} min/epoch", flush=True)
             break
         epoch += 1
+        if average is not None and epoch > swa_start:
+            average.update_parameters(model)
         save_resume(epoch, step)
         print(f"epoch {epoch}: train loss {loss_sum / max(1, seen):.4f}, train acc "
               f"{100 * correct / max(1, seen):.2f}%, {elapsed:.0f} s", flush=True)
     if stopped:
         print("not evaluating or exporting: --max-steps run", flush=True)
         return
+
+    if average is not None:
+        t_bn = time.perf_counter()
+        bn_gen = torch.Generator().manual_seed(args.seed)
+        order = torch.randperm(x_train.shape[0], generator=bn_gen)
+        batches = (augment(x_train[order[i:i + hp["batch_size"]]], bn_gen)
+                   for i in range(0, x_train.shape[0], hp["batch_size"]))
+        model = swa_model(average, tqdm(batches, desc="SWA: BatchNorm statistics", mininterval=5,
+                                        total=math.ceil(x_train.shape[0] / hp["batch_size"])))
+        print(f"averaged the weights of the last {int(average.n_averaged)} epochs "
+              f"({time.perf_counter() - t_bn:.0f} s for the BatchNorm statistics)", flush=True)
 
     t_eval = time.perf_counter()
     metrics = evaluate(model, args.seed)
@@ -793,7 +858,10 @@ def main() -> None:
                        if hp.get("teacher_targets") == "fixed" else
                        " (KL to its softmax on the same augmented batch)"))
                if teachers else {}),
-            schedule="linear warm-up then per-step cosine to 0",
+            schedule=(f"linear warm-up, per-step cosine to swa_lr by epoch {swa_start}, then constant swa_lr; "
+                      f"exported: the mean of the weights at the end of each of the last {swa_epochs} epochs "
+                      "(SWA), BatchNorm statistics recomputed on one augmented pass over the train split"
+                      if swa_epochs else "linear warm-up then per-step cosine to 0"),
             augmentation="random crop (4 px zero pad) + horizontal flip" + (" + AugMix severity 3" if entry.augmix else ""),
             **(dict(loss="symmetric contrastive, captions of the same class (and edit) positive (UniCL); "
                           "captions: CIFAR-10 class names x CLIP's 80 templates"
