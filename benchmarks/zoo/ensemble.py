@@ -26,20 +26,14 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import tta  # noqa: E402
-from train import cpu_model, decode_split  # noqa: E402
+from train import cpu_model, decode_split, on_image_and_mirror  # noqa: E402
 
 DEFAULT_MODELS = ("zoo:resnet20_bn_jpeg", "zoo:resnet26_gn", "zoo:vit_tiny_ln")
 
 
-@torch.no_grad()
 def softmax_and_mirror(model: nn.Module, x: Tensor, batch_size: int = 500) -> tuple[Tensor, Tensor]:
     """``model``'s probabilities on each uint8 image of ``x`` and on its mirror image."""
-    plain, mirror = [], []
-    for i in range(0, x.shape[0], batch_size):
-        xb = x[i:i + batch_size].float().div_(255)
-        plain.append(model(xb).softmax(1))
-        mirror.append(model(xb.flip(3)).softmax(1))
-    return torch.cat(plain), torch.cat(mirror)
+    return on_image_and_mirror(lambda xb: model(xb).softmax(1), x, batch_size)
 
 
 def ensemble_table(probs: dict[str, tuple[Tensor, Tensor]], y: Tensor) -> list[tuple[tuple[str, ...], float, float]]:

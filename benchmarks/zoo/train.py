@@ -147,16 +147,26 @@ class MeanSoftmax(nn.Module):
         return torch.stack([member(x).softmax(1) for member in self.members]).mean(0)
 
 
+@torch.no_grad()
+def on_image_and_mirror(fn: Callable[[Tensor], Tensor], x: Tensor, batch_size: int = 500,
+                        desc: str | None = None) -> tuple[Tensor, Tensor]:
+    """``fn`` on each uint8 image of ``x`` (as float RGB in [0, 1]) and on its mirror
+    image, in batches: the two outputs, concatenated over ``x``."""
+    plain, mirror = [], []
+    for i in tqdm(range(0, x.shape[0], batch_size), desc=desc, mininterval=5, disable=desc is None):
+        xb = x[i:i + batch_size].float().div_(255)
+        plain.append(fn(xb))
+        mirror.append(fn(xb.flip(3)))
+    return torch.cat(plain), torch.cat(mirror)
+
+
 def fixed_teacher_targets(teacher: nn.Module, x: Tensor, batch_size: int = 500) -> Tensor:
     """``teacher``'s probabilities on each uint8 image of ``x`` and on its mirror image,
     averaged: one target per train image for all its augmented views. The 4-px crops
     of the augmentation barely move a CIFAR object; the flip is averaged out, so the
     student is not taught a left-right preference that the flip augmentation denies."""
-    out = []
-    for i in tqdm(range(0, x.shape[0], batch_size), desc="teacher targets", mininterval=5):
-        xb = x[i:i + batch_size].float().div_(255)
-        out.append((teacher(xb) + teacher(xb.flip(3))) / 2)
-    return torch.cat(out)
+    plain, mirror = on_image_and_mirror(teacher, x, batch_size, desc="teacher targets")
+    return (plain + mirror) / 2
 
 
 def _fine_tune(start: str | None) -> nn.Module:
@@ -602,7 +612,7 @@ def resolve_hparams(name: str, args: argparse.Namespace) -> dict:
     hp = dict(entry.defaults)
     teachers = args.teacher
     added = {"teacher": teachers[0] if teachers and len(teachers) == 1 else teachers,
-             "label_smoothing": args.label_smoothing, "teacher_targets": args.teacher_targets,
+             "teacher_targets": args.teacher_targets, "label_smoothing": args.label_smoothing,
              "swa_epochs": args.swa_epochs, "swa_lr": args.swa_lr}
     for key, value in added.items():
         if value is None:
@@ -621,8 +631,7 @@ def resolve_hparams(name: str, args: argparse.Namespace) -> dict:
         if key not in hp:
             usable = ", ".join(_flag(k) for k in TUNABLE if k in hp)
             raise SystemExit(f"{_flag(key)} does not apply to {name} (it takes {usable}"
-                             + ("" if entry.clip else ", --teacher, --teacher-targets, --label-smoothing, "
-                                                      "--swa-epochs, --swa-lr") + ")")
+                             + ("" if entry.clip else "".join(f", {_flag(k)}" for k in added)) + ")")
         hp[key] = value
     if "swa_lr" in hp and "swa_epochs" not in hp:
         raise SystemExit("--swa-lr: give --swa-epochs too (how many of the last epochs to average)")
@@ -709,11 +718,9 @@ def main() -> None:
     optimizer = make_optimizer(model, entry, hp)
     swa_epochs = hp.get("swa_epochs", 0)
     swa_start = hp["epochs"] - swa_epochs  # epochs before the averaged ones
-    if swa_epochs:
-        scheduler = make_scheduler(optimizer, total_steps, hp["warmup_steps"],
-                                   hold_from=swa_start * steps_per_epoch, hold=hp["swa_lr"] / hp["lr"])
-    else:
-        scheduler = make_scheduler(optimizer, total_steps, hp["warmup_steps"])
+    # without SWA: hold from the last step at 0, i.e. plain cosine to 0
+    scheduler = make_scheduler(optimizer, total_steps, hp["warmup_steps"], hold_from=swa_start * steps_per_epoch,
+                               hold=hp.get("swa_lr", 0.0) / hp["lr"])
     average = AveragedModel(model) if swa_epochs else None
     gen = torch.Generator().manual_seed(args.seed)
 
