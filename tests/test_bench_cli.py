@@ -275,15 +275,28 @@ main()
 """
 
 
-@needs_cifar
-def test_killed_run_resumes_from_checkpoint_with_the_same_numbers(tmp_path: Path) -> None:
-    # DeYO draws random patch permutations: the RNG state must come back too.
-    args = ["method=deyo", "data.corruptions=[contrast,pixelate]", "data.num_images=48", "run.batch_size=8",
-            "run.device=cpu", "run.progress=false", "run.plot=false", "run.num_threads=1",
-            "run.checkpoint_every=2"]
-    _cli([*args, "run.out_dir=straight"], tmp_path)
-    (reference,) = (tmp_path / "straight").rglob("results.json")
+_RESUME_ARGS = ["method=deyo", "data.corruptions=[contrast,pixelate]", "data.num_images=48", "run.batch_size=8",
+                "run.device=cpu", "run.progress=false", "run.plot=false", "run.num_threads=1",
+                "run.checkpoint_every=2"]
 
+
+@pytest.fixture(scope="module")
+def uninterrupted_deyo(tmp_path_factory) -> dict:
+    """results.json of the resume tests' run, straight through on the tensor cache."""
+    where = tmp_path_factory.mktemp("straight")
+    _cli([*_RESUME_ARGS, "run.out_dir=straight"], where)
+    (reference,) = (where / "straight").rglob("results.json")
+    return json.loads(reference.read_text())
+
+
+@needs_cifar
+@pytest.mark.parametrize("loader", ["tensor_cache", "dataloader"])
+def test_killed_run_resumes_from_checkpoint_with_the_same_numbers(tmp_path: Path, uninterrupted_deyo,
+                                                                  loader: str) -> None:
+    # DeYO draws random patch permutations: the RNG state must come back too, and
+    # the DataLoader path (data.cache_mb=0, what sets over the cache size take)
+    # must neither draw from it nor give numbers other than the tensor cache's.
+    args = _RESUME_ARGS + (["data.cache_mb=0", "data.num_workers=1"] if loader == "dataloader" else [])
     env = dict(os.environ, TTA_HOME=str(tta.tta_home()), OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-c", _SLOW_BENCH, *args, "run.out_dir=killed"], cwd=tmp_path,
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -306,8 +319,10 @@ def test_killed_run_resumes_from_checkpoint_with_the_same_numbers(tmp_path: Path
     _cli([*args, "run.out_dir=killed"], tmp_path)
     (resumed,) = (tmp_path / "killed").rglob("results.json")
     assert not list((tmp_path / "killed").rglob("checkpoint.pt"))
-    ref, res = json.loads(reference.read_text()), json.loads(resumed.read_text())
+    ref, res = uninterrupted_deyo, json.loads(resumed.read_text())
+    assert res["loader"] == loader and ref["loader"] == "tensor_cache"
     assert res["resumed_at_batch"] >= 4 and ref["resumed_at_batch"] is None
+    assert res["config_hash"] == ref["config_hash"]
     assert res["error"] == ref["error"] and res["ece"] == ref["ece"]
     for key in ("error", "loss", "num_selected"):
         assert res["steps"][key] == ref["steps"][key], key

@@ -229,7 +229,7 @@ def _run(plain: dict[str, Any], chash: str, out: Path, hydra_info: Mapping[str, 
     batch_size = int(run["batch_size"])
     stream = build_stream(domains, scenario, batch_size, seed, num_classes or model_classes)
     loader = BatchLoader(stream, device, cache_mb=float(data.get("cache_mb", 4096)),
-                         num_workers=int(data.get("num_workers") or 0))
+                         num_workers=int(data.get("num_workers") or 0), seed=seed)
 
     name, overrides = method_overrides(mcfg)
     if "fisher_loader" in tta.method_defaults(name) and float(mcfg.get("fisher_alpha") or 0) > 0:

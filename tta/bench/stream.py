@@ -182,11 +182,18 @@ class BatchLoader:
     set), kept on the device when it is a GPU; each batch is then one
     ``index_select``. Larger sets stream through a DataLoader with ``num_workers``
     processes and pinned memory.
+
+    Neither path draws from torch's global RNG, so a method that does (e.g. DeYO's
+    patch shuffle) sees the same random numbers on both, and a run resumed from a
+    checkpoint (which restores the global RNG state) continues where it stopped:
+    the DataLoader gets its own generator, seeded from ``seed``, for the base seed
+    it draws per iterator (it would take it from the global RNG otherwise).
     """
 
     def __init__(self, stream: Stream, device: torch.device, *, cache_mb: float = 4096,
-                 num_workers: int = 0) -> None:
+                 num_workers: int = 0, seed: int = 0) -> None:
         self.stream, self.device, self.num_workers = stream, torch.device(device), int(num_workers)
+        self.seed = int(seed)
         self.labels = torch.from_numpy(stream.labels)
         # Unique (pool, row) pairs the stream touches, numbered in first-use order.
         self._needed: dict[str, tuple[ImagePool, list[int]]] = {}
@@ -252,6 +259,8 @@ class BatchLoader:
             pin_memory=self.device.type == "cuda",
             prefetch_factor=4 if self.num_workers > 0 else None,
             multiprocessing_context=_worker_context() if self.num_workers > 0 else None,
+            # Workers' seeds come from here, not from the global RNG (see the class doc).
+            generator=torch.Generator().manual_seed(seed_for(self.seed, 4, start)),
         )
         for b, (x, y, _) in enumerate(loader, start):
             s, e = stream.batches[b]
