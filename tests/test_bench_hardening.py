@@ -10,6 +10,7 @@ JPEGs into a temporary folder (the shared folder is never written).
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -121,3 +122,172 @@ def test_deyo_gives_the_same_numbers_on_both_loader_paths_and_after_resume(tmp_p
         assert res["resumed_at_batch"] == 2, name
         _same_numbers(res, ref)
         assert all(torch.equal(p, q) for p, q in zip(head + tail, ref_logits)), name
+
+
+# ----------------------------------------------------------------------------------
+# 2. Bad image files: refused before streaming (every path named), or skipped
+# ----------------------------------------------------------------------------------
+
+#: Each kind of bad file, and what the refusal says about it.
+BAD_KINDS = {
+    "not_an_image": "not an image",
+    "empty": "empty (0 bytes)",
+    "truncated_jpeg": "truncated JPEG",
+    "truncated_png": "truncated PNG",
+    "folder": "is a directory",
+    "broken_symlink": "broken symlink",
+}
+
+
+def _copy_cifar_like(root: Path, per_class: int = 2) -> list[Path]:
+    """An ImageFolder laid out like $TTA_HOME/data/cifar10/test (10 class folders
+    of JPEGs), with ``per_class`` of the shared images copied into each."""
+    copied = []
+    for cls in sorted(p.name for p in CIFAR_TEST.iterdir() if p.is_dir()):
+        (root / cls).mkdir(parents=True)
+        for f in sorted((CIFAR_TEST / cls).glob("*.jpg"))[:per_class]:
+            copied.append(Path(shutil.copy(f, root / cls / f.name)))
+    return copied
+
+
+def _make_bad(path: Path, kind: str, good_jpeg: Path) -> Path:
+    from PIL import Image
+
+    data = good_jpeg.read_bytes()
+    if kind == "not_an_image":
+        path.write_text("class,label\ncat,3\n")
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "truncated_jpeg":
+        path.write_bytes(data[: len(data) // 2])
+    elif kind == "truncated_png":
+        path = path.with_suffix(".png")
+        Image.open(good_jpeg).save(path)
+        path.write_bytes(path.read_bytes()[:-20])
+    elif kind == "folder":
+        path.mkdir()
+    elif kind == "broken_symlink":
+        path.symlink_to(path.parent / "gone.jpg")
+    return path
+
+
+@pytest.fixture
+def folder_with_bad_files(tmp_path) -> tuple[Path, list[Path], list[Path]]:
+    root = tmp_path / "cifar10" / "test"
+    good = _copy_cifar_like(root)
+    bad = [_make_bad(root / ("cat", "dog", "frog")[i % 3] / f"bad_{kind}.jpg", kind, good[i])
+           for i, kind in enumerate(BAD_KINDS)]
+    return root, good, bad
+
+
+@needs_cifar
+@pytest.mark.parametrize("kind", list(BAD_KINDS))
+def test_check_image_file_names_each_kind_of_bad_file(tmp_path, kind) -> None:
+    from tta.bench.sources import check_image_file
+
+    good = Path(shutil.copy(sorted(CIFAR_TEST.glob("*/*.jpg"))[0], tmp_path / "good.jpg"))
+    assert check_image_file(good) is None
+    bad = _make_bad(tmp_path / "bad.jpg", kind, good)
+    assert BAD_KINDS[kind] in (check_image_file(bad) or "")
+
+
+@needs_cifar
+def test_check_image_file_accepts_padding_and_other_formats(tmp_path) -> None:
+    from PIL import Image
+
+    from tta.bench.sources import check_image_file
+
+    good = Path(shutil.copy(sorted(CIFAR_TEST.glob("*/*.jpg"))[0], tmp_path / "good.jpg"))
+    padded = tmp_path / "padded.jpg"
+    padded.write_bytes(good.read_bytes() + b"\x00" * 300)
+    png, bmp = tmp_path / "a.png", tmp_path / "a.bmp"
+    Image.open(good).save(png)
+    Image.open(good).save(bmp)
+    assert [check_image_file(p) for p in (padded, png, bmp)] == [None, None, None]
+    bmp.write_bytes(bmp.read_bytes()[:-100])
+    assert "truncated BMP" in check_image_file(bmp)
+
+
+@needs_cifar
+def test_bad_files_refuse_the_run_before_streaming_naming_every_one(folder_with_bad_files, tmp_path,
+                                                                    monkeypatch) -> None:
+    from tta.bench.sources import ImageFileError
+
+    root, _, bad = folder_with_bad_files
+    steps = []
+    monkeypatch.setattr(methods_base.TTAMethod, "forward", lambda self, x: steps.append(1))
+    for loader in ([], DATALOADER):
+        cfg = compose_config([*TINY, "method=source", f"data.root={root}", "data.num_images=null", *loader])
+        with pytest.raises(ImageFileError) as err:
+            run_benchmark(cfg, tmp_path / "out")
+        message = str(err.value)
+        for path, kind in zip(bad, BAD_KINDS):
+            assert f"{path}: " in message and BAD_KINDS[kind] in message, kind
+        assert "data.skip_bad_files=true" in message
+    assert steps == [] and not (tmp_path / "out").exists()
+
+
+@needs_cifar
+def test_skip_bad_files_leaves_them_out_and_counts_them(folder_with_bad_files, tmp_path) -> None:
+    root, good, bad = folder_with_bad_files
+    base = [*TINY, "method=source", f"data.root={root}", "data.skip_bad_files=true"]
+    res = run_benchmark(compose_config([*base, "data.num_images=null"]), tmp_path / "all")
+    assert res["num_bad_files"] == len(bad) and res["num_images"] == 2 * len(good)
+    assert sorted(b["path"] for b in res["bad_files"]) == sorted(map(str, bad))
+    saved = json.loads((tmp_path / "all" / "results.json").read_text())
+    assert saved["num_bad_files"] == len(bad) and len(saved["bad_files"]) == len(bad)
+    # A subset keeps its size: bad files are replaced by the next ones of the seeded order.
+    res = run_benchmark(compose_config([*base, f"data.num_images={len(good)}"]), tmp_path / "subset")
+    assert res["num_images"] == 2 * len(good) and res["num_bad_files"] >= 1
+    # Results that left files out are not reused by a run that refuses bad files.
+    from tta.bench.sources import ImageFileError
+
+    with pytest.raises(ImageFileError):
+        run_benchmark(compose_config([*TINY, "method=source", f"data.root={root}", "data.num_images=null",
+                                      "run.skip_existing=true"]), tmp_path / "all")
+
+
+@needs_cifar
+def test_bad_files_of_every_imagenet_c_domain_and_of_the_source_images_are_named(tmp_path) -> None:
+    from tta.bench.sources import ImageFileError, load_source_images
+
+    root = tmp_path / "ImageNet-C"
+    bad = []
+    for i, corruption in enumerate(("fog", "contrast")):
+        folder = root / corruption / "5" / "n01440764"
+        folder.mkdir(parents=True)
+        for f in sorted(CIFAR_TEST.glob("airplane/*.jpg"))[:3]:
+            shutil.copy(f, folder / f.name)
+        bad.append(_make_bad(folder / "x.JPEG", ("empty", "truncated_jpeg")[i], folder / f.name))
+    data = {"kind": "imagenet_c", "root": str(root), "corruptions": ["fog", "contrast"], "severity": 5,
+            "num_images": None, "class_index": "imagenet"}
+    with pytest.raises(ImageFileError) as err:
+        build_domains(data, {"severities": None})
+    assert all(str(p) in str(err.value) for p in bad)
+    domains, _ = build_domains({**data, "skip_bad_files": True}, {"severities": None})
+    assert [len(d) for d in domains] == [3, 3] and [d.pool.bad_files[0][0] for d in domains] == list(map(str, bad))
+
+    with pytest.raises(ImageFileError, match="data.source_root"):
+        load_source_images(root / "fog" / "5", 10, size=32)
+    left_out: list = []
+    images = load_source_images(root / "fog" / "5", 10, size=32, skip_bad_files=True, bad_files=left_out)
+    assert images.shape == (3, 3, 32, 32) and [p for p, _ in left_out] == [str(bad[0])]
+
+
+@needs_cifar
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_a_file_that_fails_to_decode_mid_stream_is_named(tmp_path, num_workers) -> None:
+    root = tmp_path / "test"
+    good = _copy_cifar_like(root, per_class=1)
+    cfg = compose_config([*TINY, f"data.root={root}", "data.num_images=null"])
+    domains, _ = build_domains(cfg.data, cfg.scenario, seed=0)  # every file passes the check
+    stream = build_stream(domains, cfg.scenario, 4, 0)
+    # Cut short after the check (e.g. rewritten meanwhile): Pillow's own error,
+    # "Truncated File Read", names no file.
+    victim = good[4]
+    victim.write_bytes(victim.read_bytes()[:400])
+    for loader in (BatchLoader(stream, torch.device("cpu")),
+                   BatchLoader(stream, torch.device("cpu"), cache_mb=0, num_workers=num_workers)):
+        with pytest.raises(OSError, match=re.escape(str(victim))):
+            loader.prepare()
+            list(loader)

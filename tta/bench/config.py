@@ -43,6 +43,10 @@ NON_RESULT_KEYS: tuple[str, ...] = (
     "run.checkpoint_minutes",
     "data.num_workers",
     "data.cache_mb",
+    # Never changes the numbers of a run on readable files (with bad files, false
+    # refuses to run); the runner does not reuse results that left files out for
+    # a run with it false.
+    "data.skip_bad_files",
 )
 
 _MAX_DIRNAME = 200

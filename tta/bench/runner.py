@@ -106,7 +106,7 @@ class _Renderer:
 
 
 def _fisher_batches(data: Mapping[str, Any], method: Mapping[str, Any], device: torch.device,
-                    input_size, seed: int) -> list[Tensor]:
+                    input_size, seed: int, bad_files: list[tuple[str, str]]) -> list[Tensor]:
     root = data.get("source_root")
     name = method["name"]
     if not root:
@@ -118,7 +118,8 @@ def _fisher_batches(data: Mapping[str, Any], method: Mapping[str, Any], device: 
     size = int(method.get("fisher_size") or 2000)
     img_size = data.get("image_size") or (input_size[0] if input_size else None)
     images = load_source_images(root, size, size=img_size, crop_ratio=float(data.get("crop_ratio", 1.0)),
-                                seed=seed, num_workers=int(data.get("num_workers") or 0))
+                                seed=seed, num_workers=int(data.get("num_workers") or 0),
+                                skip_bad_files=bool(data.get("skip_bad_files", False)), bad_files=bad_files)
     return [
         _to_model_size(images[i: i + FISHER_BATCH_SIZE].to(device).float().div_(255), input_size)
         for i in range(0, len(images), FISHER_BATCH_SIZE)
@@ -187,6 +188,12 @@ def run_benchmark(
     plain = to_container(cfg)
     if plain["run"].get("skip_existing", True):
         old = _existing(out, chash)
+        if old is not None and old.get("num_bad_files") and not plain["data"].get("skip_bad_files", False):
+            # data.skip_bad_files does not change the hash (it never changes the
+            # numbers of a run on readable files), but these numbers left files out.
+            log.info("not reusing %s: it left out %d bad image files, and data.skip_bad_files is false",
+                     out / RESULTS_JSON, old["num_bad_files"])
+            old = None
         if old is not None:
             log.info("skipping %s: %s holds results of the same config (hash %s)", out, RESULTS_JSON, chash[:12])
             old["skipped"] = True
@@ -231,9 +238,15 @@ def _run(plain: dict[str, Any], chash: str, out: Path, hydra_info: Mapping[str, 
     loader = BatchLoader(stream, device, cache_mb=float(data.get("cache_mb", 4096)),
                          num_workers=int(data.get("num_workers") or 0), seed=seed)
 
+    # Files left out by data.skip_bad_files (the check before streaming), test and source images.
+    bad_files = list(dict.fromkeys(b for pool in {id(d.pool): d.pool for d in domains}.values()
+                                   for b in getattr(pool, "bad_files", ())))
     name, overrides = method_overrides(mcfg)
     if "fisher_loader" in tta.method_defaults(name) and float(mcfg.get("fisher_alpha") or 0) > 0:
-        overrides["fisher_loader"] = _fisher_batches(data, mcfg, device, input_size, seed)
+        overrides["fisher_loader"] = _fisher_batches(data, mcfg, device, input_size, seed, bad_files)
+    if bad_files:
+        log.warning("data.skip_bad_files: left out %d unreadable image file(s) (listed in %s):\n%s",
+                    len(bad_files), RESULTS_JSON, "\n".join(f"  {p}: {r}" for p, r in bad_files))
     method = tta.wrap(model, name, **overrides)
     renderer = _Renderer(stream, device, seed, data.get("preset")) if any(d.render for d in domains) else None
     loader.prepare()
@@ -344,6 +357,8 @@ def _run(plain: dict[str, Any], chash: str, out: Path, hydra_info: Mapping[str, 
         "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
         "num_threads": torch.get_num_threads(),
         "loader": "tensor_cache" if loader.cached else "dataloader",
+        "num_bad_files": len(bad_files),
+        "bad_files": [{"path": p, "reason": r} for p, r in bad_files],
         "config": plain,
         "config_hash": chash,
         "method_overrides": {k: v for k, v in overrides.items() if k != "fisher_loader"},

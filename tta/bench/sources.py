@@ -10,6 +10,7 @@ the images (``npy``, ``imagenet_c``).
 from __future__ import annotations
 
 import os
+import stat as stat_mod
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -29,6 +30,10 @@ __all__ = [
     "FilePool",
     "imagenet_wnids",
     "decode_image",
+    "ImageFileError",
+    "check_image_file",
+    "check_image_files",
+    "bad_files_error",
     "build_domains",
     "domain_names",
     "load_source_images",
@@ -60,10 +65,114 @@ def imagenet_wnids() -> tuple[str, ...]:
 # ----------------------------------------------------------------------------------
 
 
+class ImageFileError(OSError):
+    """Image files the benchmark cannot read; the message names every one."""
+
+
+#: Bytes read from the end of a file for the trailer check (JPEG EOI, PNG IEND),
+#: enough to see past the padding some writers append.
+_TAIL_BYTES = 4096
+#: Bytes a writer may leave after a JPEG's end-of-image marker or a PNG's IEND.
+_PADDING = b"\x00\xff\r\n\t "
+_JPEG_MAGIC = b"\xff\xd8\xff"
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_PNG_IEND = b"IEND\xaeB`\x82"
+
+
+def check_image_file(path: str | os.PathLike) -> str | None:
+    """Why ``path`` cannot be read as an image, or None when it looks readable.
+
+    A cheap check that decodes nothing: the path is a regular file (not a folder,
+    not a broken symlink) and not empty; JPEG and PNG files start with their magic
+    bytes and end with their end marker (FFD9, IEND; padding may follow), which
+    catches truncated files; other files must have a header Pillow recognises,
+    and WebP and BMP files be at least as long as their header says.
+    """
+    path = Path(path)
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        if path.is_symlink():
+            return f"is a broken symlink (its target {os.readlink(path)} does not exist)"
+        return "does not exist"
+    except OSError as err:
+        return f"cannot stat ({err.strerror or err})"
+    if stat_mod.S_ISDIR(st.st_mode):
+        return "is a directory, not an image file"
+    if not stat_mod.S_ISREG(st.st_mode):
+        return "is not a regular file"
+    if st.st_size == 0:
+        return "is empty (0 bytes)"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+            f.seek(max(0, st.st_size - _TAIL_BYTES))
+            tail = f.read()
+    except OSError as err:
+        return f"cannot be read ({err.strerror or err})"
+    # JPEG and PNG (nearly every data set) are told by their magic and trailer;
+    # anything else is identified by Pillow, which reads its header only.
+    if head.startswith(_JPEG_MAGIC):
+        if not _ends_with(tail, b"\xff\xd9"):
+            return "is a truncated JPEG (it does not end with the end-of-image marker FFD9)"
+        return None
+    if head.startswith(_PNG_MAGIC):
+        if not _ends_with(tail, _PNG_IEND):
+            return "is a truncated PNG (it does not end with an IEND chunk)"
+        return None
+    try:
+        with Image.open(path) as img:
+            fmt = img.format
+    except Exception as err:  # noqa: BLE001 - UnidentifiedImageError, or assorted errors on damaged headers
+        return f"is not an image Pillow can read (it starts with bytes {head[:8].hex()}; {type(err).__name__}: {err})"
+    if fmt == "WEBP" and head[:4] == b"RIFF":
+        declared = int.from_bytes(head[4:8], "little") + 8
+        if st.st_size < declared:
+            return f"is a truncated WebP ({st.st_size} bytes, its header says {declared})"
+    elif fmt == "BMP" and head[:2] == b"BM":
+        declared = int.from_bytes(head[2:6], "little")
+        if st.st_size < declared:
+            return f"is a truncated BMP ({st.st_size} bytes, its header says {declared})"
+    return None
+
+
+def _ends_with(tail: bytes, marker: bytes) -> bool:
+    """``tail`` ends with ``marker``, possibly followed by padding bytes. (In a
+    JPEG's entropy-coded data FF is always followed by 00 or a restart marker, so
+    FFD9 there can only be the end of an image.)"""
+    i = tail.rfind(marker)
+    return i >= 0 and not tail[i + len(marker):].strip(_PADDING)
+
+
+def check_image_files(files: Sequence[Path], num_workers: int = 0) -> list[str | None]:
+    """:func:`check_image_file` of each file, in order (``num_workers`` threads
+    for long lists: the check waits on the file system, not the CPU)."""
+    if num_workers <= 1 or len(files) < 1024:
+        return [check_image_file(f) for f in files]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=num_workers) as ex:
+        return list(ex.map(check_image_file, files, chunksize=64))
+
+
 def decode_image(path: str | os.PathLike, size: int | None = None, crop_ratio: float = 1.0) -> Tensor:
     """Decode an image file to uint8 RGB (3, H, W). With ``size``, the shorter side
     is resized (bilinear, antialiased) to ``round(size / crop_ratio)`` and the centre
-    ``size x size`` is kept; images already of that size are left untouched."""
+    ``size x size`` is kept; images already of that size are left untouched.
+
+    Raises :class:`ImageFileError` naming ``path`` when the file cannot be decoded.
+    """
+    try:
+        return _decode_image(path, size, crop_ratio)
+    except Exception as err:  # noqa: BLE001 - Pillow raises assorted errors on damaged files
+        raise ImageFileError(
+            f"cannot decode image file {path} ({type(err).__name__}: {err}); replace or remove it "
+            "(tta-bench checks the files a run uses before streaming, and data.skip_bad_files=true "
+            "leaves out the ones that fail that check)"
+        ) from err
+
+
+def _decode_image(path: str | os.PathLike, size: int | None, crop_ratio: float) -> Tensor:
     with Image.open(path) as img:
         img = img.convert("RGB")
         if size is not None and img.size != (size, size):
@@ -137,11 +246,15 @@ class ArrayPool(ImagePool):
 
 
 class FilePool(ImagePool):
-    """Image files decoded on demand (see :func:`decode_image` for ``size``)."""
+    """Image files decoded on demand (see :func:`decode_image` for ``size``).
+    ``bad_files`` lists ``(path, reason)`` of the files left out of it when it was
+    picked (``data.skip_bad_files``)."""
 
-    def __init__(self, files: Sequence[Path], size: int | None, crop_ratio: float, key: str) -> None:
+    def __init__(self, files: Sequence[Path], size: int | None, crop_ratio: float, key: str,
+                 bad_files: Sequence[tuple[str, str]] = ()) -> None:
         self.files = [Path(f) for f in files]
         self.size, self.crop_ratio, self.key = size, crop_ratio, key
+        self.bad_files = list(bad_files)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -192,6 +305,45 @@ def _subset(n: int, num_images: int | None, seed: int) -> np.ndarray:
     images, so every domain of a source (and every method) sees the same ones."""
     perm = np.random.default_rng([seed, 0]).permutation(n)
     return perm if num_images is None else perm[: int(num_images)]
+
+
+def _pick_files(files: Sequence[Path], num_images: int | None, seed: int, *, skip_bad: bool,
+                where: str, num_workers: int = 0) -> tuple[np.ndarray, list[tuple[str, str]]]:
+    """The seeded subset of :func:`_subset`, with each file checked first
+    (:func:`check_image_file`): the rows of the readable files and ``(path,
+    reason)`` of the others. Only the files the run uses are checked; with
+    ``skip_bad``, each bad file is replaced by the next one of the seeded order
+    (so the subset keeps its size, and is the usual one when no file is bad)."""
+    order = _subset(len(files), None, seed)
+    want = len(order) if num_images is None else min(int(num_images), len(order))
+    picked: list[int] = []
+    bad: list[tuple[str, str]] = []
+    start = 0
+    while len(picked) < want and start < len(order):
+        chunk = order[start: start + want - len(picked)]
+        start += len(chunk)
+        for row, reason in zip(chunk, check_image_files([files[r] for r in chunk], num_workers)):
+            if reason is None:
+                picked.append(int(row))
+            else:
+                bad.append((str(files[row]), reason))
+        if bad and not skip_bad:
+            break
+    if skip_bad and bad and not picked:
+        raise bad_files_error(bad, where, none_left=True)
+    return np.asarray(picked, dtype=np.int64), bad
+
+
+def bad_files_error(bad: Sequence[tuple[str, str]], where: str, none_left: bool = False) -> ImageFileError:
+    """The error of a run refused for bad image files: every path and why."""
+    lines = "\n".join(f"  {path}: {reason}" for path, reason in bad)
+    if none_left:
+        return ImageFileError(f"none of the image files under {where} can be read:\n{lines}")
+    return ImageFileError(
+        f"{len(bad)} image file(s) this run would use under {where} cannot be read:\n{lines}\n"
+        "Replace or remove them, or set data.skip_bad_files=true to leave them out (each is then "
+        "replaced by another image of the folder, and results.json lists them under bad_files)"
+    )
 
 
 def _class_indices(classes: Sequence[str], mode: str, where: Path) -> tuple[list[int], int]:
@@ -275,6 +427,10 @@ def build_domains(
     return _imagenet_c(data, root, segments, num_images, input_size, seed)
 
 
+def _file_check_options(data: Mapping[str, Any]) -> tuple[bool, int]:
+    return bool(data.get("skip_bad_files", False)), int(data.get("num_workers") or 0)
+
+
 def _on_the_fly(data, root, segments, num_images, input_size, seed):
     _check_corruptions([c for _, c, _ in segments])
     if not root.is_dir():
@@ -284,9 +440,13 @@ def _on_the_fly(data, root, segments, num_images, input_size, seed):
         )
     files, folder_labels, classes = list_image_folder(root)
     class_labels, num_classes = _class_indices(classes, str(data.get("class_index", "folder")), root)
-    rows = _subset(len(files), num_images, seed)
+    skip, workers = _file_check_options(data)
+    rows, bad = _pick_files(files, num_images, seed, skip_bad=skip, where=f"data.root {root}",
+                            num_workers=workers)
+    if bad and not skip:
+        raise bad_files_error(bad, f"data.root {root}")
     pool = FilePool([files[r] for r in rows], _target_size(data, input_size),
-                    float(data.get("crop_ratio", 1.0)), key=f"folder:{root}")
+                    float(data.get("crop_ratio", 1.0)), key=f"folder:{root}", bad_files=bad)
     labels = np.array([class_labels[folder_labels[r]] for r in rows], dtype=np.int64)
     local = np.arange(len(rows))
     domains = [Domain(n, c, s, pool, local, labels, render=True) for n, c, s in segments]
@@ -335,7 +495,8 @@ def _imagenet_c(data, root, segments, num_images, input_size, seed):
     size = _target_size(data, input_size)
     crop = float(data.get("crop_ratio", 1.0))
     mode = str(data.get("class_index", "imagenet"))
-    domains = []
+    skip, workers = _file_check_options(data)
+    domains, all_bad = [], []
     num_classes: int | None = None
     for name, corruption, severity in segments:
         folder = root / corruption / str(severity)
@@ -356,19 +517,28 @@ def _imagenet_c(data, root, segments, num_images, input_size, seed):
             raise ValueError(f"{folder}: {n_cls} classes, other domains have {num_classes}")
         num_classes = n_cls
         labels = np.asarray(class_labels, dtype=np.int64)[np.asarray(folder_labels, dtype=np.int64)]
-        rows = _subset(len(files), num_images, seed)
-        pool = FilePool([files[r] for r in rows], size, crop, key=f"imagenet_c:{folder}")
+        rows, bad = _pick_files(files, num_images, seed, skip_bad=skip, where=str(folder), num_workers=workers)
+        all_bad += bad
+        pool = FilePool([files[r] for r in rows], size, crop, key=f"imagenet_c:{folder}", bad_files=bad)
         domains.append(Domain(name, corruption, severity, pool, np.arange(len(rows)),
                               labels[rows], render=False))
+    if all_bad and not skip:
+        # Every domain is checked first, so the error lists all of them at once.
+        raise bad_files_error(all_bad, f"data.root {root}")
     return domains, num_classes
 
 
 def load_source_images(
     root: str | os.PathLike, num_images: int, *, size: int | None, crop_ratio: float = 1.0,
-    seed: int = 0, num_workers: int = 0,
+    seed: int = 0, num_workers: int = 0, skip_bad_files: bool = False,
+    bad_files: list[tuple[str, str]] | None = None,
 ) -> Tensor:
     """A seeded random subset of clean images from an ImageFolder, as uint8
-    (N, 3, H, W): the source data of methods like EATA."""
+    (N, 3, H, W): the source data of methods like EATA.
+
+    The files are checked first (:func:`check_image_file`): bad ones raise
+    :class:`ImageFileError` naming each, or with ``skip_bad_files`` are replaced
+    by others and appended to ``bad_files`` as ``(path, reason)``."""
     root = Path(os.path.expanduser(str(root)))
     if not root.is_dir():
         raise FileNotFoundError(
@@ -376,7 +546,12 @@ def load_source_images(
             "of clean training images (data.source_root)"
         )
     files, _, _ = list_image_folder(root)
-    rows = _subset(len(files), num_images, seed + 1)
+    rows, bad = _pick_files(files, num_images, seed + 1, skip_bad=skip_bad_files,
+                            where=f"data.source_root {root}", num_workers=num_workers)
+    if bad and not skip_bad_files:
+        raise bad_files_error(bad, f"data.source_root {root}")
+    if bad_files is not None:
+        bad_files.extend(bad)
     from .stream import decode_all
 
     return decode_all(FilePool([files[r] for r in rows], size, crop_ratio, key=f"source:{root}"),
