@@ -51,26 +51,34 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 def download(url: str, dest: str | os.PathLike, sha256_prefix: str | None = None) -> Path:
     """Download ``url`` to ``dest`` (atomically) and check its sha256 prefix.
 
-    Raises ``RuntimeError`` with the URL and the destination when the network is not
-    reachable, so users know which file to place by hand.
+    Raises ``RuntimeError`` when the file cannot be fetched (no network) or cannot be
+    written (a read-only ``$TTA_HOME``, a full disk), naming the URL, the exact path
+    to place the file at by hand and its sha256 (prefix).
     """
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    checksum = f", sha256 {sha256_prefix}..." if sha256_prefix else ""
+    by_hand = f"place the file by hand at {dest} (from {url}{checksum})"
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    except OSError as err:
+        raise RuntimeError(
+            f"{dest} is missing and cannot be downloaded there: {dest.parent} is not writable ({err}; "
+            f"a read-only $TTA_HOME?). Either {by_hand}, or point TTA_HOME at a writable folder"
+        ) from err
     os.close(fd)
     try:
         try:
             with urllib.request.urlopen(url, timeout=60) as resp, open(tmp, "wb") as fh:
                 shutil.copyfileobj(resp, fh)
         except OSError as err:
-            raise RuntimeError(
-                f"could not download {url} ({err}); place the file by hand at {dest}"
-            ) from err
+            raise RuntimeError(f"could not download {url} ({err}); {by_hand}") from err
         if sha256_prefix is not None:
             got = sha256_of(tmp)
             if not got.startswith(sha256_prefix):
                 raise RuntimeError(
-                    f"checksum mismatch for {url}: expected sha256 {sha256_prefix}..., got {got}"
+                    f"checksum mismatch for {url}: expected sha256 {sha256_prefix}..., got {got}; "
+                    f"nothing was written to {dest}"
                 )
         os.replace(tmp, dest)
     finally:
