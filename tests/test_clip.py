@@ -168,6 +168,32 @@ def test_local_checkpoint_and_name_parsing(tmp_path, images):
         tta.load_model(f"clip:{TINY}", weights=tmp_path / "missing.pt")
 
 
+def test_files_that_are_not_checkpoints_name_the_file(tmp_path):
+    text = tmp_path / "passwd"
+    text.write_bytes(b"root:x:0:0:root:/root:/bin/bash\n")
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(text.read_bytes())
+    for path in (text, junk):
+        for load in (lambda: tta.load_model(f"clip:{TINY}", weights=path, classnames=CLASSES),
+                     lambda: tta.load_model(f"clip:{TINY}/{path}", classnames=CLASSES)):
+            with pytest.raises(ValueError, match="is not a checkpoint") as err:
+                load()
+            assert str(path) in str(err.value) and "a valid open_clip checkpoint is" in str(err.value)
+    evil = tmp_path / "evil.pt"
+    torch.save({"state_dict": {"x": _Code()}}, evil)
+    with pytest.raises(ValueError, match=f"refusing to load {evil}"):
+        tta.load_model(f"clip:{TINY}", weights=evil, classnames=CLASSES)
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        tta.load_model(f"clip:{TINY}", weights=tmp_path, classnames=CLASSES)
+
+
+class _Code:
+    """Pickled as a call: what weights_only loading must refuse."""
+
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
 # ----------------------------------------------------------------------------------
 # Views and selection
 # ----------------------------------------------------------------------------------

@@ -19,6 +19,56 @@ from tta.models import CifarResNet, zoo
 from tta.paths import sha256_of
 
 # ----------------------------------------------------------------------------------
+# weights= that is not a checkpoint
+# ----------------------------------------------------------------------------------
+
+TEXT = b"root:x:0:0:root:/root:/bin/bash\ndaemon:x:1:1:daemon:/usr/sbin:/usr/sbin/nologin\n"
+
+
+@pytest.mark.parametrize("name, kwargs", [
+    ("cifar10_resnet20", {}),
+    ("timm:tta_cifar_resnet20", {"pretrained": False}),
+    ("zoo:resnet20_bn_jpeg", {"verify": False}),
+])
+def test_weights_that_are_not_a_checkpoint_name_the_file(tmp_path, name, kwargs):
+    if name.startswith("timm:"):
+        pytest.importorskip("timm")
+    cases = {"passwd": TEXT, "empty.pt": b"", "image.th": b"\x89PNG\r\n\x1a\n" + bytes(64)}
+    if os.path.isfile("/etc/passwd"):
+        cases["/etc/passwd"] = None
+    for file, data in cases.items():
+        path = pathlib.Path(file) if data is None else tmp_path / file
+        if data is not None:
+            path.write_bytes(data)
+        with pytest.raises(ValueError, match="is not a checkpoint") as err:
+            tta.load_model(name, weights=path, **kwargs)
+        assert str(path) in str(err.value) and "a valid checkpoint is a file written by torch.save" in str(err.value)
+
+
+def test_truncated_or_mislabelled_checkpoints_name_the_file(tmp_path):
+    good = tmp_path / "good.pt"
+    torch.save(CifarResNet(20).state_dict(), good)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[:4096])
+    with pytest.raises(ValueError, match="truncated or corrupted") as err:
+        tta.load_model("cifar10_resnet20", weights=truncated)
+    assert str(truncated) in str(err.value)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(TEXT)
+    with pytest.raises(ValueError, match="not a readable safetensors file") as err:
+        tta.load_model("cifar10_resnet20", weights=junk)
+    assert str(junk) in str(err.value)
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        tta.load_model("cifar10_resnet20", weights=tmp_path)
+    # a safetensors file under another suffix is recognised by its header
+    from safetensors.torch import save_file
+
+    other = tmp_path / "weights.bin"
+    save_file(CifarResNet(20).state_dict(), str(other))
+    tta.load_model("cifar10_resnet20", weights=other)
+
+
+# ----------------------------------------------------------------------------------
 # a missing checkpoint under a read-only $TTA_HOME
 # ----------------------------------------------------------------------------------
 

@@ -79,35 +79,87 @@ def load_model(name: str, *, weights: str | os.PathLike | None = None, **kwargs:
     return model.eval()
 
 
+#: What :func:`load_checkpoint` reads, for error messages.
+VALID_CHECKPOINT = (
+    "a valid checkpoint is a file written by torch.save holding a state dict of tensors "
+    "(bare, or under 'state_dict', 'model' or 'state'), or a .safetensors file"
+)
+
+
+def checkpoint_format(path: str | os.PathLike) -> str | None:
+    """What the first bytes of ``path`` say it is: ``"zip"`` (torch.save's format, also
+    .npz), ``"pickle"`` (torch.save's legacy format), ``"safetensors"``, ``"numpy"``
+    (.npy), or ``None`` for none of these (a text file, an image, a truncated file)."""
+    with open(path, "rb") as fh:
+        head = fh.read(9)
+    if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
+        return "zip"
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return "pickle"
+    if head[:6] == b"\x93NUMPY":
+        return "numpy"
+    if len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < 100_000_000:
+        return "safetensors"
+    return None
+
+
+def _checkpoint_file(path: str | os.PathLike) -> Path:
+    """``path`` as a ``Path`` when it is an existing file; a ``FileNotFoundError`` or
+    ``IsADirectoryError`` naming it otherwise."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"checkpoint {path} is a directory, not a file; {VALID_CHECKPOINT}")
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    return path
+
+
+def _unknown_format(path: Path) -> str:
+    if path.stat().st_size == 0:
+        return "it is empty"
+    return "its first bytes are neither torch.save's zip or pickle format nor safetensors'"
+
+
+def _not_a_checkpoint(path: Path, detail: str, valid: str = VALID_CHECKPOINT) -> ValueError:
+    return ValueError(f"{path} is not a checkpoint ({detail}); {valid}")
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Load a state dict safely: ``weights_only=True`` refuses pickled code.
 
     Accepts a bare state dict or a dict with ``state_dict``/``model``/``state``
-    inside; strips a ``module.`` (DataParallel) prefix.
+    inside; strips a ``module.`` (DataParallel) prefix. Any other file (not written
+    by ``torch.save`` or safetensors) is a ``ValueError`` naming it.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
+    path = _checkpoint_file(path)
+    kind = checkpoint_format(path)
+    if path.suffix == ".safetensors" or kind == "safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as err:  # safetensors raises its own SafetensorError
+            raise _not_a_checkpoint(path, f"not a readable safetensors file: {err}") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ValueError(
-            f"refusing to load {path}: it is not a plain tensor checkpoint (it holds "
-            f"pickled objects or code, which tta never executes). Re-save it as a "
-            f"state_dict of tensors. Detail: {str(err).splitlines()[0]}"
-        ) from None
-    except (RuntimeError, EOFError) as err:
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({err})") from None
+    except Exception as err:  # torch.load fails in many ways on a file it cannot read
+        if kind is None:
+            raise _not_a_checkpoint(path, _unknown_format(path)) from None
+        detail = (str(err).splitlines() or [""])[0]
+        if isinstance(err, pickle.UnpicklingError):
+            raise ValueError(
+                f"refusing to load {path}: it is not a plain tensor checkpoint (it holds "
+                f"pickled objects or code, which tta never executes). Re-save it as a "
+                f"state_dict of tensors. Detail: {detail}"
+            ) from None
+        raise _not_a_checkpoint(path, f"unreadable, truncated or corrupted: torch.load failed with "
+                                      f"{type(err).__name__}: {detail}") from None
     for key in ("state_dict", "model", "state"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
             break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{path} does not hold a state dict of tensors")
+        raise ValueError(f"{path} does not hold a state dict of tensors; {VALID_CHECKPOINT}")
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 

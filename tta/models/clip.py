@@ -14,6 +14,8 @@ open_clip is imported on first use only (``pip install tta[clip]``).
 from __future__ import annotations
 
 import os
+import pickle
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable, Sequence
 
@@ -347,12 +349,24 @@ def clip_classifier(
     if weights is not None:
         if tag is not None:
             raise ValueError(f"give the weights either in the name ({tag!r}) or as weights=, not both")
+        from . import _checkpoint_file
+
         tag = os.fspath(weights)
-        if not os.path.isfile(tag):
-            raise FileNotFoundError(f"checkpoint not found: {tag}")
+        _checkpoint_file(tag)  # a clear error for a missing file or a directory
+    local = tag is not None and os.path.isfile(tag)
+    if local:
+        _check_clip_checkpoint(tag)
     try:
         model = oc.create_model(name, pretrained=tag, precision=precision, cache_dir=cache_dir,
                                 weights_only=True)
+    except pickle.UnpicklingError as err:
+        if not local:
+            raise
+        raise ValueError(
+            f"refusing to load {tag}: it is not a plain tensor checkpoint (it holds pickled objects "
+            f"or code, which tta never executes). Re-save it as a state_dict of tensors. Detail: "
+            f"{(str(err).splitlines() or [''])[0]}"
+        ) from None
     except RuntimeError as err:
         if "not found" in str(err) and name not in oc.list_models():
             from .._registry import unknown_name_message
@@ -361,6 +375,23 @@ def clip_classifier(
         raise
     return from_open_clip(model, oc.get_tokenizer(name, cache_dir=cache_dir), classnames=classnames,
                           templates=templates, ctx_init=ctx_init)
+
+
+#: What open_clip loads from a local file, for error messages.
+VALID_CLIP_CHECKPOINT = (
+    "a valid open_clip checkpoint is a file written by torch.save holding the model's state dict "
+    "(.pt, .bin), a .safetensors file, or big_vision .npz/.npy weights"
+)
+
+
+def _check_clip_checkpoint(path: str) -> None:
+    """A ``ValueError`` naming ``path`` unless its first bytes are a format open_clip
+    loads (it fails on other files with errors that name neither the file nor the
+    cause, e.g. an ``IndexError`` for a text file)."""
+    from . import _not_a_checkpoint, _unknown_format, checkpoint_format
+
+    if checkpoint_format(path) is None:
+        raise _not_a_checkpoint(Path(path), _unknown_format(Path(path)), VALID_CLIP_CHECKPOINT)
 
 
 def from_open_clip(
