@@ -19,6 +19,153 @@ from tta.models import CifarResNet, zoo
 from tta.paths import sha256_of
 
 # ----------------------------------------------------------------------------------
+# $TTA_HOME/models/zoo/manifest.json on top of the checkout's
+# ----------------------------------------------------------------------------------
+
+
+def _save(path, seed):
+    torch.manual_seed(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(CifarResNet(20).state_dict(), path)
+    return sha256_of(path)
+
+
+@pytest.fixture
+def zoo_dirs(tmp_path, monkeypatch):
+    """A checkout folder whose manifest knows ``m`` (checkpoint m.pt), and an empty
+    ``$TTA_HOME/models/zoo``."""
+    checkout, home = tmp_path / "checkout", tmp_path / "home" / "models" / "zoo"
+    sha = _save(checkout / "m.pt", seed=0)
+    (checkout / "manifest.json").write_text(json.dumps(
+        {"format": 1, "models": {"m": {"file": "m.pt", "sha256": sha, "architecture": "cifar_resnet20"}}}))
+    home.mkdir(parents=True)
+    monkeypatch.setenv("TTA_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(zoo, "checkout_dir", lambda: checkout)
+    return checkout, home
+
+
+def _home_manifest(home, models):
+    path = home / "manifest.json"
+    path.write_text(json.dumps({"format": 1, "models": models}))
+    return path
+
+
+def test_home_manifest_cannot_drop_or_change_the_checkouts_sha256(zoo_dirs):
+    checkout, home = zoo_dirs
+    mine = _save(home / "mine.pt", seed=1)  # another model, in the home folder
+    tta.load_model("zoo:m")  # the checkout's file, verified
+    # an entry without sha256, pointing at another file: still checked against the checkout's
+    for entry in ({"file": "mine.pt", "architecture": "cifar_resnet20"},
+                  {"file": "mine.pt", "description": "re-trained"}):  # the other fields from the checkout
+        path = _home_manifest(home, {"m": entry})
+        info = zoo.zoo_info("m")
+        assert info["sha256"] == sha256_of(checkout / "m.pt") and info["architecture"] == "cifar_resnet20"
+        with pytest.raises(ValueError, match="checksum mismatch") as err:
+            tta.load_model("zoo:m")
+        assert str(home / "mine.pt") in str(err.value) and str(checkout / "manifest.json") in str(err.value)
+    assert zoo.zoo_info("m")["description"] == "re-trained"
+    # an entry giving that file's sha256: the checkout's still wins, and the error says why
+    _home_manifest(home, {"m": {"file": "mine.pt", "sha256": mine}})
+    with pytest.raises(ValueError, match="checksum mismatch") as err:
+        tta.load_model("zoo:m")
+    assert str(path) in str(err.value) and "cannot change the sha256" in str(err.value)
+    tta.load_model("zoo:m", verify=False)  # the documented way to load your own weights
+    # the same file under a new name is a new model: its own sha256 is used
+    _home_manifest(home, {"m2": {"file": "mine.pt", "sha256": mine, "architecture": "cifar_resnet20"}})
+    tta.load_model("zoo:m2")
+
+
+@pytest.mark.parametrize("entry, problem", [
+    ({"file": "mine.pt", "architecture": "cifar_resnet20"}, 'has no "sha256"'),
+    ({"file": "mine.pt", "architecture": "cifar_resnet20", "sha256": "abc123"}, "64 hex digits"),
+    ({"file": "mine.pt", "architecture": "cifar_resnet20", "sha256": None}, "must be a string"),
+])
+def test_new_home_manifest_entry_needs_a_well_formed_sha256(zoo_dirs, entry, problem):
+    _, home = zoo_dirs
+    _save(home / "mine.pt", seed=1)
+    path = _home_manifest(home, {"mine": entry})
+    with pytest.raises(ValueError, match=problem) as err:
+        tta.load_model("zoo:mine")
+    assert f"zoo manifest {path}, entry 'mine'" in str(err.value)
+
+
+@pytest.mark.parametrize("file, problem", [
+    ("ABSOLUTE", "is absolute"),
+    ("../../outside.pt", "leaves the zoo folder"),
+    ("sub/../../../outside.pt", "leaves the zoo folder"),
+])
+def test_manifest_file_must_stay_inside_the_zoo_folder(zoo_dirs, tmp_path, file, problem):
+    _, home = zoo_dirs
+    outside = tmp_path / "outside.pt"
+    sha = _save(outside, seed=2)
+    file = str(outside) if file == "ABSOLUTE" else file
+    path = _home_manifest(home, {"x": {"file": file, "sha256": sha, "architecture": "cifar_resnet20"}})
+    with pytest.raises(ValueError, match=problem) as err:
+        tta.load_model("zoo:x")
+    assert f"zoo manifest {path}, entry 'x'" in str(err.value)
+    with pytest.raises(ValueError, match=problem):
+        tta.list_models("zoo:*")
+
+
+def test_a_name_that_leaves_the_zoo_folder_is_refused(zoo_dirs, tmp_path):
+    _, home = zoo_dirs
+    sha = _save(tmp_path / "home" / "models" / "evil.pt", seed=2)  # one folder above the zoo
+    _home_manifest(home, {"../evil": {"sha256": sha, "architecture": "cifar_resnet20"}})
+    with pytest.raises(ValueError, match="its name gives the file '../evil.pt'"):
+        tta.load_model("zoo:../evil")
+
+
+def test_symlink_out_of_the_zoo_folder_is_refused(zoo_dirs, tmp_path):
+    _, home = zoo_dirs
+    outside = tmp_path / "outside.pt"
+    sha = _save(outside, seed=2)
+    (home / "x.pt").symlink_to(outside)
+    _home_manifest(home, {"x": {"file": "x.pt", "sha256": sha, "architecture": "cifar_resnet20"},
+                          "y": {"file": "y.pt", "sha256": sha, "architecture": "cifar_resnet20"}})
+    with pytest.raises(ValueError, match="outside its folder") as err:
+        tta.load_model("zoo:x")
+    assert str(home / "x.pt") in str(err.value) and str(outside) in str(err.value)
+    with pytest.raises(ValueError, match="outside its folder"):
+        zoo.zoo_checkpoint("x")
+    tta.load_model("zoo:x", weights=outside)  # an explicit weights= is the user's choice
+    # a link that stays inside the folder is fine
+    os.replace(outside, home / "real.pt")
+    (home / "y.pt").symlink_to(home / "real.pt")
+    tta.load_model("zoo:y")
+
+
+MALFORMED = [
+    ("{not json", None, "is not valid JSON"),
+    ("[]", None, "must be a JSON object"),
+    ('{"format": 1}', None, 'has no "models" key'),
+    ('{"format": 2, "models": {}}', None, "format 2"),
+    ('{"models": ["m"]}', None, '"models" must be an object'),
+    ('{"models": {"m": "m.pt"}}', "m", "must be an object, got a str"),
+    ('{"models": {"m": {"architecture": 20}}}', "m", '"architecture" must be a string'),
+    ('{"models": {"m": {"file": ["m.pt"]}}}', "m", '"file" must be a string'),
+    ('{"models": {"new": {"sha256": "' + "0" * 64 + '"}}}', "new", 'has no "architecture"'),
+]
+
+
+def test_malformed_manifest_is_one_error_naming_the_file_and_the_entry(zoo_dirs):
+    _, home = zoo_dirs
+    path = home / "manifest.json"
+    for text, entry, problem in MALFORMED:
+        path.write_text(text)
+        for call in (lambda: tta.load_model("zoo:m"), lambda: tta.list_models("zoo:*")):
+            with pytest.raises(ValueError, match=problem) as err:
+                call()
+            where = f"zoo manifest {path}" + (f", entry {entry!r}" if entry else "")
+            assert str(err.value).startswith(where), (text, str(err.value))
+    # the checkout's manifest is checked the same way
+    path.unlink()
+    checkout = zoo.checkout_dir() / "manifest.json"
+    checkout.write_text('{"models": {"m": {"architecture": "cifar_resnet20"}}}')
+    with pytest.raises(ValueError, match=re.escape(f"zoo manifest {checkout}, entry 'm': has no \"sha256\"")):
+        tta.load_model("zoo:m")
+
+
+# ----------------------------------------------------------------------------------
 # weights= that is not a checkpoint
 # ----------------------------------------------------------------------------------
 

@@ -7,20 +7,25 @@
 3. ``benchmarks/zoo/checkpoints/<name>.pt`` of the source checkout tta is imported
    from (exists only in a git checkout, not in an installed wheel).
 
-``manifest.json`` (in ``$TTA_HOME/models/zoo/``, else next to the checkout's
-checkpoints) records each model's architecture, sha256, training command and
-scores. When it is available the file's sha256 is checked against it
-(``verify=False`` skips that, e.g. for weights you re-trained yourself). Checkpoints
-are fp16 state dicts of plain tensors, loaded with ``weights_only=True`` and cast
-to float32.
+``manifest.json`` next to the checkout's checkpoints records each model's
+architecture, sha256, training command and scores; the file's sha256 is checked
+against it (``verify=False`` skips that, e.g. for weights you re-trained yourself).
+A ``manifest.json`` in ``$TTA_HOME/models/zoo/`` is read on top of it: it may add
+models (each with ``architecture`` and a 64-hex-digit ``sha256``) and change the
+fields of known ones, but a model the checkout's manifest knows keeps the
+checkout's sha256. A ``file`` names a file inside the zoo folder (relative, no
+``..``, no symbolic link out of it). A malformed manifest is a ``ValueError``
+naming the file and the entry. Checkpoints are fp16 state dicts of plain tensors,
+loaded with ``weights_only=True`` and cast to float32.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
-from typing import Any, Callable
+import re
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any, Callable, NamedTuple
 
 from torch import nn
 
@@ -135,17 +140,107 @@ def _manifest_paths() -> list[Path]:
     return [home_dir() / MANIFEST_NAME, checkout_dir() / MANIFEST_NAME]
 
 
+_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
+
+
+def _manifest_error(path: Path, problem: str, entry: str | None = None) -> ValueError:
+    where = f"zoo manifest {path}" + (f", entry {entry!r}" if entry is not None else "")
+    return ValueError(f"{where}: {problem}")
+
+
+def _check_file_name(file: str, path: Path, entry: str, given: bool) -> None:
+    """A manifest's ``file`` (or, without one, ``<entry>.pt``) names a file inside the
+    zoo folders: relative, no ``..``, no drive (symbolic links are checked where the
+    file is found, see :func:`_inside`)."""
+    posix = PurePosixPath(file.replace("\\", "/"))
+    if posix.is_absolute() or PureWindowsPath(file).drive:
+        problem = "is absolute"
+    elif ".." in posix.parts:
+        problem = f'leaves the zoo folder (".."); zoo checkpoints must lie inside {path.parent}'
+    elif "\0" in file or posix.name in ("", "."):
+        problem = "is not a file name"
+    else:
+        return
+    what = f'"file" {file!r}' if given else f"its name gives the file {file!r}, which"
+    raise _manifest_error(path, f"{what} {problem}: name the checkpoint relative to the manifest's "
+                                f"folder, e.g. \"file\": \"{PurePosixPath(entry).name or 'model'}.pt\"", entry)
+
+
+def _read_manifest(path: Path, *, known: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The model entries of the manifest at ``path``, each checked (types, sha256,
+    ``file``); a ``ValueError`` naming the file and the entry otherwise. ``known``:
+    the entries a model needs no ``sha256`` of its own for (the checkout's)."""
+    try:
+        data = json.loads(path.read_text())
+    except OSError as err:
+        raise _manifest_error(path, f"cannot be read ({err})") from None
+    except ValueError as err:
+        raise _manifest_error(path, f"is not valid JSON ({err}); fix or remove it") from None
+    layout = '{"format": 1, "models": {"<name>": {"architecture": ..., "sha256": ..., "file": ...}}}'
+    if not isinstance(data, dict):
+        raise _manifest_error(path, f"must be a JSON object {layout}, got a {type(data).__name__}")
+    if data.get("format", 1) != 1:
+        raise _manifest_error(path, f"has format {data['format']!r}, this version of tta reads format 1: "
+                                    f"upgrade tta")
+    if "models" not in data:
+        raise _manifest_error(path, f'has no "models" key: expected {layout}')
+    models = data["models"]
+    if not isinstance(models, dict):
+        raise _manifest_error(path, f'"models" must be an object mapping names to entries, got a '
+                                    f"{type(models).__name__}")
+    checked: dict[str, dict[str, Any]] = {}
+    for name, entry in models.items():
+        if not isinstance(entry, dict):
+            raise _manifest_error(path, f"must be an object, got a {type(entry).__name__}", name)
+        for key in ("architecture", "sha256", "file"):
+            if key in entry and not isinstance(entry[key], str):
+                raise _manifest_error(path, f'"{key}" must be a string, got {entry[key]!r}', name)
+        if "architecture" not in entry and name not in known:
+            raise _manifest_error(path, f'has no "architecture" (one of '
+                                        f"{', '.join(sorted(ARCHITECTURES) + sorted(CLIP_ARCHITECTURES))})", name)
+        if "sha256" in entry:
+            if not _SHA256.fullmatch(entry["sha256"]):
+                raise _manifest_error(path, f'"sha256" must be 64 hex digits (sha256sum of the checkpoint), '
+                                            f"got {entry['sha256']!r}", name)
+        elif name not in known:
+            raise _manifest_error(path, f'has no "sha256": a model the checkout\'s manifest does not know '
+                                        f"needs the sha256 of its checkpoint (64 hex digits, sha256sum "
+                                        f"<file>), so that loading it is verified", name)
+        _check_file_name(entry.get("file", f"{name}.pt"), path, name, given="file" in entry)
+        checked[name] = dict(entry, **({"sha256": entry["sha256"].lower()} if "sha256" in entry else {}))
+    return checked
+
+
+class _Manifests(NamedTuple):
+    entries: dict[str, dict[str, Any]]  # name -> merged entry
+    sha256_from: dict[str, Path]  # name -> the manifest its sha256 comes from
+    overruled: dict[str, tuple[Path, str]]  # name -> ($TTA_HOME manifest, its sha256 the checkout's replaced)
+
+
+def _manifests() -> _Manifests:
+    """The checkout's manifest entries, with ``$TTA_HOME``'s on top: those add models
+    and change fields, but a model the checkout knows keeps the checkout's sha256."""
+    home_path, checkout_path = _manifest_paths()
+    checkout = _read_manifest(checkout_path, known={}) if checkout_path.is_file() else {}
+    entries = {name: dict(entry) for name, entry in checkout.items()}
+    sha256_from = {name: checkout_path for name in checkout}
+    overruled: dict[str, tuple[Path, str]] = {}
+    if home_path.is_file():
+        for name, entry in _read_manifest(home_path, known=checkout).items():
+            if name in checkout:
+                theirs = entry.get("sha256")
+                if theirs is not None and theirs != checkout[name]["sha256"]:
+                    overruled[name] = (home_path, theirs)
+                entries[name] = {**checkout[name], **entry, "sha256": checkout[name]["sha256"]}
+            else:
+                entries[name] = entry
+                sha256_from[name] = home_path
+    return _Manifests(entries, sha256_from, overruled)
+
+
 def _manifest() -> dict[str, dict[str, Any]]:
-    """The manifests' model entries; ``$TTA_HOME``'s entries win over the checkout's."""
-    models: dict[str, dict[str, Any]] = {}
-    for path in reversed(_manifest_paths()):
-        if path.is_file():
-            try:
-                data = json.loads(path.read_text())
-            except (OSError, ValueError) as err:
-                raise ValueError(f"cannot read the zoo manifest {path}: {err}") from None
-            models.update(data.get("models", {}))
-    return models
+    """The manifests' model entries (see :func:`_manifests`)."""
+    return _manifests().entries
 
 
 def list_zoo(pattern: str = "*") -> list[str]:
@@ -158,13 +253,16 @@ def list_zoo(pattern: str = "*") -> list[str]:
 def zoo_info(name: str) -> dict[str, Any]:
     """The manifest entry of ``name`` (training command, scores, sha256...), or
     ``{"architecture": ...}`` only when no manifest is available."""
-    name = name.removeprefix(PREFIX)
-    entries = _manifest()
+    return _info(name.removeprefix(PREFIX), _manifest())
+
+
+def _info(name: str, entries: dict[str, dict[str, Any]]) -> dict[str, Any]:
     if name in entries:
         return dict(entries[name])
     if name in _BUILTIN:
         return {"architecture": _BUILTIN[name]}
-    raise KeyError(unknown_name_message("zoo model", name, list_zoo()))
+    known = sorted(set(entries) | set(_BUILTIN))
+    raise KeyError(unknown_name_message("zoo model", name, known))
 
 
 def zoo_checkpoint(name: str, weights: str | os.PathLike | None = None) -> Path:
@@ -174,15 +272,29 @@ def zoo_checkpoint(name: str, weights: str | os.PathLike | None = None) -> Path:
     return _find_checkpoint(name, zoo_info(name), weights)
 
 
+def _inside(path: Path, folder: Path) -> Path:
+    """``path`` (a file found in zoo folder ``folder``) unless, symbolic links
+    resolved, it lies outside ``folder``: a ``ValueError`` naming both then."""
+    real, root = path.resolve(), folder.resolve()
+    if not real.is_relative_to(root):
+        raise ValueError(
+            f"zoo checkpoint {path} resolves to {real}, outside its folder {root}: zoo checkpoints "
+            f"must lie inside it (a link out of it is refused). Copy the file to {path}, or pass "
+            f"weights={str(real)!r} to load that file explicitly"
+        )
+    return path
+
+
 def _find_checkpoint(name: str, info: dict[str, Any], weights: str | os.PathLike | None) -> Path:
     filename = info.get("file", f"{name}.pt")
-    candidates = (
-        [Path(weights)] if weights is not None else [home_dir() / filename, checkout_dir() / filename]
-    )
-    for path in candidates:
+    if weights is not None:
+        candidates = [(Path(weights), None)]
+    else:
+        candidates = [(folder / filename, folder) for folder in (home_dir(), checkout_dir())]
+    for path, folder in candidates:
         if path.is_file():
-            return path
-    looked = ", ".join(str(p) for p in candidates)
+            return path if folder is None else _inside(path, folder)
+    looked = ", ".join(str(p) for p, _ in candidates)
     raise FileNotFoundError(
         f"no checkpoint for zoo model {name!r}: looked at {looked}. Put {filename} in "
         f"$TTA_HOME/models/zoo/ or train it with the command in benchmarks/zoo/ "
@@ -207,7 +319,8 @@ def load_zoo_model(
     from . import load_checkpoint, load_state_into
 
     name = name.removeprefix(PREFIX)
-    info = zoo_info(name)
+    manifests = _manifests()
+    info = _info(name, manifests.entries)
     arch = info["architecture"]
     if arch not in ARCHITECTURES and arch not in CLIP_ARCHITECTURES:
         known = sorted(ARCHITECTURES) + sorted(CLIP_ARCHITECTURES)
@@ -225,10 +338,17 @@ def load_zoo_model(
         if verify and expected:
             actual = sha256_of(path)
             if actual != expected:
+                source = manifests.sha256_from.get(name)
+                note = ""
+                if name in manifests.overruled:
+                    home, theirs = manifests.overruled[name]
+                    note = (f"; {home} gives {name!r} the sha256 {theirs[:16]}..., but a manifest in "
+                            f"$TTA_HOME cannot change the sha256 of a model the checkout's manifest "
+                            f"knows: give your model another name there")
                 raise ValueError(
                     f"{path} is corrupted or not the zoo's {name!r}: its sha256 {actual[:16]}... "
-                    f"does not match the manifest's {expected[:16]}... (checksum mismatch; "
-                    f"pass verify=False to load your own weights)"
+                    f"does not match {expected[:16]}... from {source} (checksum mismatch; "
+                    f"pass verify=False to load your own weights){note}"
                 )
         state = {k: v.float() if v.is_floating_point() else v for k, v in load_checkpoint(path).items()}
         load_state_into(net, state, str(path))
