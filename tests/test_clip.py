@@ -194,6 +194,12 @@ class _Code:
         return (print, ("this must never run",))
 
 
+def test_verify_is_refused_where_there_is_no_zoo_checksum():
+    with pytest.raises(ValueError, match="verify=False applies to zoo models only"):
+        tta.load_model(f"clip:{TINY}", classnames=CLASSES, verify=False)
+    assert tiny_clip(verify=True).num_classes == len(CLASSES)
+
+
 # ----------------------------------------------------------------------------------
 # Views and selection
 # ----------------------------------------------------------------------------------

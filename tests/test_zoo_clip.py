@@ -77,6 +77,32 @@ def test_zoo_clip_loads_as_a_clip_classifier(fake_home):
         tta.load_model("clip:zoo/clip_smal")
 
 
+def test_clip_zoo_and_zoo_take_the_same_options(fake_home):
+    torch.manual_seed(0)
+    clip_model, _ = zoo.build_zoo_clip("clip_cifar_resnet20")
+    path = _export(clip_model, fake_home, "clip_small", "clip_cifar_resnet20")
+    tampered = fake_home / "retrained.pt"
+    torch.save({k: v.half() + 0.01 if v.is_floating_point() else v for k, v in clip_model.state_dict().items()},
+               tampered)
+    x = torch.rand(2, 3, 32, 32)
+    for load in (lambda **kw: tta.load_model("clip:zoo/clip_small", **kw),
+                 lambda **kw: tta.load_model("zoo:clip_small", **kw)):
+        with pytest.raises(ValueError, match="checksum mismatch"):
+            load(weights=tampered)
+        with pytest.raises(ValueError, match="checksum mismatch"):
+            load(weights=tampered, verify=True)
+        mine = load(weights=tampered, verify=False, classnames=None, precision="fp32")
+        assert mine.num_classes == 10 and mine.classnames[0] == "airplane"  # None: the zoo's CIFAR-10
+        with pytest.raises(ValueError, match="fp32"):
+            load(precision="bf16")
+        with torch.no_grad():
+            assert not torch.equal(mine(x), load(weights=path)(x))
+    with pytest.raises(ValueError, match="cache_dir"):
+        tta.load_model("clip:zoo/clip_small", cache_dir=str(fake_home))
+    with pytest.raises(TypeError, match="takes weights, verify, pretrained and classnames"):
+        tta.load_model("zoo:clip_small", cache_dir=str(fake_home))
+
+
 def test_classifier_zoo_models_refuse_clip_options(fake_home):
     _export(tta.models.CifarResNet(20), fake_home, "resnet20_bn_jpeg", "cifar_resnet20")
     with pytest.raises(TypeError, match="not a CLIP model"):

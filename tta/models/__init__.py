@@ -59,8 +59,8 @@ def load_model(name: str, *, weights: str | os.PathLike | None = None, **kwargs:
         weights: a local checkpoint to load instead of the default weights.
         **kwargs: passed to the factory (``pretrained`` and ``num_classes`` for timm;
             ``classnames``, ``templates``, ``ctx_init`` for clip, see
-            :func:`tta.models.clip.clip_classifier`); ``verify`` for zoo (see
-            :func:`tta.models.zoo.load_zoo_model`).
+            :func:`tta.models.clip.clip_classifier`); ``verify`` for zoo and
+            ``clip:zoo/<name>`` (see :func:`tta.models.zoo.load_zoo_model`).
     """
     if name.startswith("timm:"):
         from .timm_models import timm_classifier

@@ -312,6 +312,7 @@ def clip_classifier(
     precision: str = "fp32",
     cache_dir: str | None = None,
     pretrained: bool = True,
+    verify: bool = True,
 ) -> CLIPClassifier:
     """Build ``load_model("clip:<spec>")``: an open_clip model and its tokenizer as
     a :class:`CLIPClassifier`.
@@ -334,14 +335,27 @@ def clip_classifier(
         pretrained: ``False`` ignores the weights named in ``spec`` and builds the
             model with random weights (smoke tests; ``tta-bench model.pretrained=false``);
             ``weights=`` still loads.
+        verify: zoo models only (``"zoo/<name>"``), as for ``load_model("zoo:<name>")``:
+            check the checkpoint's sha256 against the zoo manifest; ``False`` skips
+            that (weights you re-trained yourself). Other open_clip weights have no
+            sha256 of tta's to check, so ``verify=False`` is refused for them.
     """
     if spec.startswith("zoo/"):
         from .zoo import load_zoo_model
 
-        if precision != "fp32":
-            raise ValueError(f"zoo CLIP models run in fp32, got precision={precision!r}")
-        return load_zoo_model(spec[len("zoo/"):], weights=weights, pretrained=pretrained,
-                              classnames=classnames or "cifar10", templates=templates, ctx_init=ctx_init)
+        if cache_dir is not None:
+            raise ValueError(
+                f"cache_dir={cache_dir!r} does not apply to zoo CLIP models ({spec!r}): they are not "
+                f"downloaded but read from $TTA_HOME/models/zoo or the checkout; drop cache_dir"
+            )
+        return load_zoo_model(spec[len("zoo/"):], weights=weights, verify=verify, pretrained=pretrained,
+                              classnames=classnames, templates=templates, ctx_init=ctx_init,
+                              precision=precision)
+    if not verify:
+        raise ValueError(
+            f"verify=False applies to zoo models only (clip:zoo/<name>, whose sha256 the zoo manifest "
+            f"records); open_clip model {spec!r} has no tta checksum to skip: drop verify"
+        )
     oc = _open_clip()
     name, tag = _split_spec(spec, oc.list_models())
     if not pretrained:

@@ -302,6 +302,10 @@ def _find_checkpoint(name: str, info: dict[str, Any], weights: str | os.PathLike
     )
 
 
+#: The options CLIP zoo models take (as ``load_model("clip:zoo/<name>")`` does), with defaults.
+CLIP_OPTIONS: dict[str, Any] = dict(classnames="cifar10", templates="photo", ctx_init=None, precision="fp32")
+
+
 def load_zoo_model(
     name: str,
     *,
@@ -314,8 +318,9 @@ def load_zoo_model(
     [0, 1]. ``verify`` checks the file's sha256 against the manifest when there is
     one (also for ``weights=``); ``pretrained=False`` gives the architecture with
     random weights (smoke tests), no checkpoint needed. CLIP models (``clip_small``, ``clip_base``) come as
-    a :class:`~tta.models.clip.CLIPClassifier` and take ``classnames`` (default
-    ``"cifar10"``), ``templates`` and ``ctx_init``, as ``load_model("clip:...")`` does."""
+    a :class:`~tta.models.clip.CLIPClassifier` and take ``classnames`` (default, also for
+    ``None``: ``"cifar10"``), ``templates``, ``ctx_init`` and ``precision`` (``"fp32"``
+    only), the same options with the same meaning as ``load_model("clip:zoo/<name>")``."""
     from . import load_checkpoint, load_state_into
 
     name = name.removeprefix(PREFIX)
@@ -328,9 +333,19 @@ def load_zoo_model(
             f"zoo model {name!r} has architecture {arch!r}, which this version of tta "
             f"does not know ({', '.join(known)}): upgrade tta"
         )
-    if clip_kwargs and arch not in CLIP_ARCHITECTURES:
-        raise TypeError(f"zoo model {name!r} is not a CLIP model: unexpected {sorted(clip_kwargs)}")
     is_clip = arch in CLIP_ARCHITECTURES
+    if clip_kwargs and not is_clip:
+        raise TypeError(f"zoo model {name!r} is not a CLIP model: unexpected {sorted(clip_kwargs)}")
+    if is_clip:
+        unknown = sorted(set(clip_kwargs) - set(CLIP_OPTIONS))
+        if unknown:
+            raise TypeError(f"zoo CLIP model {name!r} takes weights, verify, pretrained and "
+                            f"{', '.join(CLIP_OPTIONS)}; unexpected {unknown}")
+        options = {**CLIP_OPTIONS, **clip_kwargs}
+        if options["classnames"] is None:
+            options["classnames"] = "cifar10"  # a zoo CLIP's classes, as for clip:zoo/<name>
+        if options.pop("precision") != "fp32":
+            raise ValueError(f"zoo CLIP models run in fp32, got precision={clip_kwargs['precision']!r}")
     net, extra = build_zoo_clip(arch) if is_clip else ARCHITECTURES[arch]()  # extra: tokenizer / classifier kwargs
     if pretrained or weights is not None:
         path = _find_checkpoint(name, info, weights)
@@ -353,5 +368,5 @@ def load_zoo_model(
         state = {k: v.float() if v.is_floating_point() else v for k, v in load_checkpoint(path).items()}
         load_state_into(net, state, str(path))
     if is_clip:
-        return zoo_clip_classifier(net, extra, **clip_kwargs)
+        return zoo_clip_classifier(net, extra, **options)
     return ImageClassifier(net, **extra).eval()
