@@ -77,5 +77,7 @@ def test_corrupted_cached_checkpoint_is_reported(tmp_path, monkeypatch):
     data[len(data) // 2] ^= 0xFF  # one flipped byte
     (cache / good.name).write_bytes(bytes(data))
     monkeypatch.setenv("TTA_HOME", str(tmp_path))
-    with pytest.raises(ValueError, match="corrupted"):
+    with pytest.raises(ValueError, match="corrupted") as err:
         tta.load_model("cifar10_resnet20")
+    assert "Delete it" in str(err.value)
+    assert "pretrained_models/resnet20-12fca82f.th" in str(err.value)  # where to get it by hand

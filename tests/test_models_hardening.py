@@ -165,6 +165,15 @@ def test_malformed_manifest_is_one_error_naming_the_file_and_the_entry(zoo_dirs)
         tta.load_model("zoo:m")
 
 
+def test_missing_zoo_checkpoint_names_the_path_and_sha256_to_place_it_with(zoo_dirs):
+    checkout, home = zoo_dirs
+    sha = sha256_of(checkout / "m.pt")
+    (checkout / "m.pt").unlink()
+    with pytest.raises(FileNotFoundError) as err:
+        tta.load_model("zoo:m")
+    assert f"Put m.pt (sha256 {sha}) at {home / 'm.pt'}" in str(err.value)
+
+
 # ----------------------------------------------------------------------------------
 # weights= that is not a checkpoint
 # ----------------------------------------------------------------------------------

@@ -202,8 +202,11 @@ def cifar_resnet_weights(depth: int) -> Path:
     path = tta_home() / "models" / "cifar10" / filename
     if not path.exists():
         download(_CIFAR_RESNET_URL + filename, path, sha256_prefix=expected)
-    elif not sha256_of(path).startswith(expected):
-        raise ValueError(f"{path} is corrupted: its sha256 does not start with {expected}")
+    elif not (got := sha256_of(path)).startswith(expected):
+        raise ValueError(
+            f"{path} is corrupted: its sha256 {got[:16]}... does not start with {expected}. Delete it "
+            f"(tta then downloads it again) or replace it by hand with {_CIFAR_RESNET_URL + filename}"
+        )
     return path
 
 

@@ -295,9 +295,10 @@ def _find_checkpoint(name: str, info: dict[str, Any], weights: str | os.PathLike
         if path.is_file():
             return path if folder is None else _inside(path, folder)
     looked = ", ".join(str(p) for p, _ in candidates)
+    sha256 = f" (sha256 {info['sha256']})" if info.get("sha256") else ""
     raise FileNotFoundError(
-        f"no checkpoint for zoo model {name!r}: looked at {looked}. Put {filename} in "
-        f"$TTA_HOME/models/zoo/ or train it with the command in benchmarks/zoo/ "
+        f"no checkpoint for zoo model {name!r}: looked at {looked}. Put {filename}{sha256} at "
+        f"{home_dir() / filename} or train it with the command in benchmarks/zoo/ "
         f"(README, 'Model zoo'). Zoo models: {', '.join(list_zoo())}"
     )
 
