@@ -283,6 +283,14 @@ def test_missing_checkpoint_when_home_is_a_file_says_where_to_place_it(tmp_path,
     assert "sha256 d509ac18" in str(err.value)
 
 
+def test_an_empty_tta_home_is_refused_not_taken_as_the_current_directory(monkeypatch):
+    monkeypatch.setenv("TTA_HOME", "")
+    with pytest.raises(ValueError, match="TTA_HOME is set but empty"):
+        tta.load_model("cifar10_resnet20")
+    monkeypatch.delenv("TTA_HOME")
+    assert tta.tta_home() == pathlib.Path("~/.cache/tta").expanduser()
+
+
 def test_offline_download_names_the_path_url_and_sha256(tmp_path, monkeypatch):
     def offline(*args, **kwargs):
         raise urllib.error.URLError("offline")

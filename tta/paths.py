@@ -20,8 +20,16 @@ __all__ = ["tta_home", "sha256_of", "download", "atomic_write_bytes"]
 
 def tta_home() -> Path:
     """Root of tta's data and weights: ``$TTA_HOME`` or ``~/.cache/tta``, as an
-    absolute path (a relative ``$TTA_HOME`` is taken from the current directory)."""
-    return Path(os.environ.get("TTA_HOME", "~/.cache/tta")).expanduser().absolute()
+    absolute path (a relative ``$TTA_HOME`` is taken from the current directory).
+    A set but empty ``$TTA_HOME`` is an error (it would otherwise silently be the
+    current directory, e.g. for ``TTA_HOME=$UNSET_VARIABLE``)."""
+    value = os.environ.get("TTA_HOME", "~/.cache/tta")
+    if not value.strip():
+        raise ValueError(
+            "TTA_HOME is set but empty: set it to the folder holding tta's data and weights, "
+            "or unset it to use ~/.cache/tta"
+        )
+    return Path(value).expanduser().absolute()
 
 
 def sha256_of(path: str | os.PathLike) -> str:
