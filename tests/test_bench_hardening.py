@@ -291,3 +291,63 @@ def test_a_file_that_fails_to_decode_mid_stream_is_named(tmp_path, num_workers) 
         with pytest.raises(OSError, match=re.escape(str(victim))):
             loader.prepare()
             list(loader)
+
+
+# ----------------------------------------------------------------------------------
+# 3. Config values are checked when the config is read
+# ----------------------------------------------------------------------------------
+
+#: Bad override -> what the refusal must say (the key's full name and what it takes).
+BAD_VALUES = {
+    "run.ece_bins=0": "run.ece_bins must be an integer >= 1; got 0",
+    "run.ece_bins=2.5": "run.ece_bins must be an integer >= 1; got 2.5",
+    "data.severity=2.7": "data.severity must be an integer in 1..5; got 2.7",
+    "data.severity=6": "data.severity must be an integer in 1..5; got 6",
+    "data.severity=five": "data.severity must be an integer in 1..5; got 'five'",
+    "data.num_images=2.5": "data.num_images must be null or an integer >= 1; got 2.5",
+    "data.num_images=0": "data.num_images must be null or an integer >= 1; got 0",
+    "run.seed=-3": "run.seed must be an integer in 0..2**63-1; got -3",
+    "run.seed=1.5": "run.seed must be an integer in 0..2**63-1; got 1.5",
+    "run.batch_size=0": "run.batch_size must be an integer >= 1; got 0",
+    "run.batch_size=2.5": "run.batch_size must be an integer >= 1; got 2.5",
+    "run.num_threads=0": "run.num_threads must be null or an integer >= 1; got 0",
+    "run.checkpoint_every=-2": "run.checkpoint_every must be null or an integer >= 0; got -2",
+    "run.checkpoint_minutes=-1": "run.checkpoint_minutes must be null or a finite number >= 0; got -1",
+    "run.ece=maybe": "run.ece must be true or false; got 'maybe'",
+    "run.device=gpu": "run.device must be auto or a torch device",
+    "data.cache_mb=-1": "data.cache_mb must be a number >= 0; got -1",
+    "data.num_workers=-1": "data.num_workers must be an integer >= 0; got -1",
+    "data.crop_ratio=0": "data.crop_ratio must be a finite number in (0, 1]; got 0",
+    "data.crop_ratio=1.5": "data.crop_ratio must be a finite number in (0, 1]; got 1.5",
+    "data.image_size=31.5": "data.image_size must be null or an integer >= 1; got 31.5",
+    "data.preset=cifar100": "data.preset must be null or one of cifar, tinyimagenet, imagenet; got 'cifar100'",
+    "data.skip_bad_files=yes": "data.skip_bad_files must be true or false; got 'yes'",
+    "scenario.severities=[1,7]": "scenario.severities must be null or a non-empty list of integers in 1..5; got [1, 7]",
+    "scenario.label_shift_gamma=0": "scenario.label_shift_gamma must be null or a finite number > 0; got 0",
+    "scenario.label_shift_slots=0": "scenario.label_shift_slots must be null or an integer >= 1; got 0",
+}
+
+
+@pytest.mark.parametrize("override", list(BAD_VALUES))
+def test_bad_config_values_are_refused_when_the_config_is_read(tmp_path, override) -> None:
+    from tta.bench.config import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        run_benchmark(compose_config([*TINY, override]), tmp_path / "out")
+    assert BAD_VALUES[override] in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_every_bad_value_is_listed_at_once_and_the_shipped_configs_pass(tmp_path) -> None:
+    from tta.bench.config import ConfigError, config_dir, validate_config
+
+    with pytest.raises(ConfigError) as err:
+        validate_config(compose_config(["run.ece_bins=0", "data.severity=2.7", "run.seed=-3"]))
+    assert all(key in str(err.value) for key in ("run.ece_bins", "data.severity", "run.seed"))
+    for group in ("data", "scenario", "model"):
+        for path in sorted((config_dir() / group).glob("*.yaml")):
+            validate_config(compose_config([f"{group}={path.stem}", "data.root=/x"]))
+    # Edge values that are fine: no cache limit, checkpoints off, all images.
+    validate_config(compose_config(["data.cache_mb=inf", "run.checkpoint_every=0", "data.num_images=null",
+                                    "run.checkpoint_minutes=null", "run.num_threads=2"]))
+    validate_config(compose_config(["data.cache_mb=0.5", "scenario.severities=[1,5]", "run.device=cuda:1"]))

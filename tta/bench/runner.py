@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import Tensor
 
-from .config import config_hash, method_overrides, register_resolvers, to_container
+from .config import config_hash, method_overrides, register_resolvers, validate_config
 from ..methods.base import StepRecord
 from ..paths import atomic_write_bytes
 from .results import RESULTS_JSON, git_info, load_results, versions, write_results
@@ -47,6 +47,8 @@ def resolve_device(name: str) -> torch.device:
 def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = 15) -> float:
     """ECE in %: the sample-weighted gap between accuracy and mean confidence over
     ``bins`` equal-width confidence bins."""
+    if not isinstance(bins, (int, np.integer)) or bins < 1:
+        raise ValueError(f"expected_calibration_error needs bins >= 1 (run.ece_bins), got {bins!r}")
     if len(confidence) == 0:
         return float("nan")
     idx = np.clip((confidence * bins).astype(int), 0, bins - 1)
@@ -184,8 +186,9 @@ def run_benchmark(
     """
     register_resolvers()
     out = Path(output_dir)
-    chash = config_hash(cfg)
-    plain = to_container(cfg)
+    # Types and ranges are checked here, once, before anything reads the values.
+    plain = validate_config(cfg)
+    chash = config_hash(plain)
     if plain["run"].get("skip_existing", True):
         old = _existing(out, chash)
         if old is not None and old.get("num_bad_files") and not plain["data"].get("skip_bad_files", False):
