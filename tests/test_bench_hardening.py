@@ -22,7 +22,7 @@ pytest.importorskip("hydra")
 
 import tta  # noqa: E402
 import tta.methods.base as methods_base  # noqa: E402
-from tta.bench import compose_config, run_benchmark  # noqa: E402
+from tta.bench import compose_config, make_report, run_benchmark  # noqa: E402
 from tta.bench.sources import build_domains  # noqa: E402
 from tta.bench.stream import BatchLoader, build_stream  # noqa: E402
 
@@ -351,3 +351,68 @@ def test_every_bad_value_is_listed_at_once_and_the_shipped_configs_pass(tmp_path
     validate_config(compose_config(["data.cache_mb=inf", "run.checkpoint_every=0", "data.num_images=null",
                                     "run.checkpoint_minutes=null", "run.num_threads=2"]))
     validate_config(compose_config(["data.cache_mb=0.5", "scenario.severities=[1,5]", "run.device=cuda:1"]))
+
+
+# ----------------------------------------------------------------------------------
+# 4. The report names the results.json it cannot read, and reports the others
+# ----------------------------------------------------------------------------------
+
+
+def _fake_result(method: str, error: float) -> dict:
+    return {"method": method, "model": "cifar10_resnet20", "data": "cifar10c", "scenario": "continual",
+            "error": {"fog": error}, "mean_error": error, "images_per_s": 100.0, "batch_size": 8,
+            "domains": [{"name": "fog", "num_images": 16}], "hydra": {"job_num": None,
+                                                                      "overrides": [f"method={method}"]}}
+
+
+@pytest.fixture
+def sweep_with_unreadable_results(tmp_path) -> tuple[Path, list[Path]]:
+    sweep = tmp_path / "multirun"
+    for method, error in (("source", 50.0), ("tent", 40.0)):
+        (sweep / f"method={method}").mkdir(parents=True)
+        (sweep / f"method={method}" / "results.json").write_text(json.dumps(_fake_result(method, error)))
+    cut = sweep / "method=norm" / "results.json"  # damaged (e.g. a disk that filled up)
+    foreign = sweep / "method=eata" / "results.json"  # JSON, but not a tta-bench result
+    for path in (cut, foreign):
+        path.parent.mkdir()
+    cut.write_text(json.dumps(_fake_result("norm", 45.0))[:90])
+    foreign.write_text(json.dumps({"method": "eata", "note": "copied from elsewhere"}))
+    return sweep, [cut, foreign]
+
+
+def test_report_warns_about_unreadable_results_and_reports_the_others(sweep_with_unreadable_results,
+                                                                      caplog) -> None:
+    from tta.bench.report import collect_results
+
+    sweep, bad = sweep_with_unreadable_results
+    with caplog.at_level("WARNING", logger="tta.bench.report"):
+        text = make_report(sweep, plot=False)
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 2
+    for path, reason in zip(bad, ("not valid JSON", "not a tta-bench result")):
+        assert any(str(path) in w and reason in w for w in warned), path
+        assert str(path) in text  # the report itself lists what it left out
+    assert "| source | 50.0 |" in text and "| tent | 40.0 |" in text
+    assert "| norm" not in text and "| eata" not in text
+    unreadable: list = []
+    assert [r["method"] for r in collect_results(sweep, unreadable=unreadable)] == ["source", "tent"]
+    assert sorted(p for p, _ in unreadable) == sorted(map(str, bad))
+
+
+def test_report_command_names_unreadable_results_on_stderr(sweep_with_unreadable_results) -> None:
+    import os
+    import subprocess
+    import sys
+
+    sweep, bad = sweep_with_unreadable_results
+    proc = subprocess.run([sys.executable, "-c", "import sys; from tta.bench.report import main; sys.exit(main())",
+                           str(sweep), "--no-plot"], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
+    assert proc.returncode == 0, proc.stderr
+    assert all(f"WARNING: leaving {p} out of the report" in proc.stderr for p in bad)
+    assert "| source |" in proc.stdout and "| tent |" in proc.stdout
+    # Nothing readable at all: the error names what was left out.
+    for method in ("source", "tent"):
+        (sweep / f"method={method}" / "results.json").write_text("{")
+    with pytest.raises(FileNotFoundError, match="no readable results.json"):
+        make_report(sweep, plot=False)

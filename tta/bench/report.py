@@ -9,33 +9,47 @@ from __future__ import annotations
 
 import argparse
 import io
+import logging
 import math
 import sys
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from ..paths import atomic_write_bytes
-from .results import RESULTS_JSON, load_results
+from .results import RESULTS_JSON, read_results
+
+log = logging.getLogger("tta.bench.report")
 
 __all__ = ["collect_results", "row_labels", "markdown_table", "plot_comparison", "make_report", "main"]
 
 
-def collect_results(sweep_dir: str | Path, only: Iterable[frozenset[str]] | None = None) -> list[dict[str, Any]]:
+def collect_results(sweep_dir: str | Path, only: Iterable[frozenset[str]] | None = None,
+                    unreadable: list[tuple[str, str]] | None = None) -> list[dict[str, Any]]:
     """Every readable ``results.json`` under ``sweep_dir``, in job order (Hydra's
     job number, then folder name). Each gets ``_path``, its folder. With ``only``,
-    just the results whose command-line overrides are one of those sets."""
+    just the results whose command-line overrides are one of those sets.
+
+    A ``results.json`` that cannot be read (damaged, not JSON, not a tta-bench
+    result) is left out with a warning naming it, and appended to ``unreadable``
+    as ``(path, reason)`` when that list is given."""
     wanted = None if only is None else {_result_overrides(o) for o in only}
     root = Path(sweep_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"sweep folder not found: {root}")
     found = []
     for path in sorted(root.rglob(RESULTS_JSON)):
-        res = load_results(path)
-        if res is not None and "error" in res:
-            if wanted is not None and _result_overrides((res.get("hydra") or {}).get("overrides") or []) not in wanted:
-                continue
-            res["_path"] = str(path.parent)
-            found.append(res)
+        try:
+            res = read_results(path)
+        except (OSError, ValueError) as err:
+            reason = str(err) if isinstance(err, ValueError) else f"cannot be read ({err})"
+            log.warning("leaving %s out of the report: %s", path, reason)
+            if unreadable is not None:
+                unreadable.append((str(path), reason))
+            continue
+        if wanted is not None and _result_overrides((res.get("hydra") or {}).get("overrides") or []) not in wanted:
+            continue
+        res["_path"] = str(path.parent)
+        found.append(res)
     found.sort(key=lambda r: ((r.get("hydra") or {}).get("job_num") is None,
                               (r.get("hydra") or {}).get("job_num") or 0, r["_path"]))
     return found
@@ -140,8 +154,14 @@ def make_report(sweep_dir: str | Path, out_md: str | Path | None = None,
     ``only``, see :func:`collect_results`); write the markdown (default
     ``<sweep_dir>/report.md``) and the plot (default ``report.png`` beside it);
     return the markdown."""
-    results = collect_results(sweep_dir, only)
+    unreadable: list[tuple[str, str]] = []
+    results = collect_results(sweep_dir, only, unreadable)
     if not results:
+        if unreadable:
+            raise FileNotFoundError(
+                f"no readable {RESULTS_JSON} under {sweep_dir}; left out: "
+                + "; ".join(f"{p} ({r})" for p, r in unreadable)
+            )
         raise FileNotFoundError(
             f"no {RESULTS_JSON} under {sweep_dir}: expected the folder of a tta-bench sweep "
             "(e.g. outputs/multirun)"
@@ -170,6 +190,9 @@ def make_report(sweep_dir: str | Path, out_md: str | Path | None = None,
         markdown_table(results),
         "",
     ])
+    if unreadable:
+        text += f"\nLeft out, unreadable ({len(unreadable)}):\n\n" + "".join(
+            f"- `{p}`: {r}\n" for p, r in unreadable)
     if plot:
         atomic_write_bytes(png_path, plot_comparison(results))
         text += f"\n![comparison]({png_path.name})\n"
@@ -186,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plot", type=Path, default=None, help="plot file (default report.png beside --out)")
     parser.add_argument("--no-plot", action="store_true", help="skip the plot")
     args = parser.parse_args(argv)
+    if not logging.getLogger().handlers:  # the warnings about unreadable results go to stderr
+        logging.basicConfig(level=logging.WARNING, format="tta-bench-report: %(levelname)s: %(message)s")
     try:
         text = make_report(args.sweep_dir, args.out, args.plot, plot=not args.no_plot)
     except FileNotFoundError as err:

@@ -28,6 +28,7 @@ __all__ = [
     "jsonable",
     "write_json",
     "load_results",
+    "read_results",
     "write_results",
     "plot_run",
 ]
@@ -90,9 +91,30 @@ def write_json(path: str | Path, data: Mapping[str, Any]) -> None:
     atomic_write_bytes(path, (text + "\n").encode())
 
 
+def read_results(path: str | Path) -> dict[str, Any]:
+    """A ``results.json`` (or the one in folder ``path``) of a finished run.
+
+    Raises ``OSError`` when it cannot be read and ``ValueError`` saying why when
+    it is not JSON or not a tta-bench result (a JSON object with an ``error`` dict).
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / RESULTS_JSON
+    text = path.read_text()
+    try:
+        data = json.loads(text)
+    except ValueError as err:
+        raise ValueError(f"not valid JSON ({err}; {len(text)} characters)") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"not a tta-bench result (a JSON {type(data).__name__}, not an object)")
+    if not isinstance(data.get("error"), dict):
+        raise ValueError("not a tta-bench result (no 'error' dict of per-domain errors)")
+    return data
+
+
 def load_results(path: str | Path) -> dict[str, Any] | None:
     """A ``results.json`` (or the one in folder ``path``); None when missing or
-    unreadable (a run killed before writing it)."""
+    unreadable (a run killed before writing it). :func:`read_results` says why."""
     path = Path(path)
     if path.is_dir():
         path = path / RESULTS_JSON
