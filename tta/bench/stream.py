@@ -260,7 +260,7 @@ class BatchLoader:
             prefetch_factor=4 if self.num_workers > 0 else None,
             multiprocessing_context=_worker_context() if self.num_workers > 0 else None,
             # Workers' seeds come from here, not from the global RNG (see the class doc).
-            generator=torch.Generator().manual_seed(seed_for(self.seed, 4, start)),
+            generator=torch.Generator().manual_seed(seed_for(self.seed, 4)),
         )
         for b, (x, y, _) in enumerate(loader, start):
             s, e = stream.batches[b]
