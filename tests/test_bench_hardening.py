@@ -163,7 +163,8 @@ def _make_bad(path: Path, kind: str, good_jpeg: Path) -> Path:
     elif kind == "truncated_png":
         path = path.with_suffix(".png")
         Image.open(good_jpeg).save(path)
-        path.write_bytes(path.read_bytes()[:-20])
+        png = path.read_bytes()
+        path.write_bytes(png[: len(png) // 2])
     elif kind == "folder":
         path.mkdir()
     elif kind == "broken_symlink":
@@ -198,12 +199,13 @@ def test_check_image_file_accepts_padding_and_other_formats(tmp_path) -> None:
     from tta.bench.sources import check_image_file
 
     good = Path(shutil.copy(sorted(CIFAR_TEST.glob("*/*.jpg"))[0], tmp_path / "good.jpg"))
-    padded = tmp_path / "padded.jpg"
+    padded, trailer = tmp_path / "padded.jpg", tmp_path / "trailer.jpg"
     padded.write_bytes(good.read_bytes() + b"\x00" * 300)
+    trailer.write_bytes(good.read_bytes() + b"SEFH camera metadata after the end marker")
     png, bmp = tmp_path / "a.png", tmp_path / "a.bmp"
     Image.open(good).save(png)
     Image.open(good).save(bmp)
-    assert [check_image_file(p) for p in (padded, png, bmp)] == [None, None, None]
+    assert [check_image_file(p) for p in (padded, trailer, png, bmp)] == [None] * 4
     bmp.write_bytes(bmp.read_bytes()[:-100])
     assert "truncated BMP" in check_image_file(bmp)
 

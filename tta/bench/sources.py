@@ -111,14 +111,16 @@ def check_image_file(path: str | os.PathLike) -> str | None:
     except OSError as err:
         return f"cannot be read ({err.strerror or err})"
     # JPEG and PNG (nearly every data set) are told by their magic and trailer;
-    # anything else is identified by Pillow, which reads its header only.
+    # anything else is identified by Pillow, which reads its header only. A file
+    # without its end marker is decoded before it is called truncated: some
+    # writers append data after it (e.g. phone cameras), and those decode fine.
     if head.startswith(_JPEG_MAGIC):
-        if not _ends_with(tail, b"\xff\xd9"):
-            return "is a truncated JPEG (it does not end with the end-of-image marker FFD9)"
+        if not _ends_with(tail, b"\xff\xd9") and not _decodes(path):
+            return "is a truncated JPEG (it does not end with the end-of-image marker FFD9, and does not decode)"
         return None
     if head.startswith(_PNG_MAGIC):
-        if not _ends_with(tail, _PNG_IEND):
-            return "is a truncated PNG (it does not end with an IEND chunk)"
+        if not _ends_with(tail, _PNG_IEND) and not _decodes(path):
+            return "is a truncated PNG (it does not end with an IEND chunk, and does not decode)"
         return None
     try:
         with Image.open(path) as img:
@@ -144,6 +146,17 @@ def _ends_with(tail: bytes, marker: bytes) -> bool:
     return i >= 0 and not tail[i + len(marker):].strip(_PADDING)
 
 
+def _decodes(path: Path) -> bool:
+    try:
+        with Image.open(path) as img:
+            img.load()
+    except MemoryError:
+        raise
+    except Exception:  # noqa: BLE001 - any decoding error means: unreadable
+        return False
+    return True
+
+
 def check_image_files(files: Sequence[Path], num_workers: int = 0) -> list[str | None]:
     """:func:`check_image_file` of each file, in order (``num_workers`` threads
     for long lists: the check waits on the file system, not the CPU)."""
@@ -164,6 +177,8 @@ def decode_image(path: str | os.PathLike, size: int | None = None, crop_ratio: f
     """
     try:
         return _decode_image(path, size, crop_ratio)
+    except MemoryError:
+        raise
     except Exception as err:  # noqa: BLE001 - Pillow raises assorted errors on damaged files
         raise ImageFileError(
             f"cannot decode image file {path} ({type(err).__name__}: {err}); replace or remove it "
