@@ -82,12 +82,14 @@ def test_plpd_and_weights_hand_computed():
     torch.testing.assert_close(deyo_weights(entropy, entropy, 0.4, 0.0, 0.0), torch.ones(2))
 
 
-def test_deyo_adapts_only_norm_params_below_last_stage(resnet20, noisy_batch):
+@pytest.mark.parametrize("skip_modules", ["paper", "last_stage"])
+def test_deyo_adapts_only_the_chosen_norm_params(skip_modules, resnet20, noisy_batch):
     before = {k: v.clone() for k, v in resnet20.state_dict().items()}
-    adapted = tta.wrap(resnet20, "deyo", lr=1e-2)
+    adapted = tta.wrap(resnet20, "deyo", lr=1e-2, skip_modules=skip_modules)
     names = {n for n, _ in adapted.adapted}
     assert names and all(".bn" in n or n.startswith("backbone.bn1") for n in names)
-    assert not any(n.startswith("backbone.layer3") for n in names)
+    # the official rule freezes `layer4`, which a CIFAR ResNet does not have
+    assert any(n.startswith("backbone.layer3") for n in names) == (skip_modules == "paper")
     for _ in range(2):
         adapted(noisy_batch)
     changed = {k for k, v in resnet20.state_dict().items() if not torch.equal(v, before[k])}

@@ -88,8 +88,10 @@ def test_deyo_beats_source_and_matches_tent_on_eight_corruptions(eight_corruptio
 
 # Errors on the fixed-seed stream above, recorded 2026-11-27 with the sync-free
 # implementation (mask filters, gated steps, sample-weighted BN statistics): any
-# later speed work must keep them within 0.2 points.
-RECORDED = {"norm": 50.4, "tent": 50.3, "eta": 50.0, "eata": 50.0, "sar": 50.4, "deyo": 50.2}
+# later speed work must keep them within 0.2 points. DeYO re-recorded 2026-12-03 when
+# it took the official frozen-module rule (every BN layer of a CIFAR ResNet adapts;
+# 50.2 with the last stage frozen).
+RECORDED = {"norm": 50.4, "tent": 50.3, "eta": 50.0, "eata": 50.0, "sar": 50.4, "deyo": 50.5}
 
 
 @pytest.mark.parametrize("name", sorted(RECORDED))

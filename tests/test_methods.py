@@ -9,6 +9,7 @@ import tta
 from tta.methods.base import (
     gated_step,
     last_stage_prefixes,
+    paper_frozen_modules,
     sample_weighted_batch_stats,
     select_norm_params,
     softmax_entropy,
@@ -42,10 +43,9 @@ def changed_keys(before, after):
 
 
 def expected_params(model, name):
-    if name in ("sar", "deyo"):
-        skip = last_stage_prefixes(model)
-        assert skip == ["backbone.layer3"]
-        return {n for n, _ in select_norm_params(model, skip)}
+    # SAR and DeYO follow the official rule (freeze `layer4`): a 3-stage CIFAR ResNet
+    # adapts every norm layer, like the other methods.
+    assert paper_frozen_modules(model) == []
     return {n for n, _ in select_norm_params(model)}
 
 
@@ -172,16 +172,27 @@ def test_sample_weighted_stats_equal_a_subset_forward(resnet20, noisy_batch):
 
 
 @pytest.mark.parametrize("name", ["sar", "deyo"])
-def test_last_stage_detection(name):
+def test_frozen_modules_follow_the_official_rule(name):
     vit = tta.load_model("timm:vit_tiny_patch16_224", pretrained=False)
-    skipped = last_stage_prefixes(vit)
-    assert skipped == ["backbone.blocks.9", "backbone.blocks.10", "backbone.blocks.11", "backbone.norm"]
+    frozen = ["backbone.blocks.9", "backbone.blocks.10", "backbone.blocks.11", "backbone.norm"]
+    assert [n for n in paper_frozen_modules(vit) if n.count(".") <= 2] == frozen
+    assert last_stage_prefixes(vit) == frozen  # 12 blocks: the two rules agree
     r18 = tta.load_model("timm:resnet18", pretrained=False)
     assert last_stage_prefixes(r18) == ["backbone.layer4"]
+    assert {n for n in paper_frozen_modules(r18) if n.count(".") == 1} == {"backbone.layer4"}
     adapted = tta.wrap(vit, name)
     names = {n for n, _ in adapted.adapted}
-    assert names and not any(n.startswith(tuple(skipped)) for n in names)
+    assert names and not any(n.startswith(tuple(frozen)) for n in names)
     assert all("norm" in n for n in names)
+    # 24 blocks: the official code freezes blocks 9-11 (its substrings), the
+    # last-stage rule the last quarter
+    deep = tta.load_model("timm:vit_tiny_patch16_224", pretrained=False, depth=24)
+    paper = {n for n, _ in tta.wrap(copy.deepcopy(deep), name).adapted}
+    assert not any(n.startswith(("backbone.blocks.9.", "backbone.blocks.11.")) for n in paper)
+    assert any(n.startswith("backbone.blocks.23.") for n in paper)
+    last = {n for n, _ in tta.wrap(deep, name, skip_modules="last_stage").adapted}
+    assert any(n.startswith("backbone.blocks.9.") for n in last)
+    assert not any(n.startswith(("backbone.blocks.18.", "backbone.blocks.23.")) for n in last)
 
 
 def test_eata_fisher_regulariser(resnet20, noisy_batch, cifar_train_images):

@@ -1,6 +1,7 @@
 """The zoo's LayerNorm model: a timm ViT config for 32x32 images, ``zoo:vit_tiny_ln``,
 and what BatchNorm-only adaptation does on models without BatchNorm."""
 
+import copy
 import io
 import warnings
 
@@ -56,10 +57,13 @@ def test_layer_norm_vit_adapts_its_layer_norms_with_deyo():
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     adapted = tta.wrap(model, "deyo", lr=1e-2, plpd_threshold=-1.0, deyo_margin=10.0)
     names = {n for n, _ in adapted.adapted}
-    assert names and all(".norm" in n for n in names)
-    # as for ViT-B in the paper, the top (last block and final norm) stays frozen
-    assert not any(".blocks.5." in n or "fc_norm" in n for n in names)
-    assert any(".blocks.4." in n for n in names)
+    assert names and all("norm" in n.rsplit(".", 2)[-2] for n in names)
+    # The official rule freezes blocks 9-11 and the final `norm`: a 6-block ViT with
+    # a pooled-feature norm (`fc_norm`) freezes nothing of its blocks.
+    assert any(".blocks.5." in n for n in names) and any("fc_norm" in n for n in names)
+    last = {n for n, _ in tta.wrap(copy.deepcopy(model), "deyo", skip_modules="last_stage").adapted}
+    assert not any(".blocks.5." in n or "fc_norm" in n for n in last)
+    assert any(".blocks.4." in n for n in last)
     adapted(torch.rand(8, 3, 32, 32))
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and changed <= names

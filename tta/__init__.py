@@ -13,6 +13,7 @@ from .methods import (
     TTAMethod,
     list_methods,
     method_defaults,
+    method_presets,
     register_method,
     wrap,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "list_models",
     "load_model",
     "method_defaults",
+    "method_presets",
     "methods",
     "models",
     "register_method",

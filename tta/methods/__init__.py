@@ -2,7 +2,7 @@
 
 from . import deyo, eata, eta, norm, rlcf, sar, source, tent, tpt  # noqa: F401  (registration)
 from .base import StepRecord, TTAMethod, softmax_entropy, select_norm_params, last_stage_prefixes
-from .registry import list_methods, method_class, method_defaults, register_method, wrap
+from .registry import list_methods, method_class, method_defaults, method_presets, register_method, wrap
 
 __all__ = [
     "StepRecord",
@@ -10,6 +10,7 @@ __all__ = [
     "list_methods",
     "method_class",
     "method_defaults",
+    "method_presets",
     "register_method",
     "wrap",
     "softmax_entropy",

@@ -14,6 +14,7 @@ import os
 import re
 import sys
 import warnings
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -45,6 +46,9 @@ __all__ = [
     "softmax_entropy",
     "select_norm_params",
     "last_stage_prefixes",
+    "paper_frozen_modules",
+    "frozen_top",
+    "sar_paper_lr",
     "use_batch_stats",
     "sample_weighted_batch_stats",
     "build_optimizer",
@@ -56,6 +60,28 @@ __all__ = [
 ]
 
 NORM_LAYERS = (_BatchNorm, nn.LayerNorm, nn.GroupNorm)
+
+# Models currently wrapped, and by whom: a method configures its model in place
+# (norm layers, requires_grad, its snapshot), so two live methods on one module
+# would silently undo each other. Weak both ways: a copy or a freed method is free.
+_WRAPPED: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
+
+
+def _refuse_if_wrapped(model: nn.Module) -> None:
+    if isinstance(model, TTAMethod):
+        raise TypeError(
+            f"this is already a tta method ({model.method_name!r}); wrap a model, e.g. "
+            f"tta.wrap(copy.deepcopy(original_model), ...), not a method"
+        )
+    owner = _WRAPPED.get(model)
+    method = owner() if owner is not None else None
+    if method is not None:
+        raise ValueError(
+            f"this model is already wrapped by tta method {method.method_name!r}, which has "
+            "configured its norm layers and trainable parameters in place; two methods on one "
+            "module would undo each other. Wrap a copy (tta.wrap(copy.deepcopy(model), ...)), "
+            "or delete the first method (del it) before wrapping the model again"
+        )
 
 
 def softmax_entropy(logits: Tensor) -> Tensor:
@@ -125,6 +151,69 @@ def last_stage_prefixes(model: nn.Module) -> list[str]:
     return []
 
 
+#: Substrings of the module names that SAR's and DeYO's official code freezes
+#: (``collect_params``: "layer4 for ResNets and blocks9-11 for Vit-Base"), plus the
+#: network's final ``norm``, matched exactly.
+PAPER_FROZEN_SUBSTRINGS = ("layer4", "blocks.9", "blocks.10", "blocks.11", "norm.")
+
+
+def paper_frozen_modules(model: nn.Module) -> list[str]:
+    """Module names that SAR's and DeYO's official code leaves frozen, applied as
+    that code applies them: a module is frozen when its name (relative to the
+    network, i.e. inside tta's ``backbone``) contains ``layer4``, ``blocks.9``,
+    ``blocks.10`` or ``blocks.11``, or is the top-level ``norm``. What that freezes:
+
+    - torchvision/timm ResNets (``layer1``-``layer4``): ``layer4``.
+    - CIFAR ResNets (three stages, ``layer1``-``layer3``): nothing; every norm layer adapts.
+    - ViT/DeiT (``blocks.N``, any depth): blocks 9, 10, 11 and the final ``norm``
+      (on ViT-B the last quarter; on a 24-block ViT-L the same three middle blocks).
+    - Hierarchical nets with ``stages.S.blocks.N`` / ``layers.S.blocks.N`` (ConvNeXt,
+      Swin, EfficientFormer, ...): blocks 9-11 of any stage that deep, and a
+      top-level ``norm`` (Swin); otherwise nothing.
+    - Anything else (RegNet, MobileNet, GhostNet, ...): nothing.
+
+    :func:`last_stage_prefixes` is the alternative rule (the deepest stage)."""
+    root = "backbone." if isinstance(getattr(model, "backbone", None), nn.Module) else ""
+    frozen = []
+    for name, _ in model.named_modules():
+        if not name.startswith(root):
+            continue
+        relative = name[len(root):]
+        if relative == "norm" or any(part in relative for part in PAPER_FROZEN_SUBSTRINGS):
+            frozen.append(name)
+    return frozen
+
+
+def frozen_top(model: nn.Module, freeze: str | Sequence[str]) -> list[str]:
+    """The modules SAR/DeYO keep frozen: ``"paper"`` (:func:`paper_frozen_modules`),
+    ``"last_stage"`` (:func:`last_stage_prefixes`), ``"none"``, or explicit names."""
+    if isinstance(freeze, str):
+        rules = {"paper": paper_frozen_modules, "last_stage": last_stage_prefixes, "none": lambda m: []}
+        if freeze not in rules:
+            raise ValueError(f"freeze must be one of {sorted(rules)} or a list of module names, got {freeze!r}")
+        return rules[freeze](model)
+    return list(freeze)
+
+
+def uses_transformer_lr(model: nn.Module) -> bool:
+    """Whether the papers' ViT learning-rate rule applies: every norm layer of the
+    model is a LayerNorm (ViT, DeiT, Swin, Mixer, ConvNeXt); BatchNorm and
+    GroupNorm nets (the papers' ResNet-50s) get the ResNet rule."""
+    norms = [m for m in model.modules() if isinstance(m, NORM_LAYERS)]
+    return bool(norms) and all(isinstance(m, nn.LayerNorm) for m in norms)
+
+
+def sar_paper_lr(model: nn.Module, batch_size: int, double_at_batch_size_1: bool = True) -> float:
+    """SAR's and DeYO's official learning rates (SGD, momentum 0.9): ``1e-3 * B / 64``
+    for ViTs; for ResNets ``2.5e-4`` from batch 32 up and ``2.5e-4 / 64 * B * 2``
+    below; doubled again at batch size 1 ("double lr for sar under bs=1")."""
+    if uses_transformer_lr(model):
+        lr = 1e-3 * batch_size / 64
+    else:
+        lr = 2.5e-4 if batch_size >= 32 else 2.5e-4 / 64 * batch_size * 2
+    return 2 * lr if batch_size == 1 and double_at_batch_size_1 else lr
+
+
 # ----------------------------------------------------------------------------------
 # Batch-statistics normalisation
 # ----------------------------------------------------------------------------------
@@ -151,11 +240,23 @@ def _weighted_stats(x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
 def _adaptive_bn_forward(self: _BatchNorm, x: Tensor) -> Tensor:
     alpha: float = self.tta_alpha
     weight: Tensor | None = self.tta_sample_weight
+    if weight is None and alpha == 0.0:
+        # The source statistics alone: exactly eval-mode BatchNorm.
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
     if weight is None and alpha == 1.0 and torch.is_grad_enabled():
         # Native train-mode BatchNorm: its fused backward is the fastest path.
         return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
     if weight is None:
         weight = torch.ones(x.shape[0], device=x.device)
+    elif weight.shape[0] != x.shape[0]:
+        # BatchNorm over tokens (LeViT's BatchNorm1d on (B, N, C).flatten(0, 1)): each
+        # image owns x.shape[0] / B consecutive rows.
+        if x.shape[0] % weight.shape[0]:
+            raise ValueError(
+                f"{type(self).__name__} sees {x.shape[0]} rows for a batch of {weight.shape[0]} "
+                "images, which is no whole number per image: per-sample statistics are undefined"
+            )
+        weight = weight.repeat_interleave(x.shape[0] // weight.shape[0])
     # With a weight: statistics of the selected samples only, as if the batch were
     # that subset, without a host sync to gather them.
     mean, var = _weighted_stats(x, weight)
@@ -328,6 +429,8 @@ def check_images(x: Any) -> None:
         )
     if x.shape[0] == 0:
         raise ValueError("empty batch: nothing to predict or adapt on")
+    if x.shape[2] == 0 or x.shape[3] == 0:
+        raise ValueError(f"expected images of at least 1x1 pixels, got shape {tuple(x.shape)}")
     finite, lo, hi = torch.stack(
         [torch.isfinite(x).all().to(x.dtype), x.amin(), x.amax()]
     ).tolist()
@@ -344,6 +447,100 @@ def check_images(x: Any) -> None:
 # ----------------------------------------------------------------------------------
 # The method base class
 # ----------------------------------------------------------------------------------
+
+
+def _floating_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype of the model's first floating parameter (what inputs are cast to)."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return None
+
+
+def _clone_all(tensors: list[Tensor]) -> list[Tensor]:
+    # One fused kernel per dtype and device on CUDA instead of a launch per tensor.
+    floats = [t for t in tensors if t.is_floating_point()]
+    if len(floats) == len(tensors) and len({t.device for t in tensors}) == 1 and tensors:
+        return list(torch._foreach_mul(tensors, 1.0))
+    return [t.clone() for t in tensors]
+
+
+def _few(keys: Sequence[str], n: int = 4) -> str:
+    if not keys:
+        return "none"
+    return ", ".join(map(repr, keys[:n])) + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+
+def _check_optimizer_state(
+    optimizer: torch.optim.Optimizer, state: Any, type_name: str | None, method: str
+) -> None:
+    """The optimizer state must be of this optimizer's kind, over the same parameters."""
+    mine = type(optimizer).__name__
+    fail = f"{method}: the optimizer state is not this method's {mine} over its adapted parameters"
+    if type_name is not None and type_name != mine:
+        raise ValueError(f"{fail}: it is a {type_name}'s. Nothing was loaded")
+    groups = state.get("param_groups") if isinstance(state, Mapping) else None
+    if not isinstance(groups, list) or len(groups) != len(optimizer.param_groups):
+        raise ValueError(f"{fail} (parameter groups differ). Nothing was loaded")
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for theirs, own in zip(groups, optimizer.param_groups):
+        if len(theirs.get("params", ())) != len(own["params"]):
+            raise ValueError(f"{fail}: {len(theirs.get('params', ()))} parameters in the state, "
+                             f"{len(own['params'])} here. Nothing was loaded")
+        if set(theirs) != set(own):
+            raise ValueError(f"{fail}: its settings are {sorted(set(theirs) - {'params'})}, a "
+                             f"{mine}'s are {sorted(set(own) - {'params'})}. Nothing was loaded")
+    for index, entry in (state.get("state") or {}).items():
+        if not (isinstance(index, int) and 0 <= index < len(params)):
+            raise ValueError(f"{fail}: state for parameter {index!r} of {len(params)}. Nothing was loaded")
+        for key, value in entry.items():
+            if isinstance(value, Tensor) and value.dim() > 0 and value.shape != params[index].shape:
+                raise ValueError(f"{fail}: {key} of parameter {index} has shape {tuple(value.shape)}, "
+                                 f"the parameter {tuple(params[index].shape)}. Nothing was loaded")
+
+
+class StepUndo:
+    """What one ``forward`` may change, copied before it, so that a call that raises
+    (out of memory, ``KeyboardInterrupt``, a failing hook, between SAR's two passes)
+    leaves the method exactly as it was: the adapted parameters (and their
+    gradients), every buffer of the method and its model (buffers are often
+    reassigned rather than written, so they are restored by name), the optimizer
+    state, the collapse guard and the gradient scaler. For norm-affine methods this
+    is a few kilobytes; no host sync."""
+
+    def __init__(self, method: "TTAMethod") -> None:
+        self.method = method
+        self.params = [p for _, p in method.adapted]
+        with torch.no_grad():
+            self.param_values = _clone_all([p.detach() for p in self.params])
+        self.buffers = [(m, name, b) for m in method.modules() for name, b in m._buffers.items()]
+        live = [b for _, _, b in self.buffers if b is not None]
+        copies = iter(_clone_all(live) if live else [])
+        self.buffer_values = [next(copies) if b is not None else None for _, _, b in self.buffers]
+        opt = method.optimizer
+        self.optimizer_state = None if opt is None else {
+            p: {k: v.clone() if isinstance(v, Tensor) else copy.deepcopy(v) for k, v in st.items()}
+            for p, st in opt.state.items()
+        }
+        self.guard = method.guard.state_dict() if method.guard is not None else None
+        self.scaler = method.scaler.state_dict() if method.scaler is not None else None
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        method = self.method
+        for p, value in zip(self.params, self.param_values):
+            p.copy_(value)
+            p.grad = None
+        for (module, name, _), value in zip(self.buffers, self.buffer_values):
+            module._buffers[name] = value
+        if self.optimizer_state is not None:
+            method.optimizer.state.clear()
+            method.optimizer.state.update(self.optimizer_state)
+        if self.guard is not None:
+            method.guard.load_state_dict(self.guard)
+        if self.scaler is not None:
+            method.scaler.load_state_dict(self.scaler)
+
 
 
 @dataclass
@@ -392,9 +589,11 @@ class TTAMethod(nn.Module):
             convolutions on recent GPUs and on CPUs with oneDNN).
         compile: ``torch.compile`` the model's forward (``True`` or a backend name).
             If compilation fails, tta warns and runs eagerly.
-        collapse_guard: watch for collapse and reset to the source when it happens
+        collapse_guard: watch for collapse and reset to the source when it happens,
+            and report the source model's predictions while test statistics mislead
             (``True``, or a dict of :class:`~tta.methods.guard.CollapseGuard`
-            settings). Gradient methods only; costs a reference forward per check.
+            settings). Gradient methods only; costs one or two forwards of a frozen
+            source copy per check.
     """
 
     #: set by ``@register_method``
@@ -403,6 +602,8 @@ class TTAMethod(nn.Module):
     batch_stats: bool = True
     #: whether the method has an optimizer (``source`` and ``norm`` do not)
     has_optimizer: bool = True
+    #: published per-dataset settings, ``tta.wrap(model, name, preset="cifar10")``
+    presets: dict[str, dict[str, Any]] = {"cifar10": {}, "imagenet": {}}
 
     def __init__(
         self,
@@ -411,7 +612,7 @@ class TTAMethod(nn.Module):
         steps: int = 1,
         episodic: bool = False,
         optimizer: str = "sgd",
-        lr: float = 2.5e-4,
+        lr: float | str = 2.5e-4,
         momentum: float = 0.9,
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.999),
@@ -425,6 +626,7 @@ class TTAMethod(nn.Module):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"expected an nn.Module to wrap, got {type(model).__name__}")
+        _refuse_if_wrapped(model)
         if not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be a positive integer, got {steps!r}")
         self.model = model
@@ -453,8 +655,20 @@ class TTAMethod(nn.Module):
                            "so there are no statistics to adapt and it predicts as the source model")
         model.requires_grad_(False)
         self.adapted = self.select_params() if self.has_optimizer else []
+        if self.has_optimizer and not self.adapted:
+            raise ValueError(self._nothing_to_adapt_message())
         for _, p in self.adapted:
             p.requires_grad_(True)
+        self._lr_rule: str | None = None
+        if isinstance(lr, str):
+            if lr != "paper":
+                raise ValueError(f"lr must be a positive number or 'paper', got {lr!r}")
+            if type(self).paper_lr is TTAMethod.paper_lr:
+                raise ValueError(f"{self.method_name or type(self).__name__} has no published "
+                                 "learning-rate rule (lr='paper'); give lr as a number")
+            # Resolved on the first batch, when the batch size is known.
+            self._lr_rule, lr = lr, self.paper_lr(64)
+        self.lr = lr
         self.optimizer: torch.optim.Optimizer | None = None
         if self.adapted:
             self.optimizer = build_optimizer(
@@ -468,6 +682,20 @@ class TTAMethod(nn.Module):
                 raise ValueError(f"collapse_guard needs a gradient method, not {self.method_name!r}")
             self.guard.attach(model)
         self._source_state: dict[str, Any] | None = None
+        _WRAPPED[model] = weakref.ref(self)
+
+    def _nothing_to_adapt_message(self) -> str:
+        name = self.method_name or type(self).__name__
+        has_norm = any(isinstance(m, NORM_LAYERS) for m in self.model.modules())
+        if has_norm:
+            why = ("every norm layer of the model is frozen by this method's choice of layers; "
+                   "pass skip_modules='none' to adapt them all")
+        else:
+            why = ("the model has no BatchNorm, LayerNorm or GroupNorm layer with affine "
+                   "parameters (a norm-free net such as timm's nf_* and normfree models, or a "
+                   "plain conv net), and those are what it adapts")
+        return (f"{name}: nothing to adapt: {why}. On such a model use method 'source' "
+                "(no adaptation), or choose a model with norm layers")
 
     # -- the three ideas -------------------------------------------------------------
     def select_params(self) -> list[tuple[str, nn.Parameter]]:
@@ -480,11 +708,27 @@ class TTAMethod(nn.Module):
 
     # -- the common loop -------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
-        """Predict on ``x`` (float RGB in [0, 1], NCHW) and adapt on it."""
-        if self._source_state is None:
-            self.snapshot()
+        """Predict on ``x`` (float RGB in [0, 1], NCHW) and adapt on it.
+
+        Adapts also when called under ``torch.no_grad()`` or ``torch.inference_mode()``
+        (how models are usually evaluated): the step runs with gradients enabled.
+        Inputs of another floating dtype are cast to the model's. If the step raises
+        (out of memory, ``KeyboardInterrupt``, a failing hook), the method's state is
+        left as it was before the call."""
         if self.check_inputs:
             check_images(x)
+        with torch.inference_mode(False), torch.enable_grad():
+            # Inference tensors cannot be saved for backward: adapt on a normal copy.
+            x = x.clone() if x.is_inference() else x
+            dtype = _floating_dtype(self.model)
+            if dtype is not None and x.is_floating_point() and x.dtype != dtype:
+                x = x.to(dtype)
+            return self._forward(x)
+
+    def _forward(self, x: Tensor) -> Tensor:
+        self._resolve_lr(x.shape[0])
+        if self._source_state is None:
+            self.snapshot()
         if self.batch_stats and x.shape[0] == 1 and _uses_pure_batch_stats(self.model):
             raise ValueError(
                 f"batch size 1 with BatchNorm test statistics: {self.method_name or 'this method'} "
@@ -492,26 +736,35 @@ class TTAMethod(nn.Module):
                 "images, pass bn_alpha < 1 (e.g. 0.1) to mix in the source statistics, "
                 "or use a GroupNorm/LayerNorm model."
             )
-        if self.episodic:
-            self.reset()
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         if self.amp == "fp16" and x.device.type != "cuda":
             raise ValueError("amp='fp16' needs a CUDA device; use amp='bf16' on the CPU")
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.amp)
-        with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
-            for _ in range(self.steps):
-                logits, record = self._run_step(x)
-        logits = logits.float()
-        if logits.dim() != 2 or logits.shape[0] != x.shape[0]:
-            raise ValueError(
-                f"the model must return (B, num_classes) logits, got shape {tuple(logits.shape)}"
-            )
-        if self.guard is not None and self.guard.check(x, logits):
-            self.reset()
+        undo = StepUndo(self)
+        try:
+            if self.episodic:
+                self.reset()
+            dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.amp)
+            with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
+                for _ in range(self.steps):
+                    logits, record = self._run_step(x)
+            logits = logits.float()
+            if logits.dim() != 2 or logits.shape[0] != x.shape[0]:
+                raise ValueError(
+                    f"the model must return (B, num_classes) logits, got shape {tuple(logits.shape)}"
+                )
+            fallback = None
+            if self.guard is not None:
+                collapsed, fallback = self.guard.check(x, logits)
+                if collapsed:
+                    self.reset()
+        except BaseException:
+            undo.restore()
+            raise
         record.extra["num_collapses"] = self.guard.num_collapses if self.guard is not None else 0
+        record.extra["guard_fallback"] = fallback is not None
         self.last_record = record
-        return logits
+        return logits if fallback is None else fallback
 
     def _run_step(self, x: Tensor) -> tuple[Tensor, StepRecord]:
         if not self.compiled:
@@ -529,6 +782,22 @@ class TTAMethod(nn.Module):
             if self.optimizer is not None:
                 self.optimizer.zero_grad(set_to_none=True)
             return self.forward_and_adapt(x)
+
+    def paper_lr(self, batch_size: int) -> float:
+        """The learning rate the method's paper uses at ``batch_size`` (``lr="paper"``);
+        methods with a published rule override this."""
+        raise NotImplementedError
+
+    def _resolve_lr(self, batch_size: int) -> None:
+        if self._lr_rule is None or self.optimizer is None:
+            return
+        self.lr = self.paper_lr(batch_size)
+        groups = list(self.optimizer.param_groups)
+        if self._source_state is not None:  # snapshot taken before the first batch
+            groups += self._source_state.get("_extra_state", {}).get("optimizer", {}).get("param_groups", [])
+        for group in groups:
+            group["lr"] = self.lr
+        self._lr_rule = None
 
     # -- shared step pieces ------------------------------------------------------------
     def backward(self, loss: Tensor) -> None:
@@ -549,7 +818,11 @@ class TTAMethod(nn.Module):
 
     # -- state -----------------------------------------------------------------------
     def get_extra_state(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"optimizer": self.optimizer.state_dict() if self.optimizer else None}
+        state: dict[str, Any] = {
+            "method": self.method_name,
+            "optimizer_type": type(self.optimizer).__name__ if self.optimizer else None,
+            "optimizer": self.optimizer.state_dict() if self.optimizer else None,
+        }
         if self.guard is not None:
             state["guard"] = self.guard.state_dict()
         return state
@@ -566,7 +839,40 @@ class TTAMethod(nn.Module):
         called before the first batch."""
         if self._source_state is None:
             self.snapshot()
+        self._check_loadable(state_dict, strict)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def _check_loadable(self, state_dict: Mapping[str, Any], strict: bool) -> None:
+        """Refuse, before anything changes, a state that is not this method's: from
+        another method, model or optimizer (``nn.Module.load_state_dict`` copies what
+        matches before it reports what does not)."""
+        name = self.method_name or type(self).__name__
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"{name}: expected a state dict (a mapping), got {type(state_dict).__name__}")
+        own = self.state_dict()
+        extra = state_dict.get("_extra_state")
+        extra = extra if isinstance(extra, Mapping) else {}
+        theirs = extra.get("method")
+        if theirs is not None and theirs != self.method_name:
+            raise ValueError(f"{name}: this state is from method {theirs!r}; load it into a "
+                             f"tta.wrap(model, {theirs!r}). Nothing was loaded")
+        if strict:
+            missing = sorted(own.keys() - state_dict.keys())
+            unexpected = sorted(state_dict.keys() - own.keys())
+            if missing or unexpected:
+                raise ValueError(
+                    f"{name}: the state does not match this method and model (missing keys: "
+                    f"{_few(missing)}; unexpected keys: {_few(unexpected)}): it is from another "
+                    "model or method. Nothing was loaded"
+                )
+        for key, value in state_dict.items():
+            mine = own.get(key)
+            if (isinstance(value, Tensor) and isinstance(mine, Tensor) and value.shape != mine.shape
+                    and key not in self._buffers):  # the method's own buffers take the stored shape
+                raise ValueError(f"{name}: {key!r} has shape {tuple(value.shape)} in the state but "
+                                 f"{tuple(mine.shape)} here: it is from another model. Nothing was loaded")
+        if self.optimizer is not None and extra.get("optimizer") is not None:
+            _check_optimizer_state(self.optimizer, extra["optimizer"], extra.get("optimizer_type"), name)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         # Method buffers may change shape once the class count is known (a running
@@ -587,12 +893,14 @@ class TTAMethod(nn.Module):
         if self._source_state is None:
             self.snapshot()
             return
-        # The guard's collapse count outlives resets (it is what results report);
-        # its window starts afresh.
-        collapses = self.guard.num_collapses if self.guard is not None else 0
-        self.load_state_dict(self._source_state)
-        if self.guard is not None:
-            self.guard.num_collapses = collapses
+        # The guard's counts outlive resets (they are what results report); its
+        # window starts afresh.
+        guard = self.guard
+        counts = (guard.num_collapses, guard.num_fallback_batches) if guard is not None else None
+        # The snapshot is this method's own state: no need to check it.
+        nn.Module.load_state_dict(self, self._source_state)
+        if guard is not None:
+            guard.num_collapses, guard.num_fallback_batches = counts
         if self.optimizer is not None:
             self.optimizer.zero_grad(set_to_none=True)
 

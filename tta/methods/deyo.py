@@ -18,7 +18,8 @@ from .base import (
     StepRecord,
     TTAMethod,
     entropy_margin,
-    last_stage_prefixes,
+    frozen_top,
+    sar_paper_lr,
     sample_weighted_batch_stats,
     select_norm_params,
     softmax_entropy,
@@ -45,7 +46,10 @@ def deyo_weights(
 
 @register_method("deyo")
 class DeYO(TTAMethod):
-    """DeYO. Defaults are the paper's (SGD, momentum 0.9, lr 2.5e-4 for batch 64;
+    """DeYO. Defaults are the paper's (SGD, momentum 0.9, ``lr="paper"``: the
+    official rule shared with SAR, :func:`~tta.methods.base.sar_paper_lr`, 2.5e-4
+    for a ResNet at batch 64, 1e-3 for a ViT at batch 64; the official code's frozen
+    modules, ``skip_modules="paper"``;
     ``deyo_margin = 0.5 ln C``, ``margin_e0 = 0.4 ln C``, ``plpd_threshold = 0.2``
     (0.3 in the paper's mild setting), patch shuffle on a 4x4 grid).
 
@@ -58,9 +62,15 @@ class DeYO(TTAMethod):
         occlusion_size, occlusion_top, occlusion_left: the square of ``"occ"``
             (size as a fraction of the image side, or pixels; centred by default).
         reweight_ent, reweight_plpd: weights of the two sample-weight terms (0 off).
-        skip_modules: module names whose norm layers stay frozen; ``None`` is the
-            paper's choice, the last stage (see :func:`last_stage_prefixes`).
+        skip_modules: which norm layers stay frozen: ``"paper"`` (the official
+            code's rule, see :func:`~tta.methods.base.paper_frozen_modules`),
+            ``"last_stage"``, ``"none"``, or a list of module names.
+
+    Presets: ``"imagenet"`` is these defaults; ``"cifar10"`` the CIFAR-10-C setting
+    of mariodoebler/test-time-adaptation (cfgs/cifar10_c/deyo.yaml): Adam, lr 1e-3.
     """
+
+    presets = {"cifar10": {"optimizer": "adam", "lr": 1e-3}, "imagenet": {}}
 
     def __init__(
         self,
@@ -76,11 +86,12 @@ class DeYO(TTAMethod):
         occlusion_left: int | None = None,
         reweight_ent: float = 1.0,
         reweight_plpd: float = 1.0,
-        skip_modules: list[str] | None = None,
+        skip_modules: str | list[str] = "paper",
+        lr: float | str = "paper",
         **kwargs,
     ) -> None:
         self.skip_modules = skip_modules
-        super().__init__(model, **kwargs)
+        super().__init__(model, lr=lr, **kwargs)
         self.deyo_margin, self.margin_e0 = deyo_margin, margin_e0
         self.plpd_threshold = plpd_threshold
         self.reweight_ent, self.reweight_plpd = reweight_ent, reweight_plpd
@@ -89,8 +100,10 @@ class DeYO(TTAMethod):
         )
 
     def select_params(self):
-        skip = last_stage_prefixes(self.model) if self.skip_modules is None else self.skip_modules
-        return select_norm_params(self.model, skip)
+        return select_norm_params(self.model, frozen_top(self.model, self.skip_modules))
+
+    def paper_lr(self, batch_size: int) -> float:
+        return sar_paper_lr(self.model, batch_size)
 
     def forward_and_adapt(self, x: Tensor) -> tuple[Tensor, StepRecord]:
         logits = self.model(x)

@@ -32,7 +32,16 @@ class EATA(TTAMethod):
             [0, 1]; the Fisher information is estimated on it at wrap time with the
             model's own predictions as labels (as the paper does).
         fisher_size: how many images of ``fisher_loader`` to use.
+
+    Presets: ``"imagenet"`` is these defaults; ``"cifar10"`` the CIFAR-10-C setting
+    of mariodoebler/test-time-adaptation (cfgs/cifar10_c/eata.yaml): Adam, lr 1e-3,
+    ``d_margin = 0.4``, ``fisher_alpha = 1``, 2000 Fisher samples.
     """
+
+    presets = {
+        "cifar10": {"optimizer": "adam", "lr": 1e-3, "d_margin": 0.4, "fisher_alpha": 1.0, "fisher_size": 2000},
+        "imagenet": {},
+    }
 
     def __init__(
         self,

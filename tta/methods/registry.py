@@ -11,7 +11,7 @@ from torch import nn
 from .._registry import Registry
 from .base import TTAMethod
 
-__all__ = ["register_method", "list_methods", "wrap", "method_class", "method_defaults"]
+__all__ = ["register_method", "list_methods", "wrap", "method_class", "method_defaults", "method_presets"]
 
 _METHODS: Registry[type[TTAMethod]] = Registry("method")
 M = TypeVar("M", bound=type[TTAMethod])
@@ -39,9 +39,10 @@ def method_class(name: str) -> type[TTAMethod]:
     return _METHODS.get(name)
 
 
-def method_defaults(name: str) -> dict[str, Any]:
+def method_defaults(name: str, preset: str | None = None) -> dict[str, Any]:
     """Every keyword override of method ``name`` with its default value, including
-    the shared ones of :class:`TTAMethod` (``steps``, ``optimizer``, ``lr``, ...)."""
+    the shared ones of :class:`TTAMethod` (``steps``, ``optimizer``, ``lr``, ...);
+    with ``preset``, the values that preset sets (see :func:`method_presets`)."""
     cls = method_class(name)
     defaults: dict[str, Any] = {}
     for klass in reversed(cls.__mro__):
@@ -50,18 +51,40 @@ def method_defaults(name: str) -> dict[str, Any]:
         for p in inspect.signature(klass.__init__).parameters.values():
             if p.kind is p.KEYWORD_ONLY:
                 defaults[p.name] = p.default
+    if preset is not None:
+        defaults.update(preset_overrides(name, preset))
     return defaults
 
 
-def wrap(model: nn.Module, name: str, **overrides: Any) -> TTAMethod:
+def method_presets(name: str) -> dict[str, dict[str, Any]]:
+    """The named presets of method ``name`` (published per-dataset settings, e.g.
+    ``"cifar10"``), each a dict of overrides; the class docstring cites the source."""
+    return {k: dict(v) for k, v in method_class(name).presets.items()}
+
+
+def preset_overrides(name: str, preset: str) -> dict[str, Any]:
+    """The overrides of ``preset`` for method ``name`` (``KeyError`` naming the
+    presets it has)."""
+    presets = method_presets(name)
+    if preset not in presets:
+        have = ", ".join(map(repr, sorted(presets))) or "none"
+        raise KeyError(f"method {name!r} has no preset {preset!r}; its presets: {have}")
+    return presets[preset]
+
+
+def wrap(model: nn.Module, name: str, *, preset: str | None = None, **overrides: Any) -> TTAMethod:
     """Wrap ``model`` with adaptation method ``name``; ``overrides`` set its
     hyper-parameters by their paper names, e.g. ``wrap(m, "tent", lr=1e-3)``.
+    ``preset`` starts from published settings for a data set (``"cifar10"``,
+    ``"imagenet"``; see :func:`method_presets`), which ``overrides`` then refine.
 
     The returned module predicts and adapts on every ``forward``; ``reset()``
     returns it to the source weights.
     """
     cls = method_class(name)
     known = method_defaults(name)
+    if preset is not None:
+        overrides = {**preset_overrides(name, preset), **overrides}
     unknown = [k for k in overrides if k not in known]
     if unknown:
         parts = []

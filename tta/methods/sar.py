@@ -17,7 +17,8 @@ from .base import (
     TTAMethod,
     entropy_margin,
     gated_reset,
-    last_stage_prefixes,
+    frozen_top,
+    sar_paper_lr,
     select_norm_params,
     softmax_entropy,
 )
@@ -26,9 +27,14 @@ from .registry import register_method
 
 @register_method("sar")
 class SAR(TTAMethod):
-    """SAR. Defaults are the paper's (SGD, momentum 0.9, lr 2.5e-4 for batch 64 —
-    the paper uses 1e-3 at batch size 1; ``rho = 0.05``, ``e_margin = 0.4 ln C``,
-    ``reset_constant = 0.2``, moving-average momentum 0.9).
+    """SAR. Defaults are the paper's and its official code's: SGD with momentum 0.9
+    and ``lr="paper"`` (:func:`~tta.methods.base.sar_paper_lr`: 2.5e-4 for ResNets
+    at batch >= 32, ``2.5e-4 / 64 * B * 2`` below, ``1e-3 * B / 64`` for ViTs,
+    doubled at batch size 1, e.g. 1.6e-5 for a ResNet at batch size 1), ``rho =
+    0.05``, ``e_margin = 0.4 ln C``, ``reset_constant = 0.2``, moving-average
+    momentum 0.9, and the official code's frozen modules (``skip_modules="paper"``).
+    Presets: ``"imagenet"`` is these defaults; ``"cifar10"`` the CIFAR-10-C setting
+    of mariodoebler/test-time-adaptation (cfgs/cifar10_c/sar.yaml): Adam, lr 1e-3.
 
     Args:
         rho: radius of the SAM perturbation.
@@ -36,9 +42,18 @@ class SAR(TTAMethod):
         reset_constant: reset to the source when the moving average of the
             post-perturbation entropy falls below this (None disables recovery).
         ema_momentum: momentum of that moving average.
-        skip_modules: module names whose norm layers stay frozen; ``None`` is the
-            paper's choice, the last stage (see :func:`last_stage_prefixes`).
+        skip_modules: which norm layers stay frozen: ``"paper"`` (the official
+            code's rule, see :func:`~tta.methods.base.paper_frozen_modules`: ``layer4``
+            of a ResNet, blocks 9-11 and the final norm of a ViT, nothing on 3-stage
+            CIFAR ResNets), ``"last_stage"`` (the deepest stage, see
+            :func:`~tta.methods.base.last_stage_prefixes`), ``"none"``, or a list of
+            module names.
+        step_when_empty: on a batch where no sample passes both filters, still take
+            the optimizer step on the zero gradient, as the official code does
+            (momentum keeps moving the weights); by default the step is skipped.
     """
+
+    presets = {"cifar10": {"optimizer": "adam", "lr": 1e-3}, "imagenet": {}}
 
     def __init__(
         self,
@@ -48,7 +63,9 @@ class SAR(TTAMethod):
         e_margin: float | None = None,
         reset_constant: float | None = 0.2,
         ema_momentum: float = 0.9,
-        skip_modules: list[str] | None = None,
+        skip_modules: str | list[str] = "paper",
+        step_when_empty: bool = False,
+        lr: float | str = "paper",
         **kwargs,
     ) -> None:
         if rho <= 0:
@@ -57,7 +74,8 @@ class SAR(TTAMethod):
             # The SAM perturbation reads raw gradients, which a float16 scaler scales.
             raise ValueError("sar supports amp='bf16' (or None), not 'fp16'")
         self.skip_modules = skip_modules
-        super().__init__(model, **kwargs)
+        self.step_when_empty = step_when_empty
+        super().__init__(model, lr=lr, **kwargs)
         self.rho, self.e_margin = rho, e_margin
         self.reset_constant, self.ema_momentum = reset_constant, ema_momentum
         self.register_buffer("ema", torch.tensor(float("nan")))
@@ -65,8 +83,10 @@ class SAR(TTAMethod):
         self._source_params = [p.detach().clone() for _, p in self.adapted]
 
     def select_params(self):
-        skip = last_stage_prefixes(self.model) if self.skip_modules is None else self.skip_modules
-        return select_norm_params(self.model, skip)
+        return select_norm_params(self.model, frozen_top(self.model, self.skip_modules))
+
+    def paper_lr(self, batch_size: int) -> float:
+        return sar_paper_lr(self.model, batch_size)
 
     def forward_and_adapt(self, x: Tensor) -> tuple[Tensor, StepRecord]:
         params = [p for _, p in self.adapted]
@@ -91,7 +111,7 @@ class SAR(TTAMethod):
         loss2.backward()
         with torch.no_grad():
             torch._foreach_sub_(params, eps)
-        self.step(enabled=n2 > 0)
+        self.step(enabled=None if self.step_when_empty else n2 > 0)
 
         if self.reset_constant is not None:
             self._recover_if_collapsed(loss2.detach(), n2 > 0, params)

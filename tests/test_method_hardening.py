@@ -1,0 +1,234 @@
+"""Methods where users actually call them: under no_grad / inference_mode, with odd
+dtypes, twice on one model, with failing steps and foreign states; the papers'
+learning-rate rule and the published presets."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import tta
+from tta.methods.base import sar_paper_lr
+
+from test_methods import GRADIENT_METHODS, changed_keys, make, state
+
+ALL = GRADIENT_METHODS + ["norm", "source"]
+
+
+def moved(before, method):
+    return changed_keys(before, state(method))
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode], ids=["no_grad", "inference_mode"])
+@pytest.mark.parametrize("name", GRADIENT_METHODS)
+def test_adapts_under_no_grad_and_inference_mode(name, context, resnet20, noisy_batch, cifar_train_images):
+    reference = make(name, copy.deepcopy(resnet20), cifar_train_images, lr=1e-3, d_margin=1.0) if name in ("eta", "eata") \
+        else make(name, copy.deepcopy(resnet20), cifar_train_images, lr=1e-3)
+    method = make(name, resnet20, cifar_train_images, lr=1e-3, **({"d_margin": 1.0} if name in ("eta", "eata") else {}))
+    before = state(method)
+    torch.manual_seed(0)
+    expected = [reference(noisy_batch) for _ in range(2)]
+    torch.manual_seed(0)
+    with context():
+        x = noisy_batch.clone()  # an inference tensor under inference_mode
+        got = [method(x) for _ in range(2)]
+    assert moved(before, method), f"{name} did not adapt under {context.__name__}"
+    for e, g in zip(expected, got):
+        assert torch.equal(e, g)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_other_float_dtypes_are_cast_to_the_model_dtype(dtype, resnet20, noisy_batch):
+    x = noisy_batch[:16].to(dtype)
+    expected = tta.wrap(copy.deepcopy(resnet20), "tent")(x.float())
+    got = tta.wrap(resnet20, "tent")(x)
+    assert got.dtype == torch.float32
+    assert torch.equal(expected, got)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 0, 8), (2, 3, 8, 0)])
+def test_zero_sized_images_are_refused_by_the_check(shape, resnet20):
+    method = tta.wrap(resnet20, "tent")
+    with pytest.raises(ValueError, match="at least 1x1 pixels"):
+        method(torch.rand(shape))
+
+
+def test_a_plain_conv_net_is_refused_at_wrap_time():
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+    with pytest.raises(ValueError, match="tent: nothing to adapt.*no BatchNorm.*use method 'source'"):
+        tta.wrap(net, "tent")
+    assert tta.wrap(net, "source")(torch.rand(2, 3, 8, 8)).shape == (2, 10)
+
+
+def test_freezing_every_norm_layer_says_so(resnet20):
+    with pytest.raises(ValueError, match="frozen.*skip_modules='none'"):
+        tta.wrap(resnet20, "sar", skip_modules=["backbone"])
+
+
+def test_wrapping_one_model_twice_is_refused_clearly(resnet20, noisy_batch):
+    first = tta.wrap(resnet20, "tent")
+    with pytest.raises(ValueError, match="already wrapped by tta method 'tent'.*copy.deepcopy"):
+        tta.wrap(resnet20, "norm")
+    with pytest.raises(TypeError, match="already a tta method"):
+        tta.wrap(first, "norm")
+    # a copy is another model, and a freed method frees its model
+    tta.wrap(copy.deepcopy(resnet20), "norm")(noisy_batch)
+    del first
+    tta.wrap(resnet20, "norm")(noisy_batch)
+
+
+class Boom(RuntimeError):
+    pass
+
+
+def raise_on_call(method, call: int):
+    """Forward hooks that raise on the ``call``-th forward (1-based) of the method's
+    model or of its collapse guard's reference model, whichever comes then."""
+    count = [0]
+
+    def hook(*_):
+        count[0] += 1
+        if count[0] == call:
+            raise Boom(f"forward {call}")
+
+    models = [method.model] + ([method.guard._reference] if method.guard is not None else [])
+    handles = [m.backbone.linear.register_forward_hook(hook) for m in models]
+
+    class Handles:
+        def remove(self):
+            for h in handles:
+                h.remove()
+
+    return Handles()
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_a_step_that_raises_leaves_the_state_as_before(name, resnet20, noisy_batch, cifar_train_images):
+    noisy_batch = noisy_batch[:32]
+    method = make(name, resnet20, cifar_train_images, lr=1e-2, collapse_guard=name in GRADIENT_METHODS)
+    method(noisy_batch)  # optimizer state exists from here on
+    # The step's forwards: SAR and DeYO run the model twice; the guard's reference
+    # runs after the optimizer step, so a raise there comes after the update.
+    for call in (1, 2, 3):
+        before = state(method)
+        optimizer_before = copy.deepcopy(method.optimizer.state_dict()) if method.optimizer else None
+        handle = raise_on_call(method, call)
+        try:
+            method(noisy_batch)
+            raised = False
+        except Boom:
+            raised = True
+        finally:
+            handle.remove()
+        if not raised:
+            assert call > 1 + (name in ("sar", "deyo")) + (method.guard is not None), call
+            break
+        assert not moved(before, method), (name, call, moved(before, method))
+        if optimizer_before is not None:
+            after = method.optimizer.state_dict()
+            assert after["state"].keys() == optimizer_before["state"].keys()
+            for i, entry in optimizer_before["state"].items():
+                for k, v in entry.items():
+                    assert torch.equal(after["state"][i][k], v)
+            assert all(p.grad is None for _, p in method.adapted)
+    # and it goes on exactly as one that never failed
+    reference = make(name, tta.load_model("cifar10_resnet20"), cifar_train_images, lr=1e-2,
+                     collapse_guard=name in GRADIENT_METHODS)
+    torch.manual_seed(0)
+    reference(noisy_batch)
+    torch.manual_seed(0)
+    expected = reference(noisy_batch)
+    fresh = make(name, tta.load_model("cifar10_resnet20"), cifar_train_images, lr=1e-2,
+                 collapse_guard=name in GRADIENT_METHODS)
+    torch.manual_seed(0)
+    fresh(noisy_batch)
+    handle = raise_on_call(fresh, 3 if name in ("sar", "deyo") else 2 if fresh.guard else 1)
+    with pytest.raises(Boom):
+        fresh(noisy_batch)
+    handle.remove()
+    torch.manual_seed(0)
+    assert torch.equal(fresh(noisy_batch), expected)
+
+
+def test_sar_interrupted_between_its_passes_is_not_left_at_the_ascent_point(resnet20, noisy_batch):
+    method = tta.wrap(resnet20, "sar", lr=1e-2, e_margin=10.0)
+    params = [p.detach().clone() for _, p in method.adapted]
+    handle = raise_on_call(method, 2)  # the second (perturbed) pass
+    with pytest.raises(Boom):
+        method(noisy_batch)
+    handle.remove()
+    distance = torch.linalg.vector_norm(torch.stack(
+        [torch.linalg.vector_norm(p - p0) for (_, p), p0 in zip(method.adapted, params)]))
+    assert distance == 0
+
+
+def test_foreign_states_are_refused_before_anything_changes(resnet20, noisy_batch, cifar_train_images):
+    tent = tta.wrap(copy.deepcopy(resnet20), "tent")
+    tent(noisy_batch)
+    sgd_tent = tta.wrap(copy.deepcopy(resnet20), "tent", optimizer="sgd")
+    sgd_tent(noisy_batch)
+    sar = tta.wrap(copy.deepcopy(resnet20), "sar")
+    sar(noisy_batch)
+    resnet32_tent = tta.wrap(tta.load_model("cifar10_resnet32"), "tent")
+    target = tta.wrap(resnet20, "tent")
+    before = state(target)
+    cases = [
+        (sar.state_dict(), "from method 'sar'"),
+        (sgd_tent.state_dict(), "optimizer state is not this method's Adam.*SGD"),
+        (resnet32_tent.state_dict(), "does not match this method and model"),
+        ({k: v for k, v in tent.state_dict().items() if k != "model.backbone.bn1.weight"}, "missing keys"),
+    ]
+    for foreign, message in cases:
+        with pytest.raises(ValueError, match=message):
+            target.load_state_dict(foreign)
+        assert not moved(before, target)
+    # a state of the same method and model loads, and round-trips bit-exactly
+    target.load_state_dict(tent.state_dict())
+    assert not changed_keys(state(tent), state(target))
+    torch.manual_seed(0)
+    a = tent(noisy_batch)
+    torch.manual_seed(0)
+    assert torch.equal(a, target(noisy_batch))
+
+
+def test_the_papers_learning_rate_rule():
+    resnet = tta.load_model("cifar10_resnet20")
+    vit = tta.load_model("timm:vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8)
+    assert sar_paper_lr(resnet, 64) == 2.5e-4 and sar_paper_lr(resnet, 32) == 2.5e-4
+    assert math.isclose(sar_paper_lr(resnet, 16), 2.5e-4 / 64 * 16 * 2)
+    assert math.isclose(sar_paper_lr(resnet, 1), 2.5e-4 / 64 * 2 * 2)
+    assert math.isclose(sar_paper_lr(vit, 64), 1e-3) and math.isclose(sar_paper_lr(vit, 16), 2.5e-4)
+    assert math.isclose(sar_paper_lr(vit, 1), 2 * 1e-3 / 64)
+
+
+@pytest.mark.parametrize("name", ["sar", "deyo"])
+def test_lr_paper_is_resolved_on_the_first_batch_and_kept_by_reset(name, resnet20, noisy_batch):
+    method = tta.wrap(resnet20, name)
+    method.load_state_dict(method.state_dict())  # a snapshot taken before the first batch
+    method(noisy_batch[:16])
+    expected = 2.5e-4 / 64 * 16 * 2
+    assert math.isclose(method.optimizer.param_groups[0]["lr"], expected)
+    method.reset()
+    assert math.isclose(method.optimizer.param_groups[0]["lr"], expected)
+    with pytest.raises(ValueError, match="no published learning-rate rule"):
+        tta.wrap(tta.load_model("cifar10_resnet20"), "tent", lr="paper")
+
+
+def test_presets_give_the_published_settings(resnet20, cifar_train_images):
+    eata = make("eata", copy.deepcopy(resnet20), cifar_train_images, preset="cifar10")
+    assert isinstance(eata.optimizer, torch.optim.Adam) and eata.optimizer.param_groups[0]["lr"] == 1e-3
+    assert eata.d_margin == 0.4 and eata.fisher_alpha == 1.0
+    assert tta.method_defaults("eata", preset="cifar10")["fisher_size"] == 2000
+    # explicit overrides refine a preset
+    sar = tta.wrap(copy.deepcopy(resnet20), "sar", preset="cifar10", lr=5e-4)
+    assert isinstance(sar.optimizer, torch.optim.Adam) and sar.optimizer.param_groups[0]["lr"] == 5e-4
+    tent = tta.wrap(copy.deepcopy(resnet20), "tent", preset="imagenet")
+    assert isinstance(tent.optimizer, torch.optim.SGD) and tent.optimizer.param_groups[0]["lr"] == 2.5e-4
+    for name in tta.list_methods():
+        assert {"cifar10", "imagenet"} <= set(tta.method_presets(name))
+    with pytest.raises(KeyError, match="no preset 'cifar100'.*'cifar10', 'imagenet'"):
+        tta.wrap(resnet20, "tent", preset="cifar100")

@@ -1,0 +1,105 @@
+"""Every entropy-family method on every kind of timm backbone (random weights, small
+batches, offline): adapts, predicts finite logits, resets bit-exactly, and freezes
+what the official code freezes."""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+
+import tta
+from tta.methods.base import paper_frozen_modules
+
+from test_methods import same
+
+NUM_CLASSES = 10
+
+# (timm architecture, create_model overrides that shrink it, input side, what the
+# official SAR/DeYO rule freezes at the top level of the backbone)
+FAMILIES = [
+    ("resnet10t", {}, 64, {"backbone.layer4"}),                       # BatchNorm convnet
+    ("mobilenetv3_small_050", {}, 64, set()),                          # depthwise, BatchNorm
+    ("ghostnet_050", {}, 64, {"backbone.blocks.9"}),                  # the official substring "blocks.9"
+    ("regnetx_002", {}, 64, set()),
+    ("convnext_atto", {}, 64, set()),                                  # LayerNorm2d
+    ("vit_tiny_patch16_224", {"img_size": 64}, 64,
+     {"backbone.blocks.9", "backbone.blocks.10", "backbone.blocks.11", "backbone.norm"}),
+    ("deit_tiny_patch16_224", {"img_size": 64}, 64,
+     {"backbone.blocks.9", "backbone.blocks.10", "backbone.blocks.11", "backbone.norm"}),
+    ("swin_tiny_patch4_window7_224",
+     {"img_size": 64, "window_size": 4, "embed_dim": 24, "depths": (1, 1, 2, 1), "num_heads": (1, 2, 3, 4)},
+     64, {"backbone.norm"}),
+    ("mixer_s16_224", {"img_size": 64}, 64, {"backbone.norm"}),         # MLP-Mixer
+    ("poolformer_s12", {}, 64, set()),                                 # GroupNorm
+    ("levit_128s", {"img_size": 64}, 64, set()),                       # BatchNorm over tokens
+    ("efficientformer_l1", {"depths": (1, 1, 1, 1)}, 224, {"backbone.norm"}),
+]
+METHODS = ["norm", "tent", "eta", "eata", "sar", "deyo"]
+
+# Random weights are never confident: open every filter so each method adapts
+# (above the maximum entropy ln C; EATA's weight exp(e_margin - H) stays moderate).
+ABOVE_MAX_ENTROPY = 2 * math.log(NUM_CLASSES)
+OPEN_FILTERS = {
+    "eta": dict(e_margin=ABOVE_MAX_ENTROPY, d_margin=2.0),
+    "eata": dict(e_margin=ABOVE_MAX_ENTROPY, d_margin=2.0),
+    "sar": dict(e_margin=ABOVE_MAX_ENTROPY, reset_constant=None),
+    "deyo": dict(deyo_margin=ABOVE_MAX_ENTROPY, plpd_threshold=-2.0),
+}
+
+
+def tensors(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items() if isinstance(v, torch.Tensor)}
+
+
+@pytest.fixture(scope="module", params=FAMILIES, ids=[f[0] for f in FAMILIES])
+def family(request):
+    arch, kwargs, side, frozen = request.param
+    torch.manual_seed(0)
+    model = tta.load_model(f"timm:{arch}", pretrained=False, num_classes=NUM_CLASSES, **kwargs)
+    head = model.backbone.get_classifier()
+    if isinstance(head, torch.nn.Linear) and not head.weight.any():
+        # timm zero-initialises some heads (MLP-Mixer): constant logits have no
+        # entropy gradient, which no trained model has.
+        torch.nn.init.normal_(head.weight, std=0.1)
+    return model, side, frozen
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_method_adapts_any_timm_family(name, family):
+    model, side, frozen = family
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.rand(4, 3, side, side, generator=g) for _ in range(2)]
+    kwargs = dict(OPEN_FILTERS.get(name, {}))
+    if name == "eata":
+        kwargs.update(fisher_loader=[torch.rand(4, 3, side, side, generator=g)], fisher_size=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # norm on a model without BatchNorm says so
+        method = tta.wrap(copy.deepcopy(model), name, **kwargs)
+    source = tensors(method)
+    for x in batches:
+        logits = method(x)
+        assert logits.shape == (4, NUM_CLASSES) and torch.isfinite(logits).all()
+    if name != "norm":
+        params = dict(method.model.named_parameters())
+        moved = [n for n, _ in method.adapted if not torch.equal(params[n], source["model." + n])]
+        assert moved, f"{name} moved no adapted parameter"
+    if name in ("sar", "deyo"):
+        frozen_all = paper_frozen_modules(method.model)
+        outermost = {n for n in frozen_all if not any(n.startswith(f + ".") for f in frozen_all)}
+        assert outermost == frozen
+        assert method.adapted and not any(n.startswith(tuple(f + "." for f in frozen_all)) for n, _ in method.adapted)
+    method.reset()
+    after = tensors(method)
+    assert after.keys() == source.keys()
+    assert all(same(source[k], after[k]) for k in source), [k for k in source if not same(source[k], after[k])]
+
+
+@pytest.mark.parametrize("name", ["tent", "eta", "sar", "deyo"])
+def test_norm_free_net_is_refused_at_wrap_time(name):
+    model = tta.load_model("timm:nf_resnet26", pretrained=False, num_classes=NUM_CLASSES)
+    with pytest.raises(ValueError, match=r"nothing to adapt.*no BatchNorm, LayerNorm or GroupNorm.*'source'"):
+        tta.wrap(model, name)
