@@ -65,6 +65,8 @@ def test_method_yamls_agree_with_method_defaults() -> None:
     for name in tta.list_methods():
         cfg = yaml.safe_load((method_dir / f"{name}.yaml").read_text())
         assert cfg.pop("name") == name
+        # tta.wrap's preset, resolved by tta-bench from the data set
+        assert cfg.pop("preset") == "auto"
         defaults = tta.method_defaults(name)
         for key, value in cfg.items():
             assert key in defaults, f"{name}.yaml has {key}, which {name} does not take"

@@ -66,7 +66,24 @@ def test_method_yaml_generator_round_trips():
     for name in tta.list_methods():
         data = OmegaConf.to_container(OmegaConf.create(render_method_yaml(name)))
         assert data.pop("name") == name
+        assert data.pop("preset") == "auto"
         assert data == configurable_defaults(name)
+
+
+def test_method_preset_follows_the_data_set_unless_told():
+    from tta.bench.config import method_preset
+
+    cfg = compose_config(["method=eata"])
+    assert cfg.data.name == "cifar10c" and method_preset(cfg.method, cfg.data.name) == "cifar10"
+    assert method_preset(cfg.method, "imagenetc") == "imagenet"
+    assert method_preset(cfg.method, "imagefolder_c") is None
+    assert method_preset(compose_config(["method=eata", "method.preset=none"]).method, "cifar10c") is None
+    assert method_preset(compose_config(["method=eata", "method.preset=imagenet"]).method, "cifar10c") == "imagenet"
+    with pytest.raises(ValueError, match="method.preset='cifar100'.*cifar10, imagenet"):
+        method_preset(compose_config(["method=eata", "method.preset=cifar100"]).method, "cifar10c")
+    # batch size 1: the published batch-200 settings do not apply
+    cfg = compose_config(["method=sar", "scenario=batch_size_1"])
+    assert method_preset(cfg.method, cfg.data.name) is None
 
 
 def test_method_overrides_pass_only_changes():

@@ -29,6 +29,8 @@ __all__ = [
     "ConfigError",
     "validate_config",
     "method_overrides",
+    "method_preset",
+    "DATA_PRESETS",
     "dirname_from_overrides",
 ]
 
@@ -144,6 +146,31 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
+#: The method preset (``tta.method_presets``) of each data config: what
+#: ``method.preset=auto`` means. Other data sets use the methods' defaults.
+DATA_PRESETS: dict[str, str] = {"cifar10c": "cifar10", "cifar10c_disk": "cifar10", "imagenetc": "imagenet"}
+
+
+def method_preset(method_cfg: Mapping[str, Any], data_name: str | None) -> str | None:
+    """The preset to wrap the method with: ``method.preset`` (a preset name,
+    ``none`` for the methods' defaults, ``auto`` for the preset of the data set,
+    :data:`DATA_PRESETS`). Values of the method config that differ from the
+    defaults override the preset's."""
+    import tta
+
+    preset = method_cfg.get("preset", "auto")
+    if preset in (None, "none"):
+        return None
+    if preset == "auto":
+        preset = DATA_PRESETS.get(str(data_name))
+        return preset if preset is not None and preset in tta.method_presets(method_cfg["name"]) else None
+    if preset not in tta.method_presets(method_cfg["name"]):
+        have = ", ".join(sorted(tta.method_presets(method_cfg["name"])))
+        raise ValueError(f"method.preset={preset!r}: method {method_cfg['name']!r} has the presets "
+                         f"{have} (or auto, none)")
+    return preset
+
+
 def method_overrides(method_cfg: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     """``(name, overrides)`` to pass to :func:`tta.wrap` from a ``method`` config:
     only the values that differ from :func:`tta.method_defaults`, so the Python
@@ -153,6 +180,7 @@ def method_overrides(method_cfg: Mapping[str, Any]) -> tuple[str, dict[str, Any]
 
     data = dict(to_container(method_cfg) if isinstance(method_cfg, DictConfig) else method_cfg)
     name = data.pop("name", None)
+    data.pop("preset", None)  # see method_preset
     if not name:
         raise ValueError("the method config has no name (expected method.name, e.g. tent)")
     if name not in tta.list_methods():

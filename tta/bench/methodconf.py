@@ -44,7 +44,7 @@ _FALLBACK_DOCS = {
     "steps": "Adaptation steps per batch (the prediction comes from the last one).",
     "episodic": "Reset to the source state before every batch.",
     "optimizer": "Optimizer of the adapted parameters: sgd, adam or adamw.",
-    "lr": "Learning rate.",
+    "lr": "Learning rate, or paper for the method's published rule (by batch size and model).",
     "momentum": "SGD momentum.",
     "weight_decay": "Weight decay.",
     "betas": "Adam/AdamW betas.",
@@ -56,7 +56,6 @@ _NULL_MEANS = {
     "e_margin": "null: 0.4 * ln(num_classes).",
     "deyo_margin": "null: 0.5 * ln(num_classes).",
     "margin_e0": "null: 0.4 * ln(num_classes).",
-    "skip_modules": "null: the paper's choice (the last stage stays frozen).",
     "reset_constant": "null: never reset.",
     "occlusion_top": "null: centred.",
     "occlusion_left": "null: centred.",
@@ -177,9 +176,18 @@ def _comment(text: str, indent: str = "") -> str:
     )
 
 
+PRESET_DOC = (
+    "Published settings to start from (tta.method_presets; this method has: {presets}): auto "
+    "takes the data set's (cifar10 for CIFAR-10-C, imagenet for ImageNet-C), none the defaults "
+    "below. Values below that differ from the defaults override the preset's."
+)
+
+
 def render_method_yaml(name: str) -> str:
     """The text of ``conf/method/<name>.yaml``: every configurable keyword argument
     of the method with its default, each with a comment."""
+    import tta
+
     docs = parameter_docs(name)
     parts = [_comment(line) for line in _summary(name).splitlines()]
     parts.append(_comment(
@@ -188,6 +196,8 @@ def render_method_yaml(name: str) -> str:
     ))
     parts.append(_comment("Registered method name (tta.list_methods())."))
     parts.append(f"name: {name}")
+    parts.append(_comment(PRESET_DOC.format(presets=", ".join(sorted(tta.method_presets(name))))))
+    parts.append("preset: auto")
     for key, value in configurable_defaults(name).items():
         doc = docs.get(key) or f"{key} (see the {name} docstring)."
         first_word = doc.split(" ", 1)[0]
@@ -221,7 +231,9 @@ def check_method_configs(method_dir: str | Path | None = None) -> list[str]:
         if data.get("name") != name:
             problems.append(f"{path}: name is {data.get('name')!r}, expected {name!r}")
         expected = configurable_defaults(name)
-        got = {k: v for k, v in data.items() if k != "name"}
+        if data.get("preset") != "auto":
+            problems.append(f"{path}: preset is {data.get('preset')!r}, expected auto")
+        got = {k: v for k, v in data.items() if k not in ("name", "preset")}
         for key in sorted(set(expected) | set(got)):
             if key not in got:
                 problems.append(f"{path}: {key} missing (default {expected[key]!r})")

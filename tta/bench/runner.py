@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import Tensor
 
-from .config import config_hash, method_overrides, register_resolvers, validate_config
+from .config import config_hash, method_overrides, method_preset, register_resolvers, validate_config
 from ..methods.base import StepRecord
 from ..paths import atomic_write_bytes
 from .results import RESULTS_JSON, git_info, load_results, versions, write_results
@@ -245,12 +245,15 @@ def _run(plain: dict[str, Any], chash: str, out: Path, hydra_info: Mapping[str, 
     bad_files = list(dict.fromkeys(b for pool in {id(d.pool): d.pool for d in domains}.values()
                                    for b in getattr(pool, "bad_files", ())))
     name, overrides = method_overrides(mcfg)
-    if "fisher_loader" in tta.method_defaults(name) and float(mcfg.get("fisher_alpha") or 0) > 0:
-        overrides["fisher_loader"] = _fisher_batches(data, mcfg, device, input_size, seed, bad_files)
+    preset = method_preset(mcfg, data.get("name"))
+    # What the method will run with: its defaults, the preset, then the config's changes.
+    effective = {**tta.method_defaults(name, preset=preset), **overrides, "name": name}
+    if "fisher_loader" in effective and float(effective.get("fisher_alpha") or 0) > 0:
+        overrides["fisher_loader"] = _fisher_batches(data, effective, device, input_size, seed, bad_files)
     if bad_files:
         log.warning("data.skip_bad_files: left out %d unreadable image file(s) (listed in %s):\n%s",
                     len(bad_files), RESULTS_JSON, "\n".join(f"  {p}: {r}" for p, r in bad_files))
-    method = tta.wrap(model, name, **overrides)
+    method = tta.wrap(model, name, preset=preset, **overrides)
     renderer = _Renderer(stream, device, seed, data.get("preset")) if any(d.render for d in domains) else None
     loader.prepare()
     setup_s = time.perf_counter() - t_setup
@@ -364,6 +367,7 @@ def _run(plain: dict[str, Any], chash: str, out: Path, hydra_info: Mapping[str, 
         "bad_files": [{"path": p, "reason": r} for p, r in bad_files],
         "config": plain,
         "config_hash": chash,
+        "method_preset": preset,
         "method_overrides": {k: v for k, v in overrides.items() if k != "fisher_loader"},
         "versions": versions(),
         "git": git_info(),
