@@ -13,10 +13,11 @@ of ``methods_cifar10c.py``) for every method. Scenarios:
 - ``mixed_domains``: all corruptions shuffled into one stream, batch 64;
 - ``batch_size_1``: continual, one image per step.
 
-Optimiser settings are those of ``methods_cifar10c.SETTINGS`` (the published CIFAR
-settings, Adam 1e-3 for the entropy family), with the learning rate scaled linearly
-by batch/64 for batch size 1, as SAR's code does for small batches, so that each
-image moves the weights by about as much as in a batch of 64.
+Optimiser settings are the methods' ``preset="cifar10"`` (the published CIFAR
+settings, Adam 1e-3 for the entropy family; tta-bench's ``method.preset=auto``),
+with the learning rate scaled linearly by batch/64 for batch size 1, as SAR's code
+does for small batches, so that each image moves the weights by about as much as in
+a batch of 64.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from pathlib import Path
 
 import torch
 
-from methods_cifar10c import EIGHT, SETTINGS
+import tta
+from methods_cifar10c import EIGHT
 from tta.bench.config import compose_config
 from tta.bench.runner import run_benchmark
 
@@ -44,12 +46,10 @@ def overrides(model: str, method: str, scenario: str, num_images: int, seed: int
             f"data.corruptions=[{','.join(EIGHT)}]", f"data.num_images={num_images}", "data.severity=5",
             f"run.seed={seed}", "run.device=cpu", "run.plot=false", "run.progress=false",
             "run.skip_existing=false", "run.checkpoint_minutes=0"]
-    for key, value in SETTINGS.get(method, {}).items():
-        if key == "lr":
-            value = value * batch / 64
-        if key == "fisher_alpha":
-            continue  # the runner's eata default is the paper's
-        over.append(f"method.{key}={value}")
+    preset = tta.method_presets(method)["cifar10"]
+    if batch != 64 and "lr" in preset:
+        # the batch_size_1 scenario drops the batch-200 preset: keep it, with its lr scaled
+        over += ["method.preset=cifar10", f"method.lr={preset['lr'] * batch / 64}"]
     return over
 
 

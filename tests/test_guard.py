@@ -66,3 +66,33 @@ def test_guarded_state_dict_resumes_the_stream_exactly(hard_stream):
     resumed.reset()
     source = tta.load_model("cifar10_resnet20").state_dict()
     assert all(torch.equal(v, source[k]) for k, v in resumed.model.state_dict().items())
+
+
+def test_guard_reports_the_source_model_where_test_statistics_mislead(cifar_test_images):
+    """One class only: test-batch BatchNorm statistics remove the class signal, and
+    every model that normalises with them is wrong, adapted or not."""
+    x, y = cifar_test_images
+    cat = (y == 3).nonzero().squeeze(1)[:200]
+    stream = [(x[cat[i:i + 40]], y[cat[i:i + 40]]) for i in range(0, len(cat), 40)]
+    plain = error(tta.wrap(tta.load_model("cifar10_resnet20"), "tent"), stream)
+    guarded = tta.wrap(tta.load_model("cifar10_resnet20"), "tent", collapse_guard=dict(window=2))
+    guarded_error = error(guarded, stream)
+    source = error(tta.wrap(tta.load_model("cifar10_resnet20"), "source"), stream)
+    assert plain > source + 30, (plain, source)
+    assert guarded.guard.num_fallback_batches >= len(stream) - 2
+    assert guarded_error < plain - 20, (plain, guarded_error, source)
+    assert guarded.guard.num_collapses == 0
+
+
+def test_guard_catches_a_model_destroyed_with_spread_out_predictions(cifar_test_images):
+    """Tent at lr 0.05 on clean images: the predictions stay spread over the classes
+    (no class dominates) while the model drifts away from the unadapted one."""
+    x, y = cifar_test_images
+    stream = [(x[i:i + 64], y[i:i + 64]) for i in range(0, 1984, 64)]
+    plain = tta.wrap(tta.load_model("cifar10_resnet20"), "tent", lr=0.05)
+    plain_error = error(plain, stream)
+    guarded = tta.wrap(tta.load_model("cifar10_resnet20"), "tent", lr=0.05, collapse_guard=True)
+    guarded_error = error(guarded, stream)
+    assert plain_error > 50, plain_error  # the source model is at 19% here
+    assert guarded.guard.num_collapses >= 1 and guarded.guard.num_fallback_batches == 0
+    assert guarded_error < plain_error - 10, (plain_error, guarded_error)
