@@ -13,6 +13,7 @@ inference of the source model over the same batches, timed in the same process.
 from __future__ import annotations
 
 import argparse
+import ast
 import copy
 import json
 import platform
@@ -75,13 +76,21 @@ def parse_lr_overrides(parser: argparse.ArgumentParser, items: list[str], allowe
     return lrs
 
 
-def run_method(name, domains, batch_size, model_name, fisher_images, lr=None, **overrides):
+def _value(text: str):
+    """``--set`` values: Python literals (numbers, booleans, lists), else strings."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def run_method(name, domains, batch_size, model_name, fisher_images, lr=None, preset="cifar10", **overrides):
     model = tta.load_model(model_name)
     kw = dict(overrides, **({} if lr is None else {"lr": lr}))
     if name == "eata":
         kw.update(fisher_loader=[fisher_images[i:i + 100] for i in range(0, len(fisher_images), 100)],
                   fisher_size=len(fisher_images))
-    adapted = tta.wrap(model, name, preset="cifar10", **kw)
+    adapted = tta.wrap(model, name, preset=preset, **kw)
     return stream_errors(adapted, domains, batch_size)
 
 
@@ -128,9 +137,13 @@ def main() -> None:
     parser.add_argument("--lr", nargs="+", default=[], metavar="METHOD=LR",
                         help="learning-rate overrides, e.g. tent=3e-4 (default: the cifar10 preset); choose them on "
                              "held-out corruptions (speckle_noise gaussian_blur spatter saturate)")
+    parser.add_argument("--preset", default="cifar10", help="method preset (tta.method_presets), or none")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="hyper-parameter overrides for every method of the run, e.g. skip_modules=last_stage")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    settings = {k: _value(v) for k, v in (item.split("=", 1) for item in args.set)}
     lrs = parse_lr_overrides(parser, args.lr, [m for m in METHODS if "lr" in tta.method_defaults(m)])
 
     domains = build_stream(args.corruptions, args.num_images, args.seed)
@@ -140,7 +153,8 @@ def main() -> None:
     for name in args.methods:
         plain.append(plain_inference_time(domains, args.batch_size, args.model))
         torch.manual_seed(args.seed)
-        errors, elapsed = run_method(name, domains, args.batch_size, args.model, fisher_images, lrs.get(name))
+        errors, elapsed = run_method(name, domains, args.batch_size, args.model, fisher_images, lrs.get(name),
+                                     preset=None if args.preset == "none" else args.preset, **settings)
         results[name] = dict(errors=errors, mean=statistics.mean(errors.values()), seconds=elapsed)
     plain.append(plain_inference_time(domains, args.batch_size, args.model))
     base = statistics.median(plain)

@@ -411,3 +411,17 @@ def test_tent_on_clip_changes_only_image_layernorm_affines(images):
     assert moved == visual_norms
     adapted.reset()
     assert not changed(source, state(model))
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode], ids=["no_grad", "inference_mode"])
+@pytest.mark.parametrize("name", ["tpt", "rlcf"])
+def test_clip_methods_adapt_under_no_grad_and_inference_mode(name, context, images):
+    kw = dict(num_views=16) if name == "tpt" else dict(num_views=16, reward=tiny_clip(1))
+    expected_method = tta.wrap(tiny_clip(), name, **kw)
+    torch.manual_seed(0)
+    expected = expected_method(images)
+    method = tta.wrap(tiny_clip(), name, **kw)
+    torch.manual_seed(0)
+    with context():
+        got = method(images.clone())
+    assert torch.equal(expected, got)

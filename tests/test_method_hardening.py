@@ -209,6 +209,8 @@ def test_the_papers_learning_rate_rule():
 def test_lr_paper_is_resolved_on_the_first_batch_and_kept_by_reset(name, resnet20, noisy_batch):
     method = tta.wrap(resnet20, name)
     method.load_state_dict(method.state_dict())  # a snapshot taken before the first batch
+    with pytest.raises(ValueError, match="batch size 1"):
+        method(noisy_batch[:1])  # refused: it must not fix the learning rate
     method(noisy_batch[:16])
     expected = 2.5e-4 / 64 * 16 * 2
     assert math.isclose(method.optimizer.param_groups[0]["lr"], expected)

@@ -459,8 +459,7 @@ def _floating_dtype(model: nn.Module) -> torch.dtype | None:
 
 def _clone_all(tensors: list[Tensor]) -> list[Tensor]:
     # One fused kernel per dtype and device on CUDA instead of a launch per tensor.
-    floats = [t for t in tensors if t.is_floating_point()]
-    if len(floats) == len(tensors) and len({t.device for t in tensors}) == 1 and tensors:
+    if tensors and all(t.is_floating_point() for t in tensors) and len({t.device for t in tensors}) == 1:
         return list(torch._foreach_mul(tensors, 1.0))
     return [t.clone() for t in tensors]
 
@@ -726,9 +725,6 @@ class TTAMethod(nn.Module):
             return self._forward(x)
 
     def _forward(self, x: Tensor) -> Tensor:
-        self._resolve_lr(x.shape[0])
-        if self._source_state is None:
-            self.snapshot()
         if self.batch_stats and x.shape[0] == 1 and _uses_pure_batch_stats(self.model):
             raise ValueError(
                 f"batch size 1 with BatchNorm test statistics: {self.method_name or 'this method'} "
@@ -736,10 +732,14 @@ class TTAMethod(nn.Module):
                 "images, pass bn_alpha < 1 (e.g. 0.1) to mix in the source statistics, "
                 "or use a GroupNorm/LayerNorm model."
             )
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
         if self.amp == "fp16" and x.device.type != "cuda":
             raise ValueError("amp='fp16' needs a CUDA device; use amp='bf16' on the CPU")
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        # The first accepted batch fixes lr="paper" (before the snapshot, which keeps it).
+        self._resolve_lr(x.shape[0])
+        if self._source_state is None:
+            self.snapshot()
         undo = StepUndo(self)
         try:
             if self.episodic:
