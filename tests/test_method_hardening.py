@@ -26,9 +26,9 @@ def moved(before, method):
 @pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode], ids=["no_grad", "inference_mode"])
 @pytest.mark.parametrize("name", GRADIENT_METHODS)
 def test_adapts_under_no_grad_and_inference_mode(name, context, resnet20, noisy_batch, cifar_train_images):
-    reference = make(name, copy.deepcopy(resnet20), cifar_train_images, lr=1e-3, d_margin=1.0) if name in ("eta", "eata") \
-        else make(name, copy.deepcopy(resnet20), cifar_train_images, lr=1e-3)
-    method = make(name, resnet20, cifar_train_images, lr=1e-3, **({"d_margin": 1.0} if name in ("eta", "eata") else {}))
+    kw = dict(lr=1e-3, **({"d_margin": 1.0} if name in ("eta", "eata") else {}))
+    reference = make(name, copy.deepcopy(resnet20), cifar_train_images, **kw)
+    method = make(name, resnet20, cifar_train_images, **kw)
     before = state(method)
     torch.manual_seed(0)
     expected = [reference(noisy_batch) for _ in range(2)]

@@ -14,7 +14,7 @@ import torch
 import tta
 from tta.methods.base import paper_frozen_modules
 
-from test_methods import same
+from test_methods import same, state
 
 NUM_CLASSES = 10
 
@@ -51,10 +51,6 @@ OPEN_FILTERS = {
 }
 
 
-def tensors(module):
-    return {k: v.detach().clone() for k, v in module.state_dict().items() if isinstance(v, torch.Tensor)}
-
-
 @pytest.fixture(scope="module", params=FAMILIES, ids=[f[0] for f in FAMILIES])
 def family(request):
     arch, kwargs, side, frozen = request.param
@@ -79,7 +75,7 @@ def test_method_adapts_any_timm_family(name, family):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # norm on a model without BatchNorm says so
         method = tta.wrap(copy.deepcopy(model), name, **kwargs)
-    source = tensors(method)
+    source = state(method)
     for x in batches:
         logits = method(x)
         assert logits.shape == (4, NUM_CLASSES) and torch.isfinite(logits).all()
@@ -93,7 +89,7 @@ def test_method_adapts_any_timm_family(name, family):
         assert outermost == frozen
         assert method.adapted and not any(n.startswith(tuple(f + "." for f in frozen_all)) for n, _ in method.adapted)
     method.reset()
-    after = tensors(method)
+    after = state(method)
     assert after.keys() == source.keys()
     assert all(same(source[k], after[k]) for k in source), [k for k in source if not same(source[k], after[k])]
 

@@ -161,13 +161,13 @@ def method_preset(method_cfg: Mapping[str, Any], data_name: str | None) -> str |
     preset = method_cfg.get("preset", "auto")
     if preset in (None, "none"):
         return None
+    have = tta.method_presets(method_cfg["name"])
     if preset == "auto":
         preset = DATA_PRESETS.get(str(data_name))
-        return preset if preset is not None and preset in tta.method_presets(method_cfg["name"]) else None
-    if preset not in tta.method_presets(method_cfg["name"]):
-        have = ", ".join(sorted(tta.method_presets(method_cfg["name"])))
+        return preset if preset in have else None
+    if preset not in have:
         raise ValueError(f"method.preset={preset!r}: method {method_cfg['name']!r} has the presets "
-                         f"{have} (or auto, none)")
+                         f"{', '.join(sorted(have))} (or auto, none)")
     return preset
 
 

@@ -37,7 +37,9 @@ import copy
 import logging
 import math
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -117,14 +119,11 @@ class CollapseGuard:
     def attach(self, model: nn.Module) -> None:
         """Freeze a copy of the source ``model``, configured with the method's
         test-time normalisation (its BatchNorm layers switch to the source statistics
-        for the source view, see :meth:`_source_view`)."""
+        for the source view, see :func:`_source_statistics`)."""
         self._reference = copy.deepcopy(model).requires_grad_(False)
         # Test-statistics BatchNorm layers that have source statistics to fall back on.
         self._stat_layers = [m for m in self._reference.modules()
                              if hasattr(m, "tta_alpha") and getattr(m, "running_mean", None) is not None]
-
-    def _source_view(self) -> "_SourceStatistics":
-        return _SourceStatistics(self._stat_layers)
 
     @torch.no_grad()
     def check(self, x: Tensor, logits: Tensor) -> tuple[bool, Tensor | None]:
@@ -137,6 +136,8 @@ class CollapseGuard:
         return collapsed, fallback
 
     def _check(self, x: Tensor, logits: Tensor) -> tuple[bool, Tensor | None]:
+        from .base import softmax_entropy  # base imports this module
+
         self._batches += 1
         if self._batches % self.check_every:
             return False, self._source(x) if self.fallback else None
@@ -145,7 +146,7 @@ class CollapseGuard:
         pred, ref_pred, src_pred = logits.argmax(1), unadapted.argmax(1), source.argmax(1)
         counts = torch.bincount(pred, minlength=logits.shape[1])
         sums = torch.stack([
-            (pred == ref_pred).sum().float(), _entropy(logits), _entropy(unadapted), _entropy(source),
+            (pred == ref_pred).sum().float(), *(softmax_entropy(v).mean() for v in (logits, unadapted, source)),
             (ref_pred == src_pred).sum().float(),
         ])
         self._history.append((sums, counts, pred.numel()))
@@ -181,27 +182,19 @@ class CollapseGuard:
         return False, source if misled else None
 
     def _source(self, x: Tensor) -> Tensor:
-        with self._source_view():
+        with _source_statistics(self._stat_layers):
             return self._reference(x).float()
 
 
-def _entropy(logits: Tensor) -> Tensor:
-    log_p = logits.float().log_softmax(1)
-    return -(log_p.exp() * log_p).sum(1).mean()
-
-
-class _SourceStatistics:
+@contextmanager
+def _source_statistics(layers: list[nn.Module]) -> Iterator[None]:
     """Within the block, the reference's test-statistics BatchNorm layers normalise
     with their source (running) statistics, i.e. as the source model did."""
-
-    def __init__(self, layers: list[nn.Module]) -> None:
-        self.layers = layers
-
-    def __enter__(self) -> None:
-        self.saved = [m.tta_alpha for m in self.layers]
-        for m in self.layers:
-            m.tta_alpha = 0.0
-
-    def __exit__(self, *exc) -> None:
-        for m, alpha in zip(self.layers, self.saved):
+    saved = [m.tta_alpha for m in layers]
+    for m in layers:
+        m.tta_alpha = 0.0
+    try:
+        yield
+    finally:
+        for m, alpha in zip(layers, saved):
             m.tta_alpha = alpha
