@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from .paths import tta_home
+from ..paths import tta_home
 
 __all__ = ["IMG_EXTENSIONS", "list_image_folder", "load_image_folder", "cifar10_dir"]
 
