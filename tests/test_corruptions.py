@@ -92,6 +92,37 @@ def test_seeded_generator_reproduces(name, clean32):
         assert not torch.equal(a, c)
 
 
+@pytest.mark.parametrize("preset", ["cifar", "imagenet"])
+def test_per_image_generators_make_each_image_independent_of_its_batch(preset, clean32):
+    # One generator per image: an image's corruption is decided by its own
+    # generator alone, whatever else is in the batch and wherever it sits.
+    x = clean32[:6] if preset == "cifar" else _up(clean32[:3], 224)
+    n = x.shape[0]
+
+    def gens(ids):
+        return [torch.Generator().manual_seed(100 + i) for i in ids]
+
+    for name in ALL_NAMES:
+        full = corrupt(x, name, 5, preset=preset, generator=gens(range(n)))
+        order = [n - 1, 0, 1]
+        part = corrupt(x[order], name, 5, preset=preset, generator=gens(order))
+        alone = corrupt(x[1:2], name, 5, preset=preset, generator=gens([1]))
+        assert torch.equal(full[order], part), name
+        assert torch.equal(full[1:2], alone), name
+        if name in RANDOM:
+            other = corrupt(x[1:2], name, 5, preset=preset, generator=gens([7]))
+            assert not torch.equal(alone, other), name
+
+
+def test_per_image_generator_errors(clean32):
+    x = clean32[:3]
+    with pytest.raises(ValueError, match="2 generators for a batch of 3 images"):
+        corrupt(x, "fog", 3, generator=[torch.Generator(), torch.Generator()])
+    with pytest.raises(TypeError, match="one per image"):
+        corrupt(x, "fog", 3, generator=[torch.Generator(), 3, torch.Generator()])
+    assert corrupt(x[:0], "fog", 3, generator=[]).shape[0] == 0
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("name", ["gaussian_noise", "glass_blur", "fog", "jpeg_compression", "elastic_transform"])
 def test_dtypes(name, dtype, clean32):

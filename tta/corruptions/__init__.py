@@ -14,7 +14,9 @@ that copies, the 244-for-224 elastic constants, frost never picking texture 6).
 Everything runs on the images' device, vectorised over the batch.
 
 Randomness comes from ``generator`` (drawn on the generator's device, then moved),
-so a seeded generator reproduces a result on any device. Results are computed in
+so a seeded generator reproduces a result on any device. A list of generators, one
+per image, makes each image's corruption depend on its own generator alone (not on
+its batch): what a benchmark needs for the same corrupted image in every stream order. Results are computed in
 float32 (float64 stays float64; half precision is upcast and cast back) and, with
 ``quantize=True`` (default), snapped to 8-bit levels the way the original's uint8
 output is: truncation (``np.uint8``) for float results, rounding where the
@@ -27,7 +29,7 @@ import difflib
 import numbers
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -151,7 +153,7 @@ def corrupt(
     severity: int,
     *,
     preset: str | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     quantize: bool = True,
     frost_dir: str | os.PathLike | None = None,
 ) -> Tensor:
@@ -164,7 +166,9 @@ def corrupt(
         preset: severity tables to use: ``"imagenet"`` (made for 224 px),
             ``"tinyimagenet"`` (64 px) or ``"cifar"`` (32 px); ``None`` picks by
             image size (see :func:`choose_preset`).
-        generator: source of randomness; the same seed gives the same output.
+        generator: source of randomness; the same seed gives the same output. A
+            sequence of ``B`` generators (one per image, all on one device) gives
+            image ``i`` the corruption its generator ``i`` alone decides.
         quantize: snap the result to 8-bit levels like the original's uint8 output.
         frost_dir: folder with the frost textures (default: :func:`set_frost_dir`,
             else ``$TTA_FROST_DIR``, else ``$TTA_HOME/data/imagenet-c-frost``);
@@ -182,13 +186,27 @@ def corrupt(
         close = difflib.get_close_matches(str(preset), PRESETS, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ValueError(f"unknown preset {preset!r}{hint} (choose from {', '.join(PRESETS)})")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    _check_generator(generator, x.shape[0])
     if x.shape[0] == 0:
         return x.clone()
     work_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     rng = Rng(generator, x.device, work_dtype)
     return _apply(x, key, severity, preset, rng, quantize, frost_dir)
+
+
+def _check_generator(generator: object, batch: int) -> None:
+    if generator is None or isinstance(generator, torch.Generator):
+        return
+    if not isinstance(generator, (list, tuple)) or not all(isinstance(g, torch.Generator) for g in generator):
+        raise TypeError(
+            "generator must be a torch.Generator or a list of them (one per image), got "
+            f"{type(generator).__name__}"
+        )
+    if len(generator) != batch:
+        raise ValueError(f"got {len(generator)} generators for a batch of {batch} images: give one per image")
+    devices = {g.device for g in generator}
+    if len(devices) > 1:
+        raise ValueError(f"the per-image generators live on several devices {sorted(map(str, devices))}: use one")
 
 
 def _apply(
@@ -232,7 +250,7 @@ class Corrupt(nn.Module):
         severity: int,
         preset: str | None = None,
         *,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
         quantize: bool = True,
         frost_dir: str | os.PathLike | None = None,
     ) -> None:
@@ -246,8 +264,9 @@ class Corrupt(nn.Module):
         self.quantize = quantize
         self.frost_dir = frost_dir
 
-    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Corrupt ``x``; ``generator`` (if given) overrides the one set at construction."""
+    def forward(self, x: Tensor, generator: torch.Generator | Sequence[torch.Generator] | None = None) -> Tensor:
+        """Corrupt ``x``; ``generator`` (if given; one, or one per image) overrides
+        the one set at construction."""
         return corrupt(
             x,
             self.name,

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -23,26 +23,57 @@ _FLOOR_EPS = 1e-3
 class Rng:
     """Random draws from a ``torch.Generator`` (or the global RNG), made on the
     generator's device and moved to the images' device, so one seed gives the same
-    corruption whatever device the images live on."""
+    corruption whatever device the images live on.
 
-    def __init__(self, generator: torch.Generator | None, device: torch.device, dtype: torch.dtype):
-        self.generator = generator
-        self.source = generator.device if generator is not None else device
+    With a sequence of generators, one per image, every draw (whose first
+    dimension is always the batch) takes image ``i``'s part from generator ``i``:
+    an image's corruption then depends on its own generator only, not on which
+    other images share its batch or where it sits in it. torch has no batched draw
+    with per-sample seeds, so this mode loops over the images for the draws only
+    (the corruption itself stays batched); its cost is measured in
+    ``benchmarks/per_image_seeding_cost.py`` (RESULTS.md)."""
+
+    def __init__(self, generator: torch.Generator | Sequence[torch.Generator] | None,
+                 device: torch.device, dtype: torch.dtype):
+        if generator is None or isinstance(generator, torch.Generator):
+            self.generator, self.generators = generator, None
+            self.source = generator.device if generator is not None else device
+        else:
+            self.generator, self.generators = None, list(generator)
+            self.source = self.generators[0].device
         self.device = device
         self.dtype = dtype
 
     def _out(self, t: Tensor) -> Tensor:
         return t.to(device=self.device, dtype=self.dtype if t.is_floating_point() else t.dtype)
 
+    def _draw(self, shape: tuple[int, ...], draw: Callable[[tuple[int, ...], torch.Generator | None], Tensor],
+              fill: Callable[[Tensor, torch.Generator], Tensor], dtype: torch.dtype = torch.float32) -> Tensor:
+        """``draw(shape, generator)`` with one generator; per image, ``fill`` each
+        image's slice of one tensor in place (a stack of per-image draws would
+        cost another pass over the batch)."""
+        if self.generators is None:
+            return draw(shape, self.generator)
+        if not shape or shape[0] != len(self.generators):
+            raise RuntimeError(
+                f"a per-image draw of shape {shape} does not lead with the batch of {len(self.generators)}"
+            )
+        out = torch.empty(shape, dtype=dtype, device=self.source)
+        for part, g in zip(out, self.generators):
+            fill(part, g)
+        return out
+
     def uniform(self, shape: tuple[int, ...], low: float = 0.0, high: float = 1.0) -> Tensor:
         # always drawn in float32, so float64 inputs see the same random numbers
-        u = torch.rand(shape, generator=self.generator, device=self.source)
+        u = self._draw(shape, lambda s, g: torch.rand(s, generator=g, device=self.source),
+                       lambda t, g: t.uniform_(generator=g))
         if (low, high) != (0.0, 1.0):  # in place: these tensors are image-sized
             u.mul_(high - low).add_(low)
         return self._out(u)
 
     def normal(self, shape: tuple[int, ...], mean: float = 0.0, std: float = 1.0) -> Tensor:
-        n = torch.randn(shape, generator=self.generator, device=self.source)
+        n = self._draw(shape, lambda s, g: torch.randn(s, generator=g, device=self.source),
+                       lambda t, g: t.normal_(generator=g))
         if std != 1.0:
             n.mul_(std)
         if mean != 0.0:
@@ -51,16 +82,28 @@ class Rng:
 
     def randint(self, low: int, high: int, shape: tuple[int, ...]) -> Tensor:
         """Integers in ``[low, high)``, like ``np.random.randint``."""
-        r = torch.randint(low, high, shape, generator=self.generator, device=self.source)
+        r = self._draw(shape, lambda s, g: torch.randint(low, high, s, generator=g, device=self.source),
+                       lambda t, g: t.random_(low, high, generator=g), dtype=torch.int64)
         return self._out(r)
 
     def randint_below(self, high: Tensor) -> Tensor:
         """One integer in ``[0, high[i])`` per entry of the integer tensor ``high``."""
-        u = torch.rand(tuple(high.shape), generator=self.generator, device=self.source, dtype=torch.float64)
+        u = self._draw(tuple(high.shape),
+                       lambda s, g: torch.rand(s, generator=g, device=self.source, dtype=torch.float64),
+                       lambda t, g: t.uniform_(generator=g), dtype=torch.float64)
         return self._out(torch.floor(u * high.to(self.source, torch.float64)).long())
 
     def poisson(self, rates: Tensor) -> Tensor:
-        return self._out(torch.poisson(rates.to(self.source, torch.float32), generator=self.generator))
+        rates = rates.to(self.source, torch.float32)
+        if self.generators is None:
+            return self._out(torch.poisson(rates, generator=self.generator))
+        if rates.shape[0] != len(self.generators):
+            raise RuntimeError(f"per-image poisson rates {tuple(rates.shape)} do not lead with the batch "
+                               f"of {len(self.generators)}")
+        out = torch.empty_like(rates)
+        for part, r, g in zip(out, rates, self.generators):
+            part.copy_(torch.poisson(r, generator=g))
+        return self._out(out)
 
 
 @dataclass
