@@ -7,12 +7,40 @@ combination in multirun mode (``-m``); :func:`run_benchmark` does the work.
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
-from typing import Any
+from pathlib import Path
+from typing import Any, Sequence
 
 from .config import CONFIG_NAME, config_dir, register_resolvers
 
-__all__ = ["main", "task"]
+__all__ = ["main", "task", "USER_ERRORS"]
+
+#: Errors that say what is wrong with the config, the data or the machine, each
+#: with its fix: tta-bench prints their message alone (``HYDRA_FULL_ERROR=1`` for
+#: the traceback). Anything else is a bug and keeps its traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, KeyError, OSError, RuntimeError)
+
+try:
+    from hydra.errors import CompactHydraException as _Compact
+except ImportError:  # the bench extra is optional; main() says how to get it
+    _Compact = Exception  # type: ignore[assignment,misc]
+
+
+class JobError(_Compact):  # type: ignore[valid-type,misc]
+    """A sweep job refused for a user error: Hydra prints it by its message alone."""
+
+
+#: What Hydra writes into a job folder before the job runs: a folder holding only
+#: these after a failed run is removed, not left behind empty.
+_HYDRA_BOOKKEEPING = (".hydra", "tta-bench.log")
+
+#: pip package of each launcher plugin the configs in conf/hydra/launcher extend.
+_LAUNCHER_PLUGINS = {
+    "hydra_plugins.hydra_submitit_launcher": "hydra-submitit-launcher",
+    "hydra_plugins.hydra_joblib_launcher": "hydra-joblib-launcher",
+}
 
 # At import, not in main(): joblib/submitit workers import this module to unpickle
 # the task function, and they resolve hydra.sweep.subdir (${tta_dirname:...}).
@@ -36,8 +64,62 @@ def task(cfg: Any) -> float:
         "overrides": list(hc.overrides.task),
         "sweep_dir": hc.sweep.dir if multirun else None,
     }
-    results = run_benchmark(cfg, hc.runtime.output_dir, hydra_info=info)
+    out = Path(hc.runtime.output_dir)
+    try:
+        results = run_benchmark(cfg, out, hydra_info=info)
+    except USER_ERRORS as err:
+        _discard_if_empty(out)
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        message = f"tta-bench: {type(err).__name__}: {_message(err)}"
+        if not multirun:
+            print(f"{message}\n(HYDRA_FULL_ERROR=1 shows the traceback)", file=sys.stderr, flush=True)
+            sys.exit(1)
+        # In a sweep the launcher reports the failed job by its overrides (and the
+        # HYDRA_FULL_ERROR hint).
+        raise JobError(message) from None
     return float(results["mean_error"])
+
+
+def _message(err: BaseException) -> str:
+    # KeyError's str() is the repr of its argument
+    return str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+
+
+def _discard_if_empty(out: Path) -> None:
+    """Remove a failed run's folder when it holds nothing but Hydra's bookkeeping
+    (a checkpoint or results of an earlier run keep it), then its parents up to
+    ``run.out_dir`` if they are left empty."""
+    try:
+        if not out.is_dir() or any(p.name not in _HYDRA_BOOKKEEPING for p in out.iterdir()):
+            return
+        shutil.rmtree(out)
+        for parent in out.parents:
+            if parent == Path.cwd() or any(parent.iterdir()):
+                break
+            parent.rmdir()
+    except OSError:  # cleaning up must never hide the error being reported
+        pass
+
+
+def _check_launcher(argv: Sequence[str]) -> None:
+    """Fail at once, naming the pip package, when ``hydra/launcher=<name>`` asks for
+    a launcher whose Hydra plugin is not installed (Hydra would say only "Could
+    not load")."""
+    import importlib.util
+
+    for arg in argv:
+        key, _, name = arg.partition("=")
+        if key.lstrip("+") != "hydra/launcher" or not name:
+            continue
+        path = config_dir() / "hydra" / "launcher" / f"{name}.yaml"
+        text = path.read_text() if path.is_file() else ""
+        for module, package in _LAUNCHER_PLUGINS.items():
+            plugin = module.rsplit(".", 1)[1].replace("hydra_", "").replace("_launcher", "")
+            if plugin in name or plugin in text:
+                if importlib.util.find_spec(module) is None:
+                    sys.exit(f"tta-bench: hydra/launcher={name} needs the Hydra plugin {package}: "
+                             f"pip install {package}")
 
 
 def main() -> None:
@@ -46,6 +128,7 @@ def main() -> None:
         import hydra
     except ImportError:  # the bench extra is optional for the library
         sys.exit("tta-bench needs hydra-core: pip install 'tta[bench]'")
+    _check_launcher(sys.argv[1:])
     hydra.main(config_path=str(config_dir()), config_name=CONFIG_NAME, version_base="1.3")(task)()
 
 

@@ -68,11 +68,61 @@ def config_dir() -> Path:
     )
 
 
+#: Override values longer than this are shortened in folder names.
+_MAX_VALUE = 24
+
+
+def _split_top_level(text: str, sep: str = ",") -> list[str]:
+    """``text`` split at ``sep`` outside brackets and quotes (Hydra joins the
+    overrides of ``override_dirname`` with commas, and list values hold commas)."""
+    parts, depth, quote, start = [], 0, "", 0
+    for i, ch in enumerate(text):
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[{(":
+            depth += 1
+        elif ch in "]})":
+            depth = max(0, depth - 1)
+        elif ch == sep and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return parts
+
+
+def _short_value(value: str) -> str:
+    """A long override value as a readable stand-in plus a hash of the exact value
+    (``[gaussian_noise,...]`` of 8 names -> ``8items-1a2b3c4d``; a long path ->
+    its last component and the hash): stable, so a rerun finds its folder."""
+    if len(value) <= _MAX_VALUE:
+        return value
+    digest = hashlib.sha1(value.encode()).hexdigest()[:8]
+    if value.startswith("[") and value.endswith("]"):
+        items = [v for v in _split_top_level(value[1:-1]) if v.strip()]
+        return f"{len(items)}items-{digest}"
+    # a path by its last component, anything else by its start
+    parts = [p for p in re.split(r"[/\\]", value) if p]
+    stem = parts[-1][:16] if len(parts) > 1 else value[:16]
+    stem = re.sub(r"[^A-Za-z0-9._-]", "_", stem).strip("._-")
+    return f"{stem}-{digest}" if stem else digest
+
+
 def dirname_from_overrides(override_dirname: str) -> str:
-    """A safe folder name for Hydra's ``override_dirname``: ``"default"`` when there
-    are no overrides, ``/`` replaced (paths in values would nest folders), and long
-    names cut with a hash suffix (file systems refuse names over 255 bytes)."""
-    name = override_dirname.strip() or "default"
+    """A short, safe folder name for Hydra's ``override_dirname``: ``"default"``
+    when there are no overrides, long values shortened with a hash
+    (:func:`_short_value`), ``/`` replaced (paths in values would nest folders),
+    and a name still too long cut with a hash suffix (file systems refuse names
+    over 255 bytes)."""
+    name = override_dirname.strip()
+    if name:
+        items = []
+        for item in _split_top_level(name):
+            key, eq, value = item.partition("=")
+            items.append(f"{key}={_short_value(value)}" if eq else item)
+        name = ",".join(items)
+    name = name or "default"
     name = name.replace("/", "_").replace("\\", "_")
     name = re.sub(r"[\x00-\x1f]", "_", name)
     if name in (".", ".."):

@@ -87,22 +87,38 @@ def _override_pairs(res: dict[str, Any]) -> dict[str, str]:
     return pairs
 
 
-def row_labels(results: Sequence[dict[str, Any]]) -> list[str]:
-    """A label per result: the method, plus the overrides that tell apart results
-    of the same method (e.g. ``tent method.lr=0.01``)."""
+#: Result fields a report tells apart when the jobs of a sweep differ in them.
+_RESULT_FIELDS = ("model", "data", "scenario")
+
+
+def _varying(results: Sequence[dict[str, Any]]) -> tuple[list[dict[str, str]], list[str]]:
+    """Each result's result-changing overrides, and the settings (override keys and
+    result fields) whose values differ between the results, in first-seen order."""
     pairs = [_override_pairs(r) for r in results]
     keys = list(dict.fromkeys(k for p in pairs for k in p if k != "method"))
     varying = [k for k in keys if len({p.get(k) for p in pairs}) > 1]
-    for field in ("model", "data", "scenario"):
+    for field in _RESULT_FIELDS:
         if len({r.get(field) for r in results}) > 1 and field not in varying:
             varying.append(field)
+    return pairs, varying
+
+
+def _setting(result: dict[str, Any], pairs: dict[str, str], key: str) -> str | None:
+    """The value of ``key`` for one result: its own recorded field for model, data
+    and scenario, else the override it ran with."""
+    value = result.get(key) if key in _RESULT_FIELDS else pairs.get(key)
+    return None if value is None else str(value)
+
+
+def row_labels(results: Sequence[dict[str, Any]]) -> list[str]:
+    """A label per result: the method, plus each setting that tells results apart
+    (e.g. ``tent method.lr=0.01`` or ``tent scenario=mixed_domains``), taken from
+    that result itself."""
+    pairs, varying = _varying(results)
     labels = []
     for r, p in zip(results, pairs):
         parts = [str(r.get("method"))]
-        for k in varying:
-            value = p.get(k, r.get(k)) if k in ("model", "data", "scenario") else p.get(k)
-            if value is not None:
-                parts.append(f"{k}={value}")
+        parts += [f"{k}={v}" for k in varying if (v := _setting(r, p, k)) is not None]
         labels.append(" ".join(parts))
     return labels
 
@@ -112,37 +128,65 @@ def _fmt(v: Any, digits: int = 1) -> str:
 
 
 def markdown_table(results: Sequence[dict[str, Any]]) -> str:
-    """Method x domain error (%) table with the mean error and images/s."""
+    """Method x domain error (%) table with the mean error and images/s; every
+    setting that differs between the results gets a column, filled from each
+    result's own record."""
+    pairs, varying = _varying(results)
     domains = list(dict.fromkeys(d for r in results for d in r["error"]))
-    header = ["method", *domains, "mean", "images/s"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
-    for label, r in zip(row_labels(results), results):
-        cells = [label] + [_fmt(r["error"].get(d)) for d in domains]
+    header = ["method", *varying, *domains, "mean", "images/s"]
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "|".join(["---"] * (1 + len(varying)) + ["---:"] * (len(header) - 1 - len(varying))) + "|"]
+    for r, p in zip(results, pairs):
+        cells = [str(r.get("method"))] + [_setting(r, p, k) or "–" for k in varying]
+        cells += [_fmt(r["error"].get(d)) for d in domains]
         cells += [_fmt(r.get("mean_error")), _fmt(r.get("images_per_s"), 0)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+def _shared(results: Sequence[dict[str, Any]], field: str) -> str:
+    values = list(dict.fromkeys(str(r.get(field)) for r in results))
+    return values[0] if len(values) == 1 else f"{len(values)} {field}s (per row)"
+
+
 def plot_comparison(results: Sequence[dict[str, Any]]) -> bytes:
-    """PNG: grouped bars of the error per domain (and the mean) for each result."""
+    """PNG: grouped bars of the error per domain (and the mean) for each result.
+
+    The legend sits below the axes in as many columns as fit the figure's width,
+    and the figure grows with the number of jobs, so labels are never clipped and
+    the bars keep the width of the figure whatever the sweep's size."""
     from .results import _pyplot
 
     plt = _pyplot()
     labels = row_labels(results)
     domains = list(dict.fromkeys(d for r in results for d in r["error"])) + ["mean"]
-    width = 0.8 / max(1, len(results))
-    fig, ax = plt.subplots(figsize=(max(7.0, 0.7 * len(domains) * max(1, len(results)) ** 0.5 + 2), 4.5))
+    n = max(1, len(results))
+    width = 0.8 / n
+    fig_w = min(20.0, max(7.0, 0.35 * len(domains) * n ** 0.5 + 2.5))
+    # Legend entries at fontsize 8 take ~0.065 in a character plus the handle.
+    entry_w = 0.065 * max(len(label) for label in labels) + 0.6
+    ncol = max(1, min(n, int(fig_w // entry_w)))
+    legend_rows = math.ceil(n / ncol)
+    fig, ax = plt.subplots(figsize=(fig_w, 4.0 + 0.22 * legend_rows))
+    # One colour per job: the default cycle repeats after 10, tab20 after 20.
+    cmap = plt.get_cmap("tab10" if n <= 10 else "tab20" if n <= 20 else "turbo")
+    colors = [cmap(i) if n <= 20 else cmap(i / (n - 1)) for i in range(n)]
     for i, (label, r) in enumerate(zip(labels, results)):
         values = [r["error"].get(d, float("nan")) for d in domains[:-1]] + [r.get("mean_error", float("nan"))]
-        ax.bar([j + (i - (len(results) - 1) / 2) * width for j in range(len(domains))], values, width, label=label)
+        ax.bar([j + (i - (n - 1) / 2) * width for j in range(len(domains))], values, width, label=label,
+               color=colors[i])
     ax.set_xticks(range(len(domains)), domains, rotation=45, ha="right", fontsize=8)
+    ax.set_xlim(-0.6, len(domains) - 0.4)
     ax.set_ylabel("error (%)")
-    first = results[0]
-    ax.set_title(f"{first.get('data')}, {first.get('scenario')}, {first.get('model')}")
-    ax.legend(fontsize=8, ncol=min(4, len(results)))
+    ax.set_title(f"{_shared(results, 'data')}, {_shared(results, 'scenario')}, {_shared(results, 'model')}",
+                 fontsize=10)
     fig.tight_layout()
+    handles, names = ax.get_legend_handles_labels()
+    fig.legend(handles, names, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=ncol, fontsize=8,
+               frameon=False)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
+    # "tight" grows the saved canvas to hold the legend below the axes.
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     return buf.getvalue()
 
@@ -173,12 +217,12 @@ def make_report(sweep_dir: str | Path, out_md: str | Path | None = None,
     cfg = first.get("config") or {}
     sev = (cfg.get("data") or {}).get("severity")
     notes = [
-        f"data: {first.get('data')}" + (f" (severity {sev})" if sev and "/" not in next(iter(first["error"]), "") else ""),
-        f"model: {first.get('model')}",
-        f"scenario: {first.get('scenario')}",
-        f"batch size: {first.get('batch_size')}",
+        f"data: {_shared(results, 'data')}" + (f" (severity {sev})" if sev and "/" not in next(iter(first["error"]), "") else ""),
+        f"model: {_shared(results, 'model')}",
+        f"scenario: {_shared(results, 'scenario')}",
+        f"batch size: {_shared(results, 'batch_size')}",
         f"images per domain: {first['domains'][0]['num_images'] if first.get('domains') else '?'}",
-        f"device: {first.get('device')}",
+        f"device: {_shared(results, 'device')}",
     ]
     text = "\n".join([
         f"# tta-bench report: {sweep}",

@@ -30,6 +30,7 @@ __all__ = [
     "load_results",
     "read_results",
     "write_results",
+    "round_figures",
     "plot_run",
 ]
 
@@ -122,6 +123,27 @@ def load_results(path: str | Path) -> dict[str, Any] | None:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+
+
+#: Decimals results.json keeps for each summary figure. Errors are multiples of
+#: 100 / N and stay exact to 1e-8 %; timing and memory need no more than they
+#: show. Per-step arrays (``steps``) keep full precision.
+_DECIMALS = {"error": 8, "mean_error": 8, "ece": 6, "mean_ece": 6, "selected_fraction": 6,
+             "images_per_s": 2, "images_per_s_end_to_end": 2, "peak_mem_mb": 1, "seconds": 6}
+
+
+def round_figures(results: Mapping[str, Any]) -> dict[str, Any]:
+    """``results`` with its summary figures rounded for reading (``32.5``, not
+    ``32.49999999999999``): see ``_DECIMALS``; everything else as it is."""
+
+    def rounded(value: Any, digits: int) -> Any:
+        if isinstance(value, Mapping):
+            return {k: rounded(v, digits) for k, v in value.items()}
+        if isinstance(value, float) and math.isfinite(value):
+            return round(value, digits)
+        return value
+
+    return {k: rounded(v, _DECIMALS[k]) if k in _DECIMALS else v for k, v in results.items()}
 
 
 def _csv_bytes(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> bytes:

@@ -7,6 +7,7 @@ import logging
 import resource
 import sys
 import time
+import zlib
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -20,8 +21,8 @@ from torch import Tensor
 from .config import config_hash, method_overrides, method_preset, register_resolvers, validate_config
 from ..methods.base import StepRecord
 from ..paths import atomic_write_bytes
-from .results import RESULTS_JSON, git_info, load_results, versions, write_results
-from .sources import build_domains, load_source_images
+from .results import RESULTS_JSON, git_info, load_results, round_figures, versions, write_results
+from .sources import Domain, build_domains, load_source_images
 from .stream import BatchLoader, Batch, Stream, build_stream, seed_for
 
 __all__ = ["run_benchmark", "resolve_device", "expected_calibration_error", "peak_memory_mb"]
@@ -82,8 +83,10 @@ def _to_model_size(x: Tensor, size: Sequence[int] | None) -> Tensor:
 
 
 class _Renderer:
-    """Corrupts on-the-fly batches on the run device; each (batch, domain) group
-    gets its own seeded generator, so the stream does not depend on the method."""
+    """Corrupts on-the-fly batches on the run device. Every image gets its own
+    generator, seeded from (run seed, corruption, severity, image id): the same
+    image shows the same corruption in every scenario, stream order and batch,
+    whatever the method."""
 
     def __init__(self, stream: Stream, device: torch.device, seed: int, preset: str | None) -> None:
         from .. import corruptions
@@ -91,19 +94,31 @@ class _Renderer:
         self.corrupt = corruptions.corrupt
         self.stream, self.device, self.seed, self.preset = stream, device, seed, preset
 
+    def generators(self, domain: Domain, positions: np.ndarray) -> list[torch.Generator]:
+        key = zlib.crc32(domain.corruption.encode())
+        assert domain.image_ids is not None, "a rendered domain names its images"
+        return [torch.Generator(device=self.device).manual_seed(
+                    seed_for(self.seed, 3, key, domain.severity, int(i)))
+                for i in domain.image_ids[positions]]
+
     def __call__(self, x: Tensor, batch: Batch) -> Tensor:
+        s, e = self.stream.batches[batch.index]
+        positions = self.stream.pos[s:e]
+        groups = np.unique(batch.domains)
         out = x
-        for d in np.unique(batch.domains):
+        for d in groups:
             domain = self.stream.domains[int(d)]
             if not domain.render:
                 continue
-            gen = torch.Generator(device=self.device).manual_seed(seed_for(self.seed, 3, batch.index, int(d)))
-            if len(np.unique(batch.domains)) == 1:
-                return self.corrupt(x, domain.corruption, domain.severity, preset=self.preset, generator=gen)
-            sel = torch.from_numpy(np.flatnonzero(batch.domains == d)).to(x.device)
+            if len(groups) == 1:
+                return self.corrupt(x, domain.corruption, domain.severity, preset=self.preset,
+                                    generator=self.generators(domain, positions))
+            mask = batch.domains == d
+            sel = torch.from_numpy(np.flatnonzero(mask)).to(x.device)
             if out is x:
                 out = x.clone()
-            out[sel] = self.corrupt(x[sel], domain.corruption, domain.severity, preset=self.preset, generator=gen)
+            out[sel] = self.corrupt(x[sel], domain.corruption, domain.severity, preset=self.preset,
+                                    generator=self.generators(domain, positions[mask]))
         return out
 
 
@@ -257,9 +272,10 @@ def _run(plain: dict[str, Any], chash: str, out: Path, hydra_info: Mapping[str, 
     renderer = _Renderer(stream, device, seed, data.get("preset")) if any(d.render for d in domains) else None
     loader.prepare()
     setup_s = time.perf_counter() - t_setup
-    log.info("%s on %s/%s (%s): %d domains, %d images, %d batches of %d, device %s, %s",
-             name, data.get("name"), scenario.get("name"), model_cfg["name"], len(domains), len(stream),
-             len(loader), batch_size, device, "tensor cache" if loader.cached else "DataLoader workers")
+    log.info("%s on %s/%s (%s): %s, %s, %s of %d, device %s, %s",
+             name, data.get("name"), scenario.get("name"), model_cfg["name"], _count(len(domains), "domain"),
+             _count(len(stream), "image"), _count(len(loader), "batch"), batch_size, device,
+             "tensor cache" if loader.cached else "DataLoader workers")
 
     from tqdm.auto import tqdm
 
@@ -292,6 +308,7 @@ def _run(plain: dict[str, Any], chash: str, out: Path, hydra_info: Mapping[str, 
     t_first = 0.0
     bar = tqdm(total=len(stream), initial=seen, unit="img", desc=name, disable=not run.get("progress", True),
                dynamic_ncols=True, mininterval=0.5)
+    eta = _TimeEstimate(len(stream) - seen)
     t_loop = last_ckpt = time.perf_counter()
     for batch in loader.iter_from(start):
         if batch.reset:
@@ -317,6 +334,7 @@ def _run(plain: dict[str, Any], chash: str, out: Path, hydra_info: Mapping[str, 
         seen += len(correct)
         bar.update(len(correct))
         now = time.perf_counter()
+        eta.update(len(correct), now)
         if not bar.disable and now - last_refresh > 0.5:
             last_refresh = now
             doms = {stream.domains[int(d)].name for d in np.unique(batch.domains)}
@@ -381,11 +399,56 @@ def _run(plain: dict[str, Any], chash: str, out: Path, hydra_info: Mapping[str, 
     results = {**{k: results[k] for k in order if k in results},
                **{k: v for k, v in results.items() if k not in order and k != "steps"},
                "steps": results["steps"]}
+    results = round_figures(results)
     write_results(out, results, plot=bool(run.get("plot", True)))
     ckpt_path.unlink(missing_ok=True)
-    log.info("%s: mean error %.2f%% over %d domains, %.0f images/s (adaptation), results in %s",
-             name, results["mean_error"], len(results["error"]), results["images_per_s"] or 0, out)
+    rate = results["images_per_s"]
+    log.info("%s: mean error %.2f%% over %s, %s (adaptation), results in %s",
+             name, results["mean_error"], _count(len(results["error"]), "domain"),
+             f"{rate:.3g} images/s" if rate else "images/s not measured (no timed step)", out)
     return results
+
+
+def _count(n: int, noun: str) -> str:
+    """``1 domain``, ``2 domains``, ``3 batches``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}{'es' if noun.endswith(('ch', 'sh', 's', 'x')) else 's'}"
+
+
+class _TimeEstimate:
+    """Logs, once, how long a long run will take: after its first batches (at
+    least ``after_s`` seconds past the first, which pays one-off costs), when
+    the remaining images would take over ``min_s`` at the rate seen so far."""
+
+    def __init__(self, total: int, *, after_batches: int = 3, after_s: float = 5.0, min_s: float = 60.0) -> None:
+        self.remaining, self.after_batches, self.after_s, self.min_s = total, after_batches, after_s, min_s
+        self.batches, self.images, self.t0 = 0, 0, None
+        self.done = False
+
+    def update(self, num_images: int, now: float) -> None:
+        self.remaining -= num_images
+        if self.done:
+            return
+        if self.t0 is None:  # the clock starts after the first batch
+            self.t0 = now
+            return
+        self.batches += 1
+        self.images += num_images
+        elapsed = now - self.t0
+        if self.batches < self.after_batches or elapsed < self.after_s:
+            return
+        self.done = True
+        left = self.remaining * elapsed / max(1, self.images)
+        if left >= self.min_s:
+            log.info("estimated time left: %s for %s at %.3g images/s (data.num_images and "
+                     "data.corruptions set the run's size)", _duration(left), _count(self.remaining, "image"),
+                     self.images / elapsed)
+
+
+def _duration(seconds: float) -> str:
+    minutes = round(seconds / 60)
+    if minutes < 60:
+        return f"{max(1, minutes)} min"
+    return f"{minutes // 60} h {minutes % 60:02d} min"
 
 
 def _record_dicts(records: Sequence[Any]) -> list[dict[str, Any]]:

@@ -9,6 +9,7 @@ the images (``npy``, ``imagenet_c``).
 
 from __future__ import annotations
 
+import logging
 import os
 import stat as stat_mod
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ from PIL import Image
 from torch import Tensor
 
 from ..data import list_image_folder
+
+log = logging.getLogger("tta.bench")
 
 __all__ = [
     "Domain",
@@ -291,7 +294,10 @@ class FilePool(ImagePool):
 @dataclass
 class Domain:
     """One segment of the stream: images ``rows`` of ``pool`` with ``labels``,
-    showing ``corruption`` at ``severity`` (rendered on the fly when ``render``)."""
+    showing ``corruption`` at ``severity`` (rendered on the fly when ``render``).
+    ``image_ids`` name each row's image in its source (its index in the sorted
+    file listing), stable across subsets, scenarios and stream orders: a
+    rendered image's corruption noise is seeded from it."""
 
     name: str
     corruption: str
@@ -300,6 +306,7 @@ class Domain:
     rows: np.ndarray
     labels: np.ndarray
     render: bool
+    image_ids: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -436,10 +443,18 @@ def build_domains(
     if num_images is not None and int(num_images) < 1:
         raise ValueError(f"data.num_images must be >= 1 or null, got {num_images}")
     if kind == "on_the_fly":
-        return _on_the_fly(data, root, segments, num_images, input_size, seed)
-    if kind == "npy":
-        return _npy(root, segments, num_images, seed)
-    return _imagenet_c(data, root, segments, num_images, input_size, seed)
+        domains, num_classes = _on_the_fly(data, root, segments, num_images, input_size, seed)
+    elif kind == "npy":
+        domains, num_classes = _npy(root, segments, num_images, seed)
+    else:
+        domains, num_classes = _imagenet_c(data, root, segments, num_images, input_size, seed)
+    if num_images is not None and min(len(d) for d in domains) < int(num_images):
+        sizes = sorted({len(d) for d in domains})
+        fewest = min(domains, key=len)
+        log.warning("data.num_images=%d, but the data has fewer: running %s images per domain (%s under %s)",
+                    int(num_images), sizes[0] if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}",
+                    f"{len(fewest)} for {fewest.name}", root)
+    return domains, num_classes
 
 
 def _file_check_options(data: Mapping[str, Any]) -> tuple[bool, int]:
@@ -451,7 +466,7 @@ def _on_the_fly(data, root, segments, num_images, input_size, seed):
     if not root.is_dir():
         raise FileNotFoundError(
             f"data.root {root} does not exist: expected clean images in an ImageFolder layout "
-            "<root>/<class>/<image> (for cifar10c: $TTA_HOME/data/cifar10/test)"
+            "<root>/<class>/<image> (for cifar10c: $TTA_HOME/data/cifar10/test; `tta-data cifar10` writes it)"
         )
     files, folder_labels, classes = list_image_folder(root)
     class_labels, num_classes = _class_indices(classes, str(data.get("class_index", "folder")), root)
@@ -464,14 +479,15 @@ def _on_the_fly(data, root, segments, num_images, input_size, seed):
                     float(data.get("crop_ratio", 1.0)), key=f"folder:{root}", bad_files=bad)
     labels = np.array([class_labels[folder_labels[r]] for r in rows], dtype=np.int64)
     local = np.arange(len(rows))
-    domains = [Domain(n, c, s, pool, local, labels, render=True) for n, c, s in segments]
+    domains = [Domain(n, c, s, pool, local, labels, render=True, image_ids=rows) for n, c, s in segments]
     return domains, num_classes
 
 
 def _npy(root, segments, num_images, seed):
     label_path = root / "labels.npy"
     if not label_path.is_file():
-        raise FileNotFoundError(f"{label_path} not found: expected the CIFAR-10-C layout {_NPY_LAYOUT}")
+        raise FileNotFoundError(f"{label_path} not found: expected the CIFAR-10-C layout {_NPY_LAYOUT} "
+                                "(`tta-data cifar10-c` says where to get it and checks a copy)")
     all_labels = np.load(label_path, mmap_mode="r")
     pools: dict[str, ArrayPool] = {}
     domains = []
@@ -506,7 +522,8 @@ def _npy(root, segments, num_images, seed):
 
 def _imagenet_c(data, root, segments, num_images, input_size, seed):
     if not root.is_dir():
-        raise FileNotFoundError(f"data.root {root} does not exist: expected the ImageNet-C layout {_IMAGENET_C_LAYOUT}")
+        raise FileNotFoundError(f"data.root {root} does not exist: expected the ImageNet-C layout {_IMAGENET_C_LAYOUT} "
+                                "(`tta-data imagenet-c` says where to get it and checks a copy)")
     size = _target_size(data, input_size)
     crop = float(data.get("crop_ratio", 1.0))
     mode = str(data.get("class_index", "imagenet"))
@@ -558,7 +575,8 @@ def load_source_images(
     if not root.is_dir():
         raise FileNotFoundError(
             f"source images not found at {root}: expected an ImageFolder <root>/<class>/<image> "
-            "of clean training images (data.source_root)"
+            "of clean training images (data.source_root; for CIFAR-10, `tta-data cifar10` writes "
+            "$TTA_HOME/data/cifar10/train)"
         )
     files, _, _ = list_image_folder(root)
     rows, bad = _pick_files(files, num_images, seed + 1, skip_bad=skip_bad_files,

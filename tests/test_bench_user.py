@@ -1,0 +1,258 @@
+"""What a user of tta-bench reads and relies on: the same images in every
+scenario, reports that label their rows, short folder names, readable numbers and
+logs, and errors without a traceback (issue 22)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tta.bench import compose_config, run_benchmark
+from tta.bench.runner import _Renderer
+from tta.bench.sources import build_domains
+from tta.bench.stream import BatchLoader, build_stream
+
+GN_QUICK = [
+    "model=zoo_resnet26_gn",
+    "method=source",
+    "data.corruptions=[gaussian_noise,fog]",
+    "data.num_images=40",
+    "run.batch_size=16",
+    "run.device=cpu",
+    "run.progress=false",
+    "run.plot=false",
+    "run.num_threads=1",
+]
+
+
+def test_source_error_is_the_same_in_every_scenario_on_a_batch_independent_model(tmp_path: Path) -> None:
+    # GroupNorm predicts each image alone, so with the same corrupted images every
+    # scenario (order, mixing, resets, batch size) must give the same source error.
+    errors = {}
+    for scenario in ("continual", "label_shift", "mixed_domains", "reset_each_shift", "batch_size_1"):
+        extra = ["run.batch_size=1"] if scenario == "batch_size_1" else []
+        res = run_benchmark(compose_config([*GN_QUICK, f"scenario={scenario}", *extra]), tmp_path / scenario)
+        errors[scenario] = res["error"]
+    first = errors["continual"]
+    assert set(first) == {"gaussian_noise", "fog"}
+    for scenario, err in errors.items():
+        assert err == first, f"{scenario}: {err} != continual {first}"
+
+
+def _rendered_by_image(over: list[str]) -> dict[tuple[str, int], torch.Tensor]:
+    cfg = compose_config(over)
+    domains, n_cls = build_domains(cfg.data, cfg.scenario, seed=0)
+    stream = build_stream(domains, cfg.scenario, int(cfg.run.batch_size), 0, n_cls)
+    loader = BatchLoader(stream, torch.device("cpu"))
+    render = _Renderer(stream, torch.device("cpu"), 0, cfg.data.preset)
+    out = {}
+    for batch in loader:
+        x = render(batch.images.float().div_(255), batch)
+        s, e = stream.batches[batch.index]
+        for j, (d, p) in enumerate(zip(stream.dom[s:e], stream.pos[s:e])):
+            domain = stream.domains[int(d)]
+            out[(domain.name, int(domain.image_ids[p]))] = x[j]
+    return out
+
+
+def test_a_rendered_image_depends_on_seed_domain_and_image_only() -> None:
+    base = ["data.corruptions=[shot_noise,snow]", "data.num_images=24", "run.device=cpu"]
+    a = _rendered_by_image([*base, "run.batch_size=8"])
+    b = _rendered_by_image([*base, "run.batch_size=5", "scenario=mixed_domains"])
+    assert a.keys() == b.keys() and len(a) == 48
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # a different image, or the same image in another domain, gets other noise
+    (name, i), (_, j) = sorted(a)[:2]
+    assert not torch.equal(a[(name, i)], a[(name, j)])
+
+
+# ----------------------------------------------------------------------------------
+# Reports
+# ----------------------------------------------------------------------------------
+
+
+def _fake_sweep(root: Path, jobs: list[tuple[str, str, float]]) -> None:
+    for n, (method, scenario, lr) in enumerate(jobs):
+        job = root / f"job{n}"
+        job.mkdir(parents=True)
+        err = {"gaussian_noise": 40.0 + n, "fog": 30.0 + n}
+        (job / "results.json").write_text(json.dumps({
+            "method": method, "model": "cifar10_resnet20", "data": "cifar10c", "scenario": scenario,
+            "error": err, "mean_error": 35.0 + n, "images_per_s": 100.0, "batch_size": 64, "device": "cpu",
+            "domains": [{"name": k, "num_images": 10} for k in err], "config": {"data": {"severity": 5}},
+            "hydra": {"job_num": n, "overrides": [f"method={method}", f"scenario={scenario}", f"method.lr={lr}"]},
+        }))
+
+
+def test_report_rows_carry_their_own_scenario(tmp_path: Path) -> None:
+    from tta.bench import make_report
+
+    _fake_sweep(tmp_path, [("source", "label_shift", 1e-3), ("tent", "label_shift", 1e-3),
+                           ("source", "mixed_domains", 1e-3), ("tent", "mixed_domains", 1e-3)])
+    text = make_report(tmp_path)
+    assert "| method | scenario | gaussian_noise | fog | mean | images/s |" in text
+    assert "| source | label_shift | 40.0 |" in text and "| tent | mixed_domains | 43.0 |" in text
+    # the header names what all rows share, not the first job's scenario
+    assert "scenario: 2 scenarios (per row)" in text and "scenario: label_shift" not in text
+    assert "model: cifar10_resnet20" in text
+    assert (tmp_path / "report.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("num_jobs", [1, 24])
+def test_report_plot_holds_every_legend_label(tmp_path: Path, num_jobs: int) -> None:
+    import matplotlib.image as mpimg
+
+    from tta.bench.report import plot_comparison
+    from tta.bench.report import collect_results
+
+    jobs = [(m, s, lr) for s in ("label_shift", "mixed_domains", "continual")
+            for m in ("source", "norm", "tent", "deyo") for lr in (1e-3, 5e-3)][:num_jobs]
+    _fake_sweep(tmp_path, jobs)
+    png = tmp_path / "plot.png"
+    png.write_bytes(plot_comparison(collect_results(tmp_path)))
+    h, w = mpimg.imread(png).shape[:2]
+    # the legend sits below the axes: the figure grows with the jobs instead of
+    # letting a wide legend spill over (and clip) the bars
+    assert w <= 20 * 110 + 50 and h >= 400
+    assert w >= 700
+
+
+# ----------------------------------------------------------------------------------
+# Command line: errors, folder names, help
+# ----------------------------------------------------------------------------------
+
+
+def test_config_error_prints_the_message_alone_and_leaves_no_folder(tmp_path: Path) -> None:
+    from test_bench import _bench
+
+    proc = _bench(["run.seed=-3", "run.out_dir=out"], tmp_path)
+    assert proc.returncode != 0
+    assert "run.seed must be an integer" in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) <= 3, proc.stderr
+    assert not (tmp_path / "out").exists(), list((tmp_path / "out").rglob("*"))
+
+    import os
+
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        full = _bench(["run.seed=-3", "run.out_dir=out"], tmp_path)
+    finally:
+        del os.environ["HYDRA_FULL_ERROR"]
+    assert full.returncode != 0 and "Traceback" in full.stderr
+
+
+def test_sweep_job_error_is_reported_by_its_message(tmp_path: Path) -> None:
+    from test_bench import _bench
+
+    proc = _bench(["-m", "run.seed=-3", "run.out_dir=out"], tmp_path)
+    assert proc.returncode != 0
+    assert "run.seed must be an integer" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_missing_launcher_plugin_names_the_package(tmp_path: Path) -> None:
+    import importlib.util
+
+    from test_bench import _bench
+
+    if importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is not None:
+        pytest.skip("hydra-submitit-launcher is installed")
+    proc = _bench(["-m", "hydra/launcher=slurm", "method=source"], tmp_path)
+    assert proc.returncode != 0
+    assert "pip install hydra-submitit-launcher" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_help_offers_no_optimizer_keys_for_source(tmp_path: Path) -> None:
+    from test_bench import _bench
+
+    proc = _bench(["--help"], tmp_path)
+    assert proc.returncode == 0
+    method = proc.stdout.split("method:", 1)[1].split("\ndata:", 1)[0]
+    assert "name: source" in method
+    for key in ("optimizer:", "lr:", "momentum:", "betas:", "collapse_guard:", "bn_alpha:"):
+        assert key not in method, f"{key} under method: source in --help"
+
+
+def test_job_folder_names_are_short_stable_and_distinct() -> None:
+    from tta.bench.config import dirname_from_overrides
+
+    corruptions = "[gaussian_noise,shot_noise,impulse_noise,defocus_blur,contrast,brightness,pixelate,jpeg_compression]"
+    name = dirname_from_overrides(f"data.corruptions={corruptions},data.num_images=1000,method=deyo")
+    assert len(name) <= 70 and name.startswith("data.corruptions=8items-") and name.endswith(",method=deyo")
+    assert name == dirname_from_overrides(f"data.corruptions={corruptions},data.num_images=1000,method=deyo")
+    other = dirname_from_overrides("data.corruptions=[gaussian_noise,shot_noise,impulse_noise,defocus_blur,"
+                                   "contrast,brightness,pixelate,fog],data.num_images=1000,method=deyo")
+    assert other != name
+    # short values stay as they are; paths keep their last component
+    assert dirname_from_overrides("method=tent,method.lr=0.001") == "method=tent,method.lr=0.001"
+    path = dirname_from_overrides("data.root=/data/sets/imagenet/ImageNet-C-full,method=tent")
+    assert path.startswith("data.root=ImageNet-C-full-") and "/" not in path
+
+
+# ----------------------------------------------------------------------------------
+# results.json and logs
+# ----------------------------------------------------------------------------------
+
+
+def test_results_json_rounds_figures_and_keeps_steps(tmp_path: Path, caplog) -> None:
+    import logging
+
+    over = [*GN_QUICK, "model=cifar10_resnet20", "data.num_images=30", "data.corruptions=[fog]",
+            "run.batch_size=64"]
+    with caplog.at_level(logging.INFO, logger="tta.bench"):
+        res = run_benchmark(compose_config(over), tmp_path)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    for value in [*saved["error"].values(), saved["mean_error"], *saved["ece"].values()]:
+        assert value == round(value, 8) and len(repr(value)) <= 12, value
+    assert saved["images_per_s"] == round(saved["images_per_s"], 2)
+    assert saved["error"] == res["error"]
+    text = caplog.text
+    # one domain, one batch: singular nouns, and a rate that is not printed as 0
+    assert "1 domain," in text and "1 batch of 64" in text and "30 images" in text
+    assert " 0 images/s" not in text and "1 domains" not in text
+
+
+def test_num_images_beyond_the_folder_says_so_once(tmp_path: Path, caplog) -> None:
+    import logging
+
+    from PIL import Image
+
+    root = tmp_path / "few"
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((32, 32, 3), 40 * i, np.uint8)).save(root / c / f"{i}.png")
+    cfg = compose_config(["data.corruptions=[fog,contrast,brightness]", f"data.root={root}",
+                          "data.num_images=5000", "model.pretrained=false"])
+    with caplog.at_level(logging.WARNING, logger="tta.bench"):
+        domains, _ = build_domains(cfg.data, cfg.scenario, seed=0)
+    assert [len(d) for d in domains] == [6, 6, 6]
+    warnings = [r.getMessage() for r in caplog.records if "data.num_images" in r.getMessage()]
+    assert len(warnings) == 1 and "5000" in warnings[0] and "running 6 images per domain" in warnings[0]
+
+
+def test_long_runs_announce_their_time(caplog) -> None:
+    import logging
+
+    from tta.bench.runner import _TimeEstimate
+
+    with caplog.at_level(logging.INFO, logger="tta.bench"):
+        est = _TimeEstimate(10_000)
+        for b in range(8):  # 10 images/s after the first batch
+            est.update(10, now=float(b))
+        short = _TimeEstimate(60)
+        for b in range(6):
+            short.update(10, now=float(b) * 3)
+    messages = [r.getMessage() for r in caplog.records if "estimated time" in r.getMessage()]
+    assert len(messages) == 1, messages
+    assert "17 min" in messages[0] and "9940 images" in messages[0]
+
+
+def test_counts_read_right() -> None:
+    from tta.bench.runner import _count
+
+    assert [_count(1, "domain"), _count(2, "domain"), _count(1, "batch"), _count(3, "batch")] == [
+        "1 domain", "2 domains", "1 batch", "3 batches"]
