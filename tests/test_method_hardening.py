@@ -109,7 +109,9 @@ def raise_on_call(method, call: int):
 @pytest.mark.parametrize("name", ALL)
 def test_a_step_that_raises_leaves_the_state_as_before(name, resnet20, noisy_batch, cifar_train_images):
     noisy_batch = noisy_batch[:32]
-    method = make(name, resnet20, cifar_train_images, lr=1e-2, collapse_guard=name in GRADIENT_METHODS)
+    # source and norm take no optimizer options
+    kw = {} if name in ("source", "norm") else {"lr": 1e-2, "collapse_guard": name in GRADIENT_METHODS}
+    method = make(name, resnet20, cifar_train_images, **kw)
     method(noisy_batch)  # optimizer state exists from here on
     # The step's forwards: SAR and DeYO run the model twice; the guard's reference
     # runs after the optimizer step, so a raise there comes after the update.
@@ -234,3 +236,14 @@ def test_presets_give_the_published_settings(resnet20, cifar_train_images):
         assert {"cifar10", "imagenet"} <= set(tta.method_presets(name))
     with pytest.raises(KeyError, match="no preset 'cifar100'.*'cifar10', 'imagenet'"):
         tta.wrap(resnet20, "tent", preset="cifar100")
+
+
+def test_methods_without_an_optimizer_offer_no_optimizer_options() -> None:
+    for name in ("source", "norm"):
+        defaults = tta.method_defaults(name)
+        assert not {"lr", "optimizer", "momentum", "steps", "collapse_guard"} & set(defaults), name
+    assert "bn_alpha" not in tta.method_defaults("source") and "bn_alpha" in tta.method_defaults("norm")
+    assert "lr" in tta.method_defaults("tent")
+    model = tta.load_model("cifar10_resnet20", pretrained=False)
+    with pytest.raises(TypeError, match="'source' takes no gradient steps, so 'lr' would change nothing"):
+        tta.wrap(model, "source", lr=1e-3)

@@ -601,8 +601,21 @@ class TTAMethod(nn.Module):
     batch_stats: bool = True
     #: whether the method has an optimizer (``source`` and ``norm`` do not)
     has_optimizer: bool = True
+    #: base options only a method with an optimizer uses; :func:`tta.method_defaults`
+    #: and ``tta.wrap`` leave them out for the others
+    optimizer_options: tuple[str, ...] = ("steps", "episodic", "optimizer", "lr", "momentum",
+                                          "weight_decay", "betas", "collapse_guard")
+    #: base options only a method with test-batch statistics uses
+    batch_stats_options: tuple[str, ...] = ("bn_alpha",)
     #: published per-dataset settings, ``tta.wrap(model, name, preset="cifar10")``
     presets: dict[str, dict[str, Any]] = {"cifar10": {}, "imagenet": {}}
+
+    @classmethod
+    def unused_options(cls) -> tuple[str, ...]:
+        """The base class's options this method has no use for (not offered by
+        :func:`tta.method_defaults`, refused by ``tta.wrap``)."""
+        return ((() if cls.has_optimizer else cls.optimizer_options)
+                + (() if cls.batch_stats else cls.batch_stats_options))
 
     def __init__(
         self,

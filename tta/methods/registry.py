@@ -41,15 +41,17 @@ def method_class(name: str) -> type[TTAMethod]:
 
 def method_defaults(name: str, preset: str | None = None) -> dict[str, Any]:
     """Every keyword override of method ``name`` with its default value, including
-    the shared ones of :class:`TTAMethod` (``steps``, ``optimizer``, ``lr``, ...);
+    the shared ones of :class:`TTAMethod` (``steps``, ``optimizer``, ``lr``, ...)
+    that the method uses (``source`` and ``norm`` take no optimizer options);
     with ``preset``, the values that preset sets (see :func:`method_presets`)."""
     cls = method_class(name)
+    unused = cls.unused_options()
     defaults: dict[str, Any] = {}
     for klass in reversed(cls.__mro__):
         if klass is object or not issubclass(klass, TTAMethod):
             continue
         for p in inspect.signature(klass.__init__).parameters.values():
-            if p.kind is p.KEYWORD_ONLY:
+            if p.kind is p.KEYWORD_ONLY and p.name not in unused:
                 defaults[p.name] = p.default
     if preset is not None:
         defaults.update(preset_overrides(name, preset))
@@ -86,6 +88,13 @@ def wrap(model: nn.Module, name: str, *, preset: str | None = None, **overrides:
     if preset is not None:
         overrides = {**preset_overrides(name, preset), **overrides}
     unknown = [k for k in overrides if k not in known]
+    unused = [k for k in unknown if k in cls.unused_options()]
+    if unused:
+        why = "takes no gradient steps" if not cls.has_optimizer else "does not use test-batch statistics"
+        raise TypeError(
+            f"method {name!r} {why}, so {', '.join(map(repr, unused))} would change nothing; "
+            f"drop {'them' if len(unused) > 1 else 'it'} (its hyper-parameters are: {', '.join(sorted(known))})"
+        )
     if unknown:
         parts = []
         for k in unknown:
