@@ -303,3 +303,34 @@ def test_offline_download_names_the_path_url_and_sha256(tmp_path, monkeypatch):
     assert str(tmp_path / "models" / "cifar10" / "resnet44-014dd654.th") in msg
     assert "resnet44-014dd654.th" in msg.split("could not download ")[1] and "sha256 014dd654" in msg
     assert not list((tmp_path / "models" / "cifar10").iterdir())  # no partial file left
+
+
+# ----------------------------------------------------------------------------------
+# Offline: fail at once, not after the hub client's minute of retries
+# ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec", ["clip:ViT-B-16/openai", "timm:resnet18"])
+def test_hub_weights_offline_fail_at_once_with_local_advice(spec: str, monkeypatch, tmp_path) -> None:
+    import time
+
+    if spec.startswith("clip:"):
+        pytest.importorskip("open_clip")
+    import tta.models.hub as hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # whatever this machine has cached: these weights count as missing
+    monkeypatch.setattr(hub, "hub_file_cached", lambda *a, **k: False)
+    monkeypatch.setattr(hub, "file_cached", lambda *a, **k: False)
+    t0 = time.perf_counter()
+    with pytest.raises(RuntimeError, match="not in the local cache.*HF_HUB_OFFLINE is set.*model.weights=path"):
+        tta.load_model(spec)
+    assert time.perf_counter() - t0 < 20
+
+
+def test_offline_reason_sees_an_unreachable_host(monkeypatch) -> None:
+    from tta.models.hub import offline_reason
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    # a reserved TLD never resolves
+    assert "does not answer" in offline_reason("https://weights.invalid/some/file.bin")

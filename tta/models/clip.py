@@ -370,6 +370,8 @@ def clip_classifier(
     local = tag is not None and os.path.isfile(tag)
     if local:
         _check_clip_checkpoint(tag)
+    elif tag is not None:
+        _check_weights_reachable(oc, name, tag, cache_dir)
     try:
         model = oc.create_model(name, pretrained=tag, precision=precision, cache_dir=cache_dir,
                                 weights_only=True)
@@ -389,6 +391,37 @@ def clip_classifier(
         raise
     return from_open_clip(model, oc.get_tokenizer(name, cache_dir=cache_dir), classnames=classnames,
                           templates=templates, ctx_init=ctx_init)
+
+
+def _check_weights_reachable(oc: Any, name: str, tag: str, cache_dir: str | None) -> None:
+    """Fail at once, with the local-checkpoint advice, when the weights of an
+    open_clip pretrained tag are neither cached nor downloadable."""
+    from .hub import file_cached, hub_endpoint, hub_file_cached, refuse_if_unreachable
+
+    cfg = oc.get_pretrained_cfg(name, tag) if hasattr(oc, "get_pretrained_cfg") else None
+    if not cfg or cfg.get("file"):
+        return  # an unknown tag: open_clip's own error names the known ones
+    hub, url = cfg.get("hf_hub", ""), cfg.get("url", "")
+    if hub:
+        model_id, filename = os.path.split(hub)  # "org/model/" names the repo's default file
+        filename = filename or "open_clip_pytorch_model.bin"
+        # open_clip prefers a .safetensors twin of the file when the repo has one
+        names = (filename, "open_clip_model.safetensors", Path(filename).with_suffix(".safetensors").name)
+        if hub_file_cached(model_id, names, cache_dir):
+            return
+        url, source = hub_endpoint(), f"the Hugging Face hub ({model_id})"
+    elif url:
+        if file_cached(cache_dir or "~/.cache/clip", url):
+            return
+        source = url
+    else:
+        return
+    refuse_if_unreachable(
+        f"clip:{name}/{tag}", url, source,
+        f"Offline, give a local open_clip checkpoint: tta.load_model('clip:{name}//path/to/"
+        "open_clip_pytorch_model.bin') or weights='path' (tta-bench: model.weights=path); or load it "
+        "once where the network allows, and it is cached",
+    )
 
 
 #: What open_clip loads from a local file, for error messages.

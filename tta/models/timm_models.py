@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from torch import nn
 
@@ -31,6 +32,8 @@ def timm_classifier(
         raise KeyError(unknown_name_message("timm model", name, timm.list_models()))
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
+    if pretrained and weights is None and not kwargs.get("pretrained_cfg_overlay"):
+        _check_weights_reachable(name, kwargs.get("cache_dir"))
     net = timm.create_model(name, pretrained=pretrained and weights is None, **kwargs)
     if weights is not None:
         load_state_into(net, load_checkpoint(weights), str(weights))
@@ -42,4 +45,33 @@ def timm_classifier(
         cfg.get("mean", (0.485, 0.456, 0.406)),
         cfg.get("std", (0.229, 0.224, 0.225)),
         input_size=size,
+    )
+
+
+def _check_weights_reachable(name: str, cache_dir: str | None) -> None:
+    """Fail at once, with the local-checkpoint advice, when timm's weights for
+    ``name`` are neither cached nor downloadable."""
+    import torch
+    from timm.models import get_pretrained_cfg
+
+    from .hub import file_cached, hub_endpoint, hub_file_cached, refuse_if_unreachable
+
+    try:
+        cfg = get_pretrained_cfg(name)
+    except Exception:  # noqa: BLE001 - an unusual name: timm's own errors apply
+        return
+    if cfg is None or cfg.file:
+        return
+    hub, url = cfg.hf_hub_id or "", cfg.url or ""
+    cached_hub = hub and hub_file_cached(
+        hub, (cfg.hf_hub_filename, "model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"),
+        cache_dir)
+    cached_url = url and file_cached(Path(torch.hub.get_dir()) / "checkpoints", url)
+    if cached_hub or cached_url or not (hub or url):
+        return
+    refuse_if_unreachable(
+        f"timm:{name}", hub_endpoint() if hub else url, f"the Hugging Face hub ({hub})" if hub else url,
+        f"Offline, give a local checkpoint: tta.load_model('timm:{name}', weights='path') "
+        "(tta-bench: model.weights=path), or model.pretrained=false for random weights; or load it once "
+        "where the network allows, and it is cached",
     )
