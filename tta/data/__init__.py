@@ -1,4 +1,8 @@
-"""Small, dependency-light image loading for tests, examples and benchmarks."""
+"""Small, dependency-light image loading for tests, examples and benchmarks.
+
+``tta.data.prepare`` (the ``tta-data`` command, also ``python -m tta.data``) puts
+the data sets tta reads into the layout it reads them in.
+"""
 
 from __future__ import annotations
 
@@ -23,7 +27,10 @@ def cifar10_dir(split: str = "test") -> Path:
     if not path.is_dir():
         raise FileNotFoundError(
             f"CIFAR-10 {split} images not found at {path}: expected an ImageFolder "
-            f"layout <root>/<class>/*.jpg under $TTA_HOME/data/cifar10 (TTA_HOME={tta_home()})"
+            f"layout <root>/<class>/<image> under $TTA_HOME/data/cifar10 (TTA_HOME={tta_home()}). "
+            "Get them with `tta-data cifar10` (downloads the published archive; offline: "
+            "`tta-data cifar10 --source cifar-10-python.tar.gz`), or point TTA_HOME at a "
+            "folder that holds data/cifar10"
         )
     return path
 
