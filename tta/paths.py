@@ -29,7 +29,8 @@ def tta_home() -> Path:
             "TTA_HOME is set but empty: set it to the folder holding tta's data and weights, "
             "or unset it to use ~/.cache/tta"
         )
-    return Path(value).expanduser().absolute()
+    # abspath also folds "..", so ../shared and its absolute spelling are one root
+    return Path(os.path.abspath(Path(value).expanduser()))
 
 
 def sha256_of(path: str | os.PathLike) -> str:

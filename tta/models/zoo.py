@@ -299,7 +299,7 @@ def _find_checkpoint(name: str, info: dict[str, Any], weights: str | os.PathLike
     raise FileNotFoundError(
         f"no checkpoint for zoo model {name!r}: looked at {looked}. Put {filename}{sha256} at "
         f"{home_dir() / filename} or train it with the command in benchmarks/zoo/ "
-        f"(README, 'Model zoo'). Zoo models: {', '.join(list_zoo())}"
+        f"(README, 'Offline model zoo'). Zoo models: {', '.join(list_zoo())}"
     )
 
 
