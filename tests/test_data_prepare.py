@@ -21,7 +21,7 @@ from PIL import Image
 
 from tta.bench.sources import imagenet_wnids
 from tta.corruptions import EXTRA_NAMES, NAMES
-from tta.data import list_image_folder
+from tta.data import cifar10, cifar10_archive, cifar10c, list_image_folder
 from tta.data import prepare as P
 
 CLASSES = P.CIFAR10_CLASSES
@@ -88,8 +88,8 @@ def fake(tmp_path_factory):
 def published_fake(monkeypatch, fake):
     """Make the fake the 'published' archive: its md5s become the expected ones."""
     folder, tgz, _ = fake
-    monkeypatch.setattr(P, "CIFAR10_TAR_MD5", md5(tgz))
-    monkeypatch.setattr(P, "CIFAR10_FILE_MD5", {n: md5(folder / n) for n in P.CIFAR10_FILE_MD5})
+    monkeypatch.setattr(cifar10_archive, "CIFAR10_TAR_MD5", md5(tgz))
+    monkeypatch.setattr(cifar10_archive, "CIFAR10_FILE_MD5", {n: md5(folder / n) for n in P.CIFAR10_FILE_MD5})
 
 
 def quiet(*_a):
@@ -190,7 +190,7 @@ def test_cifar10_idempotent(tmp_path, fake, monkeypatch):
     def no_download(*_a, **_k):
         raise AssertionError("a complete copy must not be downloaded again")
 
-    monkeypatch.setattr(P, "_download_cifar10", no_download)
+    monkeypatch.setattr(cifar10, "_download_cifar10", no_download)
     assert P.prepare_cifar10(tmp_path, log=messages.append, progress=False) == targets
     assert sum("already holds a complete CIFAR-10" in m for m in messages) == 2
     assert {p: p.stat().st_mtime_ns for t in targets.values() for p in t.rglob("*.png")} == stamp
@@ -250,9 +250,9 @@ def test_cifar10_copy_made_otherwise_with_the_published_counts_is_complete(tmp_p
         (target / c).mkdir(parents=True)
         for i in range(2):
             Image.new("RGB", (32, 32)).save(target / c / f"{i:04d}.jpg", quality=75)
-    assert P._split_state(target, "test")[0] == "complete"
+    assert cifar10._split_state(target, "test")[0] == "complete"
     (target / "cat" / "0001.jpg").unlink()
-    state, detail = P._split_state(target, "test")
+    state, detail = cifar10._split_state(target, "test")
     assert state == "incomplete" and "cat 1 of 2" in detail
 
 
@@ -381,18 +381,18 @@ def test_cifar10c_tar_checksums_and_extraction(tmp_path, monkeypatch):
         P.prepare_cifar10c(tar, root, log=quiet, progress=False)
     sha = hashlib.sha256(tar.read_bytes()).hexdigest()
     real = P.CIFAR10C_TAR
-    monkeypatch.setattr(P, "CIFAR10C_TAR", dataclasses.replace(real, size=tar.stat().st_size, sha256=sha))
+    monkeypatch.setattr(cifar10c, "CIFAR10C_TAR", dataclasses.replace(real, size=tar.stat().st_size, sha256=sha))
     with pytest.raises(P.ChecksumError) as err:  # md5 still the real one
         P.prepare_cifar10c(tar, root, log=quiet, progress=False)
     assert real.md5 in str(err.value) and md5(tar) in str(err.value) and "--no-verify" in str(err.value)
     assert not target.exists() and list((root / "data").iterdir()) == []
-    monkeypatch.setattr(P, "CIFAR10C_TAR", dataclasses.replace(real, size=tar.stat().st_size, md5=md5(tar),
-                                                               sha256="0" * 64))
+    monkeypatch.setattr(cifar10c, "CIFAR10C_TAR",
+                        dataclasses.replace(real, size=tar.stat().st_size, md5=md5(tar), sha256="0" * 64))
     with pytest.raises(P.ChecksumError, match="sha256"):
         P.prepare_cifar10c(tar, root, log=quiet, progress=False)
     assert not target.exists()
-    monkeypatch.setattr(P, "CIFAR10C_TAR", dataclasses.replace(real, size=tar.stat().st_size, md5=md5(tar),
-                                                               sha256=sha))
+    monkeypatch.setattr(cifar10c, "CIFAR10C_TAR",
+                        dataclasses.replace(real, size=tar.stat().st_size, md5=md5(tar), sha256=sha))
     messages = []
     report = P.prepare_cifar10c(tar, root, log=messages.append, progress=False)
     assert report.usable and report.root == target and any("match the published" in m for m in messages)
@@ -403,7 +403,7 @@ def test_cifar10c_tar_checksums_and_extraction(tmp_path, monkeypatch):
     assert P.prepare_cifar10c(tar, root, log=messages.append, progress=False).usable
     assert any("already holds a usable CIFAR-10-C" in m for m in messages)
     # a modified copy: --no-verify
-    monkeypatch.setattr(P, "CIFAR10C_TAR", real)
+    monkeypatch.setattr(cifar10c, "CIFAR10C_TAR", real)
     assert P.main(["cifar10-c", "--source", str(tar), "--root", str(tmp_path / "h2"), "--no-verify", "--quiet"]) == 0
     # an existing unusable folder is an error, --force replaces it
     (target / "fog.npy").unlink()

@@ -1,0 +1,146 @@
+"""What a check of CIFAR-10-C or ImageNet-C asks for, and what it found.
+
+- The corruptions and severities to check: the 15 benchmark corruptions of
+  :mod:`tta.corruptions` required and the 4 held-out ones optional by default
+  (:func:`_wanted_corruptions`), severities 1-5 (:func:`_check_severities`).
+- :class:`DataReport`: what :func:`~tta.data.cifar10c.check_cifar10c_folder` and
+  :func:`~tta.data.imagenetc.check_imagenetc_folder` found, its summary and the
+  ``tta-bench`` command line that reads the folder.
+- :class:`DataNotFoundError`: the data set is not on this machine.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from ..paths import tta_home
+
+SEVERITIES = (1, 2, 3, 4, 5)
+
+
+def _corruption_names() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(the 15 benchmark corruptions, the 4 held-out extras) of tta.corruptions."""
+    from ..corruptions import EXTRA_NAMES, NAMES
+
+    return tuple(NAMES), tuple(EXTRA_NAMES)
+
+
+def _wanted_corruptions(corruptions: Sequence[str] | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(required, optional) corruption names: by default the 15 benchmark ones are
+    required and the 4 extras optional; a given list (or ``all``) is all required."""
+    benchmark, extra = _corruption_names()
+    if corruptions is None:
+        return benchmark, extra
+    names = list(corruptions)
+    if [n.lower() for n in names] == ["all"]:
+        return benchmark + extra, ()
+    out = []
+    for name in names:
+        key = name.strip().lower().replace("-", "_")
+        if key not in benchmark + extra:
+            close = difflib.get_close_matches(key, benchmark + extra, n=3, cutoff=0.5)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ValueError(f"unknown corruption {name!r}{hint} (choose from {', '.join(benchmark + extra)}, or all)")
+        if key not in out:
+            out.append(key)
+    if not out:
+        raise ValueError("no corruption asked for")
+    return tuple(out), ()
+
+
+def _check_severities(severities: Sequence[int] | None) -> tuple[int, ...]:
+    """The severities asked for (default all of 1..5), sorted, each once."""
+    if severities is None:
+        return SEVERITIES
+    out = []
+    for s in severities:
+        try:
+            value = int(s)
+        except (TypeError, ValueError):
+            raise ValueError(f"severity {s!r} is not an integer: choose from 1..5") from None
+        if value not in SEVERITIES:
+            raise ValueError(f"severity {value} is out of range: choose from 1..5")
+        if value not in out:
+            out.append(value)
+    if not out:
+        raise ValueError("no severity asked for: choose from 1..5")
+    return tuple(sorted(out))
+
+
+class DataNotFoundError(FileNotFoundError):
+    """The data set is not on this machine; the message says where to get it."""
+
+
+@dataclass
+class DataReport:
+    """What a layout check found.
+
+    ``missing``: required entries that are absent; ``bad``: entries present but
+    unusable, with the reason; ``optional_missing``: absent entries the benchmark
+    does not need by default (the 4 held-out corruptions). ``counts``: images per
+    entry. ``usable``: nothing missing and nothing bad.
+    """
+
+    dataset: str
+    root: Path
+    present: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    bad: dict[str, str] = field(default_factory=dict)
+    optional_missing: list[str] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    corruptions: tuple[str, ...] = ()
+    severities: tuple[int, ...] = SEVERITIES
+
+    @property
+    def usable(self) -> bool:
+        return not self.missing and not self.bad
+
+    def summary(self) -> str:
+        lines = [f"{self.dataset} at {self.root}:"]
+        lines.append(f"  present: {len(self.present)}: {', '.join(self.present) or 'nothing'}")
+        if self.counts:
+            sizes = sorted(set(self.counts.values()))
+            if len(sizes) == 1:
+                lines.append(f"  images: {sizes[0]} in each of the {len(self.counts)} checked")
+            else:
+                lines.append("  images: " + ", ".join(f"{k} {v}" for k, v in self.counts.items()))
+        if self.missing:
+            lines.append(f"  missing: {len(self.missing)}: {', '.join(self.missing)}")
+        if self.bad:
+            lines.append(f"  bad: {len(self.bad)}")
+            lines += [f"    {name}: {why}" for name, why in self.bad.items()]
+        if self.optional_missing:
+            lines.append(
+                f"  not present (optional, the held-out corruptions): {', '.join(self.optional_missing)}"
+            )
+        lines += [f"  note: {n}" for n in self.notes]
+        lines.append("  usable: yes" if self.usable else "  usable: NO")
+        return "\n".join(lines)
+
+    def next_step(self) -> str:
+        data = "cifar10c_disk" if self.dataset == "CIFAR-10-C" else "imagenetc"
+        benchmark, _ = _corruption_names()
+        extra = ""
+        if tuple(self.corruptions) != benchmark:
+            extra += f" 'data.corruptions=[{','.join(self.corruptions)}]'"
+        if len(self.severities) == 1:
+            extra += f" data.severity={self.severities[0]}"
+        line = f"tta-bench data={data} data.root={self.root}{extra}"
+        if data == "cifar10c_disk" and not (tta_home() / "data" / "cifar10" / "train").is_dir():
+            line += ("\n  (EATA's Fisher regulariser also reads clean training images, data.source_root: "
+                     "`tta-data cifar10 --split train` writes them)")
+        return line
+
+
+def _short_problems(report: DataReport) -> str:
+    """What makes ``report`` unusable, in one line (the first few entries)."""
+    parts = []
+    if report.missing:
+        parts.append(f"missing {', '.join(report.missing[:5])}{' ...' if len(report.missing) > 5 else ''}")
+    if report.bad:
+        parts.append("bad " + "; ".join(f"{k}: {v}" for k, v in list(report.bad.items())[:3]))
+    return ", ".join(parts) or "see tta-data for a summary"
