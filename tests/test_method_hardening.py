@@ -138,14 +138,12 @@ def test_a_step_that_raises_leaves_the_state_as_before(name, resnet20, noisy_bat
                     assert torch.equal(after["state"][i][k], v)
             assert all(p.grad is None for _, p in method.adapted)
     # and it goes on exactly as one that never failed
-    reference = make(name, tta.load_model("cifar10_resnet20"), cifar_train_images, lr=1e-2,
-                     collapse_guard=name in GRADIENT_METHODS)
+    reference = make(name, tta.load_model("cifar10_resnet20"), cifar_train_images, **kw)
     torch.manual_seed(0)
     reference(noisy_batch)
     torch.manual_seed(0)
     expected = reference(noisy_batch)
-    fresh = make(name, tta.load_model("cifar10_resnet20"), cifar_train_images, lr=1e-2,
-                 collapse_guard=name in GRADIENT_METHODS)
+    fresh = make(name, tta.load_model("cifar10_resnet20"), cifar_train_images, **kw)
     torch.manual_seed(0)
     fresh(noisy_batch)
     handle = raise_on_call(fresh, 3 if name in ("sar", "deyo") else 2 if fresh.guard else 1)

@@ -84,7 +84,7 @@ def test_loss_goes_down_on_a_fixed_batch(name, resnet20, noisy_batch, cifar_trai
 
 @pytest.mark.parametrize("name", GRADIENT_METHODS + ["norm"])
 def test_reset_is_bit_exact(name, resnet20, noisy_batch, cifar_train_images):
-    adapted = make(name, resnet20, cifar_train_images, lr=1e-2)
+    adapted = make(name, resnet20, cifar_train_images, **({} if name == "norm" else {"lr": 1e-2}))
     source = state(adapted)
     torch.manual_seed(0)
     first = adapted(noisy_batch)
