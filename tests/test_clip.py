@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import tta
-from tta.augment.views import gather_views, make_views, marginal_entropy, select_confident
+from tta.augment.views import gather_views, make_views
+from tta.methods.entropy import marginal_entropy, select_confident
 from tta.methods.base import select_norm_params
 
 open_clip = pytest.importorskip("open_clip")

@@ -15,9 +15,7 @@ from .views import (
     augmix,
     gather_views,
     make_views,
-    marginal_entropy,
     random_resized_crops,
-    select_confident,
 )
 
 __all__ = [
@@ -33,7 +31,5 @@ __all__ = [
     "augmix",
     "gather_views",
     "make_views",
-    "marginal_entropy",
     "random_resized_crops",
-    "select_confident",
 ]

@@ -1,4 +1,5 @@
-"""Augmented views of test images and confident-view selection (TPT, RLCF).
+"""Augmented views of test images (TPT, RLCF; the selection of confident views
+and TPT's loss are in :mod:`tta.methods.entropy`).
 
 TPT (Shu et al., NeurIPS 2022) and RLCF (Zhao et al., ICLR 2024) look at each test
 image through N views: the image itself plus N-1 random resized crops (with a random
@@ -200,31 +201,10 @@ def make_views(
     return torch.cat([x.unsqueeze(1), crops.view(b, num_views - 1, *x.shape[1:])], dim=1)
 
 
-def select_confident(logits: Tensor, fraction: float = 0.1) -> Tensor:
-    """Indices (B, k) of the ``k = max(1, int(N * fraction))`` views with the lowest
-    prediction entropy per image, given view logits (B, N, classes), most confident
-    first (TPT's confidence selection, ``selection_p``)."""
-    if not 0 < fraction <= 1:
-        raise ValueError(f"the selected fraction must be in (0, 1], got {fraction!r}")
-    log_p = logits.float().log_softmax(dim=-1)
-    entropy = -(log_p.exp() * log_p).sum(dim=-1)
-    k = max(1, int(logits.shape[1] * fraction))
-    return entropy.topk(k, dim=1, largest=False).indices
-
-
 def gather_views(values: Tensor, index: Tensor) -> Tensor:
     """``values[b, index[b]]`` for every image b: (B, N, ...) and (B, k) -> (B, k, ...)."""
     rows = torch.arange(values.shape[0], device=values.device).unsqueeze(1)
     return values[rows, index.to(values.device)]
-
-
-def marginal_entropy(logits: Tensor) -> Tensor:
-    """Entropy of the average prediction over views: logits (..., k, classes) ->
-    (...,). TPT's loss: ``-sum p̄ log p̄`` with ``p̄ = mean_k softmax(logits)``,
-    computed in log space in float32."""
-    log_p = logits.float().log_softmax(dim=-1)
-    log_mean = log_p.logsumexp(dim=-2) - math.log(logits.shape[-2])
-    return -(log_mean.exp() * log_mean).sum(dim=-1)
 
 
 class Views(nn.Module):

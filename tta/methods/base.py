@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .entropy import entropy_margin, softmax_entropy
 from .guard import CollapseGuard
 
 # tta's own files and torch's (nn.Module.__call__ sits between a user and forward)
@@ -82,19 +83,6 @@ def _refuse_if_wrapped(model: nn.Module) -> None:
             "module would undo each other. Wrap a copy (tta.wrap(copy.deepcopy(model), ...)), "
             "or delete the first method (del it) before wrapping the model again"
         )
-
-
-def softmax_entropy(logits: Tensor) -> Tensor:
-    """Shannon entropy (nats) of ``softmax(logits)`` per row: ``-sum p log p``,
-    computed in float32 at least (logits may come from an autocast region)."""
-    log_p = logits.float().log_softmax(dim=1)
-    return -(log_p.exp() * log_p).sum(dim=1)
-
-
-def entropy_margin(value: float | None, fraction: float, num_classes: int) -> float:
-    """``value`` if given, else ``fraction * ln(num_classes)``: papers state margins as
-    fractions of the maximum entropy so one default serves 10 and 1000 classes."""
-    return value if value is not None else fraction * math.log(num_classes)
 
 
 # ----------------------------------------------------------------------------------

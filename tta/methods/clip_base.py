@@ -6,8 +6,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..augment.views import Views, gather_views, select_confident
+from ..augment.views import Views, gather_views
 from .base import TTAMethod
+from .entropy import select_confident
 
 #: Views encoded per forward pass when selecting (bounds memory for big batches).
 VIEW_CHUNK = 256

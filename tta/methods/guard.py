@@ -44,6 +44,8 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
+from .entropy import softmax_entropy
+
 log = logging.getLogger("tta")
 
 __all__ = ["CollapseGuard"]
@@ -136,8 +138,6 @@ class CollapseGuard:
         return collapsed, fallback
 
     def _check(self, x: Tensor, logits: Tensor) -> tuple[bool, Tensor | None]:
-        from .base import softmax_entropy  # base imports this module
-
         self._batches += 1
         if self._batches % self.check_every:
             return False, self._source(x) if self.fallback else None

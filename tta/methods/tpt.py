@@ -12,9 +12,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..augment.views import gather_views, marginal_entropy
+from ..augment.views import gather_views
 from .base import StepRecord
 from .clip_base import CLIPViewsMethod
+from .entropy import marginal_entropy
 from .registry import register_method
 
 
