@@ -1,31 +1,38 @@
-"""Shared pieces of every adaptation method.
+"""The method base class: :class:`TTAMethod` and the per-step :class:`StepRecord`.
 
 A method is three small ideas: which parameters adapt (``select_params``), what the
-loss is, and how one step runs (``forward_and_adapt``). Everything else lives here
-once: entropy, norm-layer selection, batch-statistics normalisation, optimizers,
-input checks, snapshot/reset, and the per-step record.
+loss is, and how one step runs (``forward_and_adapt``). The shared pieces live in
+modules named for what they hold: :mod:`.entropy`, :mod:`.params` (which parameters
+adapt), :mod:`.norm_layers` (test-batch statistics), :mod:`.optim` (optimizers,
+gated steps, the undo of a failed step), :mod:`.inputs` (input checks); this module
+re-exports them for ``from tta.methods.base import ...``.
 """
 
 from __future__ import annotations
 
 import copy
-import math
 import os
-import re
 import sys
 import warnings
 import weakref
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from .entropy import entropy_margin, softmax_entropy
 from .guard import CollapseGuard
+from .inputs import check_images
+from .norm_layers import NORM_LAYERS, _uses_pure_batch_stats, sample_weighted_batch_stats, use_batch_stats
+from .optim import StepUndo, _check_optimizer_state, _few, build_optimizer, gated_reset, gated_step
+from .params import (
+    frozen_top,
+    last_stage_prefixes,
+    paper_frozen_modules,
+    sar_paper_lr,
+    select_norm_params,
+)
 
 # tta's own files and torch's (nn.Module.__call__ sits between a user and forward)
 _INTERNAL_DIRS = tuple(os.path.join(d, "") for d in (os.path.dirname(os.path.dirname(__file__)),
@@ -60,7 +67,6 @@ __all__ = [
     "NORM_LAYERS",
 ]
 
-NORM_LAYERS = (_BatchNorm, nn.LayerNorm, nn.GroupNorm)
 
 # Models currently wrapped, and by whom: a method configures its model in place
 # (norm layers, requires_grad, its snapshot), so two live methods on one module
@@ -86,353 +92,6 @@ def _refuse_if_wrapped(model: nn.Module) -> None:
 
 
 # ----------------------------------------------------------------------------------
-# Parameter selection
-# ----------------------------------------------------------------------------------
-
-
-def _matches(name: str, prefixes: Sequence[str]) -> bool:
-    return any(name == p or name.startswith(p + ".") for p in prefixes)
-
-
-def select_norm_params(model: nn.Module, skip: Sequence[str] = ()) -> list[tuple[str, nn.Parameter]]:
-    """Affine parameters (weight, bias) of every BatchNorm/LayerNorm/GroupNorm layer,
-    except those inside a module whose qualified name is in ``skip`` (prefix match on
-    whole name segments: ``"layer4"`` skips ``layer4.0.bn1`` but not ``layer40``)."""
-    chosen = []
-    for mod_name, module in model.named_modules():
-        if not isinstance(module, NORM_LAYERS) or _matches(mod_name, skip):
-            continue
-        for p_name, param in module.named_parameters(recurse=False):
-            if p_name in ("weight", "bias"):
-                chosen.append((f"{mod_name}.{p_name}" if mod_name else p_name, param))
-    return chosen
-
-
-def last_stage_prefixes(model: nn.Module) -> list[str]:
-    """Module names of the top of the network, which DeYO and SAR leave frozen: the
-    last ``layerN`` stage of a ResNet, or the last quarter of a ViT's ``blocks`` plus
-    its final norm (blocks 9-11 and ``norm`` of a 12-block ViT-B).
-
-    Deep features are the least shifted by low-level corruptions and the most fragile
-    under noisy entropy gradients, hence the papers' choice. Returns ``[]`` when the
-    architecture is not recognised (then every norm layer adapts)."""
-    modules = dict(model.named_modules())
-    names = list(modules)
-    stages: dict[str, int] = {}
-    for n in names:
-        m = re.search(r"(?:^|\.)layer(\d+)$", n)
-        if m:
-            stages[n] = int(m.group(1))
-    if stages:
-        top = max(stages.values())
-        return sorted(n for n, i in stages.items() if i == top)
-    blocks = [n for n in names if re.search(r"(^|\.)blocks\.\d+$", n)]
-    if blocks:
-        parent = blocks[0].rsplit("blocks.", 1)[0]
-        count = len([b for b in blocks if b.startswith(parent + "blocks.")])
-        first_skipped = count - max(1, count // 4)
-        skipped = [f"{parent}blocks.{i}" for i in range(first_skipped, count)]
-        for final in ("norm", "fc_norm"):
-            if isinstance(modules.get(f"{parent}{final}"), NORM_LAYERS):
-                skipped.append(f"{parent}{final}")
-        return skipped
-    return []
-
-
-#: Substrings of the module names that SAR's and DeYO's official code freezes
-#: (``collect_params``: "layer4 for ResNets and blocks9-11 for Vit-Base"), plus the
-#: network's final ``norm``, matched exactly.
-PAPER_FROZEN_SUBSTRINGS = ("layer4", "blocks.9", "blocks.10", "blocks.11", "norm.")
-
-
-def paper_frozen_modules(model: nn.Module) -> list[str]:
-    """Module names that SAR's and DeYO's official code leaves frozen, applied as
-    that code applies them: a module is frozen when its name (relative to the
-    network, i.e. inside tta's ``backbone``) contains ``layer4``, ``blocks.9``,
-    ``blocks.10`` or ``blocks.11``, or is the top-level ``norm``. What that freezes:
-
-    - torchvision/timm ResNets (``layer1``-``layer4``): ``layer4``.
-    - CIFAR ResNets (three stages, ``layer1``-``layer3``): nothing; every norm layer adapts.
-    - ViT/DeiT (``blocks.N``, any depth): blocks 9, 10, 11 and the final ``norm``
-      (on ViT-B the last quarter; on a 24-block ViT-L the same three middle blocks).
-    - Hierarchical nets with ``stages.S.blocks.N`` / ``layers.S.blocks.N`` (ConvNeXt,
-      Swin, EfficientFormer, ...): blocks 9-11 of any stage that deep, and a
-      top-level ``norm`` (Swin); otherwise nothing.
-    - Anything else (RegNet, MobileNet, GhostNet, ...): nothing.
-
-    :func:`last_stage_prefixes` is the alternative rule (the deepest stage)."""
-    root = "backbone." if isinstance(getattr(model, "backbone", None), nn.Module) else ""
-    frozen = []
-    for name, _ in model.named_modules():
-        if not name.startswith(root):
-            continue
-        relative = name[len(root):]
-        if relative == "norm" or any(part in relative for part in PAPER_FROZEN_SUBSTRINGS):
-            frozen.append(name)
-    return frozen
-
-
-def frozen_top(model: nn.Module, freeze: str | Sequence[str]) -> list[str]:
-    """The modules SAR/DeYO keep frozen: ``"paper"`` (:func:`paper_frozen_modules`),
-    ``"last_stage"`` (:func:`last_stage_prefixes`), ``"none"``, or explicit names."""
-    if isinstance(freeze, str):
-        rules = {"paper": paper_frozen_modules, "last_stage": last_stage_prefixes, "none": lambda m: []}
-        if freeze not in rules:
-            raise ValueError(f"freeze must be one of {sorted(rules)} or a list of module names, got {freeze!r}")
-        return rules[freeze](model)
-    return list(freeze)
-
-
-def uses_transformer_lr(model: nn.Module) -> bool:
-    """Whether the papers' ViT learning-rate rule applies: every norm layer of the
-    model is a LayerNorm (ViT, DeiT, Swin, Mixer, ConvNeXt); BatchNorm and
-    GroupNorm nets (the papers' ResNet-50s) get the ResNet rule."""
-    norms = [m for m in model.modules() if isinstance(m, NORM_LAYERS)]
-    return bool(norms) and all(isinstance(m, nn.LayerNorm) for m in norms)
-
-
-def sar_paper_lr(model: nn.Module, batch_size: int, double_at_batch_size_1: bool = True) -> float:
-    """SAR's and DeYO's official learning rates (SGD, momentum 0.9): ``1e-3 * B / 64``
-    for ViTs; for ResNets ``2.5e-4`` from batch 32 up and ``2.5e-4 / 64 * B * 2``
-    below; doubled again at batch size 1 ("double lr for sar under bs=1")."""
-    if uses_transformer_lr(model):
-        lr = 1e-3 * batch_size / 64
-    else:
-        lr = 2.5e-4 if batch_size >= 32 else 2.5e-4 / 64 * batch_size * 2
-    return 2 * lr if batch_size == 1 and double_at_batch_size_1 else lr
-
-
-# ----------------------------------------------------------------------------------
-# Batch-statistics normalisation
-# ----------------------------------------------------------------------------------
-
-
-def _weighted_stats(x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel mean and biased variance over the samples, weighted by ``weight``
-    (B,). Two (B,) x (B, C*HW) products: much cheaper on CPUs than broadcasting the
-    weight over the activations or ``var_mean``, and sync-free. Computed in float32
-    (``E[x^2] - E[x]^2`` needs the precision)."""
-    with torch.autocast(x.device.type, enabled=False):
-        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-            # (B, H*W, C) is a view of a channels-last tensor; (B, C, H*W) a copy.
-            flat, eq = x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, x.shape[1]).float(), "b,bnc->c"
-        else:
-            flat, eq = x.reshape(x.shape[0], x.shape[1], -1).float(), "b,bcn->c"
-        w = weight.float()
-        denom = (w.sum() * (flat.numel() // (flat.shape[0] * x.shape[1]))).clamp_min(1.0)
-        mean = torch.einsum(eq, w, flat) / denom
-        var = (torch.einsum(eq, w, flat * flat) / denom - mean * mean).clamp_min(0)
-    return mean, var
-
-
-def _adaptive_bn_forward(self: _BatchNorm, x: Tensor) -> Tensor:
-    alpha: float = self.tta_alpha
-    weight: Tensor | None = self.tta_sample_weight
-    if weight is None and alpha == 0.0:
-        # The source statistics alone: exactly eval-mode BatchNorm.
-        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
-    if weight is None and alpha == 1.0 and torch.is_grad_enabled():
-        # Native train-mode BatchNorm: its fused backward is the fastest path.
-        return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
-    if weight is None:
-        weight = torch.ones(x.shape[0], device=x.device)
-    elif weight.shape[0] != x.shape[0]:
-        # BatchNorm over tokens (LeViT's BatchNorm1d on (B, N, C).flatten(0, 1)): each
-        # image owns x.shape[0] / B consecutive rows.
-        if x.shape[0] % weight.shape[0]:
-            raise ValueError(
-                f"{type(self).__name__} sees {x.shape[0]} rows for a batch of {weight.shape[0]} "
-                "images, which is no whole number per image: per-sample statistics are undefined"
-            )
-        weight = weight.repeat_interleave(x.shape[0] // weight.shape[0])
-    # With a weight: statistics of the selected samples only, as if the batch were
-    # that subset, without a host sync to gather them.
-    mean, var = _weighted_stats(x, weight)
-    if alpha != 1.0:
-        mean = alpha * mean + (1 - alpha) * self.running_mean
-        var = alpha * var + (1 - alpha) * self.running_var
-    if mean.requires_grad:
-        # The fused op does not differentiate through given statistics: spell it out.
-        shape = (1, -1, *([1] * (x.dim() - 2)))
-        scale = torch.rsqrt(var + self.eps)
-        if self.weight is not None:
-            scale = scale * self.weight
-        out = (x - mean.view(shape).to(x.dtype)) * scale.view(shape).to(x.dtype)
-        return out + self.bias.view(shape).to(x.dtype) if self.bias is not None else out
-    return F.batch_norm(x, mean, var, self.weight, self.bias, False, 0.0, self.eps)
-
-
-_ADAPTIVE_CLASSES: dict[type, type] = {}
-
-
-def use_batch_stats(model: nn.Module, alpha: float = 1.0) -> int:
-    """Make every BatchNorm layer of ``model`` normalise with test-batch statistics.
-
-    ``alpha`` mixes them with the source running statistics (Schneider et al. 2020):
-    ``alpha * batch + (1 - alpha) * source``; 1.0 is pure test statistics (Tent's
-    choice), 0.0 the source model. Running statistics are never updated, so the
-    model's state stays that of the source apart from the adapted parameters. The
-    layers keep their class's behaviour otherwise (their class is swapped for a
-    subclass, state-dict keys are unchanged). Returns the number of layers changed.
-    """
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"bn alpha must be in [0, 1], got {alpha}")
-    count = 0
-    for module in model.modules():
-        if isinstance(module, _BatchNorm):
-            base = type(module)
-            if base not in _ADAPTIVE_CLASSES.values():
-                if base not in _ADAPTIVE_CLASSES:
-                    _ADAPTIVE_CLASSES[base] = type(
-                        f"TestStats{base.__name__}", (base,), {"forward": _adaptive_bn_forward}
-                    )
-                module.__class__ = _ADAPTIVE_CLASSES[base]
-            if alpha < 1.0 and module.running_mean is None:
-                raise ValueError("bn alpha < 1 needs BatchNorm layers with running statistics")
-            module.tta_alpha = float(alpha)
-            module.tta_sample_weight = None
-            count += 1
-    return count
-
-
-@contextmanager
-def sample_weighted_batch_stats(model: nn.Module, weight: Tensor) -> Iterator[None]:
-    """Within the block, test-statistics BatchNorm layers compute their statistics
-    from the samples with non-zero ``weight`` (shape (B,)) only: a forward on the full
-    batch then equals, for those samples, a forward on the selected subset."""
-    layers = [m for m in model.modules() if hasattr(m, "tta_sample_weight")]
-    for m in layers:
-        m.tta_sample_weight = weight
-    try:
-        yield
-    finally:
-        for m in layers:
-            m.tta_sample_weight = None
-
-
-def _uses_pure_batch_stats(model: nn.Module) -> bool:
-    return any(getattr(m, "tta_alpha", None) == 1.0 for m in model.modules())
-
-
-# ----------------------------------------------------------------------------------
-# Optimisation
-# ----------------------------------------------------------------------------------
-
-
-def build_optimizer(
-    params: Sequence[nn.Parameter],
-    optimizer: str = "sgd",
-    lr: float = 2.5e-4,
-    momentum: float = 0.9,
-    weight_decay: float = 0.0,
-    betas: tuple[float, float] = (0.9, 0.999),
-    nesterov: bool = False,
-) -> torch.optim.Optimizer:
-    """SGD (with momentum) or Adam/AdamW over ``params``, validated."""
-    if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
-        raise ValueError(f"lr must be a positive number, got {lr!r}")
-    if momentum < 0 or weight_decay < 0:
-        raise ValueError("momentum and weight_decay must be >= 0")
-    name = optimizer.lower()
-    if name == "sgd":
-        return torch.optim.SGD(
-            params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov
-        )
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, betas=betas, weight_decay=weight_decay)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
-    raise ValueError(f"optimizer must be 'sgd', 'adam' or 'adamw', got {optimizer!r}")
-
-
-def _state_tensors(optimizer: torch.optim.Optimizer) -> list[tuple[dict, str, Tensor]]:
-    return [
-        (state, key, value)
-        for state in optimizer.state.values()
-        for key, value in state.items()
-        if isinstance(value, Tensor)
-    ]
-
-
-@torch.no_grad()
-def gated_step(
-    optimizer: torch.optim.Optimizer, enabled: Tensor, step_fn: Callable[[], Any] | None = None
-) -> None:
-    """``optimizer.step()`` that takes effect only if the 0-dim bool ``enabled`` holds.
-
-    Methods that filter samples skip the update when nothing passes the filter (the
-    papers' ``if len(selected) > 0``). Deciding that on the host would stall the
-    device every step, so the step always runs and is undone with ``torch.where``;
-    the adapted parameters are only norm affines, so the copies are tiny.
-    """
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    before = [p.detach().clone() for p in params]
-    state_before = {(id(s), k): v.clone() for s, k, v in _state_tensors(optimizer)}
-    (step_fn or optimizer.step)()
-    for p, old in zip(params, before):
-        p.copy_(torch.where(enabled.to(p.device), p, old))
-    for state, key, value in _state_tensors(optimizer):
-        # State created by this very step reverts to zeros: the same as no state for
-        # SGD momentum and Adam moments/step count.
-        old = state_before.get((id(state), key), torch.zeros_like(value))
-        state[key] = torch.where(enabled.to(value.device), value, old)
-
-
-@torch.no_grad()
-def gated_reset(
-    params: Sequence[Tensor],
-    source: Sequence[Tensor],
-    optimizer: torch.optim.Optimizer | None,
-    enabled: Tensor,
-) -> None:
-    """Restore ``params`` to ``source`` and clear the optimizer state where the 0-dim
-    bool ``enabled`` holds, without a host sync (SAR's model recovery)."""
-    for p, p0 in zip(params, source):
-        p.copy_(torch.where(enabled.to(p.device), p0, p))
-    if optimizer is not None:
-        for state, key, value in _state_tensors(optimizer):
-            state[key] = torch.where(enabled.to(value.device), torch.zeros_like(value), value)
-
-
-# ----------------------------------------------------------------------------------
-# Inputs
-# ----------------------------------------------------------------------------------
-
-
-def check_images(x: Any) -> None:
-    """Reject what a model in pixel space cannot take, with advice. One host sync."""
-    if not isinstance(x, Tensor):
-        raise TypeError(f"expected a torch.Tensor of images, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(
-            f"expected float images in [0, 1], got dtype {x.dtype}; "
-            "convert uint8 images with x.float() / 255"
-        )
-    if x.dim() != 4:
-        raise ValueError(f"expected images of shape (B, 3, H, W), got shape {tuple(x.shape)}")
-    if x.shape[1] != 3:
-        hint = {1: " (grayscale: use x.expand(-1, 3, -1, -1))", 4: " (RGBA: drop alpha, x[:, :3])"}
-        raise ValueError(
-            f"expected 3 RGB channels, got {x.shape[1]}{hint.get(x.shape[1], '')}"
-        )
-    if x.shape[0] == 0:
-        raise ValueError("empty batch: nothing to predict or adapt on")
-    if x.shape[2] == 0 or x.shape[3] == 0:
-        raise ValueError(f"expected images of at least 1x1 pixels, got shape {tuple(x.shape)}")
-    finite, lo, hi = torch.stack(
-        [torch.isfinite(x).all().to(x.dtype), x.amin(), x.amax()]
-    ).tolist()
-    if not finite:
-        raise ValueError("images contain NaN or inf pixels; the batch was not used")
-    if lo < -1e-4 or hi > 1 + 1e-4:
-        advice = " (looks like 0-255 pixels: divide by 255)" if hi > 2 else ""
-        raise ValueError(
-            f"expected pixels in [0, 1], got range [{lo:.3g}, {hi:.3g}]{advice}; "
-            "tta models normalise internally, pass un-normalised RGB"
-        )
-
-
-# ----------------------------------------------------------------------------------
 # The method base class
 # ----------------------------------------------------------------------------------
 
@@ -443,91 +102,6 @@ def _floating_dtype(model: nn.Module) -> torch.dtype | None:
         if p.is_floating_point():
             return p.dtype
     return None
-
-
-def _clone_all(tensors: list[Tensor]) -> list[Tensor]:
-    # One fused kernel per dtype and device on CUDA instead of a launch per tensor.
-    if tensors and all(t.is_floating_point() for t in tensors) and len({t.device for t in tensors}) == 1:
-        return list(torch._foreach_mul(tensors, 1.0))
-    return [t.clone() for t in tensors]
-
-
-def _few(keys: Sequence[str], n: int = 4) -> str:
-    if not keys:
-        return "none"
-    return ", ".join(map(repr, keys[:n])) + (f" and {len(keys) - n} more" if len(keys) > n else "")
-
-
-def _check_optimizer_state(
-    optimizer: torch.optim.Optimizer, state: Any, type_name: str | None, method: str
-) -> None:
-    """The optimizer state must be of this optimizer's kind, over the same parameters."""
-    mine = type(optimizer).__name__
-    fail = f"{method}: the optimizer state is not this method's {mine} over its adapted parameters"
-    if type_name is not None and type_name != mine:
-        raise ValueError(f"{fail}: it is a {type_name}'s. Nothing was loaded")
-    groups = state.get("param_groups") if isinstance(state, Mapping) else None
-    if not isinstance(groups, list) or len(groups) != len(optimizer.param_groups):
-        raise ValueError(f"{fail} (parameter groups differ). Nothing was loaded")
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    for theirs, own in zip(groups, optimizer.param_groups):
-        if len(theirs.get("params", ())) != len(own["params"]):
-            raise ValueError(f"{fail}: {len(theirs.get('params', ()))} parameters in the state, "
-                             f"{len(own['params'])} here. Nothing was loaded")
-        if set(theirs) != set(own):
-            raise ValueError(f"{fail}: its settings are {sorted(set(theirs) - {'params'})}, a "
-                             f"{mine}'s are {sorted(set(own) - {'params'})}. Nothing was loaded")
-    for index, entry in (state.get("state") or {}).items():
-        if not (isinstance(index, int) and 0 <= index < len(params)):
-            raise ValueError(f"{fail}: state for parameter {index!r} of {len(params)}. Nothing was loaded")
-        for key, value in entry.items():
-            if isinstance(value, Tensor) and value.dim() > 0 and value.shape != params[index].shape:
-                raise ValueError(f"{fail}: {key} of parameter {index} has shape {tuple(value.shape)}, "
-                                 f"the parameter {tuple(params[index].shape)}. Nothing was loaded")
-
-
-class StepUndo:
-    """What one ``forward`` may change, copied before it, so that a call that raises
-    (out of memory, ``KeyboardInterrupt``, a failing hook, between SAR's two passes)
-    leaves the method exactly as it was: the adapted parameters (and their
-    gradients), every buffer of the method and its model (buffers are often
-    reassigned rather than written, so they are restored by name), the optimizer
-    state, the collapse guard and the gradient scaler. For norm-affine methods this
-    is a few kilobytes; no host sync."""
-
-    def __init__(self, method: "TTAMethod") -> None:
-        self.method = method
-        self.params = [p for _, p in method.adapted]
-        with torch.no_grad():
-            self.param_values = _clone_all([p.detach() for p in self.params])
-        self.buffers = [(m, name, b) for m in method.modules() for name, b in m._buffers.items()]
-        live = [b for _, _, b in self.buffers if b is not None]
-        copies = iter(_clone_all(live) if live else [])
-        self.buffer_values = [next(copies) if b is not None else None for _, _, b in self.buffers]
-        opt = method.optimizer
-        self.optimizer_state = None if opt is None else {
-            p: {k: v.clone() if isinstance(v, Tensor) else copy.deepcopy(v) for k, v in st.items()}
-            for p, st in opt.state.items()
-        }
-        self.guard = method.guard.state_dict() if method.guard is not None else None
-        self.scaler = method.scaler.state_dict() if method.scaler is not None else None
-
-    @torch.no_grad()
-    def restore(self) -> None:
-        method = self.method
-        for p, value in zip(self.params, self.param_values):
-            p.copy_(value)
-            p.grad = None
-        for (module, name, _), value in zip(self.buffers, self.buffer_values):
-            module._buffers[name] = value
-        if self.optimizer_state is not None:
-            method.optimizer.state.clear()
-            method.optimizer.state.update(self.optimizer_state)
-        if self.guard is not None:
-            method.guard.load_state_dict(self.guard)
-        if self.scaler is not None:
-            method.scaler.load_state_dict(self.scaler)
-
 
 
 @dataclass

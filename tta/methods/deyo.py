@@ -14,16 +14,10 @@ import torch
 from torch import Tensor, nn
 
 from ..augment.destroy import make_destroy_transform
-from .base import (
-    StepRecord,
-    TTAMethod,
-    entropy_margin,
-    frozen_top,
-    sar_paper_lr,
-    sample_weighted_batch_stats,
-    select_norm_params,
-    softmax_entropy,
-)
+from .base import StepRecord, TTAMethod
+from .entropy import entropy_margin, softmax_entropy
+from .norm_layers import sample_weighted_batch_stats
+from .params import frozen_top, sar_paper_lr, select_norm_params
 from .registry import register_method
 
 

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import StepRecord, TTAMethod, entropy_margin, softmax_entropy
+from .base import StepRecord, TTAMethod
+from .entropy import entropy_margin, softmax_entropy
 from .registry import register_method
 
 

@@ -18,7 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from ..augment.views import gather_views
-from .base import StepRecord, select_norm_params
+from .base import StepRecord
+from .params import select_norm_params
 from .clip_base import CLIPViewsMethod, check_clip_classifier
 from .registry import register_method
 

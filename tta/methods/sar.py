@@ -12,16 +12,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .base import (
-    StepRecord,
-    TTAMethod,
-    entropy_margin,
-    gated_reset,
-    frozen_top,
-    sar_paper_lr,
-    select_norm_params,
-    softmax_entropy,
-)
+from .base import StepRecord, TTAMethod
+from .entropy import entropy_margin, softmax_entropy
+from .optim import gated_reset
+from .params import frozen_top, sar_paper_lr, select_norm_params
 from .registry import register_method
 
 

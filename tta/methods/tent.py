@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .base import StepRecord, TTAMethod, softmax_entropy
+from .base import StepRecord, TTAMethod
+from .entropy import softmax_entropy
 from .registry import register_method
 
 

@@ -1,0 +1,123 @@
+"""Norm layers on test-batch statistics: BatchNorm switched to the statistics of
+each batch (optionally mixed with the source ones by ``alpha``, or weighted per
+sample for DeYO), without copying or replacing the layers."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+
+NORM_LAYERS = (_BatchNorm, nn.LayerNorm, nn.GroupNorm)
+
+
+def _weighted_stats(x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance over the samples, weighted by ``weight``
+    (B,). Two (B,) x (B, C*HW) products: much cheaper on CPUs than broadcasting the
+    weight over the activations or ``var_mean``, and sync-free. Computed in float32
+    (``E[x^2] - E[x]^2`` needs the precision)."""
+    with torch.autocast(x.device.type, enabled=False):
+        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+            # (B, H*W, C) is a view of a channels-last tensor; (B, C, H*W) a copy.
+            flat, eq = x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, x.shape[1]).float(), "b,bnc->c"
+        else:
+            flat, eq = x.reshape(x.shape[0], x.shape[1], -1).float(), "b,bcn->c"
+        w = weight.float()
+        denom = (w.sum() * (flat.numel() // (flat.shape[0] * x.shape[1]))).clamp_min(1.0)
+        mean = torch.einsum(eq, w, flat) / denom
+        var = (torch.einsum(eq, w, flat * flat) / denom - mean * mean).clamp_min(0)
+    return mean, var
+
+
+def _adaptive_bn_forward(self: _BatchNorm, x: Tensor) -> Tensor:
+    alpha: float = self.tta_alpha
+    weight: Tensor | None = self.tta_sample_weight
+    if weight is None and alpha == 0.0:
+        # The source statistics alone: exactly eval-mode BatchNorm.
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+    if weight is None and alpha == 1.0 and torch.is_grad_enabled():
+        # Native train-mode BatchNorm: its fused backward is the fastest path.
+        return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+    if weight is None:
+        weight = torch.ones(x.shape[0], device=x.device)
+    elif weight.shape[0] != x.shape[0]:
+        # BatchNorm over tokens (LeViT's BatchNorm1d on (B, N, C).flatten(0, 1)): each
+        # image owns x.shape[0] / B consecutive rows.
+        if x.shape[0] % weight.shape[0]:
+            raise ValueError(
+                f"{type(self).__name__} sees {x.shape[0]} rows for a batch of {weight.shape[0]} "
+                "images, which is no whole number per image: per-sample statistics are undefined"
+            )
+        weight = weight.repeat_interleave(x.shape[0] // weight.shape[0])
+    # With a weight: statistics of the selected samples only, as if the batch were
+    # that subset, without a host sync to gather them.
+    mean, var = _weighted_stats(x, weight)
+    if alpha != 1.0:
+        mean = alpha * mean + (1 - alpha) * self.running_mean
+        var = alpha * var + (1 - alpha) * self.running_var
+    if mean.requires_grad:
+        # The fused op does not differentiate through given statistics: spell it out.
+        shape = (1, -1, *([1] * (x.dim() - 2)))
+        scale = torch.rsqrt(var + self.eps)
+        if self.weight is not None:
+            scale = scale * self.weight
+        out = (x - mean.view(shape).to(x.dtype)) * scale.view(shape).to(x.dtype)
+        return out + self.bias.view(shape).to(x.dtype) if self.bias is not None else out
+    return F.batch_norm(x, mean, var, self.weight, self.bias, False, 0.0, self.eps)
+
+
+_ADAPTIVE_CLASSES: dict[type, type] = {}
+
+
+def use_batch_stats(model: nn.Module, alpha: float = 1.0) -> int:
+    """Make every BatchNorm layer of ``model`` normalise with test-batch statistics.
+
+    ``alpha`` mixes them with the source running statistics (Schneider et al. 2020):
+    ``alpha * batch + (1 - alpha) * source``; 1.0 is pure test statistics (Tent's
+    choice), 0.0 the source model. Running statistics are never updated, so the
+    model's state stays that of the source apart from the adapted parameters. The
+    layers keep their class's behaviour otherwise (their class is swapped for a
+    subclass, state-dict keys are unchanged). Returns the number of layers changed.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"bn alpha must be in [0, 1], got {alpha}")
+    count = 0
+    for module in model.modules():
+        if isinstance(module, _BatchNorm):
+            base = type(module)
+            if base not in _ADAPTIVE_CLASSES.values():
+                if base not in _ADAPTIVE_CLASSES:
+                    _ADAPTIVE_CLASSES[base] = type(
+                        f"TestStats{base.__name__}", (base,), {"forward": _adaptive_bn_forward}
+                    )
+                module.__class__ = _ADAPTIVE_CLASSES[base]
+            if alpha < 1.0 and module.running_mean is None:
+                raise ValueError("bn alpha < 1 needs BatchNorm layers with running statistics")
+            module.tta_alpha = float(alpha)
+            module.tta_sample_weight = None
+            count += 1
+    return count
+
+
+@contextmanager
+def sample_weighted_batch_stats(model: nn.Module, weight: Tensor) -> Iterator[None]:
+    """Within the block, test-statistics BatchNorm layers compute their statistics
+    from the samples with non-zero ``weight`` (shape (B,)) only: a forward on the full
+    batch then equals, for those samples, a forward on the selected subset."""
+    layers = [m for m in model.modules() if hasattr(m, "tta_sample_weight")]
+    for m in layers:
+        m.tta_sample_weight = weight
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.tta_sample_weight = None
+
+
+def _uses_pure_batch_stats(model: nn.Module) -> bool:
+    return any(getattr(m, "tta_alpha", None) == 1.0 for m in model.modules())

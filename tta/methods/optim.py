@@ -1,0 +1,174 @@
+"""Optimizers and steps: building the optimizer a method names, steps gated on
+whether a loss selected any sample, and the undo record that restores a method's
+state when a step raises."""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from .base import TTAMethod
+
+
+def build_optimizer(
+    params: Sequence[nn.Parameter],
+    optimizer: str = "sgd",
+    lr: float = 2.5e-4,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    betas: tuple[float, float] = (0.9, 0.999),
+    nesterov: bool = False,
+) -> torch.optim.Optimizer:
+    """SGD (with momentum) or Adam/AdamW over ``params``, validated."""
+    if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    if momentum < 0 or weight_decay < 0:
+        raise ValueError("momentum and weight_decay must be >= 0")
+    name = optimizer.lower()
+    if name == "sgd":
+        return torch.optim.SGD(
+            params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov
+        )
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, betas=betas, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
+    raise ValueError(f"optimizer must be 'sgd', 'adam' or 'adamw', got {optimizer!r}")
+
+
+def _state_tensors(optimizer: torch.optim.Optimizer) -> list[tuple[dict, str, Tensor]]:
+    return [
+        (state, key, value)
+        for state in optimizer.state.values()
+        for key, value in state.items()
+        if isinstance(value, Tensor)
+    ]
+
+
+@torch.no_grad()
+def gated_step(
+    optimizer: torch.optim.Optimizer, enabled: Tensor, step_fn: Callable[[], Any] | None = None
+) -> None:
+    """``optimizer.step()`` that takes effect only if the 0-dim bool ``enabled`` holds.
+
+    Methods that filter samples skip the update when nothing passes the filter (the
+    papers' ``if len(selected) > 0``). Deciding that on the host would stall the
+    device every step, so the step always runs and is undone with ``torch.where``;
+    the adapted parameters are only norm affines, so the copies are tiny.
+    """
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    before = [p.detach().clone() for p in params]
+    state_before = {(id(s), k): v.clone() for s, k, v in _state_tensors(optimizer)}
+    (step_fn or optimizer.step)()
+    for p, old in zip(params, before):
+        p.copy_(torch.where(enabled.to(p.device), p, old))
+    for state, key, value in _state_tensors(optimizer):
+        # State created by this very step reverts to zeros: the same as no state for
+        # SGD momentum and Adam moments/step count.
+        old = state_before.get((id(state), key), torch.zeros_like(value))
+        state[key] = torch.where(enabled.to(value.device), value, old)
+
+
+@torch.no_grad()
+def gated_reset(
+    params: Sequence[Tensor],
+    source: Sequence[Tensor],
+    optimizer: torch.optim.Optimizer | None,
+    enabled: Tensor,
+) -> None:
+    """Restore ``params`` to ``source`` and clear the optimizer state where the 0-dim
+    bool ``enabled`` holds, without a host sync (SAR's model recovery)."""
+    for p, p0 in zip(params, source):
+        p.copy_(torch.where(enabled.to(p.device), p0, p))
+    if optimizer is not None:
+        for state, key, value in _state_tensors(optimizer):
+            state[key] = torch.where(enabled.to(value.device), torch.zeros_like(value), value)
+
+
+def _clone_all(tensors: list[Tensor]) -> list[Tensor]:
+    # One fused kernel per dtype and device on CUDA instead of a launch per tensor.
+    if tensors and all(t.is_floating_point() for t in tensors) and len({t.device for t in tensors}) == 1:
+        return list(torch._foreach_mul(tensors, 1.0))
+    return [t.clone() for t in tensors]
+
+
+def _few(keys: Sequence[str], n: int = 4) -> str:
+    if not keys:
+        return "none"
+    return ", ".join(map(repr, keys[:n])) + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+
+def _check_optimizer_state(
+    optimizer: torch.optim.Optimizer, state: Any, type_name: str | None, method: str
+) -> None:
+    """The optimizer state must be of this optimizer's kind, over the same parameters."""
+    mine = type(optimizer).__name__
+    fail = f"{method}: the optimizer state is not this method's {mine} over its adapted parameters"
+    if type_name is not None and type_name != mine:
+        raise ValueError(f"{fail}: it is a {type_name}'s. Nothing was loaded")
+    groups = state.get("param_groups") if isinstance(state, Mapping) else None
+    if not isinstance(groups, list) or len(groups) != len(optimizer.param_groups):
+        raise ValueError(f"{fail} (parameter groups differ). Nothing was loaded")
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for theirs, own in zip(groups, optimizer.param_groups):
+        if len(theirs.get("params", ())) != len(own["params"]):
+            raise ValueError(f"{fail}: {len(theirs.get('params', ()))} parameters in the state, "
+                             f"{len(own['params'])} here. Nothing was loaded")
+        if set(theirs) != set(own):
+            raise ValueError(f"{fail}: its settings are {sorted(set(theirs) - {'params'})}, a "
+                             f"{mine}'s are {sorted(set(own) - {'params'})}. Nothing was loaded")
+    for index, entry in (state.get("state") or {}).items():
+        if not (isinstance(index, int) and 0 <= index < len(params)):
+            raise ValueError(f"{fail}: state for parameter {index!r} of {len(params)}. Nothing was loaded")
+        for key, value in entry.items():
+            if isinstance(value, Tensor) and value.dim() > 0 and value.shape != params[index].shape:
+                raise ValueError(f"{fail}: {key} of parameter {index} has shape {tuple(value.shape)}, "
+                                 f"the parameter {tuple(params[index].shape)}. Nothing was loaded")
+
+
+class StepUndo:
+    """What one ``forward`` may change, copied before it, so that a call that raises
+    (out of memory, ``KeyboardInterrupt``, a failing hook, between SAR's two passes)
+    leaves the method exactly as it was: the adapted parameters (and their
+    gradients), every buffer of the method and its model (buffers are often
+    reassigned rather than written, so they are restored by name), the optimizer
+    state, the collapse guard and the gradient scaler. For norm-affine methods this
+    is a few kilobytes; no host sync."""
+
+    def __init__(self, method: "TTAMethod") -> None:
+        self.method = method
+        self.params = [p for _, p in method.adapted]
+        with torch.no_grad():
+            self.param_values = _clone_all([p.detach() for p in self.params])
+        self.buffers = [(m, name, b) for m in method.modules() for name, b in m._buffers.items()]
+        live = [b for _, _, b in self.buffers if b is not None]
+        copies = iter(_clone_all(live) if live else [])
+        self.buffer_values = [next(copies) if b is not None else None for _, _, b in self.buffers]
+        opt = method.optimizer
+        self.optimizer_state = None if opt is None else {
+            p: {k: v.clone() if isinstance(v, Tensor) else copy.deepcopy(v) for k, v in st.items()}
+            for p, st in opt.state.items()
+        }
+        self.guard = method.guard.state_dict() if method.guard is not None else None
+        self.scaler = method.scaler.state_dict() if method.scaler is not None else None
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        method = self.method
+        for p, value in zip(self.params, self.param_values):
+            p.copy_(value)
+            p.grad = None
+        for (module, name, _), value in zip(self.buffers, self.buffer_values):
+            module._buffers[name] = value
+        if self.optimizer_state is not None:
+            method.optimizer.state.clear()
+            method.optimizer.state.update(self.optimizer_state)
+        if self.guard is not None:
+            method.guard.load_state_dict(self.guard)
+        if self.scaler is not None:
+            method.scaler.load_state_dict(self.scaler)
