@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from ..paths import download, sha256_of, tta_home
+from ..paths import download, tta_home
 
 __all__ = ["FROST_FILES", "FROST_SHA256", "FROST_URL", "default_frost_dir", "set_frost_dir", "load_frost_textures"]
 
@@ -114,9 +114,3 @@ def load_frost_textures(
             textures.append(t.to(device))
         _CACHE[key] = textures
         return textures
-
-
-def verify_frost_dir(frost_dir: str | os.PathLike) -> dict[str, bool]:
-    """Which textures in ``frost_dir`` carry the expected sha256."""
-    folder = Path(frost_dir)
-    return {n: (folder / n).is_file() and sha256_of(folder / n) == FROST_SHA256[n] for n in FROST_FILES}
