@@ -36,10 +36,11 @@ class JobError(_Compact):  # type: ignore[valid-type,misc]
 #: these after a failed run is removed, not left behind empty.
 _HYDRA_BOOKKEEPING = (".hydra", "tta-bench.log")
 
-#: pip package of each launcher plugin the configs in conf/hydra/launcher extend.
+#: The Hydra launcher plugins the configs in conf/hydra/launcher extend: the word a
+#: launcher's name or config mentions, the plugin's module and its pip package.
 _LAUNCHER_PLUGINS = {
-    "hydra_plugins.hydra_submitit_launcher": "hydra-submitit-launcher",
-    "hydra_plugins.hydra_joblib_launcher": "hydra-joblib-launcher",
+    "submitit": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
+    "joblib": ("hydra_plugins.hydra_joblib_launcher", "hydra-joblib-launcher"),
 }
 
 # At import, not in main(): joblib/submitit workers import this module to unpickle
@@ -114,12 +115,10 @@ def _check_launcher(argv: Sequence[str]) -> None:
             continue
         path = config_dir() / "hydra" / "launcher" / f"{name}.yaml"
         text = path.read_text() if path.is_file() else ""
-        for module, package in _LAUNCHER_PLUGINS.items():
-            plugin = module.rsplit(".", 1)[1].replace("hydra_", "").replace("_launcher", "")
-            if plugin in name or plugin in text:
-                if importlib.util.find_spec(module) is None:
-                    sys.exit(f"tta-bench: hydra/launcher={name} needs the Hydra plugin {package}: "
-                             f"pip install {package}")
+        for plugin, (module, package) in _LAUNCHER_PLUGINS.items():
+            if (plugin in name or plugin in text) and importlib.util.find_spec(module) is None:
+                sys.exit(f"tta-bench: hydra/launcher={name} needs the Hydra plugin {package}: "
+                         f"pip install {package}")
 
 
 def main() -> None:

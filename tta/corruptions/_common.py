@@ -47,33 +47,36 @@ class Rng:
     def _out(self, t: Tensor) -> Tensor:
         return t.to(device=self.device, dtype=self.dtype if t.is_floating_point() else t.dtype)
 
-    def _draw(self, shape: tuple[int, ...], draw: Callable[[tuple[int, ...], torch.Generator | None], Tensor],
-              fill: Callable[[Tensor, torch.Generator], Tensor], dtype: torch.dtype = torch.float32) -> Tensor:
-        """``draw(shape, generator)`` with one generator; per image, ``fill`` each
-        image's slice of one tensor in place (a stack of per-image draws would
-        cost another pass over the batch)."""
-        if self.generators is None:
-            return draw(shape, self.generator)
+    def _check_batch(self, shape: tuple[int, ...]) -> None:
         if not shape or shape[0] != len(self.generators):
             raise RuntimeError(
                 f"a per-image draw of shape {shape} does not lead with the batch of {len(self.generators)}"
             )
+
+    def _draw(self, shape: tuple[int, ...], fill: Callable[[Tensor, torch.Generator | None], Tensor],
+              dtype: torch.dtype = torch.float32) -> Tensor:
+        """A tensor of ``shape`` filled in place by ``fill(tensor, generator)`` (what
+        ``torch.rand``/``randn``/``randint`` do inside, so one generator gives their
+        numbers); per image, each image's slice from its own generator (a stack of
+        per-image draws would cost another pass over the batch)."""
         out = torch.empty(shape, dtype=dtype, device=self.source)
+        if self.generators is None:
+            fill(out, self.generator)
+            return out
+        self._check_batch(shape)
         for part, g in zip(out, self.generators):
             fill(part, g)
         return out
 
     def uniform(self, shape: tuple[int, ...], low: float = 0.0, high: float = 1.0) -> Tensor:
         # always drawn in float32, so float64 inputs see the same random numbers
-        u = self._draw(shape, lambda s, g: torch.rand(s, generator=g, device=self.source),
-                       lambda t, g: t.uniform_(generator=g))
+        u = self._draw(shape, lambda t, g: t.uniform_(generator=g))
         if (low, high) != (0.0, 1.0):  # in place: these tensors are image-sized
             u.mul_(high - low).add_(low)
         return self._out(u)
 
     def normal(self, shape: tuple[int, ...], mean: float = 0.0, std: float = 1.0) -> Tensor:
-        n = self._draw(shape, lambda s, g: torch.randn(s, generator=g, device=self.source),
-                       lambda t, g: t.normal_(generator=g))
+        n = self._draw(shape, lambda t, g: t.normal_(generator=g))
         if std != 1.0:
             n.mul_(std)
         if mean != 0.0:
@@ -82,24 +85,18 @@ class Rng:
 
     def randint(self, low: int, high: int, shape: tuple[int, ...]) -> Tensor:
         """Integers in ``[low, high)``, like ``np.random.randint``."""
-        r = self._draw(shape, lambda s, g: torch.randint(low, high, s, generator=g, device=self.source),
-                       lambda t, g: t.random_(low, high, generator=g), dtype=torch.int64)
-        return self._out(r)
+        return self._out(self._draw(shape, lambda t, g: t.random_(low, high, generator=g), torch.int64))
 
     def randint_below(self, high: Tensor) -> Tensor:
         """One integer in ``[0, high[i])`` per entry of the integer tensor ``high``."""
-        u = self._draw(tuple(high.shape),
-                       lambda s, g: torch.rand(s, generator=g, device=self.source, dtype=torch.float64),
-                       lambda t, g: t.uniform_(generator=g), dtype=torch.float64)
+        u = self._draw(tuple(high.shape), lambda t, g: t.uniform_(generator=g), torch.float64)
         return self._out(torch.floor(u * high.to(self.source, torch.float64)).long())
 
     def poisson(self, rates: Tensor) -> Tensor:
         rates = rates.to(self.source, torch.float32)
         if self.generators is None:
             return self._out(torch.poisson(rates, generator=self.generator))
-        if rates.shape[0] != len(self.generators):
-            raise RuntimeError(f"per-image poisson rates {tuple(rates.shape)} do not lead with the batch "
-                               f"of {len(self.generators)}")
+        self._check_batch(tuple(rates.shape))
         out = torch.empty_like(rates)
         for part, r, g in zip(out, rates, self.generators):
             part.copy_(torch.poisson(r, generator=g))
