@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import tta
-from tta.methods.base import sar_paper_lr
+from tta.methods.params import sar_paper_lr
 
 from test_methods import GRADIENT_METHODS, changed_keys, make, state
 

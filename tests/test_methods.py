@@ -6,14 +6,10 @@ import pytest
 import torch
 
 import tta
-from tta.methods.base import (
-    gated_step,
-    last_stage_prefixes,
-    paper_frozen_modules,
-    sample_weighted_batch_stats,
-    select_norm_params,
-    softmax_entropy,
-)
+from tta.methods.entropy import softmax_entropy
+from tta.methods.norm_layers import sample_weighted_batch_stats
+from tta.methods.optim import gated_step
+from tta.methods.params import last_stage_prefixes, paper_frozen_modules, select_norm_params
 
 GRADIENT_METHODS = ["tent", "eta", "eata", "sar", "deyo"]
 
@@ -161,7 +157,7 @@ def test_gated_step_skips_exactly():
 
 
 def test_sample_weighted_stats_equal_a_subset_forward(resnet20, noisy_batch):
-    tta.methods.base.use_batch_stats(resnet20)
+    tta.methods.norm_layers.use_batch_stats(resnet20)
     keep = torch.zeros(noisy_batch.shape[0], dtype=torch.bool)
     keep[::3] = True
     with torch.no_grad():

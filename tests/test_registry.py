@@ -41,7 +41,7 @@ def scratch_method_name():
 
 
 def test_register_method_decorator_and_wrap(scratch_method_name):
-    from tta.methods.base import StepRecord, TTAMethod
+    from tta import StepRecord, TTAMethod
 
     @tta.register_method("_test_identity")
     class Identity(TTAMethod):

@@ -1,5 +1,5 @@
 """Augmented views of test images (TPT, RLCF; the selection of confident views
-and TPT's loss are in :mod:`tta.methods.entropy`).
+and TPT's loss are in :mod:`tta.methods.clip_views`).
 
 TPT (Shu et al., NeurIPS 2022) and RLCF (Zhao et al., ICLR 2024) look at each test
 image through N views: the image itself plus N-1 random resized crops (with a random
@@ -23,9 +23,7 @@ __all__ = [
     "random_resized_crops",
     "augmix",
     "make_views",
-    "select_confident",
     "gather_views",
-    "marginal_entropy",
     "Views",
 ]
 

@@ -1,7 +1,8 @@
 """Adaptation methods, one per module, registered by name."""
 
 from . import deyo, eata, eta, norm, rlcf, sar, source, tent, tpt  # noqa: F401  (registration)
-from .base import StepRecord, TTAMethod
+from .base import TTAMethod
+from .records import StepRecord
 from .entropy import softmax_entropy
 from .params import last_stage_prefixes, select_norm_params
 from .registry import list_methods, method_class, method_defaults, method_presets, register_method, wrap

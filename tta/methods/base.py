@@ -1,128 +1,34 @@
-"""The method base class: :class:`TTAMethod` and the per-step :class:`StepRecord`.
+"""The method base class :class:`TTAMethod`: the loop every method shares (input
+checks, test-batch statistics, mixed precision, the undo of a failed step, the
+collapse guard) and its state (``snapshot`` / ``reset`` / ``state_dict``).
 
 A method is three small ideas: which parameters adapt (``select_params``), what the
-loss is, and how one step runs (``forward_and_adapt``). The shared pieces live in
-modules named for what they hold: :mod:`.entropy`, :mod:`.params` (which parameters
-adapt), :mod:`.norm_layers` (test-batch statistics), :mod:`.optim` (optimizers,
-gated steps, the undo of a failed step), :mod:`.inputs` (input checks); this module
-re-exports them for ``from tta.methods.base import ...``.
+loss is, and how one step runs (``forward_and_adapt``). The pieces methods share
+live in modules named for what they hold: :mod:`.entropy`, :mod:`.params` (which
+parameters adapt), :mod:`.norm_layers` (test-batch statistics), :mod:`.optim`
+(optimizers, gated steps, SAM, the undo of a failed step), :mod:`.records` (what a
+step reports), :mod:`.state` (checks of a state before loading), :mod:`.inputs`.
 """
 
 from __future__ import annotations
 
 import copy
-import os
-import sys
-import warnings
-import weakref
-from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import torch
 from torch import Tensor, nn
 
-from .entropy import entropy_margin, softmax_entropy
+from .._warn import warn_at_caller
+from .entropy import entropy_margin
 from .guard import CollapseGuard
-from .inputs import check_images
-from .norm_layers import NORM_LAYERS, _uses_pure_batch_stats, sample_weighted_batch_stats, use_batch_stats
-from .optim import StepUndo, _check_optimizer_state, _few, build_optimizer, gated_reset, gated_step
-from .params import (
-    frozen_top,
-    last_stage_prefixes,
-    paper_frozen_modules,
-    sar_paper_lr,
-    select_norm_params,
-)
+from .inputs import check_images, floating_dtype, mark_wrapped, refuse_if_wrapped
+from .norm_layers import _uses_pure_batch_stats, use_batch_stats
+from .optim import StepUndo, build_optimizer, gated_step
+from .params import frozen_top, nothing_to_adapt_message, select_norm_params
+from .records import StepRecord
+from .state import check_loadable
 
-# tta's own files and torch's (nn.Module.__call__ sits between a user and forward)
-_INTERNAL_DIRS = tuple(os.path.join(d, "") for d in (os.path.dirname(os.path.dirname(__file__)),
-                                                     os.path.dirname(torch.__file__)))
-
-
-def warn_at_caller(message: str, category: type[Warning] = UserWarning) -> None:
-    """``warnings.warn`` attributed to the first frame outside tta and torch, so the
-    warning names the user's line however deep in tta (subclass ``__init__``s,
-    ``tta.wrap``, ``nn.Module.__call__``) it was raised."""
-    frame, level = sys._getframe(1), 2  # stacklevel 2: our caller
-    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
-        frame, level = frame.f_back, level + 1
-    warnings.warn(message, category, stacklevel=level)
-
-__all__ = [
-    "TTAMethod",
-    "StepRecord",
-    "softmax_entropy",
-    "select_norm_params",
-    "last_stage_prefixes",
-    "paper_frozen_modules",
-    "frozen_top",
-    "sar_paper_lr",
-    "use_batch_stats",
-    "sample_weighted_batch_stats",
-    "build_optimizer",
-    "gated_step",
-    "gated_reset",
-    "check_images",
-    "entropy_margin",
-    "NORM_LAYERS",
-]
-
-
-# Models currently wrapped, and by whom: a method configures its model in place
-# (norm layers, requires_grad, its snapshot), so two live methods on one module
-# would silently undo each other. Weak both ways: a copy or a freed method is free.
-_WRAPPED: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
-
-
-def _refuse_if_wrapped(model: nn.Module) -> None:
-    if isinstance(model, TTAMethod):
-        raise TypeError(
-            f"this is already a tta method ({model.method_name!r}); wrap a model, e.g. "
-            f"tta.wrap(copy.deepcopy(original_model), ...), not a method"
-        )
-    owner = _WRAPPED.get(model)
-    method = owner() if owner is not None else None
-    if method is not None:
-        raise ValueError(
-            f"this model is already wrapped by tta method {method.method_name!r}, which has "
-            "configured its norm layers and trainable parameters in place; two methods on one "
-            "module would undo each other. Wrap a copy (tta.wrap(copy.deepcopy(model), ...)), "
-            "or delete the first method (del it) before wrapping the model again"
-        )
-
-
-# ----------------------------------------------------------------------------------
-# The method base class
-# ----------------------------------------------------------------------------------
-
-
-def _floating_dtype(model: nn.Module) -> torch.dtype | None:
-    """The dtype of the model's first floating parameter (what inputs are cast to)."""
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return None
-
-
-@dataclass
-class StepRecord:
-    """What one adaptation step did. Tensor fields stay on the device until read
-    through :meth:`to_dict`, so recording costs no sync."""
-
-    num_samples: int
-    num_selected: Tensor | int | None = None
-    loss: Tensor | float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, float | int | None]:
-        def plain(v: Any) -> Any:
-            return v.item() if isinstance(v, Tensor) else v
-
-        out = {"num_samples": self.num_samples, "num_selected": plain(self.num_selected)}
-        out["loss"] = plain(self.loss)
-        out.update({k: plain(v) for k, v in self.extra.items()})
-        return out
-
+__all__ = ["TTAMethod"]
 
 class TTAMethod(nn.Module):
     """Base class: wraps ``model``; ``forward(x)`` predicts on ``x`` and adapts on it.
@@ -136,8 +42,17 @@ class TTAMethod(nn.Module):
         model: classifier taking float RGB in [0, 1], returning (B, C) logits.
         steps: adaptation steps per batch (prediction comes from the last one).
         episodic: reset to the source state before every batch.
-        optimizer, lr, momentum, weight_decay, betas: the optimizer of the adapted
-            parameters (see :func:`build_optimizer`).
+        optimizer: optimizer of the adapted parameters: ``"sgd"``, ``"adam"`` or ``"adamw"``.
+        lr: learning rate, or ``"paper"`` for the method's published rule (by batch
+            size and model), fixed on the first batch.
+        momentum: SGD momentum.
+        weight_decay: weight decay.
+        betas: Adam/AdamW betas.
+        skip_modules: norm layers that stay frozen: ``"none"``, ``"paper"`` (the
+            modules SAR's and DeYO's official code freezes, see
+            :func:`~tta.methods.params.paper_frozen_modules`), ``"last_stage"`` (the
+            deepest stage, :func:`~tta.methods.params.last_stage_prefixes`), or a list
+            of module names.
         bn_alpha: weight of test-batch statistics in BatchNorm layers (1.0: test
             statistics only; below 1 mixes in the source statistics, which also
             makes batch size 1 usable).
@@ -163,21 +78,36 @@ class TTAMethod(nn.Module):
     batch_stats: bool = True
     #: whether the method has an optimizer (``source`` and ``norm`` do not)
     has_optimizer: bool = True
+    #: whether ``select_params`` picks norm layers' affine parameters (which
+    #: ``skip_modules`` filters); methods that choose their own set this False
+    adapts_norm_params: bool = True
     #: base options only a method with an optimizer uses; :func:`tta.method_defaults`
     #: and ``tta.wrap`` leave them out for the others
     optimizer_options: tuple[str, ...] = ("steps", "episodic", "optimizer", "lr", "momentum",
-                                          "weight_decay", "betas", "collapse_guard")
+                                          "weight_decay", "betas", "skip_modules", "collapse_guard")
     #: base options only a method with test-batch statistics uses
     batch_stats_options: tuple[str, ...] = ("bn_alpha",)
     #: published per-dataset settings, ``tta.wrap(model, name, preset="cifar10")``
     presets: dict[str, dict[str, Any]] = {"cifar10": {}, "imagenet": {}}
+    #: the entropy margins a ``None`` option stands for, as fractions of ln C (the
+    #: papers state them so, so that one default serves 10 and 1000 classes); the
+    #: method configs' comments are generated from these
+    margin_fractions: dict[str, float] = {}
+    #: the record type of a step (its fields are the columns of a run's summary)
+    record_type: type[StepRecord] = StepRecord
 
     @classmethod
-    def unused_options(cls) -> tuple[str, ...]:
-        """The base class's options this method has no use for (not offered by
-        :func:`tta.method_defaults`, refused by ``tta.wrap``)."""
-        return ((() if cls.has_optimizer else cls.optimizer_options)
-                + (() if cls.batch_stats else cls.batch_stats_options))
+    def unused_options(cls) -> dict[str, str]:
+        """The base class's options this method has no use for, each with the reason
+        (not offered by :func:`tta.method_defaults`, refused by ``tta.wrap``)."""
+        unused = {}
+        if not cls.adapts_norm_params:
+            unused["skip_modules"] = "chooses its own parameters, not norm layers"
+        if not cls.batch_stats:
+            unused.update(dict.fromkeys(cls.batch_stats_options, "does not use test-batch statistics"))
+        if not cls.has_optimizer:
+            unused.update(dict.fromkeys(cls.optimizer_options, "takes no gradient steps"))
+        return unused
 
     def __init__(
         self,
@@ -190,6 +120,7 @@ class TTAMethod(nn.Module):
         momentum: float = 0.9,
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.999),
+        skip_modules: str | list[str] = "none",
         bn_alpha: float = 1.0,
         check_inputs: bool = True,
         amp: str | None = None,
@@ -200,10 +131,11 @@ class TTAMethod(nn.Module):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"expected an nn.Module to wrap, got {type(model).__name__}")
-        _refuse_if_wrapped(model)
+        refuse_if_wrapped(model)
         if not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be a positive integer, got {steps!r}")
         self.model = model
+        self.skip_modules = skip_modules  # read by select_params, below
         self.steps = steps
         self.episodic = episodic
         self.bn_alpha = bn_alpha
@@ -230,7 +162,7 @@ class TTAMethod(nn.Module):
         model.requires_grad_(False)
         self.adapted = self.select_params() if self.has_optimizer else []
         if self.has_optimizer and not self.adapted:
-            raise ValueError(self._nothing_to_adapt_message())
+            raise ValueError(nothing_to_adapt_message(model, self.method_name or type(self).__name__))
         for _, p in self.adapted:
             p.requires_grad_(True)
         self._lr_rule: str | None = None
@@ -256,25 +188,19 @@ class TTAMethod(nn.Module):
                 raise ValueError(f"collapse_guard needs a gradient method, not {self.method_name!r}")
             self.guard.attach(model)
         self._source_state: dict[str, Any] | None = None
-        _WRAPPED[model] = weakref.ref(self)
-
-    def _nothing_to_adapt_message(self) -> str:
-        name = self.method_name or type(self).__name__
-        has_norm = any(isinstance(m, NORM_LAYERS) for m in self.model.modules())
-        if has_norm:
-            why = ("every norm layer of the model is frozen by this method's choice of layers; "
-                   "pass skip_modules='none' to adapt them all")
-        else:
-            why = ("the model has no BatchNorm, LayerNorm or GroupNorm layer with affine "
-                   "parameters (a norm-free net such as timm's nf_* and normfree models, or a "
-                   "plain conv net), and those are what it adapts")
-        return (f"{name}: nothing to adapt: {why}. On such a model use method 'source' "
-                "(no adaptation), or choose a model with norm layers")
+        mark_wrapped(model, self)
 
     # -- the three ideas -------------------------------------------------------------
     def select_params(self) -> list[tuple[str, nn.Parameter]]:
-        """Which parameters adapt. Default: every norm layer's affine parameters."""
-        return select_norm_params(self.model)
+        """Which parameters adapt. Default: the affine parameters of every norm layer
+        outside ``skip_modules``. Runs inside ``__init__``: a method whose choice
+        depends on its own options sets them before ``super().__init__``."""
+        return select_norm_params(self.model, frozen_top(self.model, self.skip_modules))
+
+    def margin(self, option: str, num_classes: int) -> float:
+        """The entropy margin that option ``option`` sets: its value, or when it is
+        ``None`` its fraction of ln C (:attr:`margin_fractions`)."""
+        return entropy_margin(getattr(self, option), self.margin_fractions[option], num_classes)
 
     def forward_and_adapt(self, x: Tensor) -> tuple[Tensor, StepRecord]:
         """One step on batch ``x``: return the logits to report and a record."""
@@ -294,7 +220,7 @@ class TTAMethod(nn.Module):
         with torch.inference_mode(False), torch.enable_grad():
             # Inference tensors cannot be saved for backward: adapt on a normal copy.
             x = x.clone() if x.is_inference() else x
-            dtype = _floating_dtype(self.model)
+            dtype = floating_dtype(self.model)
             if dtype is not None and x.is_floating_point() and x.dtype != dtype:
                 x = x.to(dtype)
             return self._forward(x)
@@ -336,8 +262,8 @@ class TTAMethod(nn.Module):
         except BaseException:
             undo.restore()
             raise
-        record.extra["num_collapses"] = self.guard.num_collapses if self.guard is not None else 0
-        record.extra["guard_fallback"] = fallback is not None
+        record.num_collapses = self.guard.num_collapses if self.guard is not None else 0
+        record.guard_fallback = fallback is not None
         self.last_record = record
         return logits if fallback is None else fallback
 
@@ -391,6 +317,20 @@ class TTAMethod(nn.Module):
             self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
 
+    def grad_scale(self) -> Tensor | None:
+        """The factor a float16 gradient scaler multiplied the current gradients by
+        (a device tensor, no sync), or ``None`` without one: what a method that reads
+        raw gradients (SAR's perturbation) divides out."""
+        if self.scaler is None:
+            return None
+        return self.scaler.scale(torch.ones((), device=self.adapted[0][1].device))
+
+    def source_params(self) -> list[Tensor]:
+        """The source values of the adapted parameters (from the snapshot)."""
+        if self._source_state is None:
+            self.snapshot()
+        return [self._source_state[f"model.{name}"] for name, _ in self.adapted]
+
     # -- state -----------------------------------------------------------------------
     def get_extra_state(self) -> dict[str, Any]:
         state: dict[str, Any] = {
@@ -414,40 +354,8 @@ class TTAMethod(nn.Module):
         called before the first batch."""
         if self._source_state is None:
             self.snapshot()
-        self._check_loadable(state_dict, strict)
+        check_loadable(self, state_dict, strict)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
-
-    def _check_loadable(self, state_dict: Mapping[str, Any], strict: bool) -> None:
-        """Refuse, before anything changes, a state that is not this method's: from
-        another method, model or optimizer (``nn.Module.load_state_dict`` copies what
-        matches before it reports what does not)."""
-        name = self.method_name or type(self).__name__
-        if not isinstance(state_dict, Mapping):
-            raise TypeError(f"{name}: expected a state dict (a mapping), got {type(state_dict).__name__}")
-        own = self.state_dict()
-        extra = state_dict.get("_extra_state")
-        extra = extra if isinstance(extra, Mapping) else {}
-        theirs = extra.get("method")
-        if theirs is not None and theirs != self.method_name:
-            raise ValueError(f"{name}: this state is from method {theirs!r}; load it into a "
-                             f"tta.wrap(model, {theirs!r}). Nothing was loaded")
-        if strict:
-            missing = sorted(own.keys() - state_dict.keys())
-            unexpected = sorted(state_dict.keys() - own.keys())
-            if missing or unexpected:
-                raise ValueError(
-                    f"{name}: the state does not match this method and model (missing keys: "
-                    f"{_few(missing)}; unexpected keys: {_few(unexpected)}): it is from another "
-                    "model or method. Nothing was loaded"
-                )
-        for key, value in state_dict.items():
-            mine = own.get(key)
-            if (isinstance(value, Tensor) and isinstance(mine, Tensor) and value.shape != mine.shape
-                    and key not in self._buffers):  # the method's own buffers take the stored shape
-                raise ValueError(f"{name}: {key!r} has shape {tuple(value.shape)} in the state but "
-                                 f"{tuple(mine.shape)} here: it is from another model. Nothing was loaded")
-        if self.optimizer is not None and extra.get("optimizer") is not None:
-            _check_optimizer_state(self.optimizer, extra["optimizer"], extra.get("optimizer_type"), name)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         # Method buffers may change shape once the class count is known (a running

@@ -10,14 +10,17 @@ how much the predicted class loses: the Pseudo-Label Probability Difference
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
 from ..augment.destroy import make_destroy_transform
-from .base import StepRecord, TTAMethod
-from .entropy import entropy_margin, softmax_entropy
+from .base import TTAMethod
+from .entropy import softmax_entropy
 from .norm_layers import sample_weighted_batch_stats
-from .params import frozen_top, sar_paper_lr, select_norm_params
+from .params import sar_paper_lr
+from .records import StepRecord, Value
 from .registry import register_method
 
 
@@ -38,14 +41,23 @@ def deyo_weights(
     return reweight_ent * torch.exp(margin_e0 - entropy) + reweight_plpd * torch.exp(plpd_value)
 
 
+@dataclass
+class DeYORecord(StepRecord):
+    """A DeYO step: ``num_confident`` images passed the entropy filter
+    (``num_selected``: the PLPD filter too)."""
+
+    num_confident: Value = None
+
+
 @register_method("deyo")
 class DeYO(TTAMethod):
     """DeYO. Defaults are the paper's (SGD, momentum 0.9, ``lr="paper"``: the
-    official rule shared with SAR, :func:`~tta.methods.base.sar_paper_lr`, 2.5e-4
+    official rule shared with SAR, :func:`~tta.methods.params.sar_paper_lr`, 2.5e-4
     for a ResNet at batch 64, 1e-3 for a ViT at batch 64; the official code's frozen
-    modules, ``skip_modules="paper"``;
-    ``deyo_margin = 0.5 ln C``, ``margin_e0 = 0.4 ln C``, ``plpd_threshold = 0.2``
-    (0.3 in the paper's mild setting), patch shuffle on a 4x4 grid).
+    modules, ``skip_modules="paper"``; the entropy margins of
+    :attr:`margin_fractions` (``deyo_margin = 0.5 ln C``, ``margin_e0 = 0.4 ln C``),
+    ``plpd_threshold = 0.2`` (0.3 in the paper's mild setting), patch shuffle on a
+    4x4 grid).
 
     Args:
         deyo_margin: entropy filter: keep samples with entropy below it.
@@ -53,18 +65,20 @@ class DeYO(TTAMethod):
         plpd_threshold: PLPD filter: keep samples with PLPD above it.
         aug_type: the object-destroying transform: ``"patch"``, ``"pixel"``, ``"occ"``.
         patch_len: grid side of ``"patch"``.
-        occlusion_size, occlusion_top, occlusion_left: the square of ``"occ"``
-            (size as a fraction of the image side, or pixels; centred by default).
-        reweight_ent, reweight_plpd: weights of the two sample-weight terms (0 off).
-        skip_modules: which norm layers stay frozen: ``"paper"`` (the official
-            code's rule, see :func:`~tta.methods.base.paper_frozen_modules`),
-            ``"last_stage"``, ``"none"``, or a list of module names.
+        occlusion_size: side of the square of ``"occ"``: a fraction of the image
+            side, or pixels.
+        occlusion_top: top row of that square (None: centred).
+        occlusion_left: left column of that square (None: centred).
+        reweight_ent: weight of the entropy term of the sample weights (0: off).
+        reweight_plpd: weight of the PLPD term of the sample weights (0: off).
 
     Presets: ``"imagenet"`` is these defaults; ``"cifar10"`` the CIFAR-10-C setting
     of mariodoebler/test-time-adaptation (cfgs/cifar10_c/deyo.yaml): Adam, lr 1e-3.
     """
 
     presets = {"cifar10": {"optimizer": "adam", "lr": 1e-3}, "imagenet": {}}
+    margin_fractions = {"deyo_margin": 0.5, "margin_e0": 0.4}
+    record_type = DeYORecord
 
     def __init__(
         self,
@@ -84,17 +98,13 @@ class DeYO(TTAMethod):
         lr: float | str = "paper",
         **kwargs,
     ) -> None:
-        self.skip_modules = skip_modules
-        super().__init__(model, lr=lr, **kwargs)
+        super().__init__(model, skip_modules=skip_modules, lr=lr, **kwargs)
         self.deyo_margin, self.margin_e0 = deyo_margin, margin_e0
         self.plpd_threshold = plpd_threshold
         self.reweight_ent, self.reweight_plpd = reweight_ent, reweight_plpd
         self.destroy = make_destroy_transform(
             aug_type, patch_len, occlusion_size, occlusion_top, occlusion_left
         )
-
-    def select_params(self):
-        return select_norm_params(self.model, frozen_top(self.model, self.skip_modules))
 
     def paper_lr(self, batch_size: int) -> float:
         return sar_paper_lr(self.model, batch_size)
@@ -103,7 +113,7 @@ class DeYO(TTAMethod):
         logits = self.model(x)
         entropy = softmax_entropy(logits)
         num_classes = logits.shape[1]
-        confident = entropy < entropy_margin(self.deyo_margin, 0.5, num_classes)
+        confident = entropy < self.margin("deyo_margin", num_classes)
 
         with torch.no_grad():
             # The destroyed view is scored as a batch of the confident samples alone
@@ -113,16 +123,10 @@ class DeYO(TTAMethod):
             plpd_value = plpd(logits.detach().softmax(1), probs_destroyed)
         selected = confident & (plpd_value > self.plpd_threshold)
 
-        margin_e0 = entropy_margin(self.margin_e0, 0.4, num_classes)
+        margin_e0 = self.margin("margin_e0", num_classes)
         weight = deyo_weights(entropy.detach(), plpd_value, margin_e0, self.reweight_ent, self.reweight_plpd)
         count = selected.sum()
         loss = (entropy * weight * selected).sum() / count.clamp_min(1)
         self.backward(loss)
         self.step(enabled=count > 0)
-        record = StepRecord(
-            num_samples=x.shape[0],
-            num_selected=count,
-            loss=loss.detach(),
-            extra={"num_confident": confident.sum()},
-        )
-        return logits.detach(), record
+        return logits.detach(), DeYORecord(x.shape[0], count, loss.detach(), num_confident=confident.sum())

@@ -8,25 +8,36 @@ plus an EWC-style Fisher regulariser that keeps important weights near the sourc
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import StepRecord, TTAMethod
-from .entropy import entropy_margin, softmax_entropy
+from .base import TTAMethod
+from .entropy import softmax_entropy
+from .records import StepRecord, Value
 from .registry import register_method
+
+
+@dataclass
+class EATARecord(StepRecord):
+    """An EATA/ETA step: ``num_reliable`` images passed the entropy filter
+    (``num_selected``: the redundancy filter too)."""
+
+    num_reliable: Value = None
 
 
 @register_method("eata")
 class EATA(TTAMethod):
     """EATA. Defaults are the paper's ImageNet-C setting (SGD, momentum 0.9,
-    lr 2.5e-4 for batch 64, ``e_margin = 0.4 ln C``, ``d_margin = 0.05``,
+    lr 2.5e-4 for batch 64, the entropy margin of :attr:`margin_fractions`
+    (``e_margin = 0.4 ln C``), ``d_margin = 0.05``,
     ``fisher_alpha = 2000``, 2000 Fisher samples).
 
     Args:
-        e_margin: entropy threshold of reliable samples (default ``0.4 * ln C``).
+        e_margin: entropy threshold of reliable samples.
         d_margin: cosine-similarity threshold of redundant samples.
         fisher_alpha: weight of the Fisher regulariser (0 disables it).
         fisher_loader: iterable of source images, or (images, labels) pairs, in
@@ -43,6 +54,8 @@ class EATA(TTAMethod):
         "cifar10": {"optimizer": "adam", "lr": 1e-3, "d_margin": 0.4, "fisher_alpha": 1.0, "fisher_size": 2000},
         "imagenet": {},
     }
+    margin_fractions = {"e_margin": 0.4}
+    record_type = EATARecord
 
     def __init__(
         self,
@@ -92,7 +105,7 @@ class EATA(TTAMethod):
     def forward_and_adapt(self, x: Tensor) -> tuple[Tensor, StepRecord]:
         logits = self.model(x)
         entropy = softmax_entropy(logits)
-        e_margin = entropy_margin(self.e_margin, 0.4, logits.shape[1])
+        e_margin = self.margin("e_margin", logits.shape[1])
         reliable = entropy < e_margin
 
         probs = logits.detach().softmax(1)
@@ -112,13 +125,7 @@ class EATA(TTAMethod):
         self.backward(loss)
         self.step(enabled=count > 0)
         self._update_mean_probs(probs, selected, count)
-        record = StepRecord(
-            num_samples=x.shape[0],
-            num_selected=count,
-            loss=loss.detach(),
-            extra={"num_reliable": reliable.sum()},
-        )
-        return logits.detach(), record
+        return logits.detach(), EATARecord(x.shape[0], count, loss.detach(), num_reliable=reliable.sum())
 
     @torch.no_grad()
     def _update_mean_probs(self, probs: Tensor, selected: Tensor, count: Tensor) -> None:

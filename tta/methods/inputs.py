@@ -1,11 +1,13 @@
-"""Checks of the images a method is given (dtype, shape, finite values in [0, 1])."""
+"""Checks of what a method is given: the images of a batch (dtype, shape, finite
+values in [0, 1]) and the model it wraps (not a method, not wrapped twice)."""
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def check_images(x: Any) -> None:
@@ -39,3 +41,42 @@ def check_images(x: Any) -> None:
             f"expected pixels in [0, 1], got range [{lo:.3g}, {hi:.3g}]{advice}; "
             "tta models normalise internally, pass un-normalised RGB"
         )
+
+
+# Models currently wrapped, and by whom: a method configures its model in place
+# (norm layers, requires_grad, its snapshot), so two live methods on one module
+# would silently undo each other. Weak both ways: a copy or a freed method is free.
+_WRAPPED: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
+
+
+def refuse_if_wrapped(model: nn.Module) -> None:
+    """Refuse a tta method, or a model another live method has configured."""
+    from .base import TTAMethod  # the base imports this module
+
+    if isinstance(model, TTAMethod):
+        raise TypeError(
+            f"this is already a tta method ({model.method_name!r}); wrap a model, e.g. "
+            f"tta.wrap(copy.deepcopy(original_model), ...), not a method"
+        )
+    owner = _WRAPPED.get(model)
+    method = owner() if owner is not None else None
+    if method is not None:
+        raise ValueError(
+            f"this model is already wrapped by tta method {method.method_name!r}, which has "
+            "configured its norm layers and trainable parameters in place; two methods on one "
+            "module would undo each other. Wrap a copy (tta.wrap(copy.deepcopy(model), ...)), "
+            "or delete the first method (del it) before wrapping the model again"
+        )
+
+
+def mark_wrapped(model: nn.Module, method: nn.Module) -> None:
+    """Record that ``method`` (fully built) has configured ``model``."""
+    _WRAPPED[model] = weakref.ref(method)
+
+
+def floating_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype of the model's first floating parameter (what inputs are cast to)."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return None

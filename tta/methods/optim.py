@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -97,40 +97,6 @@ def _clone_all(tensors: list[Tensor]) -> list[Tensor]:
     return [t.clone() for t in tensors]
 
 
-def _few(keys: Sequence[str], n: int = 4) -> str:
-    if not keys:
-        return "none"
-    return ", ".join(map(repr, keys[:n])) + (f" and {len(keys) - n} more" if len(keys) > n else "")
-
-
-def _check_optimizer_state(
-    optimizer: torch.optim.Optimizer, state: Any, type_name: str | None, method: str
-) -> None:
-    """The optimizer state must be of this optimizer's kind, over the same parameters."""
-    mine = type(optimizer).__name__
-    fail = f"{method}: the optimizer state is not this method's {mine} over its adapted parameters"
-    if type_name is not None and type_name != mine:
-        raise ValueError(f"{fail}: it is a {type_name}'s. Nothing was loaded")
-    groups = state.get("param_groups") if isinstance(state, Mapping) else None
-    if not isinstance(groups, list) or len(groups) != len(optimizer.param_groups):
-        raise ValueError(f"{fail} (parameter groups differ). Nothing was loaded")
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    for theirs, own in zip(groups, optimizer.param_groups):
-        if len(theirs.get("params", ())) != len(own["params"]):
-            raise ValueError(f"{fail}: {len(theirs.get('params', ()))} parameters in the state, "
-                             f"{len(own['params'])} here. Nothing was loaded")
-        if set(theirs) != set(own):
-            raise ValueError(f"{fail}: its settings are {sorted(set(theirs) - {'params'})}, a "
-                             f"{mine}'s are {sorted(set(own) - {'params'})}. Nothing was loaded")
-    for index, entry in (state.get("state") or {}).items():
-        if not (isinstance(index, int) and 0 <= index < len(params)):
-            raise ValueError(f"{fail}: state for parameter {index!r} of {len(params)}. Nothing was loaded")
-        for key, value in entry.items():
-            if isinstance(value, Tensor) and value.dim() > 0 and value.shape != params[index].shape:
-                raise ValueError(f"{fail}: {key} of parameter {index} has shape {tuple(value.shape)}, "
-                                 f"the parameter {tuple(params[index].shape)}. Nothing was loaded")
-
-
 class StepUndo:
     """What one ``forward`` may change, copied before it, so that a call that raises
     (out of memory, ``KeyboardInterrupt``, a failing hook, between SAR's two passes)
@@ -172,3 +138,32 @@ class StepUndo:
             method.guard.load_state_dict(self.guard)
         if self.scaler is not None:
             method.scaler.load_state_dict(self.scaler)
+
+
+@torch.no_grad()
+def sam_ascent(params: Sequence[nn.Parameter], rho: float, grad_scale: Tensor | None = None) -> list[Tensor]:
+    """Sharpness-aware minimisation's first half (Foret et al., ICLR 2021): move every
+    parameter by ``rho * g / ||g||`` (``||g||``: the L2 norm over all of their
+    gradients), the worst point within radius ``rho`` to first order, and return the
+    offsets for :func:`undo_sam_ascent`. ``grad_scale``: the factor a float16
+    gradient scaler multiplied the gradients by (divided out here); gradients that
+    overflowed give no offset, and the scaler then skips the step."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    if grad_scale is not None:
+        grads = [g / grad_scale for g in grads]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    offsets = [g * (rho / (norm + 1e-12)) for g in grads]
+    if grad_scale is not None:
+        finite = norm.isfinite()
+        offsets = [torch.where(finite, o, torch.zeros_like(o)) for o in offsets]
+    for p, offset in zip(params, offsets):
+        p.add_(offset)
+    return offsets
+
+
+@torch.no_grad()
+def undo_sam_ascent(params: Sequence[nn.Parameter], offsets: Sequence[Tensor]) -> None:
+    """Undo :func:`sam_ascent`: back to the weights the SAM step updates, with the
+    gradient taken at the perturbed point."""
+    for p, offset in zip(params, offsets):
+        p.sub_(offset)

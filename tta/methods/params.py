@@ -122,3 +122,16 @@ def sar_paper_lr(model: nn.Module, batch_size: int, double_at_batch_size_1: bool
     else:
         lr = 2.5e-4 if batch_size >= 32 else 2.5e-4 / 64 * batch_size * 2
     return 2 * lr if batch_size == 1 and double_at_batch_size_1 else lr
+
+
+def nothing_to_adapt_message(model: nn.Module, method: str) -> str:
+    """Why method ``method`` found no parameter to adapt in ``model``, and what to do."""
+    if any(isinstance(m, NORM_LAYERS) for m in model.modules()):
+        why = ("every norm layer of the model is frozen by this method's choice of layers; "
+               "pass skip_modules='none' to adapt them all")
+    else:
+        why = ("the model has no BatchNorm, LayerNorm or GroupNorm layer with affine "
+               "parameters (a norm-free net such as timm's nf_* and normfree models, or a "
+               "plain conv net), and those are what it adapts")
+    return (f"{method}: nothing to adapt: {why}. On such a model use method 'source' "
+            "(no adaptation), or choose a model with norm layers")

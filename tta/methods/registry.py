@@ -88,11 +88,11 @@ def wrap(model: nn.Module, name: str, *, preset: str | None = None, **overrides:
     if preset is not None:
         overrides = {**preset_overrides(name, preset), **overrides}
     unknown = [k for k in overrides if k not in known]
-    unused = [k for k in unknown if k in cls.unused_options()]
+    reasons = cls.unused_options()
+    unused = [k for k in unknown if k in reasons]
     if unused:
-        why = "takes no gradient steps" if not cls.has_optimizer else "does not use test-batch statistics"
         raise TypeError(
-            f"method {name!r} {why}, so {', '.join(map(repr, unused))} would change nothing; "
+            f"method {name!r} {reasons[unused[0]]}, so {', '.join(map(repr, unused))} would change nothing; "
             f"drop {'them' if len(unused) > 1 else 'it'} (its hyper-parameters are: {', '.join(sorted(known))})"
         )
     if unknown:

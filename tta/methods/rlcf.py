@@ -18,9 +18,9 @@ import torch
 from torch import Tensor, nn
 
 from ..augment.views import gather_views
-from .base import StepRecord
+from .clip_views import CLIPViewsMethod, check_clip_classifier
 from .params import select_norm_params
-from .clip_base import CLIPViewsMethod, check_clip_classifier
+from .records import StepRecord
 from .registry import register_method
 
 CLIPSCORE_WEIGHT = 2.5
@@ -111,7 +111,7 @@ class RLCF(CLIPViewsMethod):
         if reward is None:
             reward = copy.deepcopy(policy)
         elif isinstance(reward, str):
-            from ..models import load_model
+            from ..models import load_model  # the public loader: a name is a model to load
 
             reward = load_model(reward, classnames=policy.classnames, templates=["a photo of a {}."])
         elif reward is policy:
@@ -125,7 +125,10 @@ class RLCF(CLIPViewsMethod):
     def select_params(self) -> list[tuple[str, nn.Parameter]]:
         if self.adapt == "prompt":
             return [("ctx", self.model.ctx)]
-        visual = self.model.clip.visual
+        visual = getattr(getattr(self.model, "clip", None), "visual", None)
+        if not isinstance(visual, nn.Module):
+            raise TypeError(f"rlcf adapt={self.adapt!r} adapts the image encoder at model.clip.visual, which "
+                            f"{type(self.model).__name__} does not have; use adapt='prompt'")
         chosen = select_norm_params(visual) if self.adapt == "image_norm" else list(visual.named_parameters())
         return [(f"clip.visual.{n}", p) for n, p in chosen]
 
@@ -135,24 +138,15 @@ class RLCF(CLIPViewsMethod):
         with torch.no_grad():  # the reward model sees the selected views, once
             reward_images = self.reward_model.encode_image(pixels.flatten(0, 1)).view(*index.shape, -1)
             reward_texts = self.reward_model.text_features()
-        logits, losses = [], []
-        for i in range(x.shape[0]):
-            self.reset()  # each image starts from the source parameters
-            for _ in range(self.tta_steps):
-                if self.adapts_prompt:  # frozen image encoder: reuse the views' features
-                    view_logits = self.model.logits(selected[i])
-                else:
-                    view_logits = self.model(pixels[i])
-                classes = candidate_classes(view_logits.detach(), self.sample_k, self.sampling)
-                reward = clip_reward(reward_images[i], reward_texts, classes)
-                loss, _ = reinforce_loss(view_logits, classes, reward)
-                self.backward(loss)
-                self.step()
-            losses.append(loss.detach())
-            with torch.no_grad():
-                out = self.model.logits(features[i, :1]) if self.adapts_prompt else self.model(x[i : i + 1])
-            logits.append(out)
-        record = StepRecord(
-            num_samples=x.shape[0], num_selected=index.numel(), loss=torch.stack(losses).mean()
-        )
-        return torch.cat(logits), record
+
+        def loss(i: int) -> Tensor:
+            # A frozen image encoder (prompt tuning): reuse the views' features.
+            view_logits = self.model.logits(selected[i]) if self.adapts_prompt else self.model(pixels[i])
+            classes = candidate_classes(view_logits.detach(), self.sample_k, self.sampling)
+            return reinforce_loss(view_logits, classes, clip_reward(reward_images[i], reward_texts, classes))[0]
+
+        def predict(i: int) -> Tensor:
+            return self.model.logits(features[i, :1]) if self.adapts_prompt else self.model(x[i: i + 1])
+
+        logits, mean_loss = self.adapt_each_image(x.shape[0], loss, predict)
+        return logits, StepRecord(x.shape[0], index.numel(), mean_loss)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import StepRecord, TTAMethod
+from .base import TTAMethod
+from .records import StepRecord
 from .registry import register_method
 
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .base import StepRecord, TTAMethod
+from .base import TTAMethod
+from .records import StepRecord
 from .entropy import softmax_entropy
 from .registry import register_method
 

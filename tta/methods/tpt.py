@@ -9,13 +9,11 @@ image starts again from the initial prompt.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from ..augment.views import gather_views
-from .base import StepRecord
-from .clip_base import CLIPViewsMethod
-from .entropy import marginal_entropy
+from .clip_views import CLIPViewsMethod, marginal_entropy
+from .records import StepRecord
 from .registry import register_method
 
 
@@ -45,17 +43,9 @@ class TPT(CLIPViewsMethod):
     def forward_and_adapt(self, x: Tensor) -> tuple[Tensor, StepRecord]:
         features, index, _ = self.select_views(x)
         selected = gather_views(features, index)  # (B, k, dim)
-        logits, losses = [], []
-        for i in range(x.shape[0]):
-            self.reset()  # each image starts from the initial prompt
-            for _ in range(self.tta_steps):
-                loss = marginal_entropy(self.model.logits(selected[i]))
-                self.backward(loss)
-                self.step()
-            losses.append(loss.detach())
-            with torch.no_grad():
-                logits.append(self.model.logits(features[i, :1]))  # view 0: the image itself
-        record = StepRecord(
-            num_samples=x.shape[0], num_selected=index.numel(), loss=torch.stack(losses).mean()
+        logits, loss = self.adapt_each_image(
+            x.shape[0],
+            loss=lambda i: marginal_entropy(self.model.logits(selected[i])),
+            predict=lambda i: self.model.logits(features[i, :1]),  # view 0: the image itself
         )
-        return torch.cat(logits), record
+        return logits, StepRecord(x.shape[0], index.numel(), loss)

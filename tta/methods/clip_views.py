@@ -1,28 +1,62 @@
-"""What TPT and RLCF share: CLIP policies, augmented views, confident-view selection,
-and a fresh start from the source parameters for every test image."""
+"""What TPT and RLCF share: what they need of a CLIP classifier (checked by what it
+can do, not by its class), augmented views, the confident-view selection and TPT's
+marginal entropy, and a fresh start from the source parameters for every image."""
 
 from __future__ import annotations
+
+import math
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
 from ..augment.views import Views, gather_views
 from .base import TTAMethod
-from .entropy import select_confident
+from .entropy import softmax_entropy
+
+__all__ = ["CLIP_INTERFACE", "check_clip_classifier", "marginal_entropy", "select_confident", "CLIPViewsMethod"]
 
 #: Views encoded per forward pass when selecting (bounds memory for big batches).
 VIEW_CHUNK = 256
 
+#: What the CLIP methods use of a classifier (``tta.models.clip.CLIPClassifier`` has
+#: it all): its class names, a learnable prompt context (``ctx``, set by
+#: ``use_prompt``), the text features of the classes, the image encoder, and
+#: ``logits(image_features, text_features)`` with its ``logit_scale``.
+CLIP_INTERFACE = ("classnames", "num_classes", "ctx", "use_prompt", "text_features", "encode_image",
+                  "logits", "logit_scale")
+
 
 def check_clip_classifier(model: nn.Module, method: str) -> None:
-    """Raise a helpful error unless ``model`` is a :class:`~tta.models.clip.CLIPClassifier`."""
-    from ..models.clip import CLIPClassifier
-
-    if not isinstance(model, CLIPClassifier):
+    """Raise a helpful error unless ``model`` has what a CLIP method uses
+    (:data:`CLIP_INTERFACE`)."""
+    missing = [name for name in CLIP_INTERFACE if not hasattr(model, name)]
+    if missing:
         raise TypeError(
             f"{method} adapts a CLIP classifier (its prompt or image encoder), got "
-            f"{type(model).__name__}; load one with tta.load_model('clip:ViT-B-16/openai', classnames=...)"
+            f"{type(model).__name__}, which has no {', '.join(missing)}; load one with "
+            "tta.load_model('clip:ViT-B-16/openai', classnames=...)"
         )
+
+
+def marginal_entropy(logits: Tensor) -> Tensor:
+    """Entropy of the average prediction over views: logits (..., k, classes) ->
+    (...,). TPT's loss: ``-sum p̄ log p̄`` with ``p̄ = mean_k softmax(logits)``,
+    computed in log space in float32."""
+    log_p = logits.float().log_softmax(dim=-1)
+    log_mean = log_p.logsumexp(dim=-2) - math.log(logits.shape[-2])
+    return -(log_mean.exp() * log_mean).sum(dim=-1)
+
+
+def select_confident(logits: Tensor, fraction: float = 0.1) -> Tensor:
+    """Indices (B, k) of the ``k = max(1, int(N * fraction))`` views with the lowest
+    prediction entropy per image, given view logits (B, N, classes), most confident
+    first (TPT's confidence selection, ``selection_p``)."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"the selected fraction must be in (0, 1], got {fraction!r}")
+    k = max(1, int(logits.shape[1] * fraction))
+    return softmax_entropy(logits).topk(k, dim=1, largest=False).indices
+
 
 
 class CLIPViewsMethod(TTAMethod):
@@ -55,6 +89,7 @@ class CLIPViewsMethod(TTAMethod):
     #: the kind of model the method needs (the generic method tests skip these)
     requires = "clip"
     batch_stats = False  # CLIP is used as trained (ResNet towers keep their statistics)
+    adapts_norm_params = False  # the prompt, or the image encoder as ``adapt`` says
     #: whether the learnable prompt context is what adapts
     adapts_prompt = True
 
@@ -102,6 +137,24 @@ class CLIPViewsMethod(TTAMethod):
             index.append(chosen)
             pixels.append(gather_views(views, chosen))
         return torch.cat(features), torch.cat(index), torch.cat(pixels)
+
+    def adapt_each_image(self, num_images: int, loss: Callable[[int], Tensor],
+                         predict: Callable[[int], Tensor]) -> tuple[Tensor, Tensor]:
+        """For each image ``i`` of the batch: back to the source parameters, then
+        ``steps`` optimisation steps on ``loss(i)``, then ``predict(i)`` (its
+        (1, classes) logits, without gradients). Returns the logits of the batch and
+        the mean of the images' last losses."""
+        logits, losses = [], []
+        for i in range(num_images):
+            self.reset()
+            for _ in range(self.tta_steps):
+                value = loss(i)
+                self.backward(value)
+                self.step()
+            losses.append(value.detach())
+            with torch.no_grad():
+                logits.append(predict(i))
+        return torch.cat(logits), torch.stack(losses).mean()
 
     def snapshot(self) -> None:
         """Record the adapted parameters as the state every test image starts from
