@@ -8,13 +8,14 @@ import torch
 
 import tta
 from tta.augment.views import gather_views, make_views
-from tta.methods.entropy import marginal_entropy, select_confident
-from tta.methods.base import select_norm_params
+from tta.methods.clip_views import marginal_entropy, select_confident
+from tta.methods.params import select_norm_params
 
 open_clip = pytest.importorskip("open_clip")
 
 from tta.methods.rlcf import candidate_classes, clip_reward, reinforce_loss  # noqa: E402
-from tta.models.clip import CLIPClassifier, _split_spec  # noqa: E402
+from tta.models.clip import CLIPClassifier  # noqa: E402
+from tta.models.clip_models import split_spec  # noqa: E402
 
 TINY = "tta-test-tiny-clip"
 TINY_CFG = {
@@ -159,10 +160,10 @@ def test_local_checkpoint_and_name_parsing(tmp_path, images):
         with torch.no_grad():
             assert torch.equal(loaded(images), model(images))
     known = ["ViT-B-16", "ViT-B-16-quickgelu"]
-    assert _split_spec("ViT-B-16/openai", known) == ("ViT-B-16", "openai")
-    assert _split_spec("ViT-B/16/openai", known) == ("ViT-B-16", "openai")
-    assert _split_spec("ViT-B-16//ckpt/x.bin", known) == ("ViT-B-16", "/ckpt/x.bin")
-    assert _split_spec("ViT-B-16", known) == ("ViT-B-16", None)
+    assert split_spec("ViT-B-16/openai", known) == ("ViT-B-16", "openai")
+    assert split_spec("ViT-B/16/openai", known) == ("ViT-B-16", "openai")
+    assert split_spec("ViT-B-16//ckpt/x.bin", known) == ("ViT-B-16", "/ckpt/x.bin")
+    assert split_spec("ViT-B-16", known) == ("ViT-B-16", None)
     with pytest.raises(KeyError, match="did you mean 'ViT-B-16'"):
         tta.load_model("clip:ViT-B-61/openai")
     with pytest.raises(FileNotFoundError):
@@ -193,12 +194,6 @@ class _Code:
 
     def __reduce__(self):
         return (print, ("this must never run",))
-
-
-def test_verify_is_refused_where_there_is_no_zoo_checksum():
-    with pytest.raises(ValueError, match="verify=False applies to zoo models only"):
-        tta.load_model(f"clip:{TINY}", classnames=CLASSES, verify=False)
-    assert tiny_clip(verify=True).num_classes == len(CLASSES)
 
 
 # ----------------------------------------------------------------------------------

@@ -81,3 +81,31 @@ def test_corrupted_cached_checkpoint_is_reported(tmp_path, monkeypatch):
         tta.load_model("cifar10_resnet20")
     assert "Delete it" in str(err.value)
     assert "pretrained_models/resnet20-12fca82f.th" in str(err.value)  # where to get it by hand
+
+
+def test_a_model_family_is_one_registration(monkeypatch):
+    from tta.models import registry
+
+    monkeypatch.setattr(registry._FAMILIES, "_entries", dict(registry._FAMILIES._entries))
+    calls = []
+
+    def load(rest, *, weights=None, width=1):
+        calls.append((rest, weights, width))
+        return torch.nn.Linear(width, 2).train()
+
+    tta.models.register_model_family("toy", load, lambda pattern: ["a", "b"] if pattern == "*" else [])
+    assert not tta.load_model("toy:a", width=3).training  # load_model's eval() applies to every family
+    assert calls == [("a", None, 3)]
+    assert tta.list_models("toy:*") == ["toy:a", "toy:b"]
+    with pytest.raises(ValueError, match="already registered"):
+        tta.models.register_model_family("toy", load)
+
+
+def test_unknown_names_list_the_known_prefixes():
+    with pytest.raises(KeyError, match=r"unknown model family 'tim:'.*did you mean 'timm:resnet18'\?"
+                                       r".*Known prefixes: clip:, timm:, zoo:"):
+        tta.load_model("tim:resnet18")
+    with pytest.raises(KeyError, match="did you mean .*'cifar10_resnet20'.*prefixes clip:, timm:, zoo:"):
+        tta.load_model("cifar10_resnet2O")
+    with pytest.raises(ValueError, match="has a ':'"):
+        tta.models.register_model("a:b")

@@ -19,7 +19,7 @@ from tta.models import CifarResNet, zoo
 from tta.paths import sha256_of
 
 # ----------------------------------------------------------------------------------
-# $TTA_HOME/models/zoo/manifest.json on top of the checkout's
+# $TTA_HOME/models/zoo/manifest.json on top of the bundled one
 # ----------------------------------------------------------------------------------
 
 
@@ -32,16 +32,16 @@ def _save(path, seed):
 
 @pytest.fixture
 def zoo_dirs(tmp_path, monkeypatch):
-    """A checkout folder whose manifest knows ``m`` (checkpoint m.pt), and an empty
+    """A bundled folder whose manifest knows ``m`` (checkpoint m.pt), and an empty
     ``$TTA_HOME/models/zoo``."""
-    checkout, home = tmp_path / "checkout", tmp_path / "home" / "models" / "zoo"
-    sha = _save(checkout / "m.pt", seed=0)
-    (checkout / "manifest.json").write_text(json.dumps(
+    bundled, home = tmp_path / "bundled", tmp_path / "home" / "models" / "zoo"
+    sha = _save(bundled / "m.pt", seed=0)
+    (bundled / "manifest.json").write_text(json.dumps(
         {"format": 1, "models": {"m": {"file": "m.pt", "sha256": sha, "architecture": "cifar_resnet20"}}}))
     home.mkdir(parents=True)
     monkeypatch.setenv("TTA_HOME", str(tmp_path / "home"))
-    monkeypatch.setattr(zoo, "checkout_dir", lambda: checkout)
-    return checkout, home
+    monkeypatch.setattr(zoo, "bundled_dir", lambda: bundled)
+    return bundled, home
 
 
 def _home_manifest(home, models):
@@ -50,21 +50,21 @@ def _home_manifest(home, models):
     return path
 
 
-def test_home_manifest_cannot_drop_or_change_the_checkouts_sha256(zoo_dirs):
-    checkout, home = zoo_dirs
+def test_home_manifest_cannot_drop_or_change_the_bundled_sha256(zoo_dirs):
+    bundled, home = zoo_dirs
     mine = _save(home / "mine.pt", seed=1)  # another model, in the home folder
-    tta.load_model("zoo:m")  # the checkout's file, verified
-    # an entry without sha256, pointing at another file: still checked against the checkout's
+    tta.load_model("zoo:m")  # the bundled file, verified
+    # an entry without sha256, pointing at another file: still checked against the bundled one
     for entry in ({"file": "mine.pt", "architecture": "cifar_resnet20"},
-                  {"file": "mine.pt", "description": "re-trained"}):  # the other fields from the checkout
+                  {"file": "mine.pt", "description": "re-trained"}):  # the other fields from the bundled entry
         path = _home_manifest(home, {"m": entry})
         info = zoo.zoo_info("m")
-        assert info["sha256"] == sha256_of(checkout / "m.pt") and info["architecture"] == "cifar_resnet20"
+        assert info["sha256"] == sha256_of(bundled / "m.pt") and info["architecture"] == "cifar_resnet20"
         with pytest.raises(ValueError, match="checksum mismatch") as err:
             tta.load_model("zoo:m")
-        assert str(home / "mine.pt") in str(err.value) and str(checkout / "manifest.json") in str(err.value)
+        assert str(home / "mine.pt") in str(err.value) and str(bundled / "manifest.json") in str(err.value)
     assert zoo.zoo_info("m")["description"] == "re-trained"
-    # an entry giving that file's sha256: the checkout's still wins, and the error says why
+    # an entry giving that file's sha256: the bundled one still wins, and the error says why
     _home_manifest(home, {"m": {"file": "mine.pt", "sha256": mine}})
     with pytest.raises(ValueError, match="checksum mismatch") as err:
         tta.load_model("zoo:m")
@@ -125,8 +125,6 @@ def test_symlink_out_of_the_zoo_folder_is_refused(zoo_dirs, tmp_path):
     with pytest.raises(ValueError, match="outside its folder") as err:
         tta.load_model("zoo:x")
     assert str(home / "x.pt") in str(err.value) and str(outside) in str(err.value)
-    with pytest.raises(ValueError, match="outside its folder"):
-        zoo.zoo_checkpoint("x")
     tta.load_model("zoo:x", weights=outside)  # an explicit weights= is the user's choice
     # a link that stays inside the folder is fine
     os.replace(outside, home / "real.pt")
@@ -157,18 +155,18 @@ def test_malformed_manifest_is_one_error_naming_the_file_and_the_entry(zoo_dirs)
                 call()
             where = f"zoo manifest {path}" + (f", entry {entry!r}" if entry else "")
             assert str(err.value).startswith(where), (text, str(err.value))
-    # the checkout's manifest is checked the same way
+    # the bundled manifest is checked the same way
     path.unlink()
-    checkout = zoo.checkout_dir() / "manifest.json"
-    checkout.write_text('{"models": {"m": {"architecture": "cifar_resnet20"}}}')
-    with pytest.raises(ValueError, match=re.escape(f"zoo manifest {checkout}, entry 'm': has no \"sha256\"")):
+    bundled = zoo.bundled_dir() / "manifest.json"
+    bundled.write_text('{"models": {"m": {"architecture": "cifar_resnet20"}}}')
+    with pytest.raises(ValueError, match=re.escape(f"zoo manifest {bundled}, entry 'm': has no \"sha256\"")):
         tta.load_model("zoo:m")
 
 
 def test_missing_zoo_checkpoint_names_the_path_and_sha256_to_place_it_with(zoo_dirs):
-    checkout, home = zoo_dirs
-    sha = sha256_of(checkout / "m.pt")
-    (checkout / "m.pt").unlink()
+    bundled, home = zoo_dirs
+    sha = sha256_of(bundled / "m.pt")
+    (bundled / "m.pt").unlink()
     with pytest.raises(FileNotFoundError) as err:
         tta.load_model("zoo:m")
     assert f"Put m.pt (sha256 {sha}) at {home / 'm.pt'}" in str(err.value)

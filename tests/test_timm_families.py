@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import tta
-from tta.methods.base import paper_frozen_modules
+from tta.methods.params import paper_frozen_modules
 
 from test_methods import same, state
 

@@ -15,18 +15,18 @@ from tta.models import zoo
 from tta.paths import sha256_of
 
 NAME = "resnet20_bn_jpeg"
-CHECKOUT_CKPT = zoo.checkout_dir() / f"{NAME}.pt"
+BUNDLED_CKPT = zoo.bundled_dir() / f"{NAME}.pt"
 needs_checkpoint = pytest.mark.skipif(
-    not CHECKOUT_CKPT.is_file(), reason=f"{CHECKOUT_CKPT} not trained yet (benchmarks/zoo/train.py)"
+    not BUNDLED_CKPT.is_file(), reason=f"{BUNDLED_CKPT} not trained yet (benchmarks/zoo/train.py)"
 )
 
 
 @needs_checkpoint
 def test_zoo_resnet20_loads_with_manifest_sha_and_scores(cifar_test_images):
     info = zoo.zoo_info(NAME)
-    assert sha256_of(CHECKOUT_CKPT) == info["sha256"]
+    assert sha256_of(BUNDLED_CKPT) == info["sha256"]
     assert info["architecture"] == "cifar_resnet20" and info["clean_accuracy"] >= 88
-    assert CHECKOUT_CKPT.stat().st_size < 8e6
+    assert BUNDLED_CKPT.stat().st_size < 8e6
     model = tta.load_model(f"zoo:{NAME}")
     assert not model.training and model.num_classes == 10 and model.input_size == (32, 32)
     assert all(p.dtype == torch.float32 for p in model.parameters())
@@ -39,7 +39,7 @@ def test_zoo_resnet20_loads_with_manifest_sha_and_scores(cifar_test_images):
 
 @needs_checkpoint
 def test_tampered_checkpoint_is_refused_by_checksum(tmp_path):
-    data = bytearray(CHECKOUT_CKPT.read_bytes())
+    data = bytearray(BUNDLED_CKPT.read_bytes())
     data[len(data) // 2] ^= 0x01  # one flipped bit in the tensor data
     bad = tmp_path / f"{NAME}.pt"
     bad.write_bytes(bytes(data))
@@ -97,7 +97,7 @@ def test_manifest_names_every_input_by_a_sha_from_its_history():
     """Zoo models start from (or distil from) one another; each record names those
     inputs by sha256, which must be a version the zoo has had: the input's current
     checkpoint or one of its earlier stages, or the shared CIFAR ResNet file."""
-    models = json.loads((zoo.checkout_dir() / "manifest.json").read_text())["models"]
+    models = json.loads((zoo.bundled_dir() / "manifest.json").read_text())["models"]
 
     def versions(name: str) -> set[str]:
         info = models[name]

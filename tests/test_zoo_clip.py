@@ -1,5 +1,5 @@
 """The zoo's GN ResNet and CLIP pair: tta's CIFAR ResNets as timm models, open_clip
-models with a CIFAR ResNet image tower, ``load_model("clip:zoo/<name>")``."""
+models with a CIFAR ResNet image tower, ``load_model("zoo:<name>")``."""
 
 import json
 
@@ -60,7 +60,7 @@ def test_zoo_clip_loads_as_a_clip_classifier(fake_home):
     reference = zoo.zoo_clip_classifier(clip_model, tokenizer)
     _export(clip_model, fake_home, "clip_small", "clip_cifar_resnet20")
 
-    model = tta.load_model("clip:zoo/clip_small")
+    model = tta.load_model("zoo:clip_small")
     assert isinstance(model, CLIPClassifier) and not model.training
     assert model.classnames[:2] == ["airplane", "automobile"] and model.input_size == (32, 32)
     x = torch.rand(3, 3, 32, 32)
@@ -70,14 +70,19 @@ def test_zoo_clip_loads_as_a_clip_classifier(fake_home):
     assert torch.allclose(out, ref, atol=0.05 * ref.abs().max().item())  # fp16 storage
     same = tta.load_model("zoo:clip_small", templates="clip7", classnames=["cat", "dog"], ctx_init="a photo of a")
     assert same.num_classes == 2 and same.ctx is not None
-    assert tta.wrap(tta.load_model("clip:zoo/clip_small"), "tpt", num_views=8)(x).shape == (3, 10)
+    assert tta.wrap(tta.load_model("zoo:clip_small"), "tpt", num_views=8)(x).shape == (3, 10)
     with pytest.raises(ValueError, match="fp32"):
-        tta.load_model("clip:zoo/clip_small", precision="bf16")
+        tta.load_model("zoo:clip_small", precision="bf16")
     with pytest.raises(KeyError, match="clip_small"):
-        tta.load_model("clip:zoo/clip_smal")
+        tta.load_model("zoo:clip_smal")
 
 
-def test_clip_zoo_and_zoo_take_the_same_options(fake_home):
+def test_the_old_clip_zoo_spelling_names_the_new_one():
+    with pytest.raises(KeyError, match="'clip:zoo/clip_small' is no longer a model name.*'zoo:clip_small'"):
+        tta.load_model("clip:zoo/clip_small")
+
+
+def test_zoo_clip_options(fake_home):
     torch.manual_seed(0)
     clip_model, _ = zoo.build_zoo_clip("clip_cifar_resnet20")
     path = _export(clip_model, fake_home, "clip_small", "clip_cifar_resnet20")
@@ -85,20 +90,16 @@ def test_clip_zoo_and_zoo_take_the_same_options(fake_home):
     torch.save({k: v.half() + 0.01 if v.is_floating_point() else v for k, v in clip_model.state_dict().items()},
                tampered)
     x = torch.rand(2, 3, 32, 32)
-    for load in (lambda **kw: tta.load_model("clip:zoo/clip_small", **kw),
-                 lambda **kw: tta.load_model("zoo:clip_small", **kw)):
-        with pytest.raises(ValueError, match="checksum mismatch"):
-            load(weights=tampered)
-        with pytest.raises(ValueError, match="checksum mismatch"):
-            load(weights=tampered, verify=True)
-        mine = load(weights=tampered, verify=False, classnames=None, precision="fp32")
-        assert mine.num_classes == 10 and mine.classnames[0] == "airplane"  # None: the zoo's CIFAR-10
-        with pytest.raises(ValueError, match="fp32"):
-            load(precision="bf16")
-        with torch.no_grad():
-            assert not torch.equal(mine(x), load(weights=path)(x))
-    with pytest.raises(ValueError, match="cache_dir"):
-        tta.load_model("clip:zoo/clip_small", cache_dir=str(fake_home))
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        tta.load_model("zoo:clip_small", weights=tampered)
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        tta.load_model("zoo:clip_small", weights=tampered, verify=True)
+    mine = tta.load_model("zoo:clip_small", weights=tampered, verify=False, classnames=None, precision="fp32")
+    assert mine.num_classes == 10 and mine.classnames[0] == "airplane"  # None: the zoo's CIFAR-10
+    with pytest.raises(ValueError, match="fp32"):
+        tta.load_model("zoo:clip_small", precision="bf16")
+    with torch.no_grad():
+        assert not torch.equal(mine(x), tta.load_model("zoo:clip_small", weights=path)(x))
     with pytest.raises(TypeError, match="takes weights, verify, pretrained and classnames"):
         tta.load_model("zoo:clip_small", cache_dir=str(fake_home))
 
@@ -109,7 +110,7 @@ def test_classifier_zoo_models_refuse_clip_options(fake_home):
         tta.load_model("zoo:resnet20_bn_jpeg", templates="clip7")
 
 
-SMALL_CKPT, BASE_CKPT = (zoo.checkout_dir() / f"{n}.pt" for n in ("clip_small", "clip_base"))
+SMALL_CKPT, BASE_CKPT = (zoo.bundled_dir() / f"{n}.pt" for n in ("clip_small", "clip_base"))
 needs_pair = pytest.mark.skipif(not (SMALL_CKPT.is_file() and BASE_CKPT.is_file()),
                                 reason="the zoo CLIP pair is not trained (benchmarks/zoo/train.py)")
 
@@ -122,7 +123,7 @@ def test_zoo_clip_pair_accuracy_and_robustness(cifar_test_images):
     # the reward model is clearly stronger under corruption, on every one of the 8
     assert base["corruption_error_sev5_mean"] < small["corruption_error_sev5_mean"] - 5
     assert all(base["corruption_error_sev5"][c] < e for c, e in small["corruption_error_sev5"].items())
-    policy = tta.load_model("clip:zoo/clip_small")  # sha256 checked against the manifest
+    policy = tta.load_model("zoo:clip_small")  # sha256 checked against the manifest
     x, y = cifar_test_images
     with torch.no_grad():
         acc = (policy(x[:1000]).argmax(1) == y[:1000]).float().mean().item()
@@ -149,16 +150,16 @@ def test_rlcf_beats_zero_shot_and_tpt_on_the_zoo_pair(cifar_test_images):
         wrong = sum((model(xb).argmax(1) != yb).sum().item() for xb, yb in zip(xc.split(40), y.split(40)))
         return 100.0 * wrong / len(y)
 
-    reward = tta.load_model("clip:zoo/clip_base")
+    reward = tta.load_model("zoo:clip_base")
     torch.manual_seed(0)
     with torch.no_grad():
-        zero_shot = error(tta.load_model("clip:zoo/clip_small"))
-    tpt = error(tta.wrap(tta.load_model("clip:zoo/clip_small"), "tpt"))
-    rlcf = error(tta.wrap(tta.load_model("clip:zoo/clip_small"), "rlcf", reward=reward, adapt="image"))
+        zero_shot = error(tta.load_model("zoo:clip_small"))
+    tpt = error(tta.wrap(tta.load_model("zoo:clip_small"), "tpt"))
+    rlcf = error(tta.wrap(tta.load_model("zoo:clip_small"), "rlcf", reward=reward, adapt="image"))
     assert rlcf <= zero_shot - 2.5 and rlcf < tpt, (zero_shot, tpt, rlcf)
 
 
-GN_CKPT = zoo.checkout_dir() / "resnet26_gn.pt"
+GN_CKPT = zoo.bundled_dir() / "resnet26_gn.pt"
 
 
 @pytest.mark.skipif(not GN_CKPT.is_file(), reason="zoo:resnet26_gn is not trained (benchmarks/zoo/train.py)")

@@ -69,7 +69,7 @@ def test_layer_norm_vit_adapts_its_layer_norms_with_deyo():
     assert changed and changed <= names
 
 
-VIT_CKPT = zoo.checkout_dir() / "vit_tiny_ln.pt"
+VIT_CKPT = zoo.bundled_dir() / "vit_tiny_ln.pt"
 
 
 @pytest.mark.skipif(not VIT_CKPT.is_file(), reason="zoo:vit_tiny_ln is not trained (benchmarks/zoo/train.py)")

@@ -1,4 +1,5 @@
-"""open_clip models as zero-shot classifiers in pixel space (``load_model("clip:...")``).
+"""open_clip models as zero-shot classifiers in pixel space: :class:`CLIPClassifier`
+and :func:`from_open_clip` (the ``clip:`` names are :mod:`tta.models.clip_models`).
 
 A :class:`CLIPClassifier` maps float RGB in [0, 1] to ``exp(logit_scale) *
 cos(image, class text)`` logits. Its preprocessing (resize, centre crop and the
@@ -13,9 +14,6 @@ open_clip is imported on first use only (``pip install tta[clip]``).
 
 from __future__ import annotations
 
-import os
-import pickle
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable, Sequence
 
@@ -23,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["CLIPClassifier", "clip_classifier", "from_open_clip", "class_names", "prompt_templates", "TEMPLATE_SETS"]
+__all__ = ["CLIPClassifier", "from_open_clip", "class_names", "prompt_templates", "import_open_clip", "TEMPLATE_SETS"]
 
 CIFAR10_CLASSNAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
@@ -33,7 +31,8 @@ CIFAR10_CLASSNAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "f
 TEMPLATE_SETS = ("photo", "clip7", "clip80")
 
 
-def _open_clip():
+def import_open_clip() -> Any:
+    """The ``open_clip`` module, or an ``ImportError`` saying how to install it."""
     try:
         import open_clip
     except ImportError as err:
@@ -45,7 +44,7 @@ def class_names(names: str | Sequence[str] | None) -> list[str]:
     """``None`` or ``"imagenet"``: the 1000 ImageNet class names of the CLIP paper
     (open_clip's ``IMAGENET_CLASSNAMES``); ``"cifar10"``; or a list as given."""
     if names is None or names == "imagenet":
-        return list(_open_clip().IMAGENET_CLASSNAMES)
+        return list(import_open_clip().IMAGENET_CLASSNAMES)
     if names == "cifar10":
         return list(CIFAR10_CLASSNAMES)
     if isinstance(names, str):
@@ -61,7 +60,7 @@ def prompt_templates(templates: str | Sequence[str]) -> list[str]:
     if templates == "photo":
         return ["a photo of a {}."]
     if templates in ("clip7", "clip80"):
-        oc = _open_clip()
+        oc = import_open_clip()
         found = oc.SIMPLE_IMAGENET_TEMPLATES if templates == "clip7" else oc.OPENAI_IMAGENET_TEMPLATES
         return [t("{}") for t in found]
     if isinstance(templates, str):
@@ -285,160 +284,6 @@ class CLIPClassifier(nn.Module):
     def extra_repr(self) -> str:
         text = f"ctx_init={self.ctx_init!r}" if self.ctx is not None else f"templates={len(self.templates)}"
         return f"num_classes={self.num_classes}, input_size={self.input_size}, {text}"
-
-
-def _split_spec(spec: str, known: Sequence[str]) -> tuple[str, str | None]:
-    """``"ViT-B-16/openai"`` -> ``("ViT-B-16", "openai")``; the model name may also be
-    written with slashes (``"ViT-B/16/openai"``) and the rest may be a path."""
-    if spec.startswith(("hf-hub:", "local-dir:")):
-        return spec, None
-    parts = spec.split("/")
-    for i in range(len(parts), 0, -1):
-        name = "-".join(parts[:i])
-        if name in known:
-            rest = "/".join(parts[i:])
-            return name, rest or None
-    name, _, rest = spec.partition("/")
-    return name, rest or None
-
-
-def clip_classifier(
-    spec: str,
-    *,
-    weights: str | os.PathLike | None = None,
-    classnames: str | Sequence[str] | None = None,
-    templates: str | Sequence[str] = "photo",
-    ctx_init: str | None = None,
-    precision: str = "fp32",
-    cache_dir: str | None = None,
-    pretrained: bool = True,
-    verify: bool = True,
-) -> CLIPClassifier:
-    """Build ``load_model("clip:<spec>")``: an open_clip model and its tokenizer as
-    a :class:`CLIPClassifier`.
-
-    Args:
-        spec: ``"<model>/<pretrained>"``: an open_clip model (``open_clip.list_models()``,
-            or a config registered with ``open_clip.add_model_config``) and a pretrained
-            tag (``open_clip.list_pretrained()``, weights from open_clip's cache or
-            downloaded) or a local checkpoint path (.pt/.bin/.safetensors); ``"<model>"``
-            alone is randomly initialised; ``"hf-hub:..."``/``"local-dir:..."`` work too;
-            ``"zoo/<name>"`` is a CLIP of tta's offline zoo (``clip_small``, ``clip_base``:
-            CIFAR-10 models, see :mod:`tta.models.zoo`; ``classnames`` default to CIFAR-10).
-        weights: a local checkpoint, instead of a tag in ``spec``.
-        classnames: ``None``/``"imagenet"`` (1000 ImageNet classes), ``"cifar10"`` or a list.
-        templates: ``"photo"``, ``"clip7"``, ``"clip80"`` (see :data:`TEMPLATE_SETS`) or a list.
-        ctx_init: make the text before the class name learnable (see
-            :meth:`CLIPClassifier.use_prompt`); TPT and RLCF set it up themselves.
-        precision: open_clip's ``precision`` (``"fp32"``, ``"bf16"``, ...).
-        cache_dir: open_clip's download cache.
-        pretrained: ``False`` ignores the weights named in ``spec`` and builds the
-            model with random weights (smoke tests; ``tta-bench model.pretrained=false``);
-            ``weights=`` still loads.
-        verify: zoo models only (``"zoo/<name>"``), as for ``load_model("zoo:<name>")``:
-            check the checkpoint's sha256 against the zoo manifest; ``False`` skips
-            that (weights you re-trained yourself). Other open_clip weights have no
-            sha256 of tta's to check, so ``verify=False`` is refused for them.
-    """
-    if spec.startswith("zoo/"):
-        from .zoo import load_zoo_model
-
-        if cache_dir is not None:
-            raise ValueError(
-                f"cache_dir={cache_dir!r} does not apply to zoo CLIP models ({spec!r}): they are not "
-                f"downloaded but read from $TTA_HOME/models/zoo or the checkout; drop cache_dir"
-            )
-        return load_zoo_model(spec[len("zoo/"):], weights=weights, verify=verify, pretrained=pretrained,
-                              classnames=classnames, templates=templates, ctx_init=ctx_init,
-                              precision=precision)
-    if not verify:
-        raise ValueError(
-            f"verify=False applies to zoo models only (clip:zoo/<name>, whose sha256 the zoo manifest "
-            f"records); open_clip model {spec!r} has no tta checksum to skip: drop verify"
-        )
-    oc = _open_clip()
-    name, tag = _split_spec(spec, oc.list_models())
-    if not pretrained:
-        tag = None  # random weights, unless a checkpoint is given as weights=
-    if weights is not None:
-        if tag is not None:
-            raise ValueError(f"give the weights either in the name ({tag!r}) or as weights=, not both")
-        from . import _checkpoint_file
-
-        tag = os.fspath(weights)
-        _checkpoint_file(tag)  # a clear error for a missing file or a directory
-    local = tag is not None and os.path.isfile(tag)
-    if local:
-        _check_clip_checkpoint(tag)
-    elif tag is not None:
-        _check_weights_reachable(oc, name, tag, cache_dir)
-    try:
-        model = oc.create_model(name, pretrained=tag, precision=precision, cache_dir=cache_dir,
-                                weights_only=True)
-    except pickle.UnpicklingError as err:
-        if not local:
-            raise
-        raise ValueError(
-            f"refusing to load {tag}: it is not a plain tensor checkpoint (it holds pickled objects "
-            f"or code, which tta never executes). Re-save it as a state_dict of tensors. Detail: "
-            f"{(str(err).splitlines() or [''])[0]}"
-        ) from None
-    except RuntimeError as err:
-        if "not found" in str(err) and name not in oc.list_models():
-            from .._registry import unknown_name_message
-
-            raise KeyError(unknown_name_message("open_clip model", name, oc.list_models())) from None
-        raise
-    return from_open_clip(model, oc.get_tokenizer(name, cache_dir=cache_dir), classnames=classnames,
-                          templates=templates, ctx_init=ctx_init)
-
-
-def _check_weights_reachable(oc: Any, name: str, tag: str, cache_dir: str | None) -> None:
-    """Fail at once, with the local-checkpoint advice, when the weights of an
-    open_clip pretrained tag are neither cached nor downloadable."""
-    from .hub import file_cached, hub_endpoint, hub_file_cached, refuse_if_unreachable
-
-    cfg = oc.get_pretrained_cfg(name, tag) if hasattr(oc, "get_pretrained_cfg") else None
-    if not cfg or cfg.get("file"):
-        return  # an unknown tag: open_clip's own error names the known ones
-    hub, url = cfg.get("hf_hub", ""), cfg.get("url", "")
-    if hub:
-        model_id, filename = os.path.split(hub)  # "org/model/" names the repo's default file
-        filename = filename or "open_clip_pytorch_model.bin"
-        # open_clip prefers a .safetensors twin of the file when the repo has one
-        names = (filename, "open_clip_model.safetensors", Path(filename).with_suffix(".safetensors").name)
-        if hub_file_cached(model_id, names, cache_dir):
-            return
-        url, source = hub_endpoint(), f"the Hugging Face hub ({model_id})"
-    elif url:
-        if file_cached(cache_dir or "~/.cache/clip", url):
-            return
-        source = url
-    else:
-        return
-    refuse_if_unreachable(
-        f"clip:{name}/{tag}", url, source,
-        f"Offline, give a local open_clip checkpoint: tta.load_model('clip:{name}//path/to/"
-        "open_clip_pytorch_model.bin') or weights='path' (tta-bench: model.weights=path); or load it "
-        "once where the network allows, and it is cached",
-    )
-
-
-#: What open_clip loads from a local file, for error messages.
-VALID_CLIP_CHECKPOINT = (
-    "a valid open_clip checkpoint is a file written by torch.save holding the model's state dict "
-    "(.pt, .bin), a .safetensors file, or big_vision .npz/.npy weights"
-)
-
-
-def _check_clip_checkpoint(path: str) -> None:
-    """A ``ValueError`` naming ``path`` unless its first bytes are a format open_clip
-    loads (it fails on other files with errors that name neither the file nor the
-    cause, e.g. an ``IndexError`` for a text file)."""
-    from . import _not_a_checkpoint, _unknown_format, checkpoint_format
-
-    if checkpoint_format(path) is None:
-        raise _not_a_checkpoint(Path(path), _unknown_format(Path(path)), VALID_CLIP_CHECKPOINT)
 
 
 def from_open_clip(

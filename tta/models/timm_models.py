@@ -1,4 +1,5 @@
-"""Any timm model as a pixel-space classifier."""
+"""The ``timm:`` model family: any timm model as a pixel-space classifier
+(``load_model("timm:resnet50")``). timm is imported on first use."""
 
 from __future__ import annotations
 
@@ -7,7 +8,12 @@ from pathlib import Path
 
 from torch import nn
 
+from .._registry import unknown_name_message
+from .checkpoint import load_checkpoint, load_state_into
 from .classifier import ImageClassifier
+from .registry import register_model_family
+
+__all__ = ["timm_classifier"]
 
 
 def timm_classifier(
@@ -23,12 +29,9 @@ def timm_classifier(
     ``pretrained=True`` fetches timm's weights (needs network or timm's cache)."""
     import timm
 
-    from . import load_checkpoint, load_state_into
     from . import timm_cifar  # noqa: F401  (registers tta_cifar_* with timm)
 
     if name not in timm.list_models() and name.split(".")[0] not in timm.list_models():
-        from .._registry import unknown_name_message
-
         raise KeyError(unknown_name_message("timm model", name, timm.list_models()))
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
@@ -75,3 +78,6 @@ def _check_weights_reachable(name: str, cache_dir: str | None) -> None:
         "(tta-bench: model.weights=path), or model.pretrained=false for random weights; or load it once "
         "where the network allows, and it is cached",
     )
+
+
+register_model_family("timm", timm_classifier)
