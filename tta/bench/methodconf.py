@@ -1,31 +1,29 @@
-"""Method configs (``conf/method/<name>.yaml``) generated from the method registry.
+"""Method configs (``conf/method/``) generated from the method registry.
 
 The YAML files mirror :func:`tta.method_defaults` (the Python signatures are the
-single source of truth) and take their comments from the methods' docstrings::
+single source of truth) and take their comments from the methods' docstrings. The
+options of the base class are written once, in ``conf/method/shared/``, one file per
+kind of method that uses them (:data:`SHARED`); each ``conf/method/<name>.yaml``
+includes the shared files its method uses and lists only its own options and the
+shared ones whose defaults it changes::
 
     python -m tta.bench.methodconf --check    # exit 1 when a YAML drifted
-    python -m tta.bench.methodconf --write    # regenerate conf/method/*.yaml
+    python -m tta.bench.methodconf --write    # regenerate conf/method/
 """
 
 from __future__ import annotations
 
 import argparse
 import inspect
-import math
 import re
 import sys
 import textwrap
 from pathlib import Path
 from typing import Any
 
-__all__ = [
-    "NOT_CONFIGURABLE",
-    "configurable_defaults",
-    "parameter_docs",
-    "render_method_yaml",
-    "check_method_configs",
-    "main",
-]
+import yaml
+
+__all__ = ["SHARED", "NOT_CONFIGURABLE", "configurable_defaults", "render_configs", "check_method_configs", "main"]
 
 #: Keyword arguments that a YAML cannot or must not set, with the reason.
 NOT_CONFIGURABLE: dict[str, dict[str, str]] = {
@@ -39,92 +37,93 @@ NOT_CONFIGURABLE: dict[str, dict[str, str]] = {
     },
 }
 
-# For keys whose docstrings say nothing (kept short; the docstrings win).
-_FALLBACK_DOCS = {
-    "steps": "Adaptation steps per batch (the prediction comes from the last one).",
-    "episodic": "Reset to the source state before every batch.",
-    "optimizer": "Optimizer of the adapted parameters: sgd, adam or adamw.",
-    "lr": "Learning rate, or paper for the method's published rule (by batch size and model).",
-    "momentum": "SGD momentum.",
-    "weight_decay": "Weight decay.",
-    "betas": "Adam/AdamW betas.",
-    "bn_alpha": "Weight of test-batch statistics in BatchNorm layers (1: test statistics only).",
-    "check_inputs": "Validate each batch (dtype, shape, finite, in [0, 1]); one host sync per batch.",
+#: The shared files (``conf/method/shared/<file>.yaml``) and what each holds: the base
+#: class's options of one kind. A method includes a file when it uses its options
+#: (:meth:`TTAMethod.unused_options` names those it does not).
+SHARED = {
+    "common": "the options of every method",
+    "optimizer": "the options of methods that take gradient steps",
+    "norm_params": "the option of methods that adapt norm layers' affine parameters",
+    "batch_stats": "the option of methods that use test-batch statistics",
 }
 
-_NULL_MEANS = {
-    "e_margin": "null: 0.4 * ln(num_classes).",
-    "deyo_margin": "null: 0.5 * ln(num_classes).",
-    "margin_e0": "null: 0.4 * ln(num_classes).",
-    "reset_constant": "null: never reset.",
-    "occlusion_top": "null: centred.",
-    "occlusion_left": "null: centred.",
-}
+PRESET_DOC = (
+    "Published settings to start from (tta.method_presets; each method's file names its presets): auto "
+    "takes the data set's (cifar10 for CIFAR-10-C, imagenet for ImageNet-C), none the defaults "
+    "below. Values below that differ from the defaults override the preset's."
+)
+
+
+def _base_options() -> dict[str, dict[str, Any]]:
+    """The base class's options with their defaults, by shared file."""
+    from tta.methods import TTAMethod
+
+    params = inspect.signature(TTAMethod.__init__).parameters.values()
+    defaults = {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY}
+    norm = ("skip_modules",)
+    kinds = {"optimizer": [k for k in TTAMethod.optimizer_options if k not in norm],
+             "norm_params": list(norm), "batch_stats": list(TTAMethod.batch_stats_options)}
+    claimed = {k for keys in kinds.values() for k in keys}
+    kinds["common"] = [k for k in defaults if k not in claimed]
+    return {file: {k: _plain_value(defaults[k]) for k in kinds[file]} for file in SHARED}
+
+
+def _plain_value(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value  # YAML has no tuples
 
 
 def configurable_defaults(name: str) -> dict[str, Any]:
-    """The keys and defaults a ``method`` config holds: :func:`tta.method_defaults`
-    minus :data:`NOT_CONFIGURABLE`, tuples as lists (YAML has no tuples)."""
+    """The keys and defaults a ``method`` config holds once composed:
+    :func:`tta.method_defaults` minus :data:`NOT_CONFIGURABLE`, tuples as lists."""
     import tta
 
     skip = set(NOT_CONFIGURABLE["*"]) | set(NOT_CONFIGURABLE.get(name, {}))
-    out = {}
-    for key, value in tta.method_defaults(name).items():
-        if key in skip:
-            continue
-        out[key] = list(value) if isinstance(value, tuple) else value
-    return out
+    return {k: _plain_value(v) for k, v in tta.method_defaults(name).items() if k not in skip}
+
+
+def shared_files(name: str) -> list[str]:
+    """The shared files method ``name`` includes: those whose options it uses."""
+    from tta.methods import method_class
+
+    unused = method_class(name).unused_options()
+    return [file for file, options in _base_options().items() if not set(options) & set(unused)]
 
 
 def _args_section(doc: str) -> dict[str, str]:
-    """``{name: description}`` from a Google-style ``Args:`` section; an entry may
-    name several parameters (``optimizer, lr, momentum: ...``)."""
+    """``{name: description}`` from a Google-style ``Args:`` section (an entry may
+    name several parameters: ``a, b: ...``)."""
     lines = inspect.cleandoc(doc).splitlines()
-    try:
-        start = next(i for i, line in enumerate(lines) if line.strip() == "Args:")
-    except StopIteration:
+    if "Args:" not in (line.strip() for line in lines):
         return {}
+    start = [line.strip() for line in lines].index("Args:")
     entries: dict[str, str] = {}
-    current: list[str] | None = None
+    current: list[str] = []
     indent = None
     for line in lines[start + 1:]:
-        if not line.strip():
-            if current is not None:
-                break
-            continue
         width = len(line) - len(line.lstrip())
-        if indent is None:
-            indent = width
-        if width < indent:
+        if not line.strip() or (indent is not None and width < indent):
             break
+        indent = width if indent is None else indent
         match = re.match(r"^([\w, ]+):\s*(.*)$", line.strip()) if width == indent else None
         if match:
-            names = [n.strip() for n in match.group(1).split(",") if n.strip()]
-            current = names
-            for n in names:
-                # A description shared by several names says little about each one:
-                # mark it so a per-key fallback can win.
-                entries[n] = ("\0" if len(names) > 1 else "") + match.group(2)
-        elif current is not None:
-            for n in current:
-                entries[n] += " " + line.strip()
+            current = [n.strip() for n in match.group(1).split(",") if n.strip()]
+            entries.update(dict.fromkeys(current, match.group(2)))
+        else:
+            entries.update({n: entries[n] + " " + line.strip() for n in current})
     return entries
 
 
-def parameter_docs(name: str) -> dict[str, str]:
-    """Description of each keyword argument of method ``name``, from the Args
-    sections of its class and base classes (the nearest class wins)."""
-    from tta.methods import TTAMethod, method_class
+def _docs(cls: type) -> dict[str, str]:
+    """Description of each option of method class ``cls`` from the Args sections of
+    it and its base classes (the nearest class wins), with what ``None`` stands for
+    in the papers' margins (:attr:`TTAMethod.margin_fractions`)."""
+    from tta.methods import TTAMethod
 
-    docs: dict[str, str] = dict(_FALLBACK_DOCS)
-    for klass in reversed(method_class(name).__mro__):
-        if isinstance(klass, type) and issubclass(klass, TTAMethod) and klass.__doc__:
-            for key, text in _args_section(klass.__doc__).items():
-                if text.startswith("\0"):
-                    if key in _FALLBACK_DOCS:
-                        continue
-                    text = text[1:]
-                docs[key] = _plain(text)
+    docs: dict[str, str] = {}
+    for klass in [k for k in reversed(cls.__mro__) if issubclass(k, TTAMethod)]:
+        docs.update({k: _plain(v) for k, v in _args_section(klass.__dict__.get("__doc__") or "").items()})
+    for option, fraction in getattr(cls, "margin_fractions", {}).items():
+        docs[option] = docs.get(option, option).rstrip(".") + f". null: {fraction} * ln(num_classes)"
     return docs
 
 
@@ -134,144 +133,99 @@ def _plain(text: str) -> str:
     return re.sub(r"``([^`]+)``", r"\1", text)
 
 
-def _summary(name: str) -> str:
-    import tta.methods
+def _comment(text: str) -> str:
+    return "\n".join(textwrap.wrap(text, width=88, initial_indent="# ", subsequent_indent="# "))
 
-    cls = tta.methods.method_class(name)
+
+def _entry(key: str, value: Any, doc: str | None) -> str:
+    doc = doc or f"{key} (see the method's docstring)"
+    doc = (doc if re.search(r"[._]", doc.split(" ", 1)[0]) else doc[0].upper() + doc[1:]).rstrip(".") + "."
+    text = yaml.safe_dump(value, default_flow_style=True, width=10**6).removesuffix("...\n").strip()
+    return f"{_comment(doc)}\n{key}: {text}"
+
+
+def _summary(cls: type) -> list[str]:
+    """The module docstring's first paragraph and the class docstring's."""
     module_doc = inspect.getdoc(sys.modules[cls.__module__]) or ""
     class_doc = inspect.getdoc(cls) or ""
-    first = module_doc.split("\n\n")[0] or class_doc.split("\n\n")[0]
-    text = _plain(" ".join(first.split()))
-    defaults = _plain(" ".join(class_doc.split("\n\n")[0].split())) if class_doc else ""
-    return text + ("\n" + defaults if defaults and defaults not in text else "")
+    first = _plain(" ".join(module_doc.split("\n\n")[0].split()))
+    defaults = _plain(" ".join(class_doc.split("\n\n")[0].split()))
+    return [first] + ([defaults] if defaults and defaults not in first else [])
 
 
-def _yaml_value(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            return {math.inf: ".inf", -math.inf: "-.inf"}.get(value, ".nan")
-        text = repr(value)
-        if "e" in text:  # YAML 1.1 floats need a dot in the mantissa: 1.0e-05
-            mantissa, exponent = text.split("e")
-            text = f"{float(mantissa):.1f}e{exponent}" if "." not in mantissa else text
-        return text
-    if isinstance(value, str):
-        return value if re.fullmatch(r"[A-Za-z_][\w.-]*", value) and value not in (
-            "null", "true", "false", "yes", "no", "on", "off"
-        ) else repr(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_yaml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {value!r} to YAML")
-
-
-def _comment(text: str, indent: str = "") -> str:
-    return "\n".join(
-        textwrap.wrap(text, width=88, initial_indent=indent + "# ", subsequent_indent=indent + "# ")
-    )
-
-
-PRESET_DOC = (
-    "Published settings to start from (tta.method_presets; this method has: {presets}): auto "
-    "takes the data set's (cifar10 for CIFAR-10-C, imagenet for ImageNet-C), none the defaults "
-    "below. Values below that differ from the defaults override the preset's."
-)
-
-
-def render_method_yaml(name: str) -> str:
-    """The text of ``conf/method/<name>.yaml``: every configurable keyword argument
-    of the method with its default, each with a comment."""
+def render_configs() -> dict[str, str]:
+    """The text of every generated file, by path relative to ``conf/method``."""
     import tta
+    from tta.methods import TTAMethod, method_class
 
-    docs = parameter_docs(name)
-    parts = [_comment(line) for line in _summary(name).splitlines()]
-    parts.append(_comment(
-        f"Generated by `python -m tta.bench.methodconf --write` from tta.method_defaults({name!r}); "
-        "a test checks that the values still match."
-    ))
-    parts.append(_comment("Registered method name (tta.list_methods())."))
-    parts.append(f"name: {name}")
-    parts.append(_comment(PRESET_DOC.format(presets=", ".join(sorted(tta.method_presets(name))))))
-    parts.append("preset: auto")
-    for key, value in configurable_defaults(name).items():
-        doc = docs.get(key) or f"{key} (see the {name} docstring)."
-        first_word = doc.split(" ", 1)[0]
-        if not re.search(r"[._]", first_word):
-            doc = doc[0].upper() + doc[1:]
-        if not doc.endswith("."):
-            doc += "."
-        if value is None and key in _NULL_MEANS and "None" not in doc:
-            doc += " " + _NULL_MEANS[key]
-        parts.append(_comment(doc))
-        parts.append(f"{key}: {_yaml_value(value)}")
-    return "\n".join(parts) + "\n"
+    base, base_docs = _base_options(), _docs(TTAMethod)
+    generated = "Generated by `python -m tta.bench.methodconf --write`; a test checks it is current."
+    files = {}
+    for file, options in base.items():
+        parts = [_comment(f"Shared by the method configs: {SHARED[file]} (tta.TTAMethod's defaults)."),
+                 _comment(generated)]
+        if file == "common":
+            parts.append(_comment(PRESET_DOC) + "\npreset: auto")
+        parts += [_entry(k, v, base_docs.get(k)) for k, v in options.items()]
+        files[f"shared/{file}.yaml"] = "\n".join(parts) + "\n"
+    for name in tta.list_methods():
+        cls, own = method_class(name), configurable_defaults(name)
+        included = shared_files(name)
+        inherited = {k: v for file in included for k, v in base[file].items()}
+        docs = _docs(cls)
+        parts = [_comment(line) for line in _summary(cls)]
+        parts.append(_comment(f"{generated} Options not listed here are the shared defaults of "
+                              f"conf/method/shared/ ({', '.join(included)})."))
+        parts.append("defaults:\n" + "".join(f"  - shared/{f}@_here_\n" for f in included) + "  - _self_")
+        parts.append(_comment("Registered method name (tta.list_methods()).") + f"\nname: {name}")
+        parts.append(_comment(f"Presets of {name}: {', '.join(sorted(tta.method_presets(name)))}."))
+        parts += [_entry(k, v, docs.get(k)) for k, v in own.items() if k not in inherited or inherited[k] != v]
+        files[f"{name}.yaml"] = "\n".join(parts) + "\n"
+    return files
 
 
 def check_method_configs(method_dir: str | Path | None = None) -> list[str]:
-    """Differences between the method YAMLs and :func:`configurable_defaults`, one
-    message per problem (empty when they agree)."""
-    import tta
-    from omegaconf import OmegaConf
-
+    """One message per generated file that is missing or differs from what
+    ``--write`` would write (empty when all are current)."""
     from .config import config_dir
 
     folder = Path(method_dir) if method_dir is not None else config_dir() / "method"
     problems = []
-    for name in tta.list_methods():
-        path = folder / f"{name}.yaml"
+    for rel, text in render_configs().items():
+        path = folder / rel
         if not path.is_file():
-            problems.append(f"{path}: missing (method {name!r} is registered)")
-            continue
-        data = OmegaConf.to_container(OmegaConf.load(path))
-        if data.get("name") != name:
-            problems.append(f"{path}: name is {data.get('name')!r}, expected {name!r}")
-        expected = configurable_defaults(name)
-        if data.get("preset") != "auto":
-            problems.append(f"{path}: preset is {data.get('preset')!r}, expected auto")
-        got = {k: v for k, v in data.items() if k not in ("name", "preset")}
-        for key in sorted(set(expected) | set(got)):
-            if key not in got:
-                problems.append(f"{path}: {key} missing (default {expected[key]!r})")
-            elif key not in expected:
-                problems.append(f"{path}: {key} is not a hyper-parameter of {name}")
-            elif not _equal(got[key], expected[key]):
-                problems.append(f"{path}: {key} is {got[key]!r}, tta.method_defaults says {expected[key]!r}")
+            problems.append(f"{path}: missing")
+        elif path.read_text() != text:
+            ours, theirs = text.splitlines(), path.read_text().splitlines()
+            line = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+            problems.append(f"{path}:{line + 1}: differs from tta.method_defaults "
+                            f"(expected {ours[line] if line < len(ours) else 'end of file'!r})")
     return problems
-
-
-def _equal(a: Any, b: Any) -> bool:
-    from .config import _same
-
-    return _same(a, b)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Command line: ``--check`` (default) or ``--write`` the method YAMLs."""
-    import tta
-
     from .config import config_dir
 
     parser = argparse.ArgumentParser(prog="python -m tta.bench.methodconf", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--write", action="store_true", help="regenerate the YAML files")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--check", action="store_true", help="report files that drifted (the default)")
+    mode.add_argument("--write", action="store_true", help="regenerate the YAML files")
     parser.add_argument("--dir", type=Path, default=None, help="folder of the method YAMLs")
     args = parser.parse_args(argv)
     folder = args.dir or config_dir() / "method"
     if args.write:
-        folder.mkdir(parents=True, exist_ok=True)
-        for name in tta.list_methods():
-            (folder / f"{name}.yaml").write_text(render_method_yaml(name))
-            print(f"wrote {folder / name}.yaml")
+        for rel, text in render_configs().items():
+            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            (folder / rel).write_text(text)
+            print(f"wrote {folder / rel}")
         return 0
     problems = check_method_configs(folder)
     for p in problems:
         print(p, file=sys.stderr)
-    print("method configs match tta.method_defaults" if not problems else f"{len(problems)} problem(s)")
+    print("method configs match tta.method_defaults (--write regenerates them)" if not problems
+          else f"{len(problems)} problem(s): python -m tta.bench.methodconf --write regenerates them")
     return 1 if problems else 0
 
 
