@@ -8,6 +8,11 @@ live in modules named for what they hold: :mod:`.entropy`, :mod:`.params` (which
 parameters adapt), :mod:`.norm_layers` (test-batch statistics), :mod:`.optim`
 (optimizers, gated steps, SAM, the undo of a failed step), :mod:`.records` (what a
 step reports), :mod:`.state` (checks of a state before loading), :mod:`.inputs`.
+
+This module is over 350 lines for one reason: :class:`TTAMethod` is the one class
+every method extends, and its options (documented in full in its docstring), the
+loop and the state they govern are kept in one place so that a method's author reads
+one file to know what ``forward`` does around ``forward_and_adapt``.
 """
 
 from __future__ import annotations
@@ -22,13 +27,14 @@ from .._warn import warn_at_caller
 from .entropy import entropy_margin
 from .guard import CollapseGuard
 from .inputs import check_images, floating_dtype, mark_wrapped, refuse_if_wrapped
-from .norm_layers import _uses_pure_batch_stats, use_batch_stats
+from .norm_layers import refuse_single_image_statistics, use_batch_stats
 from .optim import StepUndo, build_optimizer, gated_step
 from .params import frozen_top, nothing_to_adapt_message, select_norm_params
 from .records import StepRecord
 from .state import check_loadable
 
 __all__ = ["TTAMethod"]
+
 
 class TTAMethod(nn.Module):
     """Base class: wraps ``model``; ``forward(x)`` predicts on ``x`` and adapts on it.
@@ -226,13 +232,8 @@ class TTAMethod(nn.Module):
             return self._forward(x)
 
     def _forward(self, x: Tensor) -> Tensor:
-        if self.batch_stats and x.shape[0] == 1 and _uses_pure_batch_stats(self.model):
-            raise ValueError(
-                f"batch size 1 with BatchNorm test statistics: {self.method_name or 'this method'} "
-                "would normalise each image by its own statistics. Use batches of >= 2 "
-                "images, pass bn_alpha < 1 (e.g. 0.1) to mix in the source statistics, "
-                "or use a GroupNorm/LayerNorm model."
-            )
+        if self.batch_stats:
+            refuse_single_image_statistics(self.model, x.shape[0], self.method_name or "this method")
         if self.amp == "fp16" and x.device.type != "cuda":
             raise ValueError("amp='fp16' needs a CUDA device; use amp='bf16' on the CPU")
         if self.channels_last:

@@ -10,8 +10,6 @@ how much the predicted class loses: the Pseudo-Label Probability Difference
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor, nn
 
@@ -20,7 +18,7 @@ from .base import TTAMethod
 from .entropy import softmax_entropy
 from .norm_layers import sample_weighted_batch_stats
 from .params import sar_paper_lr
-from .records import StepRecord, Value
+from .records import DeYORecord, StepRecord
 from .registry import register_method
 
 
@@ -39,14 +37,6 @@ def deyo_weights(
     if reweight_ent == 0 and reweight_plpd == 0:
         return torch.ones_like(entropy)
     return reweight_ent * torch.exp(margin_e0 - entropy) + reweight_plpd * torch.exp(plpd_value)
-
-
-@dataclass
-class DeYORecord(StepRecord):
-    """A DeYO step: ``num_confident`` images passed the entropy filter
-    (``num_selected``: the PLPD filter too)."""
-
-    num_confident: Value = None
 
 
 @register_method("deyo")

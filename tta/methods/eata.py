@@ -17,16 +17,8 @@ from torch import Tensor, nn
 
 from .base import TTAMethod
 from .entropy import softmax_entropy
-from .records import StepRecord, Value
+from .records import EATARecord, StepRecord
 from .registry import register_method
-
-
-@dataclass
-class EATARecord(StepRecord):
-    """An EATA/ETA step: ``num_reliable`` images passed the entropy filter
-    (``num_selected``: the redundancy filter too)."""
-
-    num_reliable: Value = None
 
 
 @register_method("eata")

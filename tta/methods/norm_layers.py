@@ -119,5 +119,12 @@ def sample_weighted_batch_stats(model: nn.Module, weight: Tensor) -> Iterator[No
             m.tta_sample_weight = None
 
 
-def _uses_pure_batch_stats(model: nn.Module) -> bool:
-    return any(getattr(m, "tta_alpha", None) == 1.0 for m in model.modules())
+def refuse_single_image_statistics(model: nn.Module, batch_size: int, method: str) -> None:
+    """A batch of one image on BatchNorm layers that use test statistics alone would
+    normalise the image by its own statistics: refuse it, saying what works."""
+    if batch_size == 1 and any(getattr(m, "tta_alpha", None) == 1.0 for m in model.modules()):
+        raise ValueError(
+            f"batch size 1 with BatchNorm test statistics: {method} would normalise each image "
+            "by its own statistics. Use batches of >= 2 images, pass bn_alpha < 1 (e.g. 0.1) to "
+            "mix in the source statistics, or use a GroupNorm/LayerNorm model."
+        )

@@ -1,6 +1,6 @@
-"""What one adaptation step did: :class:`StepRecord`, with declared fields, so a
-summary knows its columns before the first step (methods that record more declare a
-subclass next to the method)."""
+"""What one adaptation step did: :class:`StepRecord` and the record types of the
+methods that report more, with declared fields, so a summary knows its columns
+before the first step (a method names its type in ``record_type``)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import Tensor
 
-__all__ = ["StepRecord"]
+__all__ = ["StepRecord", "EATARecord", "SARRecord", "DeYORecord"]
 
 #: A count or value a step produced: a 0-dim tensor on the device (read, and so
 #: synced, only by :meth:`StepRecord.to_dict`), or a plain number.
@@ -44,6 +44,32 @@ class StepRecord:
     def to_dict(self) -> dict[str, Any]:
         """The fields as plain Python values (tensors read to the host)."""
         return {name: _plain(getattr(self, name)) for name in self.columns()}
+
+
+@dataclass
+class EATARecord(StepRecord):
+    """An EATA/ETA step: ``num_reliable`` images passed the entropy filter
+    (``num_selected``: the redundancy filter too)."""
+
+    num_reliable: Value = None
+
+
+@dataclass
+class SARRecord(EATARecord):
+    """A SAR step: ``num_reliable`` images passed the first entropy filter
+    (``num_selected``: both); ``ema`` is the moving average of the post-perturbation
+    entropy, ``num_resets`` the model recoveries so far."""
+
+    ema: Value = None
+    num_resets: Value = None
+
+
+@dataclass
+class DeYORecord(StepRecord):
+    """A DeYO step: ``num_confident`` images passed the entropy filter
+    (``num_selected``: the PLPD filter too)."""
+
+    num_confident: Value = None
 
 
 def _plain(value: Any) -> Any:

@@ -9,8 +9,6 @@ are dropped too. A moving average of that entropy detects collapse (it falls bel
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor, nn
 
@@ -18,19 +16,8 @@ from .base import TTAMethod
 from .entropy import softmax_entropy
 from .optim import gated_reset, sam_ascent, undo_sam_ascent
 from .params import sar_paper_lr
-from .records import StepRecord, Value
+from .records import SARRecord, StepRecord
 from .registry import register_method
-
-
-@dataclass
-class SARRecord(StepRecord):
-    """A SAR step: ``num_reliable`` images passed the first entropy filter
-    (``num_selected``: both); ``ema`` is the moving average of the post-perturbation
-    entropy, ``num_resets`` the model recoveries so far."""
-
-    num_reliable: Value = None
-    ema: Value = None
-    num_resets: Value = None
 
 
 @register_method("sar")
