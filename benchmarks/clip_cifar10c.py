@@ -2,12 +2,13 @@
 
 The policy is ``clip:zoo/clip_small`` (CIFAR ResNet-20 image tower), the RLCF reward
 model ``clip:zoo/clip_base`` (ResNet-56, AugMix-trained), both from
-``benchmarks/zoo/train.py``. The stream is that of ``methods_cifar10c.py``:
+``benchmarks/zoo/train.py``. The stream is that of ``methods_cifar10c.py``
+(``benchmarks.common.method_table_stream``):
 ``--num-images`` test images per corruption, rendered with ``tta.corruptions``
 (CIFAR preset). All methods here are episodic (every image starts from the source
 model), so the order of the stream does not matter.
 
-    TTA_HOME=../shared python benchmarks/clip_cifar10c.py --num-images 500
+    TTA_HOME=../shared python -m benchmarks.clip_cifar10c --num-images 500
 
 ``--lr`` overrides a method's learning rate; choose it on held-out corruptions (the
 extra four: ``--corruptions speckle_noise gaussian_blur spatter saturate``), not on
@@ -20,15 +21,13 @@ the policy over the same batches, timed in the same process.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
-import time
 
 import torch
 
 import tta
-from methods_cifar10c import EIGHT, build_stream, parse_lr_overrides, print_table, stream_errors
+
+from benchmarks.common import EIGHT, method_table_stream, machine, parse_lr_overrides, print_table, stream_errors, write_json
 
 POLICY, REWARD = "clip:zoo/clip_small", "clip:zoo/clip_base"
 
@@ -56,7 +55,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     lrs = parse_lr_overrides(parser, args.lr, [m for m in METHODS if METHODS[m] is not None])
-    domains = build_stream(args.corruptions, args.num_images, args.seed)
+    domains = method_table_stream(args.corruptions, args.num_images, args.seed)
     total = sum(x.shape[0] for _, x, _ in domains)
     results, plain = {}, []
     with torch.no_grad():
@@ -83,12 +82,11 @@ def main() -> None:
     print_table(results, cols, total, base, "x zero-shot")
     row = " | ".join(f"{reward_errors[c]:.1f}" for c in cols)
     print(f"| (reward model, zero-shot) | {row} | {statistics.mean(reward_errors.values()):.1f} | | |")
-    print(f"\nzero-shot inference: {total / base:.0f} img/s; {platform.processor() or platform.machine()}, "
-          f"{args.threads} threads, torch {torch.__version__}; {args.num_images} images per corruption")
+    print(f"\nzero-shot inference: {total / base:.0f} img/s; {machine(args.threads)}; "
+          f"{args.num_images} images per corruption")
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(dict(args=vars(args), results=results, reward_errors=reward_errors,
-                           zero_shot_seconds=plain), fh, indent=1)
+        write_json(args.json, dict(args=vars(args), results=results, reward_errors=reward_errors,
+                                   zero_shot_seconds=plain))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,6 @@
-"""The original ImageNet-C corruption code, made importable today, for fidelity tests.
+"""The original ImageNet-C corruption code, made importable today: the reference of
+the corruption fidelity tests (``tests/test_corruptions.py``) and of the benchmarks
+that compare tta's corruptions with it (``corruptions_resnet20``, ``corruptions_speed``).
 
 ``imagenet_c`` (PyPI, hendrycks/robustness) is the reference for ``preset="imagenet"``.
 It predates NumPy 2, scikit-image 0.19+ and setuptools without ``pkg_resources``, so

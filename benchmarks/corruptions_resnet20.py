@@ -2,20 +2,17 @@
 original code's (issue 4: they should agree within 2 points per corruption).
 
 The original is ``make_cifar_c.py``'s algorithms run through
-``tests/corruption_reference.py`` (the ``imagenet_c`` package's helpers with the
+``benchmarks/corruption_reference.py`` (the ``imagenet_c`` package's helpers with the
 CIFAR-10-C severity tables; needs the dev extra plus ImageMagick). Both render the
 same shared test images at severity 5, each with its own seeded randomness.
 
-    TTA_HOME=../shared python benchmarks/corruptions_resnet20.py --num-images 10000
+    TTA_HOME=../shared python -m benchmarks.corruptions_resnet20 --num-images 10000
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,9 +23,8 @@ from tta.corruptions import NAMES, corrupt
 from tta.corruptions._frost import default_frost_dir
 from tta.data import cifar10_dir, load_image_folder
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from corruption_reference import reference_corrupt  # noqa: E402
-from methods_cifar10c import error_rate  # noqa: E402
+from benchmarks.common import error_rate, write_json
+from benchmarks.corruption_reference import reference_corrupt
 
 
 def main() -> None:
@@ -68,7 +64,7 @@ def main() -> None:
     means = [np.mean([v[k] for n, v in rows.items() if v[1] is not None]) for k in (0, 1)]
     print(f"| mean of {len(diffs)} | {means[0]:.2f} | {means[1]:.2f} | max abs {max(diffs):.2f} |")
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        write_json(args.json, rows)
 
 
 if __name__ == "__main__":

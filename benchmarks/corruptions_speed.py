@@ -6,22 +6,20 @@ image, as the original runs; fewer images for the slow ones), on the same CPU. T
 are interleaved repeat by repeat and the median of the per-repeat speed ratios is
 reported, so load from other jobs hits both sides alike.
 
-    TTA_HOME=../shared python benchmarks/corruptions_speed.py --threads 2 \
-        --markdown benchmarks/corruptions_results.md
+    TTA_HOME=../shared python -m benchmarks.corruptions_speed --threads 2 \
+        --markdown /tmp/corruptions_speed.md
 
-Needs the test extras of the fidelity tests (imagenet-c, wand + ImageMagick, OpenCV,
-scikit-image, SciPy); see tests/corruption_reference.py.
+``--markdown`` writes the table with its date, machine and command, as it stands in
+RESULTS.md. Needs the test extras of the fidelity tests (imagenet-c, wand +
+ImageMagick, OpenCV, scikit-image, SciPy); see ``benchmarks/corruption_reference.py``.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,26 +28,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+from tta.corruptions import NAMES, corrupt
+from tta.corruptions._frost import default_frost_dir
+from tta.data import cifar10_dir, load_image_folder
 
-from tta.corruptions import NAMES, corrupt  # noqa: E402
-from tta.corruptions._frost import default_frost_dir  # noqa: E402
-from tta.data import cifar10_dir, load_image_folder  # noqa: E402
+from benchmarks import corruption_reference as ref
+from benchmarks.common import cpu_model, write_json
 
 # images the original processes per repeat (its pure-Python glass blur takes ~2 s each)
 REF_IMAGES = {"glass_blur": 1, "default": 8}
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> None:
@@ -67,8 +54,6 @@ def main() -> None:
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
-    import corruption_reference as ref  # the original code, patched to import today
-
     frost_dir = default_frost_dir()
     orig = ref.load_reference(frost_dir)
     x32, _ = load_image_folder(cifar10_dir("test"), num_images=args.batch_size, seed=0)
@@ -130,13 +115,13 @@ def main() -> None:
         "size": args.size,
         "severity": args.severity,
         "repeats": args.repeats,
-        "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
+        "command": "python -m benchmarks.corruptions_speed " + " ".join(sys.argv[1:]),
         # the machine may be shared: a load above the thread count slows both sides
         "loadavg_1min": (round(load_before, 2), round(os.getloadavg()[0], 2)),
         "cores": os.cpu_count(),
     }
     if args.json:
-        Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+        write_json(args.json, {"meta": meta, "rows": rows})
     if args.markdown:
         text = render_markdown(meta, rows)
         path = Path(args.markdown)

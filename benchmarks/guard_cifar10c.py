@@ -5,14 +5,15 @@ Streams (shared ResNet-20, shared CIFAR-10 JPEG test images):
 
 - ``benchmark``: the 8-corruption severity-5 stream of ``methods_cifar10c.py``
   (``--num-images`` per corruption, batch 200), every entropy method at its
-  CIFAR-10 setting: how often the guard fires where nothing is wrong.
+  CIFAR-10 setting (``preset="cifar10"``, as everywhere in this script): how often
+  the guard fires where nothing is wrong.
 - ``one_class``: the 1000 test images of one class (cat), batch 64, Tent: test-batch
   statistics remove the class signal itself.
 - ``tent_lr0.05``: 2000 clean test images, batch 64, Tent at lr 0.05 (Adam): the
   step size destroys the model while its predictions stay spread out.
 - ``sar_lr0.5``: the benchmark stream, SAR at lr 0.5 (Adam).
 
-    TTA_HOME=../shared python benchmarks/guard_cifar10c.py --num-images 1000
+    TTA_HOME=../shared python -m benchmarks.guard_cifar10c --num-images 1000
 
 Prints a Markdown table: error without and with ``collapse_guard=True``, resets and
 fallback batches.
@@ -21,23 +22,21 @@ fallback batches.
 from __future__ import annotations
 
 import argparse
-import platform
 
 import torch
 
 import tta
 from tta.data import cifar10_dir, load_image_folder
 
-from methods_cifar10c import EIGHT, build_stream
+from benchmarks.common import EIGHT, method_table_stream, machine
 
-# The CIFAR-10-C settings (tta's preset="cifar10"), spelled out so that the script
-# also runs on versions of tta without presets (the before/after comparison).
-CIFAR10 = {
-    "tent": dict(optimizer="adam", lr=1e-3),
-    "eta": dict(optimizer="adam", lr=1e-3, d_margin=0.4),
-    "sar": dict(optimizer="adam", lr=1e-3),
-    "deyo": dict(optimizer="adam", lr=1e-3),
-}
+#: the methods of the ``benchmark`` stream
+BENCHMARK_METHODS = ("tent", "eta", "sar", "deyo")
+
+
+def wrap(name, **kw):
+    """A fresh shared ResNet-20 under method ``name`` at its CIFAR-10 setting."""
+    return tta.wrap(tta.load_model("cifar10_resnet20"), name, preset="cifar10", **kw)
 
 
 def run(method, batches):
@@ -57,15 +56,15 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    domains = build_stream(EIGHT, args.num_images, 0)
+    domains = method_table_stream(EIGHT, args.num_images, 0)
     benchmark = [(x[i:i + 200], y[i:i + 200]) for _, x, y in domains for i in range(0, x.shape[0], 200)]
     x, y = load_image_folder(cifar10_dir("test"), num_images=None, seed=0)
     cat = (y == 3).nonzero().squeeze(1)
     one_class = [(x[cat[i:i + 64]], y[cat[i:i + 64]]) for i in range(0, len(cat), 64)]
     clean = [(x[i:i + 64], y[i:i + 64]) for i in range(0, 2000, 64)]
     cases = {
-        "benchmark": [(name, kw, benchmark) for name, kw in CIFAR10.items()],
-        "one_class": [("tent", CIFAR10["tent"], one_class)],
+        "benchmark": [(name, {}, benchmark) for name in BENCHMARK_METHODS],
+        "one_class": [("tent", {}, one_class)],
         "tent_lr0.05": [("tent", dict(optimizer="adam", lr=0.05), clean)],
         "sar_lr0.5": [("sar", dict(optimizer="adam", lr=0.5), benchmark)],
     }
@@ -73,15 +72,14 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for stream in args.streams:
         for name, kw, batches in cases[stream]:
-            norm, _, _ = run(tta.wrap(tta.load_model("cifar10_resnet20"), "norm"), batches)
+            norm, _, _ = run(wrap("norm"), batches)
             torch.manual_seed(0)
-            plain, _, _ = run(tta.wrap(tta.load_model("cifar10_resnet20"), name, **kw), batches)
+            plain, _, _ = run(wrap(name, **kw), batches)
             torch.manual_seed(0)
-            guarded, resets, fallbacks = run(
-                tta.wrap(tta.load_model("cifar10_resnet20"), name, collapse_guard=True, **kw), batches)
+            guarded, resets, fallbacks = run(wrap(name, collapse_guard=True, **kw), batches)
             print(f"| {stream} | {name} | {norm:.1f} | {plain:.1f} | {guarded:.1f} | {resets} | {fallbacks} | {len(batches)} |",
                   flush=True)
-    print(f"\n{platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}")
+    print(f"\n{machine(args.threads)}")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ batch) against one generator for the batch, interleaved repeats in one process,
 median of the per-repeat time ratios; plus the per-image cost against a tent step
 of ResNet-20 on the same batch (CIFAR case).
 
-    TTA_HOME=../shared python benchmarks/per_image_seeding_cost.py --threads 2
+    TTA_HOME=../shared python -m benchmarks.per_image_seeding_cost --threads 2
 """
 
 from __future__ import annotations

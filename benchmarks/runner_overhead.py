@@ -13,54 +13,53 @@ Both loops see the same stream (same config, seed, images, corruption noise):
 Each variant runs ``--repeats`` times alternately on a fresh model; the best time
 counts (the machine is shared, so the minimum is the least disturbed)::
 
-    TTA_HOME=../shared python benchmarks/runner_overhead.py --method tent --num-images 256
+    TTA_HOME=../shared python -m benchmarks.runner_overhead --method tent --num-images 256
+
+The method runs with the runner's preset for the data (``method.preset=auto``: the
+CIFAR-10 settings here) in all three loops.
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
-import subprocess
 import tempfile
 import time
 from datetime import datetime, timezone
 
 import torch
 
-import tta
 from tta.bench import compose_config, run_benchmark
-from tta.bench.config import method_overrides, to_container
-from tta.bench.runner import _Renderer, _to_model_size, resolve_device
-from tta.bench.sources import build_domains
-from tta.bench.stream import BatchLoader, build_stream
+from tta.bench.render import BatchRenderer
+from tta.bench.runner import setup, wrap_method
+from tta.bench.settings import read_config
+from tta.bench.stream import open_stream
+
+from benchmarks.common import cpu_model
 
 
 def _setup(cfg):
-    """Fresh model + method and the runner's loader/renderer for ``cfg``."""
-    plain = to_container(cfg)
-    run, data, scenario = plain["run"], plain["data"], plain["scenario"]
-    torch.manual_seed(int(run["seed"]))
-    device = resolve_device(run["device"])
-    model = tta.load_model(plain["model"]["name"], weights=plain["model"].get("weights")).to(device)
-    domains, num_classes = build_domains(data, scenario, input_size=model.input_size, seed=int(run["seed"]))
-    stream = build_stream(domains, scenario, int(run["batch_size"]), int(run["seed"]), num_classes)
-    loader = BatchLoader(stream, device, cache_mb=float(data["cache_mb"]), num_workers=int(data["num_workers"]))
+    """Fresh model + method and the runner's loader/renderer for ``cfg``, through
+    the runner's own stages."""
+    config = read_config(cfg)
+    job = setup(config)
+    stream, loader = open_stream(config.data, config.scenario, config.run, job.device, input_size=job.input_size,
+                                 model_classes=getattr(job.model, "num_classes", None), model_name=config.model.name)
     loader.prepare()
-    renderer = _Renderer(stream, device, int(run["seed"]), data.get("preset"))
-    name, overrides = method_overrides(plain["method"])
-    return tta.wrap(model, name, **overrides), loader, renderer, model.input_size, len(stream)
+    render = BatchRenderer(stream, seed=config.run.seed, preset=config.data.preset, input_size=job.input_size)
+    method, _, _ = wrap_method(config, job, [])
+    return method, loader, render, len(stream)
 
 
 def bare_loop(cfg) -> tuple[float, float, int]:
     """Seconds for loader -> renderer -> method(x) over the stream, seconds inside
     method(x), and images."""
-    method, loader, renderer, size, n = _setup(cfg)
+    method, loader, render, n = _setup(cfg)
     in_model = 0.0
     t0 = time.perf_counter()
     for batch in loader:
         if batch.reset:
             method.reset()
-        x = _to_model_size(renderer(batch.images.float().div_(255), batch), size)
+        x = render(batch)
         t1 = time.perf_counter()
         method(x)
         in_model += time.perf_counter() - t1
@@ -69,8 +68,8 @@ def bare_loop(cfg) -> tuple[float, float, int]:
 
 def prerendered_loop(cfg) -> tuple[float, int]:
     """Seconds for method(x) alone over batches corrupted beforehand."""
-    method, loader, renderer, size, n = _setup(cfg)
-    batches = [(b.reset, _to_model_size(renderer(b.images.float().div_(255), b), size)) for b in loader]
+    method, loader, render, n = _setup(cfg)
+    batches = [(b.reset, render(b)) for b in loader]
     t0 = time.perf_counter()
     for reset, x in batches:
         if reset:
@@ -84,17 +83,6 @@ def runner_loop(cfg) -> tuple[float, float, int]:
     with tempfile.TemporaryDirectory() as out:
         res = run_benchmark(cfg, out)
     return res["seconds"]["loop"], res["seconds"]["adapt"], res["num_images"]
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return platform.processor() or "unknown"
-    for line in out.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 def main() -> None:
@@ -111,8 +99,6 @@ def main() -> None:
                  f"data.num_images={args.num_images}", f"run.batch_size={args.batch_size}",
                  "run.device=cpu", "run.plot=false", "run.skip_existing=false", "run.progress=true",
                  f"run.num_threads={args.threads}"]
-    if args.method in ("tent", "deyo", "eta", "eata"):
-        overrides += ["method.optimizer=adam", "method.lr=0.001"]
     cfg = compose_config(overrides)
     best = {"runner": float("inf"), "bare": float("inf"), "prerendered": float("inf")}
     # Time outside method(x) (loading, corrupting, bookkeeping): on a shared machine

@@ -2,7 +2,7 @@
 tta-bench scenario: with the same corrupted images everywhere the numbers must be
 equal, whatever the order, mixing or batch size.
 
-    TTA_HOME=../shared python benchmarks/same_images_across_scenarios.py --num-images 1000
+    TTA_HOME=../shared python -m benchmarks.same_images_across_scenarios --num-images 1000
 """
 
 from __future__ import annotations

@@ -5,8 +5,11 @@ eval-mode ``model(x)`` under ``torch.no_grad()`` on the same batch, and peak mem
 Methods and the plain baseline are interleaved repeat by repeat and the median of
 the per-repeat ratios is reported, so machine noise hits both sides alike.
 
-    TTA_HOME=../shared python benchmarks/speed.py                       # ResNet-20, CPU
-    python benchmarks/speed.py --model timm:resnet50 --batch-size 64 --device cuda
+    TTA_HOME=../shared python -m benchmarks.speed                       # ResNet-20, CPU
+    python -m benchmarks.speed --model timm:resnet50 --batch-size 64 --device cuda
+
+On a CIFAR-10 model every method runs with ``preset="cifar10"`` (the published CIFAR
+settings, ``tta.method_presets``), elsewhere with its defaults.
 
 Peak memory: CUDA ``max_memory_allocated``; on the CPU the peak of live tensor
 memory in one call, from the profiler's allocation events (model and data excluded).
@@ -15,8 +18,6 @@ memory in one call, from the profiler's allocation events (model and data exclud
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
 
@@ -24,13 +25,19 @@ import torch
 
 import tta
 
+from benchmarks.common import cpu_model, write_json
+
 METHODS = ["norm", "tent", "eta", "eata", "sar", "deyo"]
-CIFAR = {"tent": dict(optimizer="adam", lr=1e-3), "eta": dict(d_margin=0.4), "eata": dict(d_margin=0.4)}
+
+
+def load(model_name: str) -> torch.nn.Module:
+    """The model; a timm one with random weights (speed does not depend on them, and
+    nothing is downloaded)."""
+    return tta.load_model(model_name, **(dict(pretrained=False) if model_name.startswith("timm:") else {}))
 
 
 def build(method: str, model_name: str, device: str, options: dict, batch: torch.Tensor):
-    kw = dict(pretrained=False) if model_name.startswith("timm:") else {}
-    model = tta.load_model(model_name, **kw).to(device)
+    model = load(model_name).to(device)
     if method == "plain":
         model.eval()
         if options.get("channels_last"):
@@ -41,7 +48,7 @@ def build(method: str, model_name: str, device: str, options: dict, batch: torch
             return model(x)
 
         return plain
-    extra = dict(CIFAR.get(method, {})) if model_name.startswith("cifar10") else {}
+    extra = dict(preset="cifar10") if model_name.startswith("cifar10") else {}
     if method == "eata":
         extra.update(fisher_loader=[batch[:16]], fisher_size=16)
     return tta.wrap(model, method, **extra, **options)
@@ -76,14 +83,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--amp", default=None, choices=[None, "bf16", "fp16"])
     parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the plain model too")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     options = {k: v for k, v in dict(amp=args.amp, channels_last=args.channels_last).items() if v}
 
-    size = tta.load_model(args.model, **(dict(pretrained=False) if args.model.startswith("timm:") else {})).input_size
+    size = load(args.model).input_size
     x = torch.rand(args.batch_size, 3, *size, device=args.device)
 
     runners = {"plain": build("plain", args.model, args.device, dict(channels_last=args.channels_last), x)}
@@ -118,12 +124,10 @@ def main() -> None:
         ips = args.batch_size / statistics.median(ts)
         rows[name] = dict(images_per_s=ips, ratio=ratio, peak_mb=peak[name])
         print(f"| {name} | {ips:.0f} | {ratio:.2f} | {peak[name]:.0f} |")
-    cpu = platform.processor() or platform.machine()
     print(f"\n{args.model}, batch {args.batch_size}, {args.device}, {args.threads} threads, "
-          f"amp={args.amp}, channels_last={args.channels_last}, torch {torch.__version__}, {cpu}")
+          f"amp={args.amp}, channels_last={args.channels_last}, torch {torch.__version__}, {cpu_model()}")
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(dict(args=vars(args), rows=rows), fh, indent=1)
+        write_json(args.json, dict(args=vars(args), rows=rows))
 
 
 if __name__ == "__main__":

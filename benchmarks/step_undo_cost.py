@@ -1,19 +1,20 @@
-"""What the fault-safety copy (``tta.methods.base.StepUndo``, taken at every call)
+"""What the fault-safety copy (``tta.methods.optim.StepUndo``, taken at every call)
 costs, as a fraction of one Tent step, timed in one process.
 
-    TTA_HOME=../shared python benchmarks/step_undo_cost.py --threads 1
+    TTA_HOME=../shared python -m benchmarks.step_undo_cost --threads 1
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 
 import torch
 
 import tta
-from tta.methods.base import StepUndo
+from tta.methods.optim import StepUndo
+
+from benchmarks.common import machine
 
 CASES = [("cifar10_resnet20", 200, 32), ("timm:resnet50", 16, 128), ("timm:vit_small_patch16_224", 16, 224)]
 
@@ -42,7 +43,7 @@ def main() -> None:
             undo.append((time.perf_counter() - t0) / 20)
         s, u = min(step), min(undo)
         print(f"| {name} | {batch} | {side} | {1e3 * s:.1f} | {1e3 * u:.3f} | {100 * u / s:.2f}% |")
-    print(f"\n{platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}")
+    print(f"\n{machine(args.threads)}")
 
 
 if __name__ == "__main__":

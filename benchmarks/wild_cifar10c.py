@@ -1,7 +1,7 @@
 """DeYO's wild settings on a batch-independent model: batch size 1, online label
 shift and mixed domains, through the tta-bench runner.
 
-    TTA_HOME=../shared python benchmarks/wild_cifar10c.py --model zoo_resnet26_gn --num-images 1000
+    TTA_HOME=../shared python -m benchmarks.wild_cifar10c --model zoo_resnet26_gn --num-images 1000
 
 For each scenario and method it composes the tta-bench config (``conf/``) with the
 given overrides and runs it in this process, as ``tta-bench`` would: the same
@@ -23,8 +23,6 @@ a batch of 64.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -32,9 +30,10 @@ from pathlib import Path
 import torch
 
 import tta
-from methods_cifar10c import EIGHT
 from tta.bench.config import compose_config
 from tta.bench.runner import run_benchmark
+
+from benchmarks.common import EIGHT, machine, write_json
 
 SCENARIOS = ("label_shift", "mixed_domains", "batch_size_1")
 METHODS = ("source", "tent", "eata", "sar", "deyo")
@@ -80,11 +79,9 @@ def main() -> None:
     print("|" + "---|" * (len(args.methods) + 1))
     for scenario, row in results.items():
         print(f"| {scenario} | " + " | ".join(f"{row[m]['mean_error']:.1f}" for m in args.methods) + " |")
-    print(f"\n{args.model}, {args.num_images} images per corruption, severity 5; "
-          f"{platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}")
+    print(f"\n{args.model}, {args.num_images} images per corruption, severity 5; {machine(args.threads)}")
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(dict(args=vars(args), results=results), fh, indent=1)
+        write_json(args.json, dict(args=vars(args), results=results))
 
 
 if __name__ == "__main__":

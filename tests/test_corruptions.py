@@ -255,7 +255,8 @@ def _psnr_ssim(clean: np.ndarray, out: np.ndarray) -> tuple[float, float]:
 
 @pytest.fixture(scope="module")
 def reference():
-    ref = pytest.importorskip("corruption_reference", reason="tests/ not importable")
+    from benchmarks import corruption_reference as ref  # the repository root is on pytest's pythonpath
+
     try:
         ref.load_reference(_shared_frost_dir())
     except ImportError as err:  # imagenet-c, wand/ImageMagick, OpenCV, scikit-image, SciPy

@@ -1,6 +1,5 @@
 """The offline model zoo: ``tta.load_model("zoo:<name>")``, checksums, clear errors."""
 
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -57,7 +56,7 @@ def test_missing_checkpoint_says_where_it_looked(fake_home):
         tta.load_model(f"zoo:{NAME}")
     msg = str(err.value)
     assert str(fake_home / "models" / "zoo" / f"{NAME}.pt") in msg
-    assert str(fake_home / "no-checkout" / f"{NAME}.pt") in msg and NAME in msg
+    assert str(fake_home / "no-bundled-zoo" / f"{NAME}.pt") in msg and NAME in msg
 
 
 @pytest.fixture(scope="module")
@@ -114,20 +113,11 @@ def test_manifest_names_every_input_by_a_sha_from_its_history():
                     assert sha == sha256_of(tta.models.cifar_resnet_weights(depth)), (name, source)
 
 
-TRAIN = Path(__file__).resolve().parents[1] / "benchmarks" / "zoo" / "train.py"
-
-
-def _train_module():
-    if "zoo_train" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("zoo_train", TRAIN)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["zoo_train"] = module  # dataclasses look their module up there
-        spec.loader.exec_module(module)
-    return sys.modules["zoo_train"]
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_train_options_override_add_to_or_are_refused_by_an_entry():
-    train = _train_module()
+    from benchmarks.zoo import train  # the repository root is on pytest's pythonpath
 
     def hp(*argv: str) -> dict:
         return train.resolve_hparams(argv[0], train.make_parser().parse_args(argv))
@@ -155,7 +145,7 @@ def test_train_options_override_add_to_or_are_refused_by_an_entry():
 
 
 def test_fixed_teacher_targets_are_flip_averaged_probabilities():
-    train = _train_module()
+    from benchmarks.zoo import train  # the repository root is on pytest's pythonpath
     torch.manual_seed(0)
     linear = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 5))
 
@@ -175,7 +165,7 @@ def test_fixed_teacher_targets_are_flip_averaged_probabilities():
 
 @needs_checkpoint
 def test_mean_softmax_teacher_averages_its_members(cifar_test_images):
-    train = _train_module()
+    from benchmarks.zoo import train  # the repository root is on pytest's pythonpath
     x = cifar_test_images[0][:16]
     one = train.MeanSoftmax([f"zoo:{NAME}"])
     both = train.MeanSoftmax([f"zoo:{NAME}", "cifar10_resnet20"])
@@ -186,13 +176,9 @@ def test_mean_softmax_teacher_averages_its_members(cifar_test_images):
     assert not both(x).requires_grad  # a target, never a path for the student's gradient
 
 
-ENSEMBLE = TRAIN.parent / "ensemble.py"
-
-
 def test_ensemble_table_scores_every_subset_alone_and_flip_averaged():
-    spec = importlib.util.spec_from_file_location("zoo_ensemble", ENSEMBLE)
-    ensemble = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ensemble)
+    from benchmarks.zoo import ensemble
+
     y = torch.tensor([0, 1, 0, 1])
     t = torch.tensor
     table = {  # name -> (softmax on the images, softmax on their mirror images)
@@ -212,17 +198,17 @@ def test_ensemble_table_scores_every_subset_alone_and_flip_averaged():
 
 
 def test_train_refuses_an_inapplicable_option_before_any_work():
-    out = subprocess.run([sys.executable, str(TRAIN), "vit_tiny_ln", "--image-lr", "1e-4"],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-m", "benchmarks.zoo.train", "vit_tiny_ln", "--image-lr", "1e-4"],
+                         capture_output=True, text=True, timeout=120, cwd=REPO)
     assert out.returncode != 0 and "--image-lr does not apply to vit_tiny_ln" in out.stderr
 
 
 def test_swa_schedule_holds_its_lr_after_the_cosine():
-    train = _train_module()
+    from benchmarks.zoo.optim import make_scheduler
 
     def lrs(total: int, warmup: int, **kw) -> list[float]:
         opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-        sched = train.make_scheduler(opt, total, warmup, **kw)
+        sched = make_scheduler(opt, total, warmup, **kw)
         out = []
         for _ in range(total):
             out.append(opt.param_groups[0]["lr"])
@@ -240,10 +226,12 @@ def test_swa_schedule_holds_its_lr_after_the_cosine():
 
 
 def test_swa_model_is_the_mean_of_its_snapshots_with_fresh_batchnorm_statistics():
-    train = _train_module()
+    from torch.optim.swa_utils import AveragedModel
+
+    from benchmarks.zoo.optim import swa_model
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
-    average = train.AveragedModel(net)
+    average = AveragedModel(net)
     snapshots = []
     for _ in range(3):
         with torch.no_grad():
@@ -252,7 +240,7 @@ def test_swa_model_is_the_mean_of_its_snapshots_with_fresh_batchnorm_statistics(
         snapshots.append([p.detach().clone() for p in net.parameters()])
         average.update_parameters(net)
     batches = [torch.randn(8, 3, 5, 5) * 2 + 1 for _ in range(3)]
-    model = train.swa_model(average, batches)
+    model = swa_model(average, batches)
     for p, *seen in zip(model.parameters(), *snapshots):
         torch.testing.assert_close(p, torch.stack(seen).mean(0))
     assert not model.training
@@ -264,7 +252,7 @@ def test_swa_model_is_the_mean_of_its_snapshots_with_fresh_batchnorm_statistics(
 
 
 def test_swa_options_are_checked_and_default_to_half_the_lr():
-    train = _train_module()
+    from benchmarks.zoo import train  # the repository root is on pytest's pythonpath
 
     def hp(*argv: str) -> dict:
         return train.resolve_hparams(argv[0], train.make_parser().parse_args(argv))

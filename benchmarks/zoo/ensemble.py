@@ -1,9 +1,9 @@
 """Clean test accuracy of zoo classifiers alone and in every ensemble (mean softmax),
 with and without averaging each model over the mirror image.
 
-    TTA_HOME=../shared python benchmarks/zoo/ensemble.py zoo:resnet20_bn_jpeg zoo:resnet26_gn zoo:vit_tiny_ln
+    TTA_HOME=../shared python -m benchmarks.zoo.ensemble zoo:resnet20_bn_jpeg zoo:resnet26_gn zoo:vit_tiny_ln
 
-What a distillation teacher could offer a zoo model (``train.py --teacher NAME ...
+What a distillation teacher could offer a zoo model (``train --teacher NAME ...
 --teacher-targets fixed`` uses exactly the "+ flip" mean softmax of its teachers).
 Each model runs once on the 10k test images and once on their mirror images; the
 ensembles are then combinations of those probabilities, so adding a model costs one
@@ -15,18 +15,17 @@ from __future__ import annotations
 import argparse
 import datetime
 import itertools
-import sys
 import time
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import tta
 
-import tta  # noqa: E402
-from train import cpu_model, decode_split, on_image_and_mirror  # noqa: E402
+from benchmarks.common import cpu_model
+from benchmarks.zoo.data import decode_split
+from benchmarks.zoo.teachers import on_image_and_mirror
 
 DEFAULT_MODELS = ("zoo:resnet20_bn_jpeg", "zoo:resnet26_gn", "zoo:vit_tiny_ln")
 
