@@ -26,11 +26,11 @@ from tta.data import cifar10_dir, load_image_folder  # noqa: E402
 
 @pytest.fixture
 def fake_home(tmp_path, monkeypatch):
-    """An empty TTA_HOME and no source-checkout zoo checkpoints."""
+    """An empty TTA_HOME and no bundled zoo checkpoints."""
     from tta.models import zoo
 
     monkeypatch.setenv("TTA_HOME", str(tmp_path))
-    monkeypatch.setattr(zoo, "checkout_dir", lambda: tmp_path / "no-checkout")
+    monkeypatch.setattr(zoo, "bundled_dir", lambda: tmp_path / "no-bundled-zoo")
     return tmp_path
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Iterable
 from urllib.parse import urlsplit
 
-__all__ = ["offline_reason", "hub_file_cached", "refuse_if_unreachable"]
+__all__ = ["offline_reason", "hub_file_cached", "hub_endpoint", "file_cached", "refuse_if_unreachable"]
 
 _TRUE = ("1", "true", "yes", "on")
 
