@@ -7,6 +7,7 @@ a few batches per run so the file stays well under two minutes on 2 CPU cores.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 import os
 import subprocess
 import sys
@@ -17,15 +18,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from omegaconf import OmegaConf
 from PIL import Image
 
 import tta
 from tta.bench import compose_config, config_dir, config_hash, make_report, run_benchmark
 from tta.bench.config import NON_RESULT_KEYS
 from tta.bench.methodconf import check_method_configs
-from tta.bench.sources import build_domains, imagenet_wnids
+from tta.bench.settings import read_config
+from tta.bench.sources import build_domains
 from tta.bench.stream import build_stream, dirichlet_order
-from tta.data import cifar10_dir, load_image_folder
+from tta.data import cifar10_dir, imagenet_wnids, load_image_folder
 
 REPO = Path(__file__).resolve().parents[1]
 # Small, quick runs: 2 domains, 32 images each, no plot/progress unless a test wants them.
@@ -63,7 +66,9 @@ def test_method_yamls_agree_with_method_defaults() -> None:
     method_dir = config_dir() / "method"
     assert sorted(p.stem for p in method_dir.glob("*.yaml")) == sorted(tta.list_methods())
     for name in tta.list_methods():
-        cfg = yaml.safe_load((method_dir / f"{name}.yaml").read_text())
+        # Each file, composed with the shared files it includes, holds the method's
+        # defaults, and lists itself only what is its own or differs from them.
+        cfg = OmegaConf.to_container(compose_config([f"method={name}"]).method)
         assert cfg.pop("name") == name
         # tta.wrap's preset, resolved by tta-bench from the data set
         assert cfg.pop("preset") == "auto"
@@ -73,6 +78,12 @@ def test_method_yamls_agree_with_method_defaults() -> None:
             expected = defaults[key]
             expected = list(expected) if isinstance(expected, tuple) else expected
             assert value == expected, f"{name}.yaml {key}={value!r}, method_defaults says {expected!r}"
+        own = yaml.safe_load((method_dir / f"{name}.yaml").read_text())
+        shared = {k: v for f in own["defaults"] if f != "_self_"
+                  for k, v in yaml.safe_load((method_dir / f.split("@")[0].lstrip("/")).with_suffix(".yaml")
+                                             .read_text()).items()}
+        repeated = [k for k, v in own.items() if k in shared and shared[k] == v]
+        assert not repeated, f"{name}.yaml repeats the shared {repeated}"
 
 
 def test_groups_and_documented_keys() -> None:
@@ -144,9 +155,9 @@ def test_imagenet_c_tree(tmp_path: Path, few_images) -> None:
             arr = (img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
             Image.fromarray(arr).save(folder / f"ILSVRC2012_val_{i:08d}.JPEG", quality=90)
 
-    data = {"kind": "imagenet_c", "root": str(tmp_path), "corruptions": ["gaussian_noise", "contrast"],
-            "severity": 5, "num_images": None, "class_index": "imagenet", "image_size": 48}
-    domains, num_classes = build_domains(data, {"severities": None})
+    tree = read_config(compose_config(["data=imagenetc", f"data.root={tmp_path}", "data.num_images=null",
+                                       "data.corruptions=[gaussian_noise,contrast]", "data.image_size=48"]))
+    domains, num_classes = build_domains(tree.data, tree.scenario)
     assert num_classes == 1000 and [d.name for d in domains] == ["gaussian_noise", "contrast"]
     for d in domains:
         assert len(d) == 20 and sorted(set(d.labels.tolist())) == list(picks)
@@ -162,7 +173,7 @@ def test_imagenet_c_tree(tmp_path: Path, few_images) -> None:
     assert set(res["error"]) == {"gaussian_noise", "contrast"} and res["num_images"] == 40
 
     with pytest.raises(FileNotFoundError, match=r"<corruption>/<severity>/<wnid>"):
-        build_domains({**data, "corruptions": ["fog"]}, {"severities": None})
+        build_domains(replace(tree.data, corruptions=("fog",)), tree.scenario)
 
 
 def test_cifar10c_disk_npy(tmp_path: Path, few_images) -> None:
@@ -177,14 +188,14 @@ def test_cifar10c_disk_npy(tmp_path: Path, few_images) -> None:
         np.save(tmp_path / f"{corruption}.npy", stack)
     np.save(tmp_path / "labels.npy", np.tile(y[:n].numpy().astype(np.int64), 5))
 
-    data = {"kind": "npy", "root": str(tmp_path), "corruptions": ["gaussian_noise", "fog"],
-            "severity": 3, "num_images": 8}
-    domains, _ = build_domains(data, {"severities": None})
+    disk = read_config(compose_config(["data=cifar10c_disk", f"data.root={tmp_path}", "data.severity=3",
+                                       "data.corruptions=[gaussian_noise,fog]", "data.num_images=8"]))
+    domains, _ = build_domains(disk.data, disk.scenario)
     assert [d.name for d in domains] == ["gaussian_noise", "fog"]
     for d in domains:
         assert len(d) == 8 and all(d.pool.read(int(r))[0, 0, 0].item() == 3 for r in d.rows)
         np.testing.assert_array_equal(d.labels, y[:n].numpy()[d.rows - 2 * n])
-    gradual, _ = build_domains(data, {"severities": [1, 5]})
+    gradual, _ = build_domains(disk.data, replace(disk.scenario, severities=(1, 5)))
     assert [d.name for d in gradual] == ["gaussian_noise/1", "gaussian_noise/5", "fog/1", "fog/5"]
 
     cfg = compose_config(["data=cifar10c_disk", f"data.root={tmp_path}", "data.corruptions=[gaussian_noise,fog]",
@@ -194,7 +205,7 @@ def test_cifar10c_disk_npy(tmp_path: Path, few_images) -> None:
     assert res["num_images"] == 32 and res["steps"]["num_selected"][0] == 8
 
     with pytest.raises(FileNotFoundError, match="labels.npy"):
-        build_domains({**data, "root": str(tmp_path / "missing")}, {"severities": None})
+        build_domains(replace(disk.data, root=str(tmp_path / "missing")), disk.scenario)
 
 
 def test_dirichlet_label_shift_order() -> None:
@@ -248,18 +259,18 @@ def test_same_seed_same_stream_and_results(tmp_path: Path) -> None:
     b = run_benchmark(cfg, tmp_path / "b")
     assert a["error"] == b["error"] and a["steps"]["loss"] == b["steps"]["loss"]
     # Different seeds give a different stream.
-    other = compose_config([*QUICK, "run.seed=1"])
+    cfg, other = read_config(cfg), read_config(compose_config([*QUICK, "run.seed=1"]))
     s0 = build_stream(build_domains(cfg.data, cfg.scenario, seed=0)[0], cfg.scenario, 16, 0)
     s1 = build_stream(build_domains(other.data, other.scenario, seed=1)[0], other.scenario, 16, 1)
     assert not np.array_equal(s0.labels, s1.labels)
 
 
 def test_reset_each_shift_marks_domain_changes() -> None:
-    cfg = compose_config([*QUICK, "scenario=reset_each_shift", "method=tent", "run.plot=false"])
+    cfg = read_config(compose_config([*QUICK, "scenario=reset_each_shift", "method=tent", "run.plot=false"]))
     domains, _ = build_domains(cfg.data, cfg.scenario, seed=0)
     stream = build_stream(domains, cfg.scenario, 16, 0)
     assert stream.resets == {2}  # the runner resets the method before this batch
-    assert build_stream(domains, compose_config(QUICK).scenario, 16, 0).resets == set()
+    assert build_stream(domains, read_config(compose_config(QUICK)).scenario, 16, 0).resets == set()
 
 
 def test_eata_fisher_from_train_split(tmp_path: Path) -> None:
@@ -323,10 +334,6 @@ def test_report_on_empty_folder_fails_clearly(tmp_path: Path) -> None:
         make_report(tmp_path)
 
 
-ZOO_RESNET20 = Path(__file__).resolve().parents[1] / "benchmarks" / "zoo" / "checkpoints" / "resnet20_bn_jpeg.pt"
-
-
-@pytest.mark.skipif(not ZOO_RESNET20.is_file(), reason="zoo checkpoint not trained")
 def test_zoo_model_runs_in_the_bench(tmp_path: Path) -> None:
     # The zoo loader takes the runner's pretrained flag: true loads the checked
     # checkpoint, false the bare architecture.
@@ -356,5 +363,5 @@ def test_zoo_clip_policy_runs_tpt_in_the_bench(tmp_path: Path) -> None:
                           "model=zoo_clip_small", "model.pretrained=false", "method=tpt",
                           "method.num_views=4", "run.plot=false"])
     res = run_benchmark(cfg, tmp_path)
-    assert res["model"] == "clip:zoo/clip_small" and res["num_steps"] == 1
+    assert res["model"] == "zoo:clip_small" and res["num_steps"] == 1
     assert 0 <= res["mean_error"] <= 100

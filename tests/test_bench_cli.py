@@ -25,8 +25,10 @@ pytest.importorskip("hydra")
 import tta  # noqa: E402
 from tta.bench import compose_config, config_dir, run_benchmark  # noqa: E402
 from tta.bench.config import NON_RESULT_KEYS, config_hash, dirname_from_overrides, method_overrides  # noqa: E402
-from tta.bench.methodconf import configurable_defaults, render_method_yaml  # noqa: E402
-from tta.bench.sources import build_domains, imagenet_wnids  # noqa: E402
+from tta.bench.methodconf import configurable_defaults  # noqa: E402
+from tta.bench.settings import read_config  # noqa: E402
+from tta.bench.sources import build_domains  # noqa: E402
+from tta.data import imagenet_wnids  # noqa: E402
 from tta.bench.stream import BatchLoader, build_stream  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,8 +65,10 @@ def _cli(args: list[str], cwd: Path, module: str = "tta.bench", timeout: float =
 def test_method_yaml_generator_round_trips():
     from omegaconf import OmegaConf
 
+    # Each method file composed with the shared files it includes holds exactly
+    # the Python defaults.
     for name in tta.list_methods():
-        data = OmegaConf.to_container(OmegaConf.create(render_method_yaml(name)))
+        data = OmegaConf.to_container(compose_config([f"method={name}"]).method)
         assert data.pop("name") == name
         assert data.pop("preset") == "auto"
         assert data == configurable_defaults(name)
@@ -167,7 +171,7 @@ def test_configs_ship_as_package_data():
     parser = configparser.ConfigParser()
     parser.read(REPO / "setup.cfg")
     globs = [g.strip() for g in parser["options.package_data"]["tta.bench"].splitlines() if g.strip()]
-    assert "imagenet_wnids.txt" in globs
+    assert "imagenet_wnids.txt" in parser["options.package_data"]["tta.data"]
     for f in (REPO / "conf").rglob("*.yaml"):
         rel = "conf/" + f.relative_to(REPO / "conf").as_posix()
         assert any(fnmatch(rel, g) and rel.count("/") == g.count("/") for g in globs), rel
@@ -205,8 +209,8 @@ def test_dataloader_workers_give_the_cached_batches(tmp_path):
         folder = tmp_path / "fog" / "5" / imagenet_wnids()[(i % 2) * 999]
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray((x[i].permute(1, 2, 0).numpy() * 255).astype(np.uint8)).save(folder / f"{i}.JPEG")
-    cfg = compose_config(["data=imagenetc", f"data.root={tmp_path}", "data.corruptions=[fog]",
-                          "data.image_size=40", "data.num_images=null"])
+    cfg = read_config(compose_config(["data=imagenetc", f"data.root={tmp_path}", "data.corruptions=[fog]",
+                                      "data.image_size=40", "data.num_images=null"]))
     domains, num_classes = build_domains(cfg.data, cfg.scenario, seed=0)
     assert num_classes == 1000 and sorted(set(domains[0].labels.tolist())) == [0, 999]
     stream = build_stream(domains, cfg.scenario, 3, 0)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ pytest.importorskip("hydra")
 import tta  # noqa: E402
 import tta.methods.base as methods_base  # noqa: E402
 from tta.bench import compose_config, make_report, run_benchmark  # noqa: E402
+from tta.bench.settings import read_config  # noqa: E402
 from tta.bench.sources import build_domains  # noqa: E402
 from tta.bench.stream import BatchLoader, build_stream  # noqa: E402
 
@@ -87,7 +89,7 @@ def _same_numbers(a: dict, b: dict) -> None:
 
 @needs_cifar
 def test_loader_paths_do_not_touch_the_global_rng() -> None:
-    cfg = compose_config(TINY)
+    cfg = read_config(compose_config(TINY))
     domains, _ = build_domains(cfg.data, cfg.scenario, seed=0)
     stream = build_stream(domains, cfg.scenario, 8, 0)
     for loader in (BatchLoader(stream, torch.device("cpu"), seed=0),
@@ -184,7 +186,7 @@ def folder_with_bad_files(tmp_path) -> tuple[Path, list[Path], list[Path]]:
 @needs_cifar
 @pytest.mark.parametrize("kind", list(BAD_KINDS))
 def test_check_image_file_names_each_kind_of_bad_file(tmp_path, kind) -> None:
-    from tta.bench.sources import check_image_file
+    from tta.bench.files import check_image_file
 
     good = Path(shutil.copy(sorted(CIFAR_TEST.glob("*/*.jpg"))[0], tmp_path / "good.jpg"))
     assert check_image_file(good) is None
@@ -196,7 +198,7 @@ def test_check_image_file_names_each_kind_of_bad_file(tmp_path, kind) -> None:
 def test_check_image_file_accepts_padding_and_other_formats(tmp_path) -> None:
     from PIL import Image
 
-    from tta.bench.sources import check_image_file
+    from tta.bench.files import check_image_file
 
     good = Path(shutil.copy(sorted(CIFAR_TEST.glob("*/*.jpg"))[0], tmp_path / "good.jpg"))
     padded, trailer = tmp_path / "padded.jpg", tmp_path / "trailer.jpg"
@@ -213,7 +215,7 @@ def test_check_image_file_accepts_padding_and_other_formats(tmp_path) -> None:
 @needs_cifar
 def test_bad_files_refuse_the_run_before_streaming_naming_every_one(folder_with_bad_files, tmp_path,
                                                                     monkeypatch) -> None:
-    from tta.bench.sources import ImageFileError
+    from tta.bench.files import ImageFileError
 
     root, _, bad = folder_with_bad_files
     steps = []
@@ -242,7 +244,7 @@ def test_skip_bad_files_leaves_them_out_and_counts_them(folder_with_bad_files, t
     res = run_benchmark(compose_config([*base, f"data.num_images={len(good)}"]), tmp_path / "subset")
     assert res["num_images"] == 2 * len(good) and res["num_bad_files"] >= 1
     # Results that left files out are not reused by a run that refuses bad files.
-    from tta.bench.sources import ImageFileError
+    from tta.bench.files import ImageFileError
 
     with pytest.raises(ImageFileError):
         run_benchmark(compose_config([*TINY, "method=source", f"data.root={root}", "data.num_images=null",
@@ -251,7 +253,8 @@ def test_skip_bad_files_leaves_them_out_and_counts_them(folder_with_bad_files, t
 
 @needs_cifar
 def test_bad_files_of_every_imagenet_c_domain_and_of_the_source_images_are_named(tmp_path) -> None:
-    from tta.bench.sources import ImageFileError, load_source_images
+    from tta.bench.files import ImageFileError
+    from tta.bench.sources import load_source_images
 
     root = tmp_path / "ImageNet-C"
     bad = []
@@ -261,12 +264,12 @@ def test_bad_files_of_every_imagenet_c_domain_and_of_the_source_images_are_named
         for f in sorted(CIFAR_TEST.glob("airplane/*.jpg"))[:3]:
             shutil.copy(f, folder / f.name)
         bad.append(_make_bad(folder / "x.JPEG", ("empty", "truncated_jpeg")[i], folder / f.name))
-    data = {"kind": "imagenet_c", "root": str(root), "corruptions": ["fog", "contrast"], "severity": 5,
-            "num_images": None, "class_index": "imagenet"}
+    cfg = read_config(compose_config(["data=imagenetc", f"data.root={root}", "data.corruptions=[fog,contrast]",
+                                      "data.num_images=null"]))
     with pytest.raises(ImageFileError) as err:
-        build_domains(data, {"severities": None})
+        build_domains(cfg.data, cfg.scenario)
     assert all(str(p) in str(err.value) for p in bad)
-    domains, _ = build_domains({**data, "skip_bad_files": True}, {"severities": None})
+    domains, _ = build_domains(replace(cfg.data, skip_bad_files=True), cfg.scenario)
     assert [len(d) for d in domains] == [3, 3] and [d.pool.bad_files[0][0] for d in domains] == list(map(str, bad))
 
     with pytest.raises(ImageFileError, match="data.source_root"):
@@ -281,7 +284,7 @@ def test_bad_files_of_every_imagenet_c_domain_and_of_the_source_images_are_named
 def test_a_file_that_fails_to_decode_mid_stream_is_named(tmp_path, num_workers) -> None:
     root = tmp_path / "test"
     good = _copy_cifar_like(root, per_class=1)
-    cfg = compose_config([*TINY, f"data.root={root}", "data.num_images=null"])
+    cfg = read_config(compose_config([*TINY, f"data.root={root}", "data.num_images=null"]))
     domains, _ = build_domains(cfg.data, cfg.scenario, seed=0)  # every file passes the check
     stream = build_stream(domains, cfg.scenario, 4, 0)
     # Cut short after the check (e.g. rewritten meanwhile): Pillow's own error,
@@ -332,7 +335,7 @@ BAD_VALUES = {
 
 @pytest.mark.parametrize("override", list(BAD_VALUES))
 def test_bad_config_values_are_refused_when_the_config_is_read(tmp_path, override) -> None:
-    from tta.bench.config import ConfigError
+    from tta.bench.settings import ConfigError
 
     with pytest.raises(ConfigError) as err:
         run_benchmark(compose_config([*TINY, override]), tmp_path / "out")
@@ -341,18 +344,38 @@ def test_bad_config_values_are_refused_when_the_config_is_read(tmp_path, overrid
 
 
 def test_every_bad_value_is_listed_at_once_and_the_shipped_configs_pass(tmp_path) -> None:
-    from tta.bench.config import ConfigError, config_dir, validate_config
+    from tta.bench.config import config_dir
+    from tta.bench.settings import ConfigError
 
     with pytest.raises(ConfigError) as err:
-        validate_config(compose_config(["run.ece_bins=0", "data.severity=2.7", "run.seed=-3"]))
+        read_config(compose_config(["run.ece_bins=0", "data.severity=2.7", "run.seed=-3"]))
     assert all(key in str(err.value) for key in ("run.ece_bins", "data.severity", "run.seed"))
     for group in ("data", "scenario", "model"):
         for path in sorted((config_dir() / group).glob("*.yaml")):
-            validate_config(compose_config([f"{group}={path.stem}", "data.root=/x"]))
+            read_config(compose_config([f"{group}={path.stem}", "data.root=/x"]))
     # Edge values that are fine: no cache limit, checkpoints off, all images.
-    validate_config(compose_config(["data.cache_mb=inf", "run.checkpoint_every=0", "data.num_images=null",
+    read_config(compose_config(["data.cache_mb=inf", "run.checkpoint_every=0", "data.num_images=null",
                                     "run.checkpoint_minutes=null", "run.num_threads=2"]))
-    validate_config(compose_config(["data.cache_mb=0.5", "scenario.severities=[1,5]", "run.device=cuda:1"]))
+    read_config(compose_config(["data.cache_mb=0.5", "scenario.severities=[1,5]", "run.device=cuda:1"]))
+
+
+def test_missing_and_unknown_keys_are_named_when_the_config_is_read() -> None:
+    from omegaconf import OmegaConf
+
+    from tta.bench.settings import ConfigError
+
+    plain = OmegaConf.to_container(compose_config(["data.root=/x"]), resolve=True)
+    del plain["data"]["cache_mb"]
+    plain["run"]["batchsize"] = 8
+    with pytest.raises(ConfigError) as err:
+        read_config(plain)
+    assert "data.cache_mb is missing" in str(err.value)
+    assert "run.batchsize is not a key of run (keys: batch_size," in str(err.value)
+    # Typed values: lists become tuples, and every group is a frozen dataclass.
+    cfg = read_config(compose_config(["data.corruptions=[fog,contrast]"]))
+    assert cfg.data.corruptions == ("fog", "contrast") and cfg.run.batch_size == 64
+    with pytest.raises(AttributeError):
+        cfg.run.batch_size = 1  # type: ignore[misc]
 
 
 # ----------------------------------------------------------------------------------

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from tta.bench import compose_config, run_benchmark
-from tta.bench.runner import _Renderer
+from tta.bench.render import BatchRenderer
+from tta.bench.settings import read_config
 from tta.bench.sources import build_domains
 from tta.bench.stream import BatchLoader, build_stream
 
@@ -44,14 +45,14 @@ def test_source_error_is_the_same_in_every_scenario_on_a_batch_independent_model
 
 
 def _rendered_by_image(over: list[str]) -> dict[tuple[str, int], torch.Tensor]:
-    cfg = compose_config(over)
+    cfg = read_config(compose_config(over))
     domains, n_cls = build_domains(cfg.data, cfg.scenario, seed=0)
-    stream = build_stream(domains, cfg.scenario, int(cfg.run.batch_size), 0, n_cls)
+    stream = build_stream(domains, cfg.scenario, cfg.run.batch_size, 0, n_cls)
     loader = BatchLoader(stream, torch.device("cpu"))
-    render = _Renderer(stream, torch.device("cpu"), 0, cfg.data.preset)
+    render = BatchRenderer(stream, seed=0, preset=cfg.data.preset, input_size=None)
     out = {}
     for batch in loader:
-        x = render(batch.images.float().div_(255), batch)
+        x = render(batch)
         s, e = stream.batches[batch.index]
         for j, (d, p) in enumerate(zip(stream.dom[s:e], stream.pos[s:e])):
             domain = stream.domains[int(d)]
@@ -225,8 +226,8 @@ def test_num_images_beyond_the_folder_says_so_once(tmp_path: Path, caplog) -> No
         (root / c).mkdir(parents=True)
         for i in range(3):
             Image.fromarray(np.full((32, 32, 3), 40 * i, np.uint8)).save(root / c / f"{i}.png")
-    cfg = compose_config(["data.corruptions=[fog,contrast,brightness]", f"data.root={root}",
-                          "data.num_images=5000", "model.pretrained=false"])
+    cfg = read_config(compose_config(["data.corruptions=[fog,contrast,brightness]", f"data.root={root}",
+                                      "data.num_images=5000", "model.pretrained=false"]))
     with caplog.at_level(logging.WARNING, logger="tta.bench"):
         domains, _ = build_domains(cfg.data, cfg.scenario, seed=0)
     assert [len(d) for d in domains] == [6, 6, 6]
@@ -237,13 +238,13 @@ def test_num_images_beyond_the_folder_says_so_once(tmp_path: Path, caplog) -> No
 def test_long_runs_announce_their_time(caplog) -> None:
     import logging
 
-    from tta.bench.runner import _TimeEstimate
+    from tta.bench.loop import TimeEstimate
 
     with caplog.at_level(logging.INFO, logger="tta.bench"):
-        est = _TimeEstimate(10_000)
+        est = TimeEstimate(10_000)
         for b in range(8):  # 10 images/s after the first batch
             est.update(10, now=float(b))
-        short = _TimeEstimate(60)
+        short = TimeEstimate(60)
         for b in range(6):
             short.update(10, now=float(b) * 3)
     messages = [r.getMessage() for r in caplog.records if "estimated time" in r.getMessage()]
@@ -252,7 +253,7 @@ def test_long_runs_announce_their_time(caplog) -> None:
 
 
 def test_counts_read_right() -> None:
-    from tta.bench.runner import _count
+    from tta.bench.loop import count
 
-    assert [_count(1, "domain"), _count(2, "domain"), _count(1, "batch"), _count(3, "batch")] == [
+    assert [count(1, "domain"), count(2, "domain"), count(1, "batch"), count(3, "batch")] == [
         "1 domain", "2 domains", "1 batch", "3 batches"]

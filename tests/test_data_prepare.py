@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tta.bench.sources import imagenet_wnids
+from tta.data import imagenet_wnids
 from tta.corruptions import EXTRA_NAMES, NAMES
 from tta.data import cifar10, cifar10_archive, cifar10c, list_image_folder
 from tta.data import prepare as P

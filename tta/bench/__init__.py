@@ -14,6 +14,8 @@ From Python::
 
 Configs live in ``conf/`` (shipped as ``tta/bench/conf``): ``model/``, ``method/``,
 ``data/``, ``scenario/`` and ``hydra/launcher/`` groups, every key commented.
+:func:`read_config` reads a composed config into the typed :class:`BenchConfig` the
+runner's stages take (``runner.py`` lists the stages, ``ARCHITECTURE.md`` draws them).
 """
 
 from __future__ import annotations
@@ -22,8 +24,11 @@ from .config import NON_RESULT_KEYS, compose_config, config_dir, config_hash, re
 from .report import collect_results, make_report
 from .results import load_results
 from .runner import run_benchmark
+from .settings import BenchConfig, ConfigError, read_config
 
 __all__ = [
+    "BenchConfig",
+    "ConfigError",
     "NON_RESULT_KEYS",
     "collect_results",
     "compose_config",
@@ -31,6 +36,7 @@ __all__ = [
     "config_hash",
     "load_results",
     "make_report",
+    "read_config",
     "register_resolvers",
     "run_benchmark",
 ]

@@ -1,4 +1,6 @@
-"""Where the benchmark's Hydra configs live, and what the runner derives from them.
+"""Where the benchmark's Hydra configs live, how they are composed and hashed, and
+what the method config becomes (:func:`method_overrides`, :func:`method_preset`);
+:mod:`.settings` reads the rest into typed dataclasses.
 
 The YAML files are kept at the repository's ``conf/`` and ship inside the package as
 ``tta/bench/conf`` (a link to ``../../conf`` in the source tree that setuptools
@@ -9,10 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -26,8 +27,6 @@ __all__ = [
     "compose_config",
     "to_container",
     "config_hash",
-    "ConfigError",
-    "validate_config",
     "method_overrides",
     "method_preset",
     "DATA_PRESETS",
@@ -246,180 +245,3 @@ def method_overrides(method_cfg: Mapping[str, Any]) -> tuple[str, dict[str, Any]
             value = tuple(value)
         overrides[key] = value
     return name, overrides
-
-
-# ----------------------------------------------------------------------------------
-# Checking the values of a config, once, when a run reads it
-# ----------------------------------------------------------------------------------
-
-
-class ConfigError(ValueError):
-    """Config values of the wrong type or out of range; the message names each key
-    and what it takes."""
-
-
-#: A check: the value -> None when fine, else what the key takes (for the message).
-_Check = Callable[[Any], "str | None"]
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and not (isinstance(v, float) and math.isnan(v))
-
-
-def _range_text(lo: Any, hi: Any, lo_open: bool = False) -> str:
-    if lo is not None and hi is not None:
-        return f" in {lo}..{hi}" if not lo_open else f" in ({lo}, {hi}]"
-    if lo is not None:
-        return f" > {lo}" if lo_open else f" >= {lo}"
-    return ""
-
-
-def _integer(lo: int | None = None, hi: int | None = None, *, null: bool = False, hi_text: str | None = None) -> _Check:
-    allowed = ("null or " if null else "") + "an integer" + _range_text(lo, hi_text or hi)
-
-    def check(v: Any) -> str | None:
-        if v is None and null:
-            return None
-        ok = _is_int(v) and (lo is None or v >= lo) and (hi is None or v <= hi)
-        return None if ok else allowed
-
-    return check
-
-
-def _number(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, null: bool = False,
-            finite: bool = True) -> _Check:
-    allowed = ("null or " if null else "") + ("a finite number" if finite else "a number") + _range_text(lo, hi, lo_open)
-
-    def check(v: Any) -> str | None:
-        if v is None and null:
-            return None
-        ok = (_is_number(v) and (not finite or math.isfinite(v))
-              and (lo is None or (v > lo if lo_open else v >= lo)) and (hi is None or v <= hi))
-        return None if ok else allowed
-
-    return check
-
-
-def _boolean(v: Any) -> str | None:
-    return None if isinstance(v, bool) else "true or false"
-
-
-def _text(*, null: bool = False) -> _Check:
-    def check(v: Any) -> str | None:
-        if v is None and null:
-            return None
-        return None if isinstance(v, str) and v.strip() else ("null or " if null else "") + "a non-empty string"
-
-    return check
-
-
-def _one_of(*options: str, null: bool = False) -> _Check:
-    allowed = ("null or " if null else "") + "one of " + ", ".join(options)
-
-    def check(v: Any) -> str | None:
-        return None if (v is None and null) or v in options else allowed
-
-    return check
-
-
-def _list_of(item: _Check, what: str, *, null: bool = False) -> _Check:
-    allowed = ("null or " if null else "") + f"a non-empty list of {what}"
-
-    def check(v: Any) -> str | None:
-        if v is None and null:
-            return None
-        ok = isinstance(v, (list, tuple)) and len(v) > 0 and all(item(x) is None for x in v)
-        return None if ok else allowed
-
-    return check
-
-
-def _device(v: Any) -> str | None:
-    allowed = "auto or a torch device (cpu, cuda, cuda:1, mps, ...)"
-    if v in (None, "auto"):
-        return None
-    if not isinstance(v, str):
-        return allowed
-    import torch
-
-    try:
-        torch.device(v)
-    except (RuntimeError, ValueError):
-        return allowed
-    return None
-
-
-#: The checked keys. Keys a config lacks are not checked (the runner has defaults
-#: for them); method.* is checked by the method itself (tta.wrap) and model.name
-#: by tta.load_model.
-_CHECKS: dict[str, _Check] = {
-    "run.batch_size": _integer(1),
-    "run.device": _device,
-    # torch.manual_seed and numpy's SeedSequence take non-negative integers.
-    "run.seed": _integer(0, 2**63 - 1, hi_text="2**63-1"),
-    "run.num_threads": _integer(1, null=True),
-    "run.ece": _boolean,
-    "run.ece_bins": _integer(1),
-    "run.plot": _boolean,
-    "run.progress": _boolean,
-    "run.skip_existing": _boolean,
-    "run.out_dir": _text(),
-    "run.checkpoint_every": _integer(0, null=True),
-    "run.checkpoint_minutes": _number(0, null=True),
-    "data.name": _text(),
-    "data.kind": _one_of("on_the_fly", "npy", "imagenet_c"),
-    "data.root": _text(),
-    "data.class_index": _one_of("folder", "imagenet", "auto"),
-    "data.corruptions": _list_of(_text(), "corruption names"),
-    "data.severity": _integer(1, 5),
-    "data.num_images": _integer(1, null=True),
-    "data.preset": _one_of("cifar", "tinyimagenet", "imagenet", null=True),
-    "data.image_size": _integer(1, null=True),
-    "data.crop_ratio": _number(0, 1, lo_open=True),
-    "data.source_root": _text(null=True),
-    "data.num_workers": _integer(0),
-    # inf: cache any set (a float, like 4096.5, is fine too).
-    "data.cache_mb": _number(0, finite=False),
-    "data.skip_bad_files": _boolean,
-    "scenario.name": _text(),
-    "scenario.reset_each_shift": _boolean,
-    "scenario.mix_domains": _boolean,
-    "scenario.severities": _list_of(_integer(1, 5), "integers in 1..5", null=True),
-    "scenario.label_shift_gamma": _number(0, lo_open=True, null=True),
-    "scenario.label_shift_slots": _integer(1, null=True),
-    "model.weights": _text(null=True),
-    "model.pretrained": _boolean,
-}
-
-
-def validate_config(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
-    """Check the type and range of every value of a ``bench`` config that the runner
-    reads (see ``_CHECKS``); return the resolved plain dict.
-
-    Raises :class:`ConfigError` listing each bad key by its full dotted name, what
-    it takes and what it got, so ``run.ece_bins=0`` or ``data.severity=2.7`` is
-    refused up front instead of silently running something else.
-    """
-    data = to_container(cfg)
-    problems = []
-    for dotted, check in _CHECKS.items():
-        section, _, leaf = dotted.partition(".")
-        node = data.get(section)
-        if not isinstance(node, Mapping) or leaf not in node:
-            continue
-        value = node[leaf]
-        allowed = check(value)
-        if allowed is not None:
-            shown = "null" if value is None else repr(value)
-            problems.append(f"{dotted} must be {allowed}; got {shown} ({type(value).__name__})")
-    if len(problems) == 1:
-        raise ConfigError(f"invalid config value: {problems[0]}. Set it on the command line "
-                          "(<key>=<value>) or in the YAML that sets it")
-    if problems:
-        raise ConfigError("invalid config values:\n  " + "\n  ".join(problems)
-                          + "\nSet them on the command line (<key>=<value>) or in the YAML that sets them")
-    return data

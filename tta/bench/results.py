@@ -15,9 +15,17 @@ import subprocess
 import sys
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from ..paths import atomic_write_bytes
+
+if TYPE_CHECKING:
+    from datetime import datetime
+
+    import torch
+
+    from .settings import BenchConfig
+    from .stream import BatchLoader
 
 __all__ = [
     "RESULTS_JSON",
@@ -32,6 +40,7 @@ __all__ = [
     "write_results",
     "round_figures",
     "plot_run",
+    "build_results",
 ]
 
 RESULTS_JSON = "results.json"
@@ -144,6 +153,66 @@ def round_figures(results: Mapping[str, Any]) -> dict[str, Any]:
         return value
 
     return {k: rounded(v, _DECIMALS[k]) if k in _DECIMALS else v for k, v in results.items()}
+
+
+#: The summary's keys first, in this order; the bulky parts (config, steps) last.
+_ORDER = ["method", "model", "data", "scenario", "error", "mean_error", "ece", "mean_ece",
+          "images_per_s", "images_per_s_end_to_end", "peak_mem_mb", "peak_mem_kind"]
+
+
+def build_results(config: BenchConfig, summary: Mapping[str, Any], speed: Mapping[str, Any],
+                  step_s: Sequence[float], *, device: torch.device, loader: BatchLoader,
+                  left_out: Sequence[tuple[str, str]], preset: str | None, overrides: Mapping[str, Any],
+                  resumed_at: int | None, hydra_info: Mapping[str, Any] | None, started: datetime,
+                  seconds: Mapping[str, Any]) -> dict[str, Any]:
+    """The results dict of a run (what ``results.json`` holds): the ``summary``
+    of :func:`~tta.bench.metrics.summarise`, the ``speed`` of
+    :func:`~tta.bench.metrics.throughput`, and what ran, where and when, with the
+    figures rounded (:func:`round_figures`)."""
+    import torch
+
+    from .metrics import peak_memory_mb
+
+    peak_mb, peak_kind = peak_memory_mb(device)
+    results = dict(summary)
+    results["steps"] = {**summary["steps"], "seconds": list(step_s)}
+    results.update({
+        "method": config.method["name"],
+        "model": config.model.name,
+        "data": config.data.name,
+        "scenario": config.scenario.name,
+        **speed,
+        "resumed_at_batch": resumed_at,
+        "seconds": dict(seconds),
+        "peak_mem_mb": peak_mb,
+        "peak_mem_kind": peak_kind,
+        "batch_size": config.run.batch_size,
+        "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+        "num_threads": torch.get_num_threads(),
+        "loader": "tensor_cache" if loader.cached else "dataloader",
+        "num_bad_files": len(left_out),
+        "bad_files": [{"path": p, "reason": r} for p, r in left_out],
+        "config": dict(config.plain),
+        "config_hash": config.hash,
+        "method_preset": preset,
+        "method_overrides": dict(overrides),
+        "versions": versions(),
+        "git": git_info(),
+        "hydra": dict(hydra_info or {}),
+        "started_at": started.isoformat(timespec="seconds"),
+        "finished_at": _now_iso(),
+    })
+    results = {**{k: results[k] for k in _ORDER if k in results},
+               **{k: v for k, v in results.items() if k not in _ORDER and k != "steps"},
+               "steps": results["steps"]}
+    return round_figures(results)
+
+
+def _now_iso() -> str:
+    """The current UTC time, to the second, in ISO 8601."""
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def _csv_bytes(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> bytes:

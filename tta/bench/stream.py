@@ -12,20 +12,26 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from .sources import Domain, ImagePool
+from .pools import ImagePool, decode_all
+from .settings import DataConfig, RunConfig, ScenarioConfig
+from .sources import Domain, build_domains
 
-__all__ = ["Stream", "Batch", "build_stream", "dirichlet_order", "BatchLoader", "decode_all", "seed_for"]
+__all__ = ["Stream", "Batch", "build_stream", "dirichlet_order", "BatchLoader", "seed_for", "open_stream",
+           "bad_files"]
 
 
 def seed_for(*parts: int) -> int:
-    """A 63-bit seed derived from integers (stable across runs and platforms)."""
+    """A 63-bit seed derived from integers (stable across runs and platforms). The
+    run seed comes first, then a number naming what the seed is for: 1 a domain's
+    order, 2 the mixing of domains (both as numpy seed lists), 3 a rendered
+    image's corruption (:mod:`.render`), 4 the DataLoader's workers."""
     return int(np.random.SeedSequence([abs(int(p)) for p in parts]).generate_state(2, np.uint64)[0] >> 1)
 
 
@@ -72,7 +78,7 @@ class Stream:
 
 
 def build_stream(
-    domains: Sequence[Domain], scenario: Mapping[str, Any], batch_size: int, seed: int,
+    domains: Sequence[Domain], scenario: ScenarioConfig, batch_size: int, seed: int,
     num_classes: int | None = None,
 ) -> Stream:
     """Order the domains' images as ``scenario`` says and cut them into batches.
@@ -82,18 +88,17 @@ def build_stream(
     """
     if batch_size < 1:
         raise ValueError(f"run.batch_size must be >= 1, got {batch_size}")
-    gamma = scenario.get("label_shift_gamma")
     doms, poss = [], []
     for d, domain in enumerate(domains):
         rng = np.random.default_rng([seed, 1, d])
-        if gamma is not None:
-            slots = scenario.get("label_shift_slots") or num_classes or int(domain.labels.max()) + 1
-            order = dirichlet_order(domain.labels, float(gamma), int(slots), rng)
+        if scenario.label_shift_gamma is not None:
+            slots = scenario.label_shift_slots or num_classes or int(domain.labels.max()) + 1
+            order = dirichlet_order(domain.labels, float(scenario.label_shift_gamma), int(slots), rng)
         else:
             order = rng.permutation(len(domain))
         doms.append(np.full(len(order), d, dtype=np.int64))
         poss.append(order)
-    if scenario.get("mix_domains"):
+    if scenario.mix_domains:
         dom, pos = np.concatenate(doms), np.concatenate(poss)
         perm = np.random.default_rng([seed, 2]).permutation(len(dom))
         dom, pos = dom[perm], pos[perm]
@@ -101,7 +106,7 @@ def build_stream(
         return Stream(list(domains), dom, pos, batches)
     batches, resets, start = [], set(), 0
     for d, order in enumerate(poss):
-        if d > 0 and scenario.get("reset_each_shift"):
+        if d > 0 and scenario.reset_each_shift:
             resets.add(len(batches))
         batches += [(start + s, start + min(s + batch_size, len(order))) for s in range(0, len(order), batch_size)]
         start += len(order)
@@ -111,30 +116,6 @@ def build_stream(
 # ----------------------------------------------------------------------------------
 # Loading
 # ----------------------------------------------------------------------------------
-
-
-def decode_all(pool: ImagePool, rows: np.ndarray, num_workers: int = 0) -> Tensor:
-    """Images ``rows`` of ``pool`` as one uint8 (N, 3, H, W) tensor, decoded by
-    ``num_workers`` threads when the pool reads files."""
-    if len(rows) == 0:
-        raise ValueError("no images to decode")
-    if not hasattr(pool, "files") or num_workers <= 0 or len(rows) < 256:
-        return pool.read_many(rows)
-    # Threads, not processes: Pillow decodes without the GIL, and a runner that is
-    # itself a joblib (loky) worker cannot start DataLoader processes the usual way.
-    from concurrent.futures import ThreadPoolExecutor
-
-    first = pool.read(int(rows[0]))
-    out = torch.empty((len(rows), *first.shape), dtype=torch.uint8)
-    out[0] = first
-
-    def fill(chunk: np.ndarray) -> None:
-        for i in chunk:
-            out[i] = pool.read(int(rows[i]))
-
-    with ThreadPoolExecutor(max_workers=num_workers) as ex:
-        list(ex.map(fill, np.array_split(np.arange(1, len(rows)), num_workers * 8)))
-    return out
 
 
 def _worker_context() -> str | None:
@@ -266,3 +247,34 @@ class BatchLoader:
             s, e = stream.batches[b]
             yield Batch(b, x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True),
                         stream.dom[s:e], b in stream.resets)
+
+
+# ----------------------------------------------------------------------------------
+# The stream stage of a run
+# ----------------------------------------------------------------------------------
+
+
+def open_stream(data: DataConfig, scenario: ScenarioConfig, run: RunConfig, device: torch.device, *,
+                input_size: Sequence[int] | None, model_classes: int | None, model_name: str
+                ) -> tuple[Stream, BatchLoader]:
+    """The run's stream and its loader: the domains of ``data`` (checked against
+    the model's classes), ordered and batched as ``scenario`` and ``run`` say."""
+    domains, num_classes = build_domains(data, scenario, input_size=input_size, seed=run.seed)
+    if num_classes is not None and model_classes is not None and num_classes != model_classes:
+        raise ValueError(
+            f"data {data.name} has {num_classes} classes but model {model_name} predicts "
+            f"{model_classes}: pick a matching model (or data.class_index)"
+        )
+    max_label = max(int(d.labels.max()) for d in domains)
+    if model_classes is not None and max_label >= model_classes:
+        raise ValueError(f"labels go up to {max_label} but model {model_name} predicts {model_classes} classes")
+    stream = build_stream(domains, scenario, run.batch_size, run.seed, num_classes or model_classes)
+    loader = BatchLoader(stream, device, cache_mb=data.cache_mb, num_workers=data.num_workers, seed=run.seed)
+    return stream, loader
+
+
+def bad_files(stream: Stream) -> list[tuple[str, str]]:
+    """``(path, reason)`` of the files ``data.skip_bad_files`` left out of the
+    stream's pools (the check before streaming)."""
+    pools = {id(d.pool): d.pool for d in stream.domains}.values()
+    return list(dict.fromkeys(b for pool in pools for b in getattr(pool, "bad_files", ())))

@@ -7,6 +7,7 @@ the data sets tta reads into the layout it reads them in.
 from __future__ import annotations
 
 import os
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from torch import Tensor
 
 from ..paths import tta_home
 
-__all__ = ["IMG_EXTENSIONS", "list_image_folder", "load_image_folder", "cifar10_dir"]
+__all__ = ["IMG_EXTENSIONS", "list_image_folder", "load_image_folder", "cifar10_dir", "imagenet_wnids"]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -70,3 +71,14 @@ def load_image_folder(
     x = x.contiguous() if uint8 else x.float().div_(255)
     y = torch.tensor([labels[i] for i in order])
     return x, y
+
+
+@lru_cache(maxsize=1)
+def imagenet_wnids() -> tuple[str, ...]:
+    """The 1000 ImageNet-1k WordNet ids in class-index order (sorted wnids, the
+    order of torchvision/timm ImageNet classifiers), shipped with tta.data."""
+    path = Path(__file__).with_name("imagenet_wnids.txt")
+    wnids = tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
+    if len(wnids) != 1000:
+        raise RuntimeError(f"{path} is damaged: expected 1000 wnids, found {len(wnids)}")
+    return wnids

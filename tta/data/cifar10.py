@@ -30,6 +30,7 @@ from .cifar10_archive import (
     _download_cifar10,
     _read_cifar10_source,
 )
+from .report import unique_choices
 
 #: Name of the file :func:`prepare_cifar10` leaves in each split folder it writes.
 MARKER = ".tta-data.json"
@@ -114,15 +115,13 @@ def _write_pngs(images: np.ndarray, labels: np.ndarray, folder: Path, workers: i
 def _check_splits(splits: str | Sequence[str]) -> tuple[str, ...]:
     if isinstance(splits, str):
         splits = ("train", "test") if splits == "both" else (splits,)
-    out = []
-    for s in splits:
-        if s not in CIFAR10_SPLIT_FILES:
-            raise ValueError(f"unknown CIFAR-10 split {s!r}: choose train, test or both")
-        if s not in out:
-            out.append(s)
-    if not out:
-        raise ValueError("no CIFAR-10 split asked for: choose train, test or both")
-    return tuple(out)
+    return unique_choices((_split(s) for s in splits), "no CIFAR-10 split asked for: choose train, test or both")
+
+
+def _split(s: str) -> str:
+    if s not in CIFAR10_SPLIT_FILES:
+        raise ValueError(f"unknown CIFAR-10 split {s!r}: choose train, test or both")
+    return s
 
 
 def prepare_cifar10(

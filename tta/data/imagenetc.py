@@ -81,13 +81,13 @@ def check_imagenetc_folder(
 ) -> DataReport:
     """Check an ImageNet-C folder as ``data=imagenetc`` reads it: every
     ``<corruption>/<severity>/`` holds the 1000 wnid folders of
-    :func:`tta.bench.sources.imagenet_wnids`, each with image files (not decoded).
+    :func:`tta.data.imagenet_wnids`, each with image files (not decoded).
 
     ``corruptions``: as in :func:`~tta.data.cifar10c.check_cifar10c_folder` (the 4
     extras are checked when their folders exist); ``severities``: which of 1..5 to
     check (default all).
     Counts are per ``<corruption>/<severity>``; the published set has 50000 each."""
-    from ..bench.sources import imagenet_wnids
+    from . import imagenet_wnids
 
     folder = _abs(folder)
     required, optional = _wanted_corruptions(corruptions)

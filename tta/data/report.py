@@ -14,11 +14,13 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence, TypeVar
 
 from ..paths import tta_home
 
 SEVERITIES = (1, 2, 3, 4, 5)
+
+T = TypeVar("T")
 
 
 def _corruption_names() -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -37,37 +39,42 @@ def _wanted_corruptions(corruptions: Sequence[str] | None) -> tuple[tuple[str, .
     names = list(corruptions)
     if [n.lower() for n in names] == ["all"]:
         return benchmark + extra, ()
-    out = []
-    for name in names:
-        key = name.strip().lower().replace("-", "_")
-        if key not in benchmark + extra:
-            close = difflib.get_close_matches(key, benchmark + extra, n=3, cutoff=0.5)
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise ValueError(f"unknown corruption {name!r}{hint} (choose from {', '.join(benchmark + extra)}, or all)")
-        if key not in out:
-            out.append(key)
-    if not out:
-        raise ValueError("no corruption asked for")
-    return tuple(out), ()
+    return unique_choices((_corruption_key(n, benchmark + extra) for n in names), "no corruption asked for"), ()
+
+
+def _corruption_key(name: str, known: tuple[str, ...]) -> str:
+    key = name.strip().lower().replace("-", "_")
+    if key not in known:
+        close = difflib.get_close_matches(key, known, n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown corruption {name!r}{hint} (choose from {', '.join(known)}, or all)")
+    return key
 
 
 def _check_severities(severities: Sequence[int] | None) -> tuple[int, ...]:
     """The severities asked for (default all of 1..5), sorted, each once."""
     if severities is None:
         return SEVERITIES
-    out = []
-    for s in severities:
-        try:
-            value = int(s)
-        except (TypeError, ValueError):
-            raise ValueError(f"severity {s!r} is not an integer: choose from 1..5") from None
-        if value not in SEVERITIES:
-            raise ValueError(f"severity {value} is out of range: choose from 1..5")
-        if value not in out:
-            out.append(value)
+    return tuple(sorted(unique_choices((_severity(s) for s in severities), "no severity asked for: choose from 1..5")))
+
+
+def _severity(s: object) -> int:
+    try:
+        value = int(s)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        raise ValueError(f"severity {s!r} is not an integer: choose from 1..5") from None
+    if value not in SEVERITIES:
+        raise ValueError(f"severity {value} is out of range: choose from 1..5")
+    return value
+
+
+def unique_choices(values: Iterable[T], nothing: str) -> tuple[T, ...]:
+    """``values`` (each checked as the iterable yields it) in order, each once;
+    ``ValueError(nothing)`` when there are none."""
+    out = tuple(dict.fromkeys(values))
     if not out:
-        raise ValueError("no severity asked for: choose from 1..5")
-    return tuple(sorted(out))
+        raise ValueError(nothing)
+    return out
 
 
 class DataNotFoundError(FileNotFoundError):
