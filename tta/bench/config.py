@@ -207,7 +207,7 @@ def method_preset(method_cfg: Mapping[str, Any], data_name: str | None) -> str |
     defaults override the preset's."""
     import tta
 
-    preset = method_cfg.get("preset", "auto")
+    preset = method_cfg["preset"]
     if preset in (None, "none"):
         return None
     have = tta.method_presets(method_cfg["name"])

@@ -234,6 +234,9 @@ def read_config(cfg: DictConfig | Mapping[str, Any]) -> BenchConfig:
     method = plain.get("method")
     if not isinstance(method, Mapping) or not method.get("name"):
         problems.append("method.name is missing (pick a method: method=tent)")
+    elif "preset" not in method:
+        problems.append("method.preset is missing (auto, none or a preset name; conf/method/shared/common.yaml "
+                        "sets auto)")
     if len(problems) == 1:
         raise ConfigError(f"invalid config value: {problems[0]}. Set it on the command line "
                           "(<key>=<value>) or in the YAML that sets it")

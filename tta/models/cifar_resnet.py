@@ -14,7 +14,7 @@ from typing import Literal
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["CifarResNet", "cifar_resnet"]
+__all__ = ["CifarResNet"]
 
 Norm = Literal["bn", "gn"]
 
@@ -105,7 +105,3 @@ class CifarResNet(nn.Module):
             raise ValueError(f"CifarResNet only pools by average, got global_pool={global_pool!r}")
         self.num_classes = num_classes
         self.linear = nn.Linear(64, num_classes) if num_classes > 0 else nn.Identity()
-
-
-def cifar_resnet(depth: int, num_classes: int = 10, norm: Norm = "bn", groups: int = 8) -> CifarResNet:
-    return CifarResNet(depth, num_classes, norm, groups)
