@@ -19,6 +19,7 @@ import statistics
 import torch
 
 import tta
+from tta.bench.source_data import SourceBatches
 from tta.data import cifar10_dir, load_image_folder
 
 from benchmarks.common import EIGHT, method_table_stream, machine, parse_lr_overrides, print_table, stream_errors, write_json
@@ -26,6 +27,8 @@ from benchmarks.common import EIGHT, method_table_stream, machine, parse_lr_over
 #: The methods of the table; each runs with ``preset="cifar10"``, the CIFAR-10-C settings
 #: of the published implementations (``tta.method_presets``).
 METHODS = ["source", "norm", "tent", "eta", "eata", "sar", "deyo"]
+#: The continual-shift family (issue 24), selectable with ``--methods``.
+CONTINUAL = ["cotta", "rmt", "roid", "cmf", "santa", "rotta", "adacontrast"]
 
 
 def _value(text: str):
@@ -36,12 +39,18 @@ def _value(text: str):
         return text
 
 
-def run_method(name, domains, batch_size, model_name, fisher_images, lr=None, preset="cifar10", **overrides):
+def run_method(name, domains, batch_size, model_name, fisher_images, lr=None, preset="cifar10", seed=0,
+               **overrides):
     model = tta.load_model(model_name)
     kw = dict(overrides, **({} if lr is None else {"lr": lr}))
     if name == "eata":
         kw.update(fisher_loader=[fisher_images[i:i + 100] for i in range(0, len(fisher_images), 100)],
                   fisher_size=len(fisher_images))
+    if "source_loader" in tta.method_defaults(name):
+        # Labelled CIFAR-10 train images in shuffled batches of the test batch size,
+        # as tta-bench gives them (RMT's prototypes, warm-up and replay; SANTA's prototypes).
+        kw.update(source_loader=SourceBatches(cifar10_dir("train"), batch_size, device=torch.device("cpu"),
+                                              size=32, seed=seed))
     adapted = tta.wrap(model, name, preset=preset, **kw)
     return stream_errors(adapted, domains, batch_size)
 
@@ -53,7 +62,8 @@ def plain_inference_time(domains, batch_size, model_name):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", nargs="+", default=METHODS)
+    parser.add_argument("--methods", nargs="+", default=METHODS, help=f"default: {' '.join(METHODS)}; also "
+                        f"{' '.join(CONTINUAL)}")
     parser.add_argument("--corruptions", nargs="+", default=EIGHT)
     parser.add_argument("--num-images", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=200)
@@ -70,7 +80,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     settings = {k: _value(v) for k, v in (item.split("=", 1) for item in args.set)}
-    lrs = parse_lr_overrides(parser, args.lr, [m for m in METHODS if "lr" in tta.method_defaults(m)])
+    lrs = parse_lr_overrides(parser, args.lr, [m for m in METHODS + CONTINUAL if "lr" in tta.method_defaults(m)])
 
     domains = method_table_stream(args.corruptions, args.num_images, args.seed)
     fisher_size = tta.method_defaults("eata", preset="cifar10")["fisher_size"]
@@ -80,7 +90,8 @@ def main() -> None:
         plain.append(plain_inference_time(domains, args.batch_size, args.model))
         torch.manual_seed(args.seed)
         errors, elapsed = run_method(name, domains, args.batch_size, args.model, fisher_images, lrs.get(name),
-                                     preset=None if args.preset == "none" else args.preset, **settings)
+                                     preset=None if args.preset == "none" else args.preset, seed=args.seed,
+                                     **settings)
         results[name] = dict(errors=errors, mean=statistics.mean(errors.values()), seconds=elapsed)
     plain.append(plain_inference_time(domains, args.batch_size, args.model))
     base = statistics.median(plain)

@@ -27,7 +27,7 @@ import tta
 
 from benchmarks.common import cpu_model, write_json
 
-METHODS = ["norm", "tent", "eta", "eata", "sar", "deyo"]
+METHODS = ["norm", "tent", "eta", "eata", "sar", "deyo", "cotta", "roid", "cmf"]
 
 
 def load(model_name: str) -> torch.nn.Module:

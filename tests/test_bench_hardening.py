@@ -254,7 +254,7 @@ def test_skip_bad_files_leaves_them_out_and_counts_them(folder_with_bad_files, t
 @needs_cifar
 def test_bad_files_of_every_imagenet_c_domain_and_of_the_source_images_are_named(tmp_path) -> None:
     from tta.bench.files import ImageFileError
-    from tta.bench.sources import load_source_images
+    from tta.bench.source_data import load_source_images
 
     root = tmp_path / "ImageNet-C"
     bad = []

@@ -20,6 +20,11 @@ IMAGE_METHODS = [n for n in tta.list_methods() if getattr(method_class(n), "requ
 @pytest.mark.parametrize("name", IMAGE_METHODS)
 def test_a_step_records_exactly_its_declared_fields(name, noisy_batch):
     kw = {"fisher_alpha": 0.0} if name == "eata" else {}
+    if name in ("rmt", "santa"):  # they learn from labelled source images
+        kw["source_loader"] = [(noisy_batch[:32], torch.arange(32) % 10)]
+        kw.update(num_warmup_images=32) if name == "rmt" else None
+    if name == "cotta":
+        kw["num_views"] = 2
     method = tta.wrap(tta.load_model("cifar10_resnet20"), name, **kw)
     method(noisy_batch[:16])
     record = method.last_record

@@ -28,7 +28,9 @@ __all__ = ["SHARED", "NOT_CONFIGURABLE", "configurable_defaults", "render_config
 #: Keyword arguments that a YAML cannot or must not set, with the reason.
 NOT_CONFIGURABLE: dict[str, dict[str, str]] = {
     # The runner builds this loader from data.source_root (method.fisher_size images).
-    "*": {"fisher_loader": "built by tta-bench from data.source_root"},
+    "*": {"fisher_loader": "built by tta-bench from data.source_root",
+          "source_loader": "built by tta-bench from data.source_root",
+          "transform": "a module (e.g. a kornia.augmentation pipeline), given in Python"},
     # ETA is EATA with fisher_alpha forced to 0 by ETA.__init__; method_defaults
     # still reports EATA's signature (fisher_alpha=2000), which would mislead here.
     "eta": {

@@ -9,7 +9,7 @@
    (:func:`~tta.bench.stream.open_stream`), and the model input of each batch
    (:class:`~tta.bench.render.BatchRenderer`);
 4. **method**: the method wrapped with its preset and overrides, and the source
-   images some methods need (:func:`wrap_method`);
+   images some methods need (:func:`wrap_method`, :mod:`.source_data`);
 5. **adapt loop**: resumed from a checkpoint if there is one
    (:func:`~tta.bench.loop.adapt`);
 6. **metrics** and **write**: the results dict (:func:`~tta.bench.results.build_results`)
@@ -36,7 +36,7 @@ from .metrics import summarise, throughput
 from .render import BatchRenderer, to_model_size
 from .results import RESULTS_JSON, build_results, load_results, write_results
 from .settings import BenchConfig, DataConfig, read_config
-from .sources import load_source_images
+from .source_data import SourceBatches, load_source_images
 from .stream import bad_files, open_stream
 
 __all__ = ["run_benchmark", "resolve_device", "setup", "wrap_method", "Setup", "FISHER_BATCH_SIZE"]
@@ -206,6 +206,13 @@ def wrap_method(config: BenchConfig, job: Setup, left_out: list[tuple[str, str]]
     if "fisher_loader" in effective and float(effective.get("fisher_alpha") or 0) > 0:
         passed["fisher_loader"] = _fisher_batches(config.data, name, int(effective["fisher_size"]), job,
                                                   config.run.seed, left_out)
+    if "source_loader" in effective and config.data.source_root:
+        # Methods that learn from labelled source data (without it they say what to set).
+        data = config.data
+        passed["source_loader"] = SourceBatches(
+            data.source_root, config.run.batch_size, device=job.device,
+            size=data.image_size or (job.input_size[0] if job.input_size else None), crop_ratio=data.crop_ratio,
+            seed=config.run.seed, num_workers=data.num_workers, input_size=job.input_size)
     return tta.wrap(job.model, name, preset=preset, **passed), preset, overrides
 
 

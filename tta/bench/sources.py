@@ -16,16 +16,15 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from torch import Tensor
 
 from ..data import imagenet_wnids, list_image_folder
 from .files import bad_files_error, pick_files, seeded_subset
-from .pools import ArrayPool, FilePool, ImagePool, decode_all
+from .pools import ArrayPool, FilePool, ImagePool
 from .settings import DataConfig, ScenarioConfig
 
 log = logging.getLogger("tta.bench")
 
-__all__ = ["Domain", "build_domains", "domain_names", "load_source_images"]
+__all__ = ["Domain", "build_domains", "domain_names"]
 
 _IMAGENET_C_LAYOUT = "<root>/<corruption>/<severity>/<wnid>/*.JPEG (e.g. <root>/fog/5/n01440764/ILSVRC2012_val_00000293.JPEG)"
 _NPY_LAYOUT = (
@@ -233,33 +232,3 @@ def _imagenet_c(data: DataConfig, root: Path, segments, input_size, seed: int):
         # Every domain is checked first, so the error lists all of them at once.
         raise bad_files_error(all_bad, f"data.root {root}")
     return domains, num_classes
-
-
-def load_source_images(
-    root: str | os.PathLike, num_images: int, *, size: int | None, crop_ratio: float = 1.0,
-    seed: int = 0, num_workers: int = 0, skip_bad_files: bool = False,
-    bad_files: list[tuple[str, str]] | None = None,
-) -> Tensor:
-    """A seeded random subset of clean images from an ImageFolder, as uint8
-    (N, 3, H, W): the source data of methods like EATA.
-
-    The files are checked first (:func:`~tta.bench.files.check_image_file`): bad
-    ones raise :class:`~tta.bench.files.ImageFileError` naming each, or with
-    ``skip_bad_files`` are replaced by others and appended to ``bad_files`` as
-    ``(path, reason)``."""
-    root = Path(os.path.expanduser(str(root)))
-    if not root.is_dir():
-        raise FileNotFoundError(
-            f"source images not found at {root}: expected an ImageFolder <root>/<class>/<image> "
-            "of clean training images (data.source_root; for CIFAR-10, `tta-data cifar10` writes "
-            "$TTA_HOME/data/cifar10/train)"
-        )
-    files, _, _ = list_image_folder(root)
-    rows, bad = pick_files(files, num_images, seed + 1, skip_bad=skip_bad_files,
-                           where=f"data.source_root {root}", num_workers=num_workers)
-    if bad and not skip_bad_files:
-        raise bad_files_error(bad, f"data.source_root {root}")
-    if bad_files is not None:
-        bad_files.extend(bad)
-    return decode_all(FilePool([files[r] for r in rows], size, crop_ratio, key=f"source:{root}"),
-                      np.arange(len(rows)), num_workers)

@@ -1,6 +1,8 @@
 """Adaptation methods, one per module, registered by name."""
 
-from . import deyo, eata, eta, norm, rlcf, sar, source, tent, tpt  # noqa: F401  (registration)
+from . import (  # noqa: F401  (registration)
+    adacontrast, cmf, cotta, deyo, eata, eta, norm, rlcf, rmt, roid, rotta, santa, sar, source, tent, tpt,
+)
 from .base import TTAMethod
 from .records import StepRecord
 from .entropy import softmax_entropy

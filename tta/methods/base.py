@@ -54,6 +54,7 @@ class TTAMethod(nn.Module):
         momentum: SGD momentum.
         weight_decay: weight decay.
         betas: Adam/AdamW betas.
+        nesterov: Nesterov momentum for SGD.
         skip_modules: norm layers that stay frozen: ``"none"``, ``"paper"`` (the
             modules SAR's and DeYO's official code freezes, see
             :func:`~tta.methods.params.paper_frozen_modules`), ``"last_stage"`` (the
@@ -90,7 +91,7 @@ class TTAMethod(nn.Module):
     #: base options only a method with an optimizer uses; :func:`tta.method_defaults`
     #: and ``tta.wrap`` leave them out for the others
     optimizer_options: tuple[str, ...] = ("steps", "episodic", "optimizer", "lr", "momentum",
-                                          "weight_decay", "betas", "skip_modules", "collapse_guard")
+                                          "weight_decay", "betas", "nesterov", "skip_modules", "collapse_guard")
     #: base options only a method with test-batch statistics uses
     batch_stats_options: tuple[str, ...] = ("bn_alpha",)
     #: published per-dataset settings, ``tta.wrap(model, name, preset="cifar10")``
@@ -101,6 +102,9 @@ class TTAMethod(nn.Module):
     margin_fractions: dict[str, float] = {}
     #: the record type of a step (its fields are the columns of a run's summary)
     record_type: type[StepRecord] = StepRecord
+    #: attribute names of the model copies a step changes besides the adapted
+    #: parameters (a mean teacher): a step that raises restores them too
+    updated_copies: tuple[str, ...] = ()
 
     @classmethod
     def unused_options(cls) -> dict[str, str]:
@@ -126,6 +130,7 @@ class TTAMethod(nn.Module):
         momentum: float = 0.9,
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.999),
+        nesterov: bool = False,
         skip_modules: str | list[str] = "none",
         bn_alpha: float = 1.0,
         check_inputs: bool = True,
@@ -184,7 +189,7 @@ class TTAMethod(nn.Module):
         self.optimizer: torch.optim.Optimizer | None = None
         if self.adapted:
             self.optimizer = build_optimizer(
-                [p for _, p in self.adapted], optimizer, lr, momentum, weight_decay, betas
+                [p for _, p in self.adapted], optimizer, lr, momentum, weight_decay, betas, nesterov
             )
         if amp == "fp16" and self.optimizer is not None:
             self.scaler = torch.amp.GradScaler("cuda")

@@ -1,4 +1,5 @@
-"""Entropies the methods minimise, select by and compare against.
+"""Entropies the methods minimise, select by and compare against, and the
+cross-entropies between two predictions that the teacher-student methods learn by.
 
 One ``softmax_entropy`` for every method: Tent's loss, EATA/SAR/DeYO's sample
 selection, the collapse guard's check, TPT/RLCF's confident-view selection (and
@@ -13,7 +14,8 @@ import math
 
 from torch import Tensor
 
-__all__ = ["softmax_entropy", "entropy_margin"]
+__all__ = ["softmax_entropy", "entropy_margin", "cross_entropy_to", "symmetric_cross_entropy",
+           "soft_likelihood_ratio"]
 
 
 def softmax_entropy(logits: Tensor, dim: int = -1) -> Tensor:
@@ -26,3 +28,24 @@ def entropy_margin(value: float | None, fraction: float, num_classes: int) -> fl
     """``value`` if given, else ``fraction * ln(num_classes)``: papers state margins as
     fractions of the maximum entropy so one default serves 10 and 1000 classes."""
     return value if value is not None else fraction * math.log(num_classes)
+
+
+def cross_entropy_to(logits: Tensor, target: Tensor) -> Tensor:
+    """Per row ``-sum softmax(target) log_softmax(logits)``: the cross-entropy of a
+    prediction against another one (CoTTA's student against its teacher). Gradients
+    flow into both; detach ``target`` for a fixed one."""
+    return -(target.float().softmax(1) * logits.float().log_softmax(1)).sum(1)
+
+
+def symmetric_cross_entropy(a: Tensor, b: Tensor) -> Tensor:
+    """Per row, the mean of both directions of :func:`cross_entropy_to` (RMT's and
+    ROID's consistency loss, CoTTA's ImageNet loss)."""
+    return 0.5 * cross_entropy_to(a, b) + 0.5 * cross_entropy_to(b, a)
+
+
+def soft_likelihood_ratio(logits: Tensor, clip: float = 0.99, eps: float = 1e-5) -> Tensor:
+    """Per row ``-sum q log(q / (1 - q) + eps)`` with ``q = min(softmax, clip)``:
+    ROID's self-training loss. Unlike entropy its gradient does not vanish for
+    confident predictions, and the clip stops it at ``clip``."""
+    q = logits.float().softmax(1).clamp(max=clip)
+    return -(q * (q / (1 - q) + eps).log()).sum(1)

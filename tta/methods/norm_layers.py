@@ -1,6 +1,6 @@
 """Norm layers on test-batch statistics: BatchNorm switched to the statistics of
-each batch (optionally mixed with the source ones by ``alpha``, or weighted per
-sample for DeYO), without copying or replacing the layers."""
+each batch (optionally mixed with the source ones by ``alpha``, weighted per sample
+for DeYO, or per group of stacked views), without copying or replacing the layers."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 NORM_LAYERS = (_BatchNorm, nn.LayerNorm, nn.GroupNorm)
 
 
-def _weighted_stats(x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+def weighted_stats(x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel mean and biased variance over the samples, weighted by ``weight``
     (B,). Two (B,) x (B, C*HW) products: much cheaper on CPUs than broadcasting the
     weight over the activations or ``var_mean``, and sync-free. Computed in float32
@@ -34,9 +34,36 @@ def _weighted_stats(x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
     return mean, var
 
 
+def _grouped_bn_forward(self: _BatchNorm, x: Tensor, groups: int) -> Tensor:
+    """``groups`` consecutive equal slices of the batch (e.g. the views of a batched
+    teacher forward), each normalised by its own statistics (mixed with the source
+    ones by ``alpha``): what a separate forward per slice would compute, in one pass."""
+    if x.shape[0] % groups:
+        raise ValueError(f"a batch of {x.shape[0]} rows cannot be cut into {groups} equal groups")
+    rows, channels = x.shape[0] // groups, x.shape[1]
+    weight = self.weight.repeat(groups) if self.weight is not None else None
+    bias = self.bias.repeat(groups) if self.bias is not None else None
+    # The slices become channels of one native batch norm, so their statistics are
+    # per slice and channel: its fused kernel beats the statistics by hand (CPU, 8 x
+    # 200 x 16 x 32 x 32: 207 ms against 315 ms with var_mean spelled out).
+    spread = x.reshape(groups, rows, channels, -1).transpose(0, 1).reshape(rows, groups * channels, -1)
+    if self.tta_alpha == 1.0:
+        out = F.batch_norm(spread, None, None, weight, bias, True, 0.0, self.eps)
+    else:
+        var, mean = torch.var_mean(spread.float(), dim=(0, 2), correction=0)
+        a = self.tta_alpha
+        mean = a * mean + (1 - a) * self.running_mean.repeat(groups)
+        var = a * var + (1 - a) * self.running_var.repeat(groups)
+        dtype = weight.dtype if weight is not None else x.dtype
+        out = F.batch_norm(spread, mean.to(dtype), var.to(dtype), weight, bias, False, 0.0, self.eps)
+    return out.reshape(rows, groups, channels, -1).transpose(0, 1).reshape(x.shape)
+
+
 def _adaptive_bn_forward(self: _BatchNorm, x: Tensor) -> Tensor:
     alpha: float = self.tta_alpha
     weight: Tensor | None = self.tta_sample_weight
+    if self.tta_groups > 1:
+        return _grouped_bn_forward(self, x, self.tta_groups)
     if weight is None and alpha == 0.0:
         # The source statistics alone: exactly eval-mode BatchNorm.
         return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
@@ -56,7 +83,7 @@ def _adaptive_bn_forward(self: _BatchNorm, x: Tensor) -> Tensor:
         weight = weight.repeat_interleave(x.shape[0] // weight.shape[0])
     # With a weight: statistics of the selected samples only, as if the batch were
     # that subset, without a host sync to gather them.
-    mean, var = _weighted_stats(x, weight)
+    mean, var = weighted_stats(x, weight)
     if alpha != 1.0:
         mean = alpha * mean + (1 - alpha) * self.running_mean
         var = alpha * var + (1 - alpha) * self.running_var
@@ -68,7 +95,9 @@ def _adaptive_bn_forward(self: _BatchNorm, x: Tensor) -> Tensor:
             scale = scale * self.weight
         out = (x - mean.view(shape).to(x.dtype)) * scale.view(shape).to(x.dtype)
         return out + self.bias.view(shape).to(x.dtype) if self.bias is not None else out
-    return F.batch_norm(x, mean, var, self.weight, self.bias, False, 0.0, self.eps)
+    # Statistics in the parameters' dtype: float32 under autocast, float64 in a double model.
+    dtype = self.weight.dtype if self.weight is not None else x.dtype
+    return F.batch_norm(x, mean.to(dtype), var.to(dtype), self.weight, self.bias, False, 0.0, self.eps)
 
 
 _ADAPTIVE_CLASSES: dict[type, type] = {}
@@ -100,6 +129,7 @@ def use_batch_stats(model: nn.Module, alpha: float = 1.0) -> int:
                 raise ValueError("bn alpha < 1 needs BatchNorm layers with running statistics")
             module.tta_alpha = float(alpha)
             module.tta_sample_weight = None
+            module.tta_groups = 1
             count += 1
     return count
 
@@ -117,6 +147,22 @@ def sample_weighted_batch_stats(model: nn.Module, weight: Tensor) -> Iterator[No
     finally:
         for m in layers:
             m.tta_sample_weight = None
+
+
+@contextmanager
+def grouped_batch_stats(*models: nn.Module, groups: int) -> Iterator[None]:
+    """Within the block, the batch a test-statistics BatchNorm layer sees is taken
+    as ``groups`` consecutive equal slices, each normalised with its own statistics:
+    one forward of ``V`` stacked views of a batch then equals ``V`` forwards of one
+    view each (CoTTA's teacher averages 32 views; a per-view forward is 32 calls)."""
+    layers = [m for model in models for m in model.modules() if hasattr(m, "tta_groups")]
+    for m in layers:
+        m.tta_groups = int(groups)
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.tta_groups = 1
 
 
 def refuse_single_image_statistics(model: nn.Module, batch_size: int, method: str) -> None:

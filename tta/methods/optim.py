@@ -103,12 +103,16 @@ class StepUndo:
     leaves the method exactly as it was: the adapted parameters (and their
     gradients), every buffer of the method and its model (buffers are often
     reassigned rather than written, so they are restored by name), the optimizer
-    state, the collapse guard and the gradient scaler. For norm-affine methods this
-    is a few kilobytes; no host sync."""
+    state, the collapse guard and the gradient scaler; and the parameters of the
+    model copies a step moves (``updated_copies``: a mean teacher). For norm-affine
+    methods this is a few kilobytes; no host sync."""
 
     def __init__(self, method: "TTAMethod") -> None:
         self.method = method
-        self.params = [p for _, p in method.adapted]
+        # The adapted parameters, and those of the copies a step moves (a mean
+        # teacher, a key encoder: the method's ``updated_copies``).
+        self.params = [p for _, p in method.adapted] + [
+            p for name in method.updated_copies for p in getattr(method, name).parameters()]
         with torch.no_grad():
             self.param_values = _clone_all([p.detach() for p in self.params])
         self.buffers = [(m, name, b) for m in method.modules() for name, b in m._buffers.items()]

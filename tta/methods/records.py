@@ -9,7 +9,8 @@ from typing import Any
 
 from torch import Tensor
 
-__all__ = ["StepRecord", "EATARecord", "SARRecord", "DeYORecord"]
+__all__ = ["StepRecord", "EATARecord", "SARRecord", "DeYORecord", "CoTTARecord", "RMTRecord", "SANTARecord",
+           "RoTTARecord", "AdaContrastRecord"]
 
 #: A count or value a step produced: a 0-dim tensor on the device (read, and so
 #: synced, only by :meth:`StepRecord.to_dict`), or a plain number.
@@ -70,6 +71,54 @@ class DeYORecord(StepRecord):
     (``num_selected``: the PLPD filter too)."""
 
     num_confident: Value = None
+
+
+@dataclass
+class CoTTARecord(StepRecord):
+    """A CoTTA step: ``averaged`` tells whether the teacher averaged its augmented
+    views (the source model's mean confidence was below the threshold)."""
+
+    averaged: Value = None
+
+
+@dataclass
+class RMTRecord(StepRecord):
+    """An RMT step: its three losses before weighting (``source_loss`` is ``None``
+    when source replay is off)."""
+
+    self_training_loss: Value = None
+    contrastive_loss: Value = None
+    source_loss: Value = None
+
+
+@dataclass
+class SANTARecord(StepRecord):
+    """A SANTA step: its two losses before weighting."""
+
+    anchor_loss: Value = None
+    contrastive_loss: Value = None
+
+
+@dataclass
+class RoTTARecord(StepRecord):
+    """A RoTTA step. ``num_selected``: images of the batch the memory took in;
+    ``num_updates``: updates the batch triggered (0 to several); ``memory_occupancy``:
+    images stored after it; ``loss``: the mean of its updates' losses (or ``None``)."""
+
+    num_updates: Value = None
+    memory_occupancy: Value = None
+
+
+@dataclass
+class AdaContrastRecord(StepRecord):
+    """An AdaContrast step: ``refined`` tells whether the pseudo-labels came from the
+    neighbours' soft voting (False in the warm-up: plain argmax); ``ce_loss``,
+    ``contrastive_loss``, ``diversity_loss`` are the three terms of ``loss``."""
+
+    refined: Value = None
+    ce_loss: Value = None
+    contrastive_loss: Value = None
+    diversity_loss: Value = None
 
 
 def _plain(value: Any) -> Any:

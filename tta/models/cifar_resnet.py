@@ -93,6 +93,10 @@ class CifarResNet(nn.Module):
         out = self.layer3(self.layer2(self.layer1(out)))
         return F.adaptive_avg_pool2d(out, 1).flatten(1)
 
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """timm's interface: the pooled features, through ``linear`` unless ``pre_logits``."""
+        return x if pre_logits else self.linear(x)
+
     def forward(self, x: Tensor) -> Tensor:
         return self.linear(self.forward_features(x))
 

@@ -16,6 +16,9 @@ class ImageClassifier(nn.Module):
 
     Keeping normalisation inside the model lets augmentations and corruptions work
     on plain pixels. ``num_classes`` and ``input_size`` describe what it expects.
+    The backbone follows timm's interface (``forward_features``, ``forward_head``,
+    ``get_classifier``), which :meth:`forward_features` and :meth:`get_classifier`
+    expose in pixel space.
     """
 
     def __init__(
@@ -33,5 +36,18 @@ class ImageClassifier(nn.Module):
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
 
+    def normalize(self, x: Tensor) -> Tensor:
+        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+
     def forward(self, x: Tensor) -> Tensor:
-        return self.backbone((x - self.mean.to(x.dtype)) / self.std.to(x.dtype))
+        return self.backbone(self.normalize(x))
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """The pooled features the classifier reads (timm's ``pre_logits``), (B, D):
+        ``get_classifier()(forward_features(x))`` is ``forward(x)``. Methods that
+        learn on features (RMT, SANTA, AdaContrast) use this split."""
+        return self.backbone.forward_head(self.backbone.forward_features(self.normalize(x)), pre_logits=True)
+
+    def get_classifier(self) -> nn.Module:
+        """The last layer, features to logits."""
+        return self.backbone.get_classifier()

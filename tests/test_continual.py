@@ -1,0 +1,235 @@
+"""The continual-shift family (issue 24): CoTTA, ROID, CMF, and the pieces they
+share (teacher copies, weight pulls, stochastic restore, CoTTA's Kornia views,
+per-view statistics of a batched forward)."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import tta
+from tta.augment.kornia_views import cotta_augmentation, stack_views
+from tta.methods.entropy import cross_entropy_to, soft_likelihood_ratio, symmetric_cross_entropy
+from tta.methods.norm_layers import grouped_batch_stats, use_batch_stats
+from tta.methods.params import select_norm_params
+from tta.methods.roid import certainty_diversity_weights, prior_corrected
+from tta.methods.teacher import ema_update_, frozen_copy, stochastic_restore_
+
+from test_methods import changed_keys, same, state
+
+CONTINUAL = ["cotta", "roid", "cmf"]
+FAST = {"cotta": {"num_views": 4}}  # tests need the behaviour, not the 32 views' cost
+
+
+def wrap(name, model=None, **kw):
+    return tta.wrap(model if model is not None else tta.load_model("cifar10_resnet20"), name,
+                    **{**FAST.get(name, {}), **kw})
+
+
+def intended(name, method):
+    """Names (in the method's state_dict) that the method may change."""
+    if name == "cotta":
+        return ({f"model.{n}" for n, _ in method.model.named_parameters()}
+                | {f"teacher.{n}" for n, _ in method.teacher.named_parameters()})
+    names = {f"model.{n}" for n, _ in select_norm_params(method.model)} | {"mean_probs"}
+    if name == "cmf":
+        names |= {f"hidden.{i}" for i in range(len(method.hidden))} | {"variance"}
+    return names
+
+
+@pytest.mark.parametrize("name", CONTINUAL)
+def test_only_the_intended_state_changes_and_reset_is_bit_exact(name, noisy_batch):
+    torch.manual_seed(0)
+    method = wrap(name)
+    before = state(method)
+    for _ in range(3):
+        method(noisy_batch)
+    after = {k: v for k, v in state(method).items() if k in before}
+    changed = {k for k in before if before[k].shape != after[k].shape or not same(before[k], after[k])}
+    assert changed and changed <= intended(name, method), changed - intended(name, method)
+    assert not any("running" in k for k in changed)
+    method.reset()
+    assert changed_keys(before, state(method)) == set()
+
+
+@pytest.mark.parametrize("name", CONTINUAL)
+def test_a_checkpoint_resumes_the_stream_identically(name, noisy_batch):
+    torch.manual_seed(0)
+    first = wrap(name)
+    first(noisy_batch)
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)
+    buffer.seek(0)
+    second = wrap(name)
+    second.load_state_dict(torch.load(buffer, weights_only=False))
+    torch.manual_seed(7)
+    a = first(noisy_batch)
+    torch.manual_seed(7)
+    b = second(noisy_batch)
+    assert torch.equal(a, b)
+    assert changed_keys(state(first), state(second)) == set()
+
+
+@pytest.mark.parametrize("name", CONTINUAL)
+@pytest.mark.parametrize("model_name", ["zoo:resnet26_gn", "zoo:vit_tiny_ln"])
+def test_group_and_layer_norm_models_adapt(name, model_name, noisy_batch):
+    method = wrap(name, tta.load_model(model_name))
+    before = state(method)
+    with torch.no_grad():  # adapting under no_grad, as models are usually evaluated
+        logits = method(noisy_batch[:16])
+    assert logits.shape == (16, 10) and torch.isfinite(logits).all()
+    assert changed_keys({k: v for k, v in before.items() if k.startswith("model.")}, state(method))
+
+
+def test_cotta_teacher_follows_the_student_and_restore_pulls_back(noisy_batch):
+    torch.manual_seed(0)
+    method = wrap("cotta", restore_prob=0.0)
+    source = [p.detach().clone() for p in method.model.parameters()]
+    method(noisy_batch)
+    student = [p.detach() for p in method.model.parameters()]
+    teacher = [p.detach() for p in method.teacher.parameters()]
+    anchor = [p.detach() for p in method.anchor.parameters()]
+    # one EMA step from the source: t = 0.999 s0 + 0.001 s1
+    for t, s0, s1 in zip(teacher, source, student):
+        torch.testing.assert_close(t, 0.999 * s0 + 0.001 * s1, rtol=1e-5, atol=1e-7)
+    assert all(torch.equal(a, s0) for a, s0 in zip(anchor, source))
+    assert method.last_record.to_dict()["averaged"] is True  # noisy images: the source is unsure
+
+
+def test_cotta_reports_the_teacher_and_skips_views_when_the_source_is_sure(noisy_batch):
+    torch.manual_seed(0)
+    method = wrap("cotta", confidence_threshold=0.0)
+    teacher = frozen_copy(method.teacher)
+    logits = method(noisy_batch)
+    assert method.last_record.to_dict()["averaged"] is False
+    with torch.no_grad():
+        assert torch.equal(logits, teacher(noisy_batch))
+
+
+def test_cotta_views_in_one_forward_equal_one_forward_per_view(noisy_batch):
+    model = tta.load_model("cifar10_resnet20")
+    use_batch_stats(model)
+    model.eval()
+    views = torch.rand(3 * 16, 3, 32, 32)
+    with torch.no_grad():
+        separate = torch.cat([model(v) for v in views.split(16)])
+        with grouped_batch_stats(model, groups=3):
+            together = model(views)
+        pooled = model(views)
+    torch.testing.assert_close(together, separate, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(pooled, separate, atol=1e-3)  # pooled statistics are another thing
+    # Views in chunks average like views at once (identical views: the teacher on x).
+    one = wrap("cotta", transform=nn.Identity())
+    chunked = wrap("cotta", transform=nn.Identity(), views_per_forward=3)  # chunks of 3 and 1
+    with torch.no_grad():
+        plain = frozen_copy(one.teacher)(noisy_batch)
+    torch.testing.assert_close(one(noisy_batch), plain, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(chunked(noisy_batch), plain, rtol=1e-4, atol=1e-4)
+
+
+def test_cotta_augmentation_is_per_image_seeded_and_in_range():
+    x = torch.rand(8, 3, 32, 32)
+    transform = cotta_augmentation()
+    torch.manual_seed(3)
+    a = stack_views(x, 2, transform)
+    torch.manual_seed(3)
+    b = stack_views(x, 2, transform)
+    assert a.shape == (16, 3, 32, 32) and torch.equal(a, b)
+    assert a.min() >= 0 and a.max() <= 1
+    assert not torch.allclose(a[:8], a[8:])  # two views of the same images differ
+    same_image = x[:1].repeat(8, 1, 1, 1)
+    out = transform(same_image)
+    assert (out - out[:1]).abs().flatten(1).amax(1)[1:].min() > 1e-3  # per-image parameters
+    roid = cotta_augmentation(blur_and_noise=False, padding_mode="reflection")
+    assert not any("Noise" in type(m).__name__ or "Blur" in type(m).__name__ for m in roid)
+
+
+def test_users_own_kornia_pipeline_is_used(noisy_batch):
+    calls = []
+
+    class Spy(nn.Module):
+        def forward(self, x):
+            calls.append(x.shape[0])
+            return x.flip(3)
+
+    wrap("cotta", transform=Spy())(noisy_batch[:8])
+    wrap("roid", transform=Spy())(noisy_batch[:8])
+    assert calls[0] == 4 * 8 and 1 <= calls[1] <= 8
+
+
+def test_roid_weights_prior_and_losses():
+    logits = torch.tensor([[4.0, 0.0, 0.0], [0.0, 4.0, 0.0], [1.0, 1.0, 1.1], [0.0, 0.0, 5.0]])
+    uniform = torch.full((3,), 1 / 3)
+    w = certainty_diversity_weights(logits, uniform, 1 / 3)
+    # the least diverse (near-uniform) prediction is left out; the rest weigh in [1, e^3]
+    assert w[2] == 0 and (w[[0, 1, 3]] >= 1).all() and (w <= torch.exp(torch.tensor(3.0))).all()
+    one = certainty_diversity_weights(logits[:1], uniform, 1 / 3)
+    assert torch.isfinite(one).all()  # a single image: no NaN from the min-max
+    # a uniform prior changes nothing; a skewed batch loses its rare class
+    balanced = torch.eye(3) * 3
+    torch.testing.assert_close(prior_corrected(balanced).argmax(1), balanced.argmax(1))
+    skewed = torch.tensor([[3.0, 0.0]] * 9 + [[1.0, 1.1]])
+    assert prior_corrected(skewed)[-1].argmax() == 0
+    # the soft likelihood ratio stops at the clip: a confident row barely pulls
+    z = torch.tensor([[10.0, 0.0, 0.0], [0.5, 0.0, 0.0]], requires_grad=True)
+    soft_likelihood_ratio(z).sum().backward()
+    assert z.grad[0].abs().max() < 0.01 * z.grad[1].abs().max()
+    a, b = torch.randn(5, 3), torch.randn(5, 3)
+    torch.testing.assert_close(symmetric_cross_entropy(a, b), symmetric_cross_entropy(b, a))
+    torch.testing.assert_close(symmetric_cross_entropy(a, b), 0.5 * (cross_entropy_to(a, b) + cross_entropy_to(b, a)))
+
+
+def test_roid_pulls_the_affines_toward_the_source(noisy_batch):
+    torch.manual_seed(0)
+    free = wrap("roid", source_momentum=1.0)
+    torch.manual_seed(0)
+    pulled = wrap("roid")
+    source = [p.detach().clone() for _, p in pulled.adapted]
+    for _ in range(3):
+        free(noisy_batch)
+        pulled(noisy_batch)
+    drift = lambda m: sum((p.detach() - s).norm() for (_, p), s in zip(m.adapted, source))  # noqa: E731
+    assert drift(pulled) < drift(free)
+
+
+def test_cmf_filter_gains_and_options():
+    method = wrap("cmf")
+    n = sum(p.numel() for _, p in method.adapted)
+    assert method.q == pytest.approx(0.005 * n / 38400)
+    assert "source_momentum" not in tta.method_defaults("cmf")
+    with pytest.raises(TypeError, match="source_momentum"):
+        wrap("cmf", source_momentum=0.9)
+    # the gain sequence depends on the step count only: P_t = beta_t (a^2 P_{t-1} + q)
+    p, q, r = 0.0, method.q, 1 - method.q
+    for _ in range(3):
+        method.after_step()
+        prior = 0.99 ** 2 * p + q
+        p = r / (prior + r) * prior
+        assert float(method.variance) == pytest.approx(p, rel=1e-9)
+
+
+def test_teacher_helpers():
+    model = nn.Linear(3, 2)
+    copy = frozen_copy(model)
+    assert not any(p.requires_grad for p in copy.parameters())
+    teacher = [torch.zeros(4)]
+    ema_update_(teacher, [torch.ones(4)], 0.9)
+    torch.testing.assert_close(teacher[0], torch.full((4,), 0.1))
+    params, source = [torch.zeros(10_000)], [torch.ones(10_000)]
+    torch.manual_seed(0)
+    stochastic_restore_(params, source, 0.25)
+    assert 0.2 < params[0].mean() < 0.3 and set(params[0].unique().tolist()) == {0.0, 1.0}
+
+
+def test_presets_follow_the_official_configs():
+    assert tta.method_defaults("cotta", preset="cifar10")["lr"] == 1e-3
+    imagenet = tta.method_defaults("cotta", preset="imagenet")
+    assert imagenet["optimizer"] == "sgd" and imagenet["nesterov"] and imagenet["confidence_threshold"] == 0.1
+    assert imagenet["restore_prob"] == 0.001 and imagenet["symmetric_loss"]
+    for name in ("roid", "cmf"):
+        assert tta.method_defaults(name, preset="imagenet")["lr"] == 2.5e-4
+    method = wrap("roid", preset="imagenet")
+    assert isinstance(method.optimizer, torch.optim.SGD) and method.optimizer.defaults["nesterov"]

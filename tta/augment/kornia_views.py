@@ -1,0 +1,103 @@
+"""The augmentation of the continual methods, from Kornia: CoTTA's view transform
+(Wang et al., CVPR 2022), which RMT, SANTA and RoTTA use too, ROID's lighter
+variant without blur and noise, and AdaContrast's weak and strong views.
+
+The original (torchvision, on the padded image) is colour jitter with gamma in a
+random order, padding by half the image size, a random affine (±15°, translation
+1/16 of the padded side, scale 0.9-1.1), Gaussian blur (kernel 5), centre crop, a
+horizontal flip and pixel noise (std 0.005). Here the same ops come from
+``kornia.augmentation``, batched on the images' device with per-image parameters;
+the affine samples beyond the border by replicating it (``border``, the original's
+edge padding) or mirroring it (``reflection``, ROID's), which is what padding,
+transforming and cropping back does, without the 4x larger canvas. The translation
+is therefore 1/8 of the unpadded side (the same pixels).
+
+Draws come from torch's global generator (Kornia's), so ``torch.manual_seed`` and
+a restored RNG state reproduce them.
+"""
+
+from __future__ import annotations
+
+import torch
+from kornia import augmentation as K
+from torch import Tensor, nn
+
+__all__ = ["cotta_augmentation", "adacontrast_weak_augmentation", "adacontrast_strong_augmentation",
+           "stack_views", "Clamp"]
+
+
+class Clamp(nn.Module):
+    """Clip pixels to [0, 1] (the original's ``Clip``: jitter and noise overshoot)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.clamp(0.0, 1.0)
+
+
+def cotta_augmentation(
+    *, soft: bool = False, blur_and_noise: bool = True, noise_std: float = 0.005,
+    padding_mode: str = "border",
+) -> nn.Sequential:
+    """CoTTA's view transform as Kornia modules, for float RGB (N, 3, H, W) in [0, 1].
+
+    Args:
+        soft: the original's milder ranges (``soft=True``).
+        blur_and_noise: CoTTA's Gaussian blur and pixel noise (``cotta_augs``); ROID
+            leaves both out.
+        noise_std: standard deviation of the pixel noise.
+        padding_mode: ``"border"`` (the original's edge padding; CoTTA, RMT, SANTA,
+            RoTTA) or ``"reflection"`` (ROID).
+    """
+    ops: list[nn.Module] = [
+        K.ColorJiggle(
+            brightness=(0.8, 1.2) if soft else (0.6, 1.4),
+            contrast=(0.85, 1.15) if soft else (0.7, 1.3),
+            saturation=(0.75, 1.25) if soft else (0.5, 1.5),
+            hue=(-0.03, 0.03) if soft else (-0.06, 0.06),
+            p=1.0,
+        ),
+        K.RandomGamma(gamma=(0.85, 1.15) if soft else (0.7, 1.3), p=1.0),
+        K.RandomAffine(
+            degrees=8.0 if soft else 15.0,
+            translate=(1 / 8, 1 / 8),
+            scale=(0.95, 1.05) if soft else (0.9, 1.1),
+            padding_mode=padding_mode,
+            p=1.0,
+        ),
+    ]
+    if blur_and_noise:
+        ops.append(K.RandomGaussianBlur(kernel_size=5, sigma=(0.001, 0.25) if soft else (0.001, 0.5),
+                                        border_type="replicate", p=1.0))
+    ops.append(K.RandomHorizontalFlip(p=0.5))
+    if blur_and_noise:
+        ops.append(K.RandomGaussianNoise(std=noise_std, p=1.0))
+    return nn.Sequential(Clamp(), *ops, Clamp())
+
+
+def adacontrast_weak_augmentation() -> nn.Module:
+    """The weak view ("plain": resize, random crop to the same size, flip): at the
+    model's input size only a horizontal flip, per image."""
+    return K.RandomHorizontalFlip(p=0.5)
+
+
+def adacontrast_strong_augmentation(blur_kernel_size: int = 13) -> nn.Sequential:
+    """The strong view, MoCo v2 without its crop ("moco-v2-light", the official
+    online code's view for CIFAR-10-C and ImageNet-C), per image: colour jitter
+    (brightness, contrast, saturation 0.4, hue 0.1) with probability 0.8, grayscale
+    with 0.2, Gaussian blur (sigma in [0.1, 2] pixels, PIL's ``radius``; edges
+    replicated as PIL does) with 0.5, a horizontal flip. ``blur_kernel_size`` 13 holds
+    three standard deviations of the widest blur. The jitter's order of operations
+    is drawn per batch (Kornia's), not per image (torchvision's)."""
+    return nn.Sequential(
+        K.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, p=0.8),
+        K.RandomGrayscale(p=0.2),
+        K.RandomGaussianBlur(blur_kernel_size, sigma=(0.1, 2.0), border_type="replicate", p=0.5),
+        K.RandomHorizontalFlip(p=0.5),
+    )
+
+
+def stack_views(x: Tensor, num_views: int, transform: nn.Module) -> Tensor:
+    """``num_views`` augmented copies of the batch ``x`` (B, C, H, W), stacked view
+    after view as one (num_views * B, C, H, W) batch: the views come out of one call
+    of ``transform`` (each image its own parameters) and go through the model as one
+    forward."""
+    return transform(x.repeat(num_views, 1, 1, 1))

@@ -1,0 +1,177 @@
+"""``rmt``: robust mean teacher for continual test-time adaptation (Döbler et al.,
+CVPR 2023).
+
+Every parameter adapts. A mean teacher (an exponential moving average of the
+student's weights) gives the targets of a symmetric cross-entropy on the test batch
+and on an augmented copy; a contrastive loss pulls the features of both toward the
+nearest class prototype of the source data; and a batch of labelled source images is
+replayed at every step (cross-entropy). Before the first test batch, the student
+and teacher warm up on source images (the symmetric cross-entropy, learning rate
+ramped up linearly). The prediction is the sum of the student's and the teacher's
+logits.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..augment.kornia_views import cotta_augmentation
+from .base import TTAMethod
+from .entropy import symmetric_cross_entropy
+from .features import check_feature_split
+from .inputs import floating_dtype
+from .prototypes import (attach_prototypes, needs_source_loader, prototype_contrastive_loss,
+                         source_batches)
+from .records import RMTRecord, StepRecord
+from .registry import register_method
+from .teacher import ema_update_, frozen_copy
+
+
+@register_method("rmt")
+class RMT(TTAMethod):
+    """RMT. Defaults are the official code's CIFAR-10-C setting
+    (mariodoebler/test-time-adaptation, conf.py and cfgs/cifar10_c/rmt.yaml: Adam,
+    lr 1e-3, teacher momentum 0.999, every loss weight 1, warm-up on 50,000 source
+    images, prototypes of up to 100,000, projector width 128, temperature 0.1).
+
+    Args:
+        source_loader: the labelled source images, an iterable (iterated again and
+            again) of (images in [0, 1] on the model's device, labels) batches; tta-bench
+            passes :class:`~tta.bench.source_data.SourceBatches` of ``data.source_root``.
+            Required: the prototypes, the warm-up and the replay learn from it.
+        teacher_momentum: the mean teacher's EMA momentum (over all parameters).
+        lambda_ce_trg: weight of the self-training loss (symmetric cross-entropy to
+            the teacher, on the test batch and its augmented copy).
+        lambda_cont: weight of the contrastive loss toward the source prototypes.
+        lambda_ce_src: weight of the cross-entropy on one replayed source batch per
+            step (0: no replay, the official "source-free" variant; the prototypes
+            and the warm-up still use source images).
+        num_warmup_images: source images of the warm-up, done once when wrapping:
+            ``num_warmup_images // batch size`` steps (0 skips it).
+        num_prototype_images: source images the class prototypes average (whole
+            batches until more than this many; the default covers all of CIFAR-10).
+        projection_dim: width of the projector the contrastive loss compares in.
+        temperature: the temperature of the contrastive loss (SupCon's tau).
+        transform: the view augmentation, a module on (B, 3, H, W) batches in [0, 1]
+            (default: :func:`~tta.augment.kornia_views.cotta_augmentation`).
+
+    ``reset()`` returns to the state after the warm-up (student, teacher, projector,
+    optimizer). The position in ``source_loader`` is not part of the state: after
+    ``reset()`` or a loaded checkpoint, replay goes on with the loader's next batch.
+
+    Presets: ``"cifar10"`` is these defaults (batch 200); ``"imagenet"`` the
+    ImageNet-C setting (cfgs/imagenet_c/rmt.yaml): SGD (momentum 0.9, Nesterov)
+    lr 0.01, batch 64.
+    """
+
+    adapts_norm_params = False
+    record_type = RMTRecord
+    updated_copies = ("teacher",)
+    presets = {"cifar10": {}, "imagenet": {"optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "nesterov": True}}
+
+    @torch.inference_mode(False)  # wrapped under inference mode too: copies, projector, warm-up
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        source_loader: Iterable | None = None,
+        teacher_momentum: float = 0.999,
+        lambda_ce_trg: float = 1.0,
+        lambda_cont: float = 1.0,
+        lambda_ce_src: float = 1.0,
+        num_warmup_images: int = 50000,
+        num_prototype_images: int = 100000,
+        projection_dim: int = 128,
+        temperature: float = 0.1,
+        transform: nn.Module | None = None,
+        optimizer: str = "adam",
+        lr: float = 1e-3,
+        **kwargs,
+    ) -> None:
+        check_feature_split(model, "rmt")
+        needs_source_loader(source_loader, "rmt", "for its prototypes, warm-up and replay")
+        if not 0.0 <= teacher_momentum <= 1.0:
+            raise ValueError(f"teacher_momentum must be in [0, 1], got {teacher_momentum}")
+        if min(lambda_ce_trg, lambda_cont, lambda_ce_src) < 0 or temperature <= 0:
+            raise ValueError("the loss weights must be >= 0 and the temperature > 0")
+        if num_warmup_images < 0 or num_prototype_images < 1 or projection_dim < 1:
+            raise ValueError(f"num_warmup_images must be >= 0, num_prototype_images and projection_dim >= 1, "
+                             f"got {num_warmup_images}, {num_prototype_images}, {projection_dim}")
+        super().__init__(model, optimizer=optimizer, lr=lr, **kwargs)
+        self.teacher_momentum = teacher_momentum
+        self.lambda_ce_trg, self.lambda_cont, self.lambda_ce_src = lambda_ce_trg, lambda_cont, lambda_ce_src
+        self.temperature = temperature
+        self.transform = transform if transform is not None else cotta_augmentation()
+        # The teacher is a copy of the configured student (test-batch statistics).
+        self.teacher = frozen_copy(self.model)
+        attach_prototypes(self, source_loader, num_prototype_images, projection_dim)
+        # One endless stream of source batches serves the warm-up, then the replay.
+        stream = source_batches(source_loader, "rmt")
+        first = next(stream)
+        self._source = itertools.chain([first], stream)
+        self.warm_up(num_warmup_images // first[0].shape[0])
+        self.snapshot()  # reset() returns here, after the warm-up
+
+    def select_params(self) -> list[tuple[str, nn.Parameter]]:
+        return list(self.model.named_parameters())
+
+    def next_source_batch(self) -> tuple[Tensor, Tensor]:
+        """The next replayed source batch, ready for the model."""
+        images, labels = next(self._source)
+        param = next(self.model.parameters())
+        images = images.to(param.device, floating_dtype(self.model), non_blocking=True)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images, labels.to(param.device, torch.long, non_blocking=True)
+
+    def warm_up(self, steps: int) -> None:
+        """Train student and teacher on ``steps`` source batches, without labels:
+        the student learns the teacher's prediction (symmetric cross-entropy), the
+        teacher follows by EMA, every learning rate ramps up linearly to its value."""
+        if steps <= 0:
+            return
+        final = [group["lr"] for group in self.optimizer.param_groups]
+        with torch.enable_grad():
+            for i in range(steps):
+                for group, lr in zip(self.optimizer.param_groups, final):
+                    group["lr"] = lr * (i + 1) / steps
+                images, _ = self.next_source_batch()
+                loss = symmetric_cross_entropy(self.model(images), self.teacher(images).detach()).mean()
+                self.backward(loss)
+                self.step()
+                ema_update_(self.teacher.parameters(), self.model.parameters(), self.teacher_momentum)
+        for group, lr in zip(self.optimizer.param_groups, final):
+            group["lr"] = lr
+
+    def forward_and_adapt(self, x: Tensor) -> tuple[Tensor, StepRecord]:
+        features = self.model.forward_features(x)
+        logits = self.model.get_classifier()(features)
+        aug_features = self.model.forward_features(self.transform(x))
+        aug_logits = self.model.get_classifier()(aug_features)
+        # The teacher's weights take no gradient and x none either, so no graph is
+        # built; grad mode stays on for the fused BatchNorm kernel.
+        teacher_logits = self.teacher(x).detach()
+
+        contrastive = prototype_contrastive_loss(self.projector, self.prototypes, features, aug_features,
+                                                 self.temperature)
+        self_training = (0.5 * symmetric_cross_entropy(logits, teacher_logits)
+                         + 0.5 * symmetric_cross_entropy(aug_logits, teacher_logits)).mean()
+        loss = self.lambda_ce_trg * self_training + self.lambda_cont * contrastive
+        source = None
+        if self.lambda_ce_src > 0:
+            images, labels = self.next_source_batch()
+            source = F.cross_entropy(self.model(images).float(), labels)
+            loss = loss + self.lambda_ce_src * source
+        self.backward(loss)
+        self.step()
+        ema_update_(self.teacher.parameters(), self.model.parameters(), self.teacher_momentum)
+
+        record = RMTRecord(num_samples=x.shape[0], num_selected=x.shape[0], loss=loss.detach(),
+                           self_training_loss=self_training.detach(), contrastive_loss=contrastive.detach(),
+                           source_loss=None if source is None else source.detach())
+        return (logits + teacher_logits).detach(), record
