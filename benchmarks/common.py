@@ -63,11 +63,14 @@ def error_rate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_s
     return 100.0 * wrong / x.shape[0]
 
 
-def stream_errors(model, domains, batch_size):
+def stream_errors(model, domains, batch_size, reset_each_shift=False):
     """Error (%) per domain of ``model`` over the stream, in order, and the seconds
-    spent inside ``model(x)`` calls."""
+    spent inside ``model(x)`` calls; ``reset_each_shift``: ``model.reset()`` before
+    every domain but the first (Tent's setting)."""
     errors, elapsed = {}, 0.0
-    for domain, x, y in domains:
+    for i, (domain, x, y) in enumerate(domains):
+        if reset_each_shift and i > 0:
+            model.reset()
         wrong = 0
         for i in range(0, x.shape[0], batch_size):
             xb = x[i:i + batch_size]

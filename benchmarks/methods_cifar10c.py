@@ -40,7 +40,7 @@ def _value(text: str):
 
 
 def run_method(name, domains, batch_size, model_name, fisher_images, lr=None, preset="cifar10", seed=0,
-               **overrides):
+               reset_each_shift=False, **overrides):
     model = tta.load_model(model_name)
     kw = dict(overrides, **({} if lr is None else {"lr": lr}))
     if name == "eata":
@@ -52,7 +52,7 @@ def run_method(name, domains, batch_size, model_name, fisher_images, lr=None, pr
         kw.update(source_loader=SourceBatches(cifar10_dir("train"), batch_size, device=torch.device("cpu"),
                                               size=32, seed=seed))
     adapted = tta.wrap(model, name, preset=preset, **kw)
-    return stream_errors(adapted, domains, batch_size)
+    return stream_errors(adapted, domains, batch_size, reset_each_shift)
 
 
 @torch.no_grad()
@@ -76,6 +76,8 @@ def main() -> None:
     parser.add_argument("--preset", default="cifar10", help="method preset (tta.method_presets), or none")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                         help="hyper-parameter overrides for every method of the run, e.g. skip_modules=last_stage")
+    parser.add_argument("--reset-each-shift", action="store_true",
+                        help="reset the method to its source state before every corruption (default: continual)")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -91,7 +93,7 @@ def main() -> None:
         torch.manual_seed(args.seed)
         errors, elapsed = run_method(name, domains, args.batch_size, args.model, fisher_images, lrs.get(name),
                                      preset=None if args.preset == "none" else args.preset, seed=args.seed,
-                                     **settings)
+                                     reset_each_shift=args.reset_each_shift, **settings)
         results[name] = dict(errors=errors, mean=statistics.mean(errors.values()), seconds=elapsed)
     plain.append(plain_inference_time(domains, args.batch_size, args.model))
     base = statistics.median(plain)

@@ -27,7 +27,8 @@ import tta
 
 from benchmarks.common import cpu_model, write_json
 
-METHODS = ["norm", "tent", "eta", "eata", "sar", "deyo", "cotta", "roid", "cmf"]
+METHODS = ["norm", "tent", "eta", "eata", "sar", "deyo", "cotta", "rmt", "roid", "cmf", "santa", "rotta",
+           "adacontrast"]
 
 
 def load(model_name: str) -> torch.nn.Module:
@@ -51,6 +52,17 @@ def build(method: str, model_name: str, device: str, options: dict, batch: torch
     extra = dict(preset="cifar10") if model_name.startswith("cifar10") else {}
     if method == "eata":
         extra.update(fisher_loader=[batch[:16]], fisher_size=16)
+    if "source_loader" in tta.method_defaults(method):
+        # One labelled source batch: the step's cost (RMT replays one per step), not
+        # the one-off prototypes and warm-up, which RESULTS.md times apart.
+        # Every class must have source images (its prototype): as many batches of
+        # the same images as it takes to label each class once.
+        classes = model.num_classes
+        b = batch.shape[0]
+        labels = torch.arange(-(-classes // b) * b, device=batch.device) % classes
+        extra.update(source_loader=[(batch, chunk) for chunk in labels.split(b)])
+        if "num_warmup_images" in tta.method_defaults(method):
+            extra.update(num_warmup_images=batch.shape[0])
     return tta.wrap(model, method, **extra, **options)
 
 

@@ -35,7 +35,7 @@ class Clamp(nn.Module):
 
 def cotta_augmentation(
     *, soft: bool = False, blur_and_noise: bool = True, noise_std: float = 0.005,
-    padding_mode: str = "border",
+    padding_mode: str = "border", same_on_batch: bool = False,
 ) -> nn.Sequential:
     """CoTTA's view transform as Kornia modules, for float RGB (N, 3, H, W) in [0, 1].
 
@@ -46,6 +46,9 @@ def cotta_augmentation(
         noise_std: standard deviation of the pixel noise.
         padding_mode: ``"border"`` (the original's edge padding; CoTTA, RMT, SANTA,
             RoTTA) or ``"reflection"`` (ROID).
+        same_on_batch: one draw of every random parameter for the whole batch
+            (but the pixel noise), as the original's torchvision transforms do on a
+            batch tensor; by default each image draws its own.
     """
     ops: list[nn.Module] = [
         K.ColorJiggle(
@@ -53,21 +56,21 @@ def cotta_augmentation(
             contrast=(0.85, 1.15) if soft else (0.7, 1.3),
             saturation=(0.75, 1.25) if soft else (0.5, 1.5),
             hue=(-0.03, 0.03) if soft else (-0.06, 0.06),
-            p=1.0,
+            p=1.0, same_on_batch=same_on_batch,
         ),
-        K.RandomGamma(gamma=(0.85, 1.15) if soft else (0.7, 1.3), p=1.0),
+        K.RandomGamma(gamma=(0.85, 1.15) if soft else (0.7, 1.3), p=1.0, same_on_batch=same_on_batch),
         K.RandomAffine(
             degrees=8.0 if soft else 15.0,
             translate=(1 / 8, 1 / 8),
             scale=(0.95, 1.05) if soft else (0.9, 1.1),
             padding_mode=padding_mode,
-            p=1.0,
+            p=1.0, same_on_batch=same_on_batch,
         ),
     ]
     if blur_and_noise:
         ops.append(K.RandomGaussianBlur(kernel_size=5, sigma=(0.001, 0.25) if soft else (0.001, 0.5),
-                                        border_type="replicate", p=1.0))
-    ops.append(K.RandomHorizontalFlip(p=0.5))
+                                        border_type="replicate", p=1.0, same_on_batch=same_on_batch))
+    ops.append(K.RandomHorizontalFlip(p=0.5, same_on_batch=same_on_batch))
     if blur_and_noise:
         ops.append(K.RandomGaussianNoise(std=noise_std, p=1.0))
     return nn.Sequential(Clamp(), *ops, Clamp())

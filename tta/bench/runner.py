@@ -212,7 +212,8 @@ def wrap_method(config: BenchConfig, job: Setup, left_out: list[tuple[str, str]]
         passed["source_loader"] = SourceBatches(
             data.source_root, config.run.batch_size, device=job.device,
             size=data.image_size or (job.input_size[0] if job.input_size else None), crop_ratio=data.crop_ratio,
-            seed=config.run.seed, num_workers=data.num_workers, input_size=job.input_size)
+            seed=config.run.seed, num_workers=data.num_workers, input_size=job.input_size,
+            skip_bad_files=data.skip_bad_files, bad_files=left_out)
     return tta.wrap(job.model, name, preset=preset, **passed), preset, overrides
 
 

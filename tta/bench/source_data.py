@@ -20,7 +20,7 @@ from .pools import FilePool, decode_all
 from .render import to_model_size
 from .stream import seed_for
 
-__all__ = ["load_source_images", "SourceBatches"]
+__all__ = ["load_source_images", "source_files", "SourceBatches"]
 
 
 def load_source_images(
@@ -35,6 +35,20 @@ def load_source_images(
     ones raise :class:`~tta.bench.files.ImageFileError` naming each, or with
     ``skip_bad_files`` are replaced by others and appended to ``bad_files`` as
     ``(path, reason)``."""
+    files, _, bad = source_files(root, num_images, seed=seed, skip_bad_files=skip_bad_files,
+                                 num_workers=num_workers)
+    if bad_files is not None:
+        bad_files.extend(bad)
+    return decode_all(FilePool(files, size, crop_ratio, key=f"source:{root}"), np.arange(len(files)), num_workers)
+
+
+def source_files(root: str | os.PathLike, num_images: int | None, *, seed: int, skip_bad_files: bool,
+                 num_workers: int = 0) -> tuple[list[Path], np.ndarray, list[tuple[str, str]]]:
+    """A seeded subset (``None``: all, in a seeded order) of the files of an
+    ImageFolder of source images, each checked first
+    (:func:`~tta.bench.files.check_image_file`): the readable files, their labels,
+    and ``(path, reason)`` of the files left out with ``skip_bad_files`` (without
+    it a bad file raises :class:`~tta.bench.files.ImageFileError` naming each)."""
     root = Path(os.path.expanduser(str(root)))
     if not root.is_dir():
         raise FileNotFoundError(
@@ -42,15 +56,12 @@ def load_source_images(
             "of clean training images (data.source_root; for CIFAR-10, `tta-data cifar10` writes "
             "$TTA_HOME/data/cifar10/train)"
         )
-    files, _, _ = list_image_folder(root)
+    files, labels, _ = list_image_folder(root)
     rows, bad = pick_files(files, num_images, seed + 1, skip_bad=skip_bad_files,
                            where=f"data.source_root {root}", num_workers=num_workers)
     if bad and not skip_bad_files:
         raise bad_files_error(bad, f"data.source_root {root}")
-    if bad_files is not None:
-        bad_files.extend(bad)
-    return decode_all(FilePool([files[r] for r in rows], size, crop_ratio, key=f"source:{root}"),
-                      np.arange(len(rows)), num_workers)
+    return [files[r] for r in rows], np.asarray(labels, dtype=np.int64)[rows], bad
 
 
 class SourceBatches:
@@ -59,21 +70,18 @@ class SourceBatches:
     data of methods that learn from it (RMT's prototypes, warm-up and replay,
     SANTA's prototypes). Iterable again and again, each pass in a new order seeded
     from ``seed`` and the pass number; decoded on the fly by ``num_workers``
-    DataLoader workers, so a large split is never held in memory."""
+    DataLoader workers, so a large split is never held in memory. The files are
+    checked when it is made (see :func:`source_files`)."""
 
     def __init__(self, root: str | os.PathLike, batch_size: int, *, device, size: int | None,
                  crop_ratio: float = 1.0, seed: int = 0, num_workers: int = 0,
-                 input_size: Sequence[int] | None = None) -> None:
-        root = Path(os.path.expanduser(str(root)))
-        if not root.is_dir():
-            raise FileNotFoundError(
-                f"source images not found at {root}: expected an ImageFolder <root>/<class>/<image> of "
-                "clean training images (data.source_root; for CIFAR-10, `tta-data cifar10` writes "
-                "$TTA_HOME/data/cifar10/train)"
-            )
-        files, labels, _ = list_image_folder(root)
+                 input_size: Sequence[int] | None = None, skip_bad_files: bool = False,
+                 bad_files: list[tuple[str, str]] | None = None) -> None:
+        files, self.labels, bad = source_files(root, None, seed=seed, skip_bad_files=skip_bad_files,
+                                               num_workers=num_workers)
+        if bad_files is not None:
+            bad_files.extend(bad)
         self.pool = FilePool(files, size, crop_ratio, key=f"source:{root}")
-        self.labels = np.asarray(labels, dtype=np.int64)
         self.batch_size, self.device, self.seed = batch_size, device, seed
         self.num_workers, self.input_size = num_workers, input_size
         self.passes = 0

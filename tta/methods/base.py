@@ -335,7 +335,9 @@ class TTAMethod(nn.Module):
         """The source values of the adapted parameters (from the snapshot)."""
         if self._source_state is None:
             self.snapshot()
-        return [self._source_state[f"model.{name}"] for name, _ in self.adapted]
+        # By identity: adapted parameters may live outside the model (a projector).
+        keys = {id(p): name for name, p in self.named_parameters()}
+        return [self._source_state[keys[id(p)]] for _, p in self.adapted]
 
     # -- state -----------------------------------------------------------------------
     def get_extra_state(self) -> dict[str, Any]:

@@ -80,6 +80,9 @@ class CLIPViewsMethod(TTAMethod):
         selection_p: fraction of the views kept, the most confident (the papers: 0.1).
         augmix: AugMix the crops. The reference code does so for fine-grained
             datasets only, not for ImageNet and its variants (crops and flips only).
+        transform: the crop of each view but the first, a module on (N, 3, H, W)
+            batches of one's own (e.g. a ``kornia.augmentation`` pipeline; default:
+            random resized crops and flips, :func:`~tta.augment.views.random_resized_crops`).
         steps: optimisation steps per test image, on the same selected views.
         ctx_init: text whose token embeddings start the learnable context (CoOp),
             when the classifier has no learnable prompt yet.
@@ -100,6 +103,7 @@ class CLIPViewsMethod(TTAMethod):
         num_views: int = 64,
         selection_p: float = 0.1,
         augmix: bool = False,
+        transform: nn.Module | None = None,
         steps: int = 1,
         ctx_init: str = "a photo of a",
         **kwargs,
@@ -115,7 +119,7 @@ class CLIPViewsMethod(TTAMethod):
         super().__init__(model, steps=1, **kwargs)
         self.tta_steps = steps
         self.selection_p = selection_p
-        self.views = Views(num_views, use_augmix=augmix)
+        self.views = Views(num_views, use_augmix=augmix, transform=transform)
 
     def select_params(self) -> list[tuple[str, nn.Parameter]]:
         return [("ctx", self.model.ctx)]

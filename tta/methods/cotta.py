@@ -23,11 +23,6 @@ from .registry import register_method
 from .teacher import ema_update_, frozen_copy, stochastic_restore_
 
 
-def _views_per_forward(x: Tensor) -> int:
-    """The default of ``views_per_forward`` for batch ``x`` (see CoTTA's docstring)."""
-    return 1_000_000 if x.device.type != "cpu" else max(1, 256 // x.shape[0])
-
-
 @register_method("cotta")
 class CoTTA(TTAMethod):
     """CoTTA. Defaults are the paper's CIFAR setting (its official code's
@@ -113,7 +108,8 @@ class CoTTA(TTAMethod):
         # runs); computing both branches to select without a sync would always pay it.
         if not bool(averaged):
             return self.teacher(x), averaged
-        per_forward = self.views_per_forward or _views_per_forward(x)
+        per_forward = self.views_per_forward or (
+            self.num_views if x.device.type != "cpu" else max(1, 256 // x.shape[0]))
         total: Tensor | None = None
         for start in range(0, self.num_views, per_forward):
             views = min(per_forward, self.num_views - start)

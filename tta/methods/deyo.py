@@ -61,6 +61,9 @@ class DeYO(TTAMethod):
         occlusion_left: left column of that square (None: centred).
         reweight_ent: weight of the entropy term of the sample weights (0: off).
         reweight_plpd: weight of the PLPD term of the sample weights (0: off).
+        destroy: a module of one's own that destroys the objects of a (B, 3, H, W)
+            batch (e.g. ``kornia.augmentation.RandomJigsaw((4, 4), p=1.0)``); it
+            replaces ``aug_type`` and its options.
 
     Presets: ``"imagenet"`` is these defaults; ``"cifar10"`` the CIFAR-10-C setting
     of mariodoebler/test-time-adaptation (cfgs/cifar10_c/deyo.yaml): Adam, lr 1e-3.
@@ -84,6 +87,7 @@ class DeYO(TTAMethod):
         occlusion_left: int | None = None,
         reweight_ent: float = 1.0,
         reweight_plpd: float = 1.0,
+        destroy: nn.Module | None = None,
         skip_modules: str | list[str] = "paper",
         lr: float | str = "paper",
         **kwargs,
@@ -92,7 +96,7 @@ class DeYO(TTAMethod):
         self.deyo_margin, self.margin_e0 = deyo_margin, margin_e0
         self.plpd_threshold = plpd_threshold
         self.reweight_ent, self.reweight_plpd = reweight_ent, reweight_plpd
-        self.destroy = make_destroy_transform(
+        self.destroy = destroy if destroy is not None else make_destroy_transform(
             aug_type, patch_len, occlusion_size, occlusion_top, occlusion_left
         )
 

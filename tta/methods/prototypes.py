@@ -19,10 +19,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .features import check_feature_split
 from .inputs import floating_dtype
 
-__all__ = ["needs_source_loader", "source_batches", "source_prototypes", "make_projector", "attach_prototypes",
+__all__ = ["check_prototype_options", "needs_source_loader", "source_batches", "source_prototypes", "make_projector", "attach_prototypes",
            "nearest_prototype", "prototype_contrastive_loss"]
+
+
+def check_prototype_options(model: nn.Module, method: str, source_loader: Iterable | None, what: str, *,
+                            loss_weights: Iterable[float], num_prototype_images: int, projection_dim: int,
+                            temperature: float) -> None:
+    """The checks RMT and SANTA make before wrapping: a model with the feature
+    split, labelled source images, and options in range."""
+    check_feature_split(model, method)
+    needs_source_loader(source_loader, method, what)
+    if min(loss_weights) < 0 or temperature <= 0:
+        raise ValueError("the loss weights must be >= 0 and the temperature > 0")
+    if num_prototype_images < 1 or projection_dim < 1:
+        raise ValueError(f"num_prototype_images and projection_dim must be >= 1, "
+                         f"got {num_prototype_images}, {projection_dim}")
 
 
 def needs_source_loader(source_loader: Iterable | None, method: str, what: str) -> None:

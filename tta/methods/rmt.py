@@ -23,9 +23,8 @@ from torch import Tensor, nn
 from ..augment.kornia_views import cotta_augmentation
 from .base import TTAMethod
 from .entropy import symmetric_cross_entropy
-from .features import check_feature_split
 from .inputs import floating_dtype
-from .prototypes import (attach_prototypes, needs_source_loader, prototype_contrastive_loss,
+from .prototypes import (attach_prototypes, check_prototype_options, prototype_contrastive_loss,
                          source_batches)
 from .records import RMTRecord, StepRecord
 from .registry import register_method
@@ -93,15 +92,13 @@ class RMT(TTAMethod):
         lr: float = 1e-3,
         **kwargs,
     ) -> None:
-        check_feature_split(model, "rmt")
-        needs_source_loader(source_loader, "rmt", "for its prototypes, warm-up and replay")
-        if not 0.0 <= teacher_momentum <= 1.0:
-            raise ValueError(f"teacher_momentum must be in [0, 1], got {teacher_momentum}")
-        if min(lambda_ce_trg, lambda_cont, lambda_ce_src) < 0 or temperature <= 0:
-            raise ValueError("the loss weights must be >= 0 and the temperature > 0")
-        if num_warmup_images < 0 or num_prototype_images < 1 or projection_dim < 1:
-            raise ValueError(f"num_warmup_images must be >= 0, num_prototype_images and projection_dim >= 1, "
-                             f"got {num_warmup_images}, {num_prototype_images}, {projection_dim}")
+        check_prototype_options(model, "rmt", source_loader, "for its prototypes, warm-up and replay",
+                                loss_weights=(lambda_ce_trg, lambda_cont, lambda_ce_src),
+                                num_prototype_images=num_prototype_images, projection_dim=projection_dim,
+                                temperature=temperature)
+        if not 0.0 <= teacher_momentum <= 1.0 or num_warmup_images < 0:
+            raise ValueError(f"teacher_momentum must be in [0, 1] and num_warmup_images >= 0, got "
+                             f"{teacher_momentum}, {num_warmup_images}")
         super().__init__(model, optimizer=optimizer, lr=lr, **kwargs)
         self.teacher_momentum = teacher_momentum
         self.lambda_ce_trg, self.lambda_cont, self.lambda_ce_src = lambda_ce_trg, lambda_cont, lambda_ce_src

@@ -18,8 +18,7 @@ from torch import Tensor, nn
 from ..augment.kornia_views import cotta_augmentation
 from .base import TTAMethod
 from .entropy import cross_entropy_to
-from .features import check_feature_split
-from .prototypes import attach_prototypes, needs_source_loader, prototype_contrastive_loss
+from .prototypes import attach_prototypes, check_prototype_options, prototype_contrastive_loss
 from .records import SANTARecord, StepRecord
 from .registry import register_method
 from .teacher import frozen_copy
@@ -73,13 +72,9 @@ class SANTA(TTAMethod):
         lr: float = 1e-3,
         **kwargs,
     ) -> None:
-        check_feature_split(model, "santa")
-        needs_source_loader(source_loader, "santa", "for its class prototypes")
-        if min(lambda_ce_trg, lambda_cont) < 0 or temperature <= 0:
-            raise ValueError("the loss weights must be >= 0 and the temperature > 0")
-        if num_prototype_images < 1 or projection_dim < 1:
-            raise ValueError(f"num_prototype_images and projection_dim must be >= 1, "
-                             f"got {num_prototype_images}, {projection_dim}")
+        check_prototype_options(model, "santa", source_loader, "for its class prototypes",
+                                loss_weights=(lambda_ce_trg, lambda_cont), num_prototype_images=num_prototype_images,
+                                projection_dim=projection_dim, temperature=temperature)
         super().__init__(model, optimizer=optimizer, lr=lr, **kwargs)
         self.lambda_ce_trg, self.lambda_cont, self.temperature = lambda_ce_trg, lambda_cont, temperature
         self.transform = transform if transform is not None else cotta_augmentation()
