@@ -27,7 +27,8 @@ from benchmarks.common import EIGHT, method_table_stream, machine, parse_lr_over
 #: The methods of the table; each runs with ``preset="cifar10"``, the CIFAR-10-C settings
 #: of the published implementations (``tta.method_presets``).
 METHODS = ["source", "norm", "tent", "eta", "eata", "sar", "deyo"]
-#: The continual-shift family (issue 24), selectable with ``--methods``.
+#: The continual-shift family (issue 24), selectable with ``--methods`` (as every other
+#: image method of ``tta.list_methods()``).
 CONTINUAL = ["cotta", "rmt", "roid", "cmf", "santa", "rotta", "adacontrast"]
 
 
@@ -82,7 +83,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     settings = {k: _value(v) for k, v in (item.split("=", 1) for item in args.set)}
-    lrs = parse_lr_overrides(parser, args.lr, [m for m in METHODS + CONTINUAL if "lr" in tta.method_defaults(m)])
+    lrs = parse_lr_overrides(parser, args.lr, [m for m in tta.list_methods() if "lr" in tta.method_defaults(m)])
 
     domains = method_table_stream(args.corruptions, args.num_images, args.seed)
     fisher_size = tta.method_defaults("eata", preset="cifar10")["fisher_size"]

@@ -132,8 +132,9 @@ class AdaContrast(TTAMethod):
             mode and move the running statistics (momentum 0.1 by default) toward
             the augmented views', and the prediction normalises with them.
             ``"batch"``: the prediction normalises by the test batch and the running
-            statistics stay the source's (as the other methods). No difference on
-            GroupNorm/LayerNorm models.
+            statistics stay the source's (as the other methods); on the 8-corruption
+            CIFAR-10-C stream of RESULTS.md 36.7% error against 42.1% for "running".
+            No difference on GroupNorm/LayerNorm models.
         weak_transform, strong_transform: the views, modules on (N, 3, H, W) batches
             in [0, 1] with per-image randomness, e.g. ``kornia.augmentation``
             pipelines (defaults: :func:`adacontrast_weak_augmentation`,

@@ -72,6 +72,9 @@ class TTAMethod(nn.Module):
             convolutions on recent GPUs and on CPUs with oneDNN).
         compile: ``torch.compile`` the model's forward (``True`` or a backend name).
             If compilation fails, tta warns and runs eagerly.
+        reset_every: return to the source state after every this many updates
+            (RDumb's rule, Press et al. 2023; ``None``: never). The count lives in the
+            state, so a resumed stream resets where an uninterrupted one would.
         collapse_guard: watch for collapse and reset to the source when it happens,
             and report the source model's predictions while test statistics mislead
             (``True``, or a dict of :class:`~tta.methods.guard.CollapseGuard`
@@ -91,7 +94,8 @@ class TTAMethod(nn.Module):
     #: base options only a method with an optimizer uses; :func:`tta.method_defaults`
     #: and ``tta.wrap`` leave them out for the others
     optimizer_options: tuple[str, ...] = ("steps", "episodic", "optimizer", "lr", "momentum",
-                                          "weight_decay", "betas", "nesterov", "skip_modules", "collapse_guard")
+                                          "weight_decay", "betas", "nesterov", "skip_modules", "reset_every",
+                                          "collapse_guard")
     #: base options only a method with test-batch statistics uses
     batch_stats_options: tuple[str, ...] = ("bn_alpha",)
     #: published per-dataset settings, ``tta.wrap(model, name, preset="cifar10")``
@@ -137,6 +141,7 @@ class TTAMethod(nn.Module):
         amp: str | None = None,
         channels_last: bool = False,
         compile: bool | str = False,
+        reset_every: int | None = None,
         collapse_guard: "bool | dict | CollapseGuard" = False,
     ) -> None:
         super().__init__()
@@ -145,6 +150,11 @@ class TTAMethod(nn.Module):
         refuse_if_wrapped(model)
         if not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        if reset_every is not None and (not isinstance(reset_every, int) or reset_every < 1):
+            raise ValueError(f"reset_every must be a positive integer or None, got {reset_every!r}")
+        self.reset_every = reset_every
+        #: updates since the last reset (part of the state: checkpoints keep it, reset() zeroes it)
+        self.num_updates = 0
         self.model = model
         self.skip_modules = skip_modules  # read by select_params, below
         self.steps = steps
@@ -271,6 +281,9 @@ class TTAMethod(nn.Module):
         record.num_collapses = self.guard.num_collapses if self.guard is not None else 0
         record.guard_fallback = fallback is not None
         self.last_record = record
+        self.num_updates += self.steps
+        if self.reset_every is not None and self.num_updates >= self.reset_every:
+            self.reset()
         return logits if fallback is None else fallback
 
     def _run_step(self, x: Tensor) -> tuple[Tensor, StepRecord]:
@@ -345,6 +358,7 @@ class TTAMethod(nn.Module):
             "method": self.method_name,
             "optimizer_type": type(self.optimizer).__name__ if self.optimizer else None,
             "optimizer": self.optimizer.state_dict() if self.optimizer else None,
+            "num_updates": self.num_updates,
         }
         if self.guard is not None:
             state["guard"] = self.guard.state_dict()
@@ -355,6 +369,7 @@ class TTAMethod(nn.Module):
             self.optimizer.load_state_dict(state["optimizer"])
         if self.guard is not None and state.get("guard") is not None:
             self.guard.load_state_dict(state["guard"])
+        self.num_updates = int(state.get("num_updates", 0))
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
         """Load an adapted state (resuming a stream). The source state that
