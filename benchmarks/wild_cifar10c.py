@@ -39,7 +39,8 @@ SCENARIOS = ("label_shift", "mixed_domains", "batch_size_1")
 METHODS = ("source", "tent", "eata", "sar", "deyo")
 
 
-def overrides(model: str, method: str, scenario: str, num_images: int, seed: int) -> list[str]:
+def overrides(model: str, method: str, scenario: str, num_images: int, seed: int,
+              settings: list[str] = ()) -> list[str]:
     batch = 1 if scenario == "batch_size_1" else 64
     over = [f"model={model}", f"method={method}", f"scenario={scenario}", f"run.batch_size={batch}",
             f"data.corruptions=[{','.join(EIGHT)}]", f"data.num_images={num_images}", "data.severity=5",
@@ -49,7 +50,7 @@ def overrides(model: str, method: str, scenario: str, num_images: int, seed: int
     if batch != 64 and "lr" in preset:
         # the batch_size_1 scenario drops the batch-200 preset: keep it, with its lr scaled
         over += ["method.preset=cifar10", f"method.lr={preset['lr'] * batch / 64}"]
-    return over
+    return over + [f"method.{kv}" for kv in settings]
 
 
 def main() -> None:
@@ -60,6 +61,8 @@ def main() -> None:
     parser.add_argument("--num-images", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="method options for every method of the run, e.g. affinity=rbf (lame)")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -68,7 +71,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for scenario in args.scenarios:
             for method in args.methods:
-                cfg = compose_config(overrides(args.model, method, scenario, args.num_images, args.seed))
+                cfg = compose_config(overrides(args.model, method, scenario, args.num_images, args.seed, args.set))
                 t0 = time.perf_counter()
                 res = run_benchmark(cfg, Path(tmp) / f"{scenario}-{method}")
                 results.setdefault(scenario, {})[method] = dict(

@@ -10,7 +10,7 @@ from typing import Any
 from torch import Tensor
 
 __all__ = ["StepRecord", "EATARecord", "SARRecord", "DeYORecord", "CoTTARecord", "RMTRecord", "SANTARecord",
-           "RoTTARecord", "AdaContrastRecord"]
+           "RoTTARecord", "AdaContrastRecord", "LAMERecord", "FOARecord"]
 
 #: A count or value a step produced: a 0-dim tensor on the device (read, and so
 #: synced, only by :meth:`StepRecord.to_dict`), or a plain number.
@@ -119,6 +119,29 @@ class AdaContrastRecord(StepRecord):
     ce_loss: Value = None
     contrastive_loss: Value = None
     diversity_loss: Value = None
+
+
+@dataclass
+class LAMERecord(StepRecord):
+    """A LAME step: ``iterations`` bound updates were made before the energy
+    stopped changing (at most ``max_steps``); ``num_changed`` images got another
+    class than the source model gives them."""
+
+    iterations: Value = None
+    num_changed: Value = None
+
+
+@dataclass
+class FOARecord(StepRecord):
+    """A FOA step (``loss``: the fitness of the candidate that predicted):
+    ``entropy`` and ``discrepancy`` are its two terms before weighting (the
+    batch-summed prediction entropy; the squared distance of the test-batch CLS
+    statistics of every layer from the source's); ``kept_best`` tells whether the
+    previous batch's best prompt won again."""
+
+    entropy: Value = None
+    discrepancy: Value = None
+    kept_best: Value = None
 
 
 def _plain(value: Any) -> Any:
