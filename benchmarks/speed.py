@@ -28,7 +28,7 @@ import tta
 from benchmarks.common import cpu_model, write_json
 
 METHODS = ["norm", "tent", "eta", "eata", "sar", "deyo", "cotta", "rmt", "roid", "cmf", "santa", "rotta",
-           "adacontrast"]
+           "adacontrast", "lame", "ttaug", "norm_ema", "rpl", "rdumb"]
 
 
 def load(model_name: str) -> torch.nn.Module:

@@ -197,7 +197,7 @@ def test_norm_ema_cumulative_average_starts_from_nothing_and_weighs_batches_equa
     with torch.no_grad():
         port(a)
         port(b)
-    torch.testing.assert_close(_bn_stats(method.model), _bn_stats(port), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(_bn_stats(method.model), _bn_stats(port), atol=1e-5, rtol=1e-4)
 
 
 def test_norm_ema_works_at_batch_size_one_and_round_trips(resnet20, noisy_batch):

@@ -22,8 +22,10 @@ import torch
 from kornia import augmentation as K
 from torch import Tensor, nn
 
+from .views import augmix
+
 __all__ = ["cotta_augmentation", "adacontrast_weak_augmentation", "adacontrast_strong_augmentation",
-           "stack_views", "Clamp"]
+           "stack_views", "Clamp", "CropFlip", "AugMix", "augmix_views_transform", "CROPS"]
 
 
 class Clamp(nn.Module):
@@ -104,3 +106,58 @@ def stack_views(x: Tensor, num_views: int, transform: nn.Module) -> Tensor:
     of ``transform`` (each image its own parameters) and go through the model as one
     forward."""
     return transform(x.repeat(num_views, 1, 1, 1))
+
+
+# ----------------------------------------------------------------------------------
+# MEMO's and TTAug's views: a crop and flip, then AugMix
+# ----------------------------------------------------------------------------------
+
+CROPS = ("pad", "resized")
+
+
+class CropFlip(nn.Module):
+    """The pre-augmentation of an AugMix view, at the input's size, per image, from
+    Kornia: ``"pad"`` a random crop of the image padded by ``padding`` zero pixels
+    (CIFAR's ``RandomCrop(32, padding=4)``); ``"resized"`` a random resized crop
+    (ImageNet's ``RandomResizedCrop``, area ``scale``, aspect 3/4-4/3); then a
+    horizontal flip with probability 0.5."""
+
+    def __init__(self, crop: str = "pad", padding: int = 4, scale: tuple[float, float] = (0.08, 1.0)) -> None:
+        super().__init__()
+        if crop not in CROPS:
+            raise ValueError(f"crop must be one of {CROPS}, got {crop!r}")
+        self.crop, self.padding, self.scale = crop, padding, tuple(scale)
+        self.flip = K.RandomHorizontalFlip(p=0.5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        size = tuple(x.shape[-2:])
+        # Kornia's crops take the output size when built: build one for this size.
+        crop = (K.RandomCrop(size, padding=self.padding, fill=0.0) if self.crop == "pad"
+                else K.RandomResizedCrop(size, scale=self.scale))
+        return self.flip(crop(x))
+
+    def extra_repr(self) -> str:
+        return f"crop={self.crop!r}, " + (f"padding={self.padding}" if self.crop == "pad" else f"scale={self.scale}")
+
+
+class AugMix(nn.Module):
+    """:func:`~tta.augment.views.augmix` as a module (severity 1, width 3, depth 1-3:
+    MEMO's and the port's AugMix)."""
+
+    def __init__(self, severity: float = 1.0, width: int = 3, max_depth: int = 3) -> None:
+        super().__init__()
+        self.severity, self.width, self.max_depth = severity, width, max_depth
+
+    def forward(self, x: Tensor) -> Tensor:
+        return augmix(x, self.severity, self.width, self.max_depth)
+
+    def extra_repr(self) -> str:
+        return f"severity={self.severity}, width={self.width}, max_depth={self.max_depth}"
+
+
+def augmix_views_transform(crop: str = "pad") -> nn.Sequential:
+    """The view transform of MEMO and TTAug (the port's ``AugMixAugmenter``): a
+    random crop and flip (:class:`CropFlip`), then AugMix mixing the cropped image
+    with three chains of its augmentations. Geometric ops fill with black (the port's
+    PIL default; official MEMO fills grey)."""
+    return nn.Sequential(CropFlip(crop), AugMix())

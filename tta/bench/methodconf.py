@@ -31,7 +31,8 @@ NOT_CONFIGURABLE: dict[str, dict[str, str]] = {
     "*": {"fisher_loader": "built by tta-bench from data.source_root",
           "source_loader": "built by tta-bench from data.source_root",
           "transform": "a module (e.g. a kornia.augmentation pipeline), given in Python",
-          "destroy": "a module (e.g. a kornia.augmentation pipeline), given in Python"},
+          "destroy": "a module (e.g. a kornia.augmentation pipeline), given in Python",
+          "source_statistics": "tensors (mean, std), given in Python"},
     # ETA is EATA with fisher_alpha forced to 0 by ETA.__init__; method_defaults
     # still reports EATA's signature (fisher_alpha=2000), which would mislead here.
     "eta": {

@@ -1,8 +1,8 @@
 """Adaptation methods, one per module, registered by name."""
 
 from . import (  # noqa: F401  (registration)
-    adacontrast, cmf, cotta, deyo, eata, eta, lame, norm, norm_ema, rdumb, rlcf, rmt, roid, rotta, rpl, santa, sar,
-    source, tent, tpt, ttaug,
+    adacontrast, cmf, cotta, deyo, eata, eta, foa, lame, memo, norm, norm_ema, rdumb, rlcf, rmt, roid, rotta, rpl,
+    santa, sar, source, tent, tpt, ttaug,
 )
 from .base import TTAMethod
 from .records import StepRecord

@@ -4,7 +4,6 @@ marginal entropy, and a fresh start from the source parameters for every image."
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
@@ -12,7 +11,7 @@ from torch import Tensor, nn
 
 from ..augment.views import Views, gather_views
 from .base import TTAMethod
-from .entropy import softmax_entropy
+from .entropy import marginal_entropy, softmax_entropy  # noqa: F401  (marginal_entropy: TPT's loss, re-exported)
 
 __all__ = ["CLIP_INTERFACE", "check_clip_classifier", "marginal_entropy", "select_confident", "CLIPViewsMethod"]
 
@@ -37,15 +36,6 @@ def check_clip_classifier(model: nn.Module, method: str) -> None:
             f"{type(model).__name__}, which has no {', '.join(missing)}; load one with "
             "tta.load_model('clip:ViT-B-16/openai', classnames=...)"
         )
-
-
-def marginal_entropy(logits: Tensor) -> Tensor:
-    """Entropy of the average prediction over views: logits (..., k, classes) ->
-    (...,). TPT's loss: ``-sum p̄ log p̄`` with ``p̄ = mean_k softmax(logits)``,
-    computed in log space in float32."""
-    log_p = logits.float().log_softmax(dim=-1)
-    log_mean = log_p.logsumexp(dim=-2) - math.log(logits.shape[-2])
-    return -(log_mean.exp() * log_mean).sum(dim=-1)
 
 
 def select_confident(logits: Tensor, fraction: float = 0.1) -> Tensor:

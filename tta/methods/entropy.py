@@ -14,7 +14,7 @@ import math
 
 from torch import Tensor
 
-__all__ = ["softmax_entropy", "entropy_margin", "cross_entropy_to", "symmetric_cross_entropy",
+__all__ = ["softmax_entropy", "marginal_entropy", "entropy_margin", "cross_entropy_to", "symmetric_cross_entropy",
            "soft_likelihood_ratio"]
 
 
@@ -49,3 +49,12 @@ def soft_likelihood_ratio(logits: Tensor, clip: float = 0.99, eps: float = 1e-5)
     confident predictions, and the clip stops it at ``clip``."""
     q = logits.float().softmax(1).clamp(max=clip)
     return -(q * (q / (1 - q) + eps).log()).sum(1)
+
+
+def marginal_entropy(logits: Tensor) -> Tensor:
+    """Entropy of the average prediction over views: logits (..., k, classes) ->
+    (...,). TPT's loss: ``-sum p̄ log p̄`` with ``p̄ = mean_k softmax(logits)``,
+    computed in log space in float32."""
+    log_p = logits.float().log_softmax(dim=-1)
+    log_mean = log_p.logsumexp(dim=-2) - math.log(logits.shape[-2])
+    return -(log_mean.exp() * log_mean).sum(dim=-1)

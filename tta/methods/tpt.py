@@ -12,7 +12,8 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ..augment.views import gather_views
-from .clip_views import CLIPViewsMethod, marginal_entropy
+from .clip_views import CLIPViewsMethod
+from .entropy import marginal_entropy
 from .records import StepRecord
 from .registry import register_method
 

@@ -12,67 +12,15 @@ from __future__ import annotations
 import warnings
 
 import torch
-from kornia import augmentation as K
 from torch import Tensor, nn
 
-from ..augment.views import augmix
+from ..augment.kornia_views import CROPS, augmix_views_transform
 from .base import TTAMethod
 from .norm_layers import grouped_batch_stats
 from .records import StepRecord
 from .registry import register_method
 
-__all__ = ["TTAug", "CropFlip", "AugMix", "augmix_views_transform"]
-
-CROPS = ("pad", "resized")
-
-
-class CropFlip(nn.Module):
-    """The pre-augmentation of an AugMix view, at the input's size, per image, from
-    Kornia: ``"pad"`` a random crop of the image padded by ``padding`` zero pixels
-    (CIFAR's ``RandomCrop(32, padding=4)``); ``"resized"`` a random resized crop
-    (ImageNet's ``RandomResizedCrop``, area ``scale``, aspect 3/4-4/3); then a
-    horizontal flip with probability 0.5."""
-
-    def __init__(self, crop: str = "pad", padding: int = 4, scale: tuple[float, float] = (0.08, 1.0)) -> None:
-        super().__init__()
-        if crop not in CROPS:
-            raise ValueError(f"crop must be one of {CROPS}, got {crop!r}")
-        self.crop, self.padding, self.scale = crop, padding, tuple(scale)
-        self.flip = K.RandomHorizontalFlip(p=0.5)
-
-    def forward(self, x: Tensor) -> Tensor:
-        size = tuple(x.shape[-2:])
-        # Kornia's crops take the output size when built: build one for this size.
-        crop = (K.RandomCrop(size, padding=self.padding, fill=0.0) if self.crop == "pad"
-                else K.RandomResizedCrop(size, scale=self.scale))
-        return self.flip(crop(x))
-
-    def extra_repr(self) -> str:
-        return f"crop={self.crop!r}, " + (f"padding={self.padding}" if self.crop == "pad" else f"scale={self.scale}")
-
-
-class AugMix(nn.Module):
-    """:func:`~tta.augment.views.augmix` as a module (severity 1, width 3, depth 1-3:
-    MEMO's and the port's AugMix)."""
-
-    def __init__(self, severity: float = 1.0, width: int = 3, max_depth: int = 3) -> None:
-        super().__init__()
-        self.severity, self.width, self.max_depth = severity, width, max_depth
-
-    def forward(self, x: Tensor) -> Tensor:
-        return augmix(x, self.severity, self.width, self.max_depth)
-
-    def extra_repr(self) -> str:
-        return f"severity={self.severity}, width={self.width}, max_depth={self.max_depth}"
-
-
-def augmix_views_transform(crop: str = "pad") -> nn.Sequential:
-    """The view transform of MEMO and TTAug (the port's ``AugMixAugmenter``): a
-    random crop and flip (:class:`CropFlip`), then AugMix mixing the cropped image
-    with three chains of its augmentations. Geometric ops fill with black (the port's
-    PIL default; official MEMO fills grey)."""
-    return nn.Sequential(CropFlip(crop), AugMix())
-
+__all__ = ["TTAug"]
 
 @register_method("ttaug")
 class TTAug(TTAMethod):
@@ -91,7 +39,7 @@ class TTAug(TTAMethod):
         num_views: augmented views per image (the clean image comes on top).
         crop: the crop before AugMix: ``"pad"`` (CIFAR: random crop with 4-pixel zero
             padding) or ``"resized"`` (ImageNet: random resized crop); see
-            :class:`CropFlip`.
+            :class:`~tta.augment.kornia_views.CropFlip`.
         transform: the view pipeline instead of crop + AugMix, a module on (N, 3, H,
             W) batches in [0, 1] with per-image randomness (e.g. a
             ``kornia.augmentation`` pipeline); the clean image stays view 0.
