@@ -25,7 +25,8 @@ from torch import Tensor, nn
 from .views import augmix
 
 __all__ = ["cotta_augmentation", "adacontrast_weak_augmentation", "adacontrast_strong_augmentation",
-           "stack_views", "Clamp", "CropFlip", "AugMix", "augmix_views_transform", "CROPS"]
+           "stack_views", "Clamp", "CropFlip", "AugMix", "augmix_views_transform", "CROPS",
+           "check_view_options"]
 
 
 class Clamp(nn.Module):
@@ -161,3 +162,16 @@ def augmix_views_transform(crop: str = "pad") -> nn.Sequential:
     with three chains of its augmentations. Geometric ops fill with black (the port's
     PIL default; official MEMO fills grey)."""
     return nn.Sequential(CropFlip(crop), AugMix())
+
+
+def check_view_options(num_views: int, crop: str, images_per_forward: int | None) -> None:
+    """The options of a method that predicts from AugMix views (MEMO, TTAug), checked
+    before it touches the model."""
+    if not isinstance(num_views, int) or isinstance(num_views, bool) or num_views < 1:
+        raise ValueError(f"num_views must be a positive integer, got {num_views!r}")
+    if images_per_forward is not None and (
+            not isinstance(images_per_forward, int) or isinstance(images_per_forward, bool)
+            or images_per_forward < 1):
+        raise ValueError(f"images_per_forward must be a positive integer or None, got {images_per_forward!r}")
+    if crop not in CROPS:
+        raise ValueError(f"crop must be one of {CROPS}, got {crop!r}")

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 
-from ..augment.kornia_views import CROPS, augmix_views_transform
+from ..augment.kornia_views import augmix_views_transform, check_view_options
 from .base import TTAMethod
 from .entropy import marginal_entropy
 from .records import StepRecord
@@ -213,14 +213,7 @@ class MEMO(TTAMethod):
         nesterov: bool = False,
         **kwargs,
     ) -> None:
-        if not isinstance(num_views, int) or isinstance(num_views, bool) or num_views < 1:
-            raise ValueError(f"num_views must be a positive integer, got {num_views!r}")
-        if images_per_forward is not None and (
-                not isinstance(images_per_forward, int) or isinstance(images_per_forward, bool)
-                or images_per_forward < 1):
-            raise ValueError(f"images_per_forward must be a positive integer or None, got {images_per_forward!r}")
-        if crop not in CROPS:
-            raise ValueError(f"crop must be one of {CROPS}, got {crop!r}")
+        check_view_options(num_views, crop, images_per_forward)
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
             raise ValueError(f"steps must be a positive integer, got {steps!r}")
         if not (isinstance(bn_alpha, (int, float)) and 0.0 <= bn_alpha <= 1.0):

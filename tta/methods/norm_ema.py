@@ -22,6 +22,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .._warn import warn_at_caller
 from .base import TTAMethod
+from .norm_layers import layer_setting
 from .records import StepRecord
 from .registry import register_method
 
@@ -110,14 +111,8 @@ def ema_stats_mode(model: nn.Module, mode: str) -> Iterator[None]:
     """Within the block, the EMA layers of ``model`` run in ``mode`` (:data:`MODES`)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    layers = [m for m in model.modules() if hasattr(m, "tta_mode")]
-    for m in layers:
-        m.tta_mode = mode
-    try:
+    with layer_setting((model,), "tta_mode", mode, "eval"):
         yield
-    finally:
-        for m in layers:
-            m.tta_mode = "eval"
 
 
 @register_method("norm_ema")

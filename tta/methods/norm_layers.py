@@ -135,18 +135,27 @@ def use_batch_stats(model: nn.Module, alpha: float = 1.0) -> int:
 
 
 @contextmanager
-def sample_weighted_batch_stats(model: nn.Module, weight: Tensor) -> Iterator[None]:
-    """Within the block, test-statistics BatchNorm layers compute their statistics
-    from the samples with non-zero ``weight`` (shape (B,)) only: a forward on the full
-    batch then equals, for those samples, a forward on the selected subset."""
-    layers = [m for m in model.modules() if hasattr(m, "tta_sample_weight")]
+def layer_setting(models: tuple[nn.Module, ...], name: str, value: object, default: object) -> Iterator[None]:
+    """Within the block, every layer of ``models`` that has the per-call setting
+    ``name`` (a ``tta_*`` attribute of tta's norm layers) holds ``value``; after it,
+    ``default`` again, also when the block raises."""
+    layers = [m for model in models for m in model.modules() if hasattr(m, name)]
     for m in layers:
-        m.tta_sample_weight = weight
+        setattr(m, name, value)
     try:
         yield
     finally:
         for m in layers:
-            m.tta_sample_weight = None
+            setattr(m, name, default)
+
+
+@contextmanager
+def sample_weighted_batch_stats(model: nn.Module, weight: Tensor) -> Iterator[None]:
+    """Within the block, test-statistics BatchNorm layers compute their statistics
+    from the samples with non-zero ``weight`` (shape (B,)) only: a forward on the full
+    batch then equals, for those samples, a forward on the selected subset."""
+    with layer_setting((model,), "tta_sample_weight", weight, None):
+        yield
 
 
 @contextmanager
@@ -155,14 +164,8 @@ def grouped_batch_stats(*models: nn.Module, groups: int) -> Iterator[None]:
     as ``groups`` consecutive equal slices, each normalised with its own statistics:
     one forward of ``V`` stacked views of a batch then equals ``V`` forwards of one
     view each (CoTTA's teacher averages 32 views; a per-view forward is 32 calls)."""
-    layers = [m for model in models for m in model.modules() if hasattr(m, "tta_groups")]
-    for m in layers:
-        m.tta_groups = int(groups)
-    try:
+    with layer_setting(models, "tta_groups", int(groups), 1):
         yield
-    finally:
-        for m in layers:
-            m.tta_groups = 1
 
 
 def refuse_single_image_statistics(model: nn.Module, batch_size: int, method: str) -> None:

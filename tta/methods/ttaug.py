@@ -14,7 +14,7 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from ..augment.kornia_views import CROPS, augmix_views_transform
+from ..augment.kornia_views import augmix_views_transform, check_view_options
 from .base import TTAMethod
 from .norm_layers import grouped_batch_stats
 from .records import StepRecord
@@ -71,12 +71,7 @@ class TTAug(TTAMethod):
         bn_alpha: float = 0.1,
         **kwargs,
     ) -> None:
-        if not isinstance(num_views, int) or num_views < 1:
-            raise ValueError(f"num_views must be a positive integer, got {num_views!r}")
-        if images_per_forward is not None and (not isinstance(images_per_forward, int) or images_per_forward < 1):
-            raise ValueError(f"images_per_forward must be a positive integer or None, got {images_per_forward!r}")
-        if crop not in CROPS:
-            raise ValueError(f"crop must be one of {CROPS}, got {crop!r}")
+        check_view_options(num_views, crop, images_per_forward)
         with warnings.catch_warnings():
             # The base class warns that a model without BatchNorm predicts as the
             # source model; TTAug still averages its views there.
