@@ -40,10 +40,10 @@ METHODS = ("source", "tent", "eata", "sar", "deyo")
 
 
 def overrides(model: str, method: str, scenario: str, num_images: int, seed: int,
-              settings: list[str] = ()) -> list[str]:
+              settings: list[str] = (), severity: int = 5) -> list[str]:
     batch = 1 if scenario == "batch_size_1" else 64
     over = [f"model={model}", f"method={method}", f"scenario={scenario}", f"run.batch_size={batch}",
-            f"data.corruptions=[{','.join(EIGHT)}]", f"data.num_images={num_images}", "data.severity=5",
+            f"data.corruptions=[{','.join(EIGHT)}]", f"data.num_images={num_images}", f"data.severity={severity}",
             f"run.seed={seed}", "run.device=cpu", "run.plot=false", "run.progress=false",
             "run.skip_existing=false", "run.checkpoint_minutes=0"]
     preset = tta.method_presets(method)["cifar10"]
@@ -61,6 +61,7 @@ def main() -> None:
     parser.add_argument("--num-images", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--severity", type=int, default=5, choices=range(1, 6))
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                         help="method options for every method of the run, e.g. affinity=rbf (lame)")
     parser.add_argument("--json", default=None, help="also write the results here")
@@ -71,7 +72,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for scenario in args.scenarios:
             for method in args.methods:
-                cfg = compose_config(overrides(args.model, method, scenario, args.num_images, args.seed, args.set))
+                cfg = compose_config(overrides(args.model, method, scenario, args.num_images, args.seed, args.set,
+                                               args.severity))
                 t0 = time.perf_counter()
                 res = run_benchmark(cfg, Path(tmp) / f"{scenario}-{method}")
                 results.setdefault(scenario, {})[method] = dict(
@@ -82,7 +84,8 @@ def main() -> None:
     print("|" + "---|" * (len(args.methods) + 1))
     for scenario, row in results.items():
         print(f"| {scenario} | " + " | ".join(f"{row[m]['mean_error']:.1f}" for m in args.methods) + " |")
-    print(f"\n{args.model}, {args.num_images} images per corruption, severity 5; {machine(args.threads)}")
+    print(f"\n{args.model}, {args.num_images} images per corruption, severity {args.severity}; "
+          f"{machine(args.threads)}")
     if args.json:
         write_json(args.json, dict(args=vars(args), results=results))
 

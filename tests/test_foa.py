@@ -304,5 +304,7 @@ def test_zoo_vit_tiny_ln_runs_and_stays_frozen(cifar_train_images, noisy_batch):
     outs = [foa(x) for _ in range(2)]
     assert all(o.shape == (16, 10) and torch.isfinite(o).all() for o in outs)
     assert all(torch.equal(p, params[n]) for n, p in model.named_parameters())
+    # forward passes only: no parameter ever holds a gradient, no output carries a graph
+    assert all(p.grad is None for p in foa.parameters()) and not any(o.requires_grad for o in outs)
     # the first batch's elitist candidate is the small init prompt: close to the plain model
     assert (outs[0].argmax(1) == plain.argmax(1)).float().mean() > 0.5
