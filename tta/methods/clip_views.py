@@ -11,9 +11,11 @@ from torch import Tensor, nn
 
 from ..augment.views import Views, gather_views
 from .base import TTAMethod
+from .params import select_norm_params
 from .entropy import marginal_entropy, softmax_entropy  # noqa: F401  (marginal_entropy: TPT's loss, re-exported)
 
-__all__ = ["CLIP_INTERFACE", "check_clip_classifier", "marginal_entropy", "select_confident", "CLIPViewsMethod"]
+__all__ = ["CLIP_INTERFACE", "check_clip_classifier", "marginal_entropy", "select_confident", "CLIPViewsMethod",
+           "clip_adapted_params"]
 
 #: Views encoded per forward pass when selecting (bounds memory for big batches).
 VIEW_CHUNK = 256
@@ -36,6 +38,21 @@ def check_clip_classifier(model: nn.Module, method: str) -> None:
             f"{type(model).__name__}, which has no {', '.join(missing)}; load one with "
             "tta.load_model('clip:ViT-B-16/openai', classnames=...)"
         )
+
+
+def clip_adapted_params(model: nn.Module, adapt: str, method: str) -> list[tuple[str, nn.Parameter]]:
+    """What a CLIP method adapts, by its ``adapt=`` choice: ``"prompt"`` the learned
+    context (``model.ctx``), ``"image"`` every weight of the image encoder
+    (``model.clip.visual``), ``"image_norm"`` its norm affines (RLCF's and TTRV's
+    choices)."""
+    if adapt == "prompt":
+        return [("ctx", model.ctx)]
+    visual = getattr(getattr(model, "clip", None), "visual", None)
+    if not isinstance(visual, nn.Module):
+        raise TypeError(f"{method} adapt={adapt!r} adapts the image encoder at model.clip.visual, which "
+                        f"{type(model).__name__} does not have; use adapt='prompt'")
+    chosen = select_norm_params(visual) if adapt == "image_norm" else list(visual.named_parameters())
+    return [(f"clip.visual.{n}", p) for n, p in chosen]
 
 
 def select_confident(logits: Tensor, fraction: float = 0.1) -> Tensor:

@@ -10,7 +10,7 @@ from typing import Any
 from torch import Tensor
 
 __all__ = ["StepRecord", "EATARecord", "SARRecord", "DeYORecord", "CoTTARecord", "RMTRecord", "SANTARecord",
-           "RoTTARecord", "AdaContrastRecord", "LAMERecord", "FOARecord"]
+           "RoTTARecord", "AdaContrastRecord", "LAMERecord", "FOARecord", "TTRVRecord"]
 
 #: A count or value a step produced: a 0-dim tensor on the device (read, and so
 #: synced, only by :meth:`StepRecord.to_dict`), or a plain number.
@@ -146,3 +146,19 @@ class FOARecord(StepRecord):
 
 def _plain(value: Any) -> Any:
     return value.item() if isinstance(value, Tensor) else value
+
+
+@dataclass
+class TTRVRecord(StepRecord):
+    """A TTRV step (its last sampling round; per-image episodes: their mean, and
+    ``num_unanimous`` their sum): ``mean_reward`` is the mean reward of the trained
+    draws, ``vote_entropy`` the mean normalised entropy of the votes (0: unanimous),
+    ``num_unanimous`` the images whose draws all agree (their advantages are 0),
+    ``kl`` the KL of the policy to the source model (``None`` when ``kl_weight`` is
+    0), ``clip_fraction`` the share of draws whose PPO ratio was clipped."""
+
+    mean_reward: Value = None
+    vote_entropy: Value = None
+    num_unanimous: Value = None
+    kl: Value = None
+    clip_fraction: Value = None

@@ -18,8 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..augment.views import gather_views
-from .clip_views import CLIPViewsMethod, check_clip_classifier
-from .params import select_norm_params
+from .clip_views import CLIPViewsMethod, check_clip_classifier, clip_adapted_params
 from .records import StepRecord
 from .registry import register_method
 
@@ -123,14 +122,7 @@ class RLCF(CLIPViewsMethod):
         return reward.to(device).eval().requires_grad_(False)
 
     def select_params(self) -> list[tuple[str, nn.Parameter]]:
-        if self.adapt == "prompt":
-            return [("ctx", self.model.ctx)]
-        visual = getattr(getattr(self.model, "clip", None), "visual", None)
-        if not isinstance(visual, nn.Module):
-            raise TypeError(f"rlcf adapt={self.adapt!r} adapts the image encoder at model.clip.visual, which "
-                            f"{type(self.model).__name__} does not have; use adapt='prompt'")
-        chosen = select_norm_params(visual) if self.adapt == "image_norm" else list(visual.named_parameters())
-        return [(f"clip.visual.{n}", p) for n, p in chosen]
+        return clip_adapted_params(self.model, self.adapt, "rlcf")
 
     def forward_and_adapt(self, x: Tensor) -> tuple[Tensor, StepRecord]:
         features, index, pixels = self.select_views(x)
