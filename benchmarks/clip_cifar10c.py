@@ -1,7 +1,7 @@
 """Zero-shot CLIP, TPT and RLCF on the zoo's CLIP pair under severity-5 CIFAR-10-C.
 
-The policy is ``clip:zoo/clip_small`` (CIFAR ResNet-20 image tower), the RLCF reward
-model ``clip:zoo/clip_base`` (ResNet-56, AugMix-trained), both from
+The policy is ``zoo:clip_small`` (CIFAR ResNet-20 image tower), the RLCF reward
+model ``zoo:clip_base`` (ResNet-56, AugMix-trained), both from
 ``benchmarks/zoo/train.py``. The stream is that of ``methods_cifar10c.py``
 (``benchmarks.common.method_table_stream``):
 ``--num-images`` test images per corruption, rendered with ``tta.corruptions``
@@ -29,7 +29,7 @@ import tta
 
 from benchmarks.common import EIGHT, method_table_stream, machine, parse_lr_overrides, print_table, stream_errors, write_json
 
-POLICY, REWARD = "clip:zoo/clip_small", "clip:zoo/clip_base"
+POLICY, REWARD = "zoo:clip_small", "zoo:clip_base"
 
 # method label -> (registered method, settings); None: no adaptation
 METHODS: dict[str, tuple[str, dict] | None] = {

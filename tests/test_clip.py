@@ -389,7 +389,7 @@ def test_clip_methods_refuse_other_models(name):
 
 def test_clip_methods_declare_what_they_need():
     needs = {n: getattr(tta.methods.method_class(n), "requires", None) for n in tta.list_methods()}
-    assert {n for n, r in needs.items() if r == "clip"} == {"tpt", "rlcf"}
+    assert {n for n, r in needs.items() if r == "clip"} == {"tpt", "rlcf", "vte"}
     assert tta.method_defaults("tpt")["lr"] == 5e-3 and tta.method_defaults("rlcf")["sample_k"] == 3
 
 

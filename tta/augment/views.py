@@ -202,6 +202,8 @@ def make_views(
     if not isinstance(num_views, int) or num_views < 1:
         raise ValueError(f"num_views must be a positive integer, got {num_views!r}")
     b = x.shape[0]
+    if num_views == 1:  # the image alone: no crops to draw (an empty batch of affine maps fails)
+        return x.unsqueeze(1)
     many = x.unsqueeze(1).expand(b, num_views - 1, *x.shape[1:]).reshape(-1, *x.shape[1:])
     crops = (transform(many) if transform is not None
              else random_resized_crops(many, scale=scale, flip_p=flip_p, generator=generator))

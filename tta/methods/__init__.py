@@ -2,7 +2,7 @@
 
 from . import (  # noqa: F401  (registration)
     adacontrast, cmf, cotta, deyo, eata, eta, foa, lame, memo, norm, norm_ema, rdumb, rlcf, rmt, roid, rotta, rpl,
-    santa, sar, source, tent, tpt, ttaug, ttrv,
+    santa, sar, source, tent, tpt, ttaug, ttrv, vte,
 )
 from .base import TTAMethod
 from .records import StepRecord
