@@ -1,12 +1,13 @@
-"""Zero-shot CLIP, TPT and RLCF on the zoo's CLIP pair under severity-5 CIFAR-10-C.
+"""Zero-shot CLIP, TPT, RLCF, VTE and TTRV on the zoo's CLIP pair under severity-5 CIFAR-10-C.
 
 The policy is ``zoo:clip_small`` (CIFAR ResNet-20 image tower), the RLCF reward
 model ``zoo:clip_base`` (ResNet-56, AugMix-trained), both from
 ``benchmarks/zoo/train.py``. The stream is that of ``methods_cifar10c.py``
 (``benchmarks.common.method_table_stream``):
 ``--num-images`` test images per corruption, rendered with ``tta.corruptions``
-(CIFAR preset). All methods here are episodic (every image starts from the source
-model), so the order of the stream does not matter.
+(CIFAR preset). TPT, RLCF, VTE and TTRV's episodic mode start every image from the
+source model; TTRV's online and single-example modes carry what they learned along the
+stream (continual, in the corruptions' order).
 
     TTA_HOME=../shared python -m benchmarks.clip_cifar10c --num-images 500
 
@@ -37,6 +38,11 @@ METHODS: dict[str, tuple[str, dict] | None] = {
     "tpt": ("tpt", {}),
     "rlcf-prompt": ("rlcf", dict(reward=REWARD, adapt="prompt")),
     "rlcf-tune": ("rlcf", dict(reward=REWARD, adapt="image")),
+    "vte": ("vte", {}),
+    "ttrv-online": ("ttrv", {}),
+    "ttrv-online-image": ("ttrv", dict(adapt="image")),
+    "ttrv-episodic": ("ttrv", dict(mode="episodic")),
+    "ttrv-single": ("ttrv", dict(mode="single_example")),
 }
 
 
