@@ -1,6 +1,5 @@
 """CLIP classifiers, augmented views, TPT and RLCF on tiny random open_clip models (offline)."""
 
-import json
 import math
 
 import pytest
@@ -13,36 +12,22 @@ from tta.methods.params import select_norm_params
 
 open_clip = pytest.importorskip("open_clip")
 
+from tiny_clip import CLASSES, load_tiny_clip, registered_on_one_thread  # noqa: E402
+
 from tta.methods.rlcf import candidate_classes, clip_reward, reinforce_loss  # noqa: E402
 from tta.models.clip import CLIPClassifier  # noqa: E402
 from tta.models.clip_models import split_spec  # noqa: E402
 
 TINY = "tta-test-tiny-clip"
-TINY_CFG = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-}
-CLASSES = ["cat", "dog", "great white shark", "fire_truck", "tree frog"]
 
 
 @pytest.fixture(scope="module", autouse=True)
 def tiny_config(tmp_path_factory):
-    path = tmp_path_factory.mktemp("open_clip") / f"{TINY}.json"
-    path.write_text(json.dumps(TINY_CFG))
-    open_clip.add_model_config(path)
-    # One thread: these tiny matrices gain nothing from two, and lose a lot (50x)
-    # when the other core is busy.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    yield from registered_on_one_thread(TINY, tmp_path_factory)
 
 
 def tiny_clip(seed=0, **kw):
-    torch.manual_seed(seed)
-    kw.setdefault("classnames", CLASSES)
-    return tta.load_model(f"clip:{TINY}", **kw)
+    return load_tiny_clip(TINY, seed, **kw)
 
 
 @pytest.fixture

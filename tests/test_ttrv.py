@@ -3,7 +3,6 @@ source, and the online / episodic / single-example modes on a plain classifier a
 on CLIP classifiers (a tiny random one; the zoo's pair when it is there)."""
 
 import copy
-import json
 
 import pytest
 import torch
@@ -14,29 +13,18 @@ from tta.methods.ttrv import TTRV, clipped_policy_loss, grpo_advantages, vote_en
 
 open_clip = pytest.importorskip("open_clip")
 
+from tiny_clip import CLASSES, load_tiny_clip, registered_on_one_thread  # noqa: E402
+
 TINY = "tta-test-tiny-clip-ttrv"
-TINY_CFG = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-}
-CLASSES = ["cat", "dog", "great white shark", "fire_truck", "tree frog"]
 
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread(tmp_path_factory):
-    path = tmp_path_factory.mktemp("open_clip") / f"{TINY}.json"
-    path.write_text(json.dumps(TINY_CFG))
-    open_clip.add_model_config(path)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    yield from registered_on_one_thread(TINY, tmp_path_factory)
 
 
 def tiny_clip(seed=0):
-    torch.manual_seed(seed)
-    return tta.load_model(f"clip:{TINY}", classnames=CLASSES)
+    return load_tiny_clip(TINY, seed)
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@ against the text features; nothing adapts. On a hand-made stub (the selection an
 the mean by hand), a tiny random open_clip model (against a direct computation) and
 the zoo's CLIP when it is there."""
 
-import json
 
 import pytest
 import torch
@@ -17,30 +16,18 @@ from tta.methods.vte import VTE
 
 open_clip = pytest.importorskip("open_clip")
 
+from tiny_clip import CLASSES, load_tiny_clip, registered_on_one_thread  # noqa: E402
+
 TINY = "tta-test-tiny-clip-vte"
-TINY_CFG = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-}
-CLASSES = ["cat", "dog", "great white shark", "fire_truck", "tree frog"]
 
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread(tmp_path_factory):
-    path = tmp_path_factory.mktemp("open_clip") / f"{TINY}.json"
-    path.write_text(json.dumps(TINY_CFG))
-    open_clip.add_model_config(path)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    yield from registered_on_one_thread(TINY, tmp_path_factory)
 
 
 def tiny_clip(seed=0, **kw):
-    torch.manual_seed(seed)
-    kw.setdefault("classnames", CLASSES)
-    return tta.load_model(f"clip:{TINY}", **kw)
+    return load_tiny_clip(TINY, seed, **kw)
 
 
 @pytest.fixture

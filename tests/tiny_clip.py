@@ -1,0 +1,40 @@
+"""A tiny random open_clip model (2-layer ViT and text tower, 32-px images) that the
+CLIP tests register under a name of their own, and its five class names."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+import tta
+
+TINY_CFG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+CLASSES = ["cat", "dog", "great white shark", "fire_truck", "tree frog"]
+
+
+def registered_on_one_thread(name: str, tmp_path_factory):
+    """Register the tiny config as open_clip model ``name`` and run the module's
+    tests on one thread (a generator for a module-scoped fixture): these tiny
+    matrices gain nothing from two threads, and lose a lot (50x) when the other core
+    is busy."""
+    import open_clip
+
+    path = tmp_path_factory.mktemp("open_clip") / f"{name}.json"
+    path.write_text(json.dumps(TINY_CFG))
+    open_clip.add_model_config(path)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def load_tiny_clip(name: str, seed: int = 0, **kw):
+    """The tiny CLIP classifier over :data:`CLASSES`, its weights drawn from ``seed``."""
+    torch.manual_seed(seed)
+    kw.setdefault("classnames", CLASSES)
+    return tta.load_model(f"clip:{name}", **kw)
