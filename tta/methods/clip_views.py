@@ -4,12 +4,14 @@ marginal entropy, and a fresh start from the source parameters for every image."
 
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
 from ..augment.views import Views, gather_views
+from ..models.clip import is_saved_context
 from .base import TTAMethod
 from .params import select_norm_params
 from .entropy import marginal_entropy, softmax_entropy  # noqa: F401  (marginal_entropy: TPT's loss, re-exported)
@@ -92,7 +94,9 @@ class CLIPViewsMethod(TTAMethod):
             random resized crops and flips, :func:`~tta.augment.views.random_resized_crops`).
         steps: optimisation steps per test image, on the same selected views.
         ctx_init: text whose token embeddings start the learnable context (CoOp),
-            when the classifier has no learnable prompt yet.
+            when the classifier has no learnable prompt yet; or a saved context (a
+            path to a tensor file or a CoOp checkpoint, or the tensor), which the
+            classifier takes whatever it had (``CLIPClassifier.use_prompt``).
         episodic: no further effect: every test image starts from the source anyway.
     """
 
@@ -112,7 +116,7 @@ class CLIPViewsMethod(TTAMethod):
         augmix: bool = False,
         transform: nn.Module | None = None,
         steps: int = 1,
-        ctx_init: str = "a photo of a",
+        ctx_init: "str | os.PathLike | Tensor" = "a photo of a",
         **kwargs,
     ) -> None:
         check_clip_classifier(model, self.method_name or type(self).__name__)
@@ -120,7 +124,7 @@ class CLIPViewsMethod(TTAMethod):
             raise ValueError(f"steps must be a positive integer, got {steps!r}")
         if not 0 < selection_p <= 1:
             raise ValueError(f"selection_p must be in (0, 1], got {selection_p!r}")
-        if self.adapts_prompt and model.ctx is None:
+        if is_saved_context(ctx_init) or (self.adapts_prompt and model.ctx is None):
             model.use_prompt(ctx_init)
         # The base loop runs forward_and_adapt once per batch; the steps run inside.
         super().__init__(model, steps=1, **kwargs)
@@ -136,7 +140,7 @@ class CLIPViewsMethod(TTAMethod):
         """Views of each image, scored with the source parameters. Returns the
         image features of all views (B, N, dim; view 0 is the image itself), the
         indices of the selected views (B, k), and their pixels (B, k, C, H, W)."""
-        self.reset()
+        self.restart()
         per_chunk = max(1, VIEW_CHUNK // self.views.num_views)
         features, index, pixels = [], [], []
         text = self.model.text_features()
@@ -157,7 +161,7 @@ class CLIPViewsMethod(TTAMethod):
         the mean of the images' last losses."""
         logits, losses = [], []
         for i in range(num_images):
-            self.reset()
+            self.restart()
             for _ in range(self.tta_steps):
                 value = loss(i)
                 self.backward(value)
@@ -166,6 +170,12 @@ class CLIPViewsMethod(TTAMethod):
             with torch.no_grad():
                 logits.append(predict(i))
         return torch.cat(logits), torch.stack(losses).mean()
+
+    def restart(self) -> None:
+        """Where each test image starts: the source parameters and a fresh optimizer
+        (:meth:`reset`). A method that carries something from image to image (RLCF's
+        momentum buffer) starts elsewhere."""
+        self.reset()
 
     def snapshot(self) -> None:
         """Record the adapted parameters as the state every test image starts from

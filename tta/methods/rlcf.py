@@ -21,6 +21,7 @@ from ..augment.views import gather_views
 from .clip_views import CLIPViewsMethod, check_clip_classifier, clip_adapted_params
 from .records import StepRecord
 from .registry import register_method
+from .teacher import ema_update_
 
 CLIPSCORE_WEIGHT = 2.5
 _PAPER_LR = {"prompt": 7e-3, "image": 1e-5, "image_norm": 1e-5}
@@ -51,6 +52,51 @@ def candidate_classes(logits: Tensor, k: int, sampling: str) -> Tensor:
     return logits.topk(k, dim=-1).indices
 
 
+class MomentumStart(nn.Module):
+    """RLCF's momentum buffer (the reference code's ``--momentum_update``): an
+    exponential moving average of the adapted parameters as each test image leaves
+    them, and the start that every test image is adapted from, refreshed from the
+    average every ``every`` images. All in buffers, so ``state_dict()`` keeps it and
+    a step that raises leaves it as it was. Buffer ``average_<i>``/``start_<i>``
+    belong to the method's ``i``-th adapted parameter; ``count`` counts the images
+    since the last refresh."""
+
+    def __init__(self, params: list[Tensor]) -> None:
+        super().__init__()
+        self.size = len(params)
+        for i, p in enumerate(params):
+            self.register_buffer(f"average_{i}", p.detach().clone())
+            self.register_buffer(f"start_{i}", p.detach().clone())
+        self.register_buffer("count", torch.zeros((), dtype=torch.long, device=params[0].device))
+
+    def averages(self) -> list[Tensor]:
+        return [getattr(self, f"average_{i}") for i in range(self.size)]
+
+    def starts(self) -> list[Tensor]:
+        return [getattr(self, f"start_{i}") for i in range(self.size)]
+
+    @torch.no_grad()
+    def restart_from(self, source: list[Tensor]) -> None:
+        """Average and start back to ``source``, the count to zero (bit-exact)."""
+        for average, start, value in zip(self.averages(), self.starts(), source):
+            average.copy_(value)
+            start.copy_(value)
+        self.count.zero_()
+
+    @torch.no_grad()
+    def update(self, adapted: list[Tensor], source: list[Tensor], momentum: float, every: int, weight: float) -> None:
+        """After an image: ``average <- momentum * average + (1 - momentum) * adapted``;
+        every ``every`` images, ``start <- (1 - weight) * source + weight * average``
+        (one host sync per image, to read the count)."""
+        ema_update_(self.averages(), adapted, momentum)
+        self.count.add_(1)
+        if int(self.count) >= every:
+            self.count.zero_()
+            for start, value, average in zip(self.starts(), source, self.averages()):
+                torch.mul(value, 1.0 - weight, out=start)
+                start.add_(average, alpha=weight)
+
+
 @register_method("rlcf")
 class RLCF(CLIPViewsMethod):
     """RLCF on a CLIP classifier. Defaults are the paper's classification setting as
@@ -65,6 +111,43 @@ class RLCF(CLIPViewsMethod):
     views), against the text "a photo of a <class>." (its own text features, cached,
     when a loaded classifier is given).
 
+    Where the reference code (mzhaoshuai/RLCF, ``TPT/``) goes further:
+
+    - **A learned starting prompt.** Its prompt script starts every image from a
+      16-shot CoOp context learned on ImageNet (``scripts/rlcf-prompt.sh`` lines 14
+      and 61, also for the fine-grained sets, ``rlcf-prompt-fine.sh`` lines 13 and
+      62; loaded in ``tpt_cls_rl.py`` lines 94-101 as the checkpoint's
+      ``state_dict["ctx"]``, 4 tokens, which ``reset`` returns to). Pass that file as
+      ``ctx_init`` (a path: a tensor file or a CoOp checkpoint; see
+      ``CLIPClassifier.use_prompt``). The default stays the text "a photo of a"
+      (the parser's default, ``params.py`` line 42: no ``--load``), since tta ships
+      no CoOp context.
+    - **A momentum buffer** (``ema``; ``--momentum_update``, ``params.py`` lines
+      68-72, the image-encoder script's values in ``scripts/rlcf-tune.sh`` lines
+      30-34 and 47-48, off by default). Its image-encoder model
+      (``clip/custom_clip.py`` ``CLIPCLS_TTA``, lines 389-399 and 456-475) keeps an
+      exponential moving average of the image encoder's weights: after each test
+      image has been adapted *and predicted* (``tune_cls_rl.py`` line 240), the
+      average moves toward the adapted weights with momentum ``ema_momentum``
+      (0.9998); every ``ema_every`` images (64) the state every image starts from
+      becomes ``(1 - ema_weight) * source + ema_weight * average`` (``ema_weight``
+      1.0: the average itself). The prediction is never made with the average: each
+      image is adapted from the current start and predicted with its own adapted
+      weights. Everything goes back to the source with :meth:`reset` (the reference
+      code at each new data set, lines 450-454). tta averages the adapted
+      parameters (the reference code averages the whole image encoder's state dict,
+      whose other entries do not change); it is offered for ``adapt="prompt"`` too,
+      which the reference code does not have. With it, the images of a batch run
+      one after another (selection included), each from the start the images
+      before it left, as the reference code's one image per batch.
+    - **The fine-grained setting** (preset ``"fine_grained"``,
+      ``scripts/rlcf-prompt-fine.sh`` lines 35-46: 5 steps, lr 7e-3, ViT-L/14
+      reward, K = 3, otherwise the ImageNet script's values): AugMix views, which
+      ``tpt_cls_rl.py`` lines 149-150 use for every data set but ImageNet's
+      (``--augmix`` defaults to 1, ``params.py`` line 48; the script's own
+      ``--augmix ${augmix}``, line 68, passes a variable it never sets). The
+      published lr is the prompt's: the preset leaves ``lr`` to ``adapt``.
+
     Args:
         reward: the reward model: a ``"clip:<model>/<pretrained>"`` name, loaded with
             the policy's class names and "a photo of a {}.", or a loaded CLIP
@@ -76,7 +159,17 @@ class RLCF(CLIPViewsMethod):
             code's ``--tune_norm`` option, for which no value is published).
         sample_k: candidate classes per view (K).
         sampling: how the candidates are chosen: ``"topk"`` or ``"sample"``.
+        ema: keep the momentum buffer and start each image from it (the reference
+            code's ``--momentum_update``, off in its scripts and parser).
+        ema_momentum: the average's momentum per image (``--tta_momentum``: 0.9998 in
+            ``rlcf-tune.sh`` line 33; the parser's default is 0.9999).
+        ema_every: images between refreshes of the start (``--update_freq``: 64 in
+            ``rlcf-tune.sh`` line 32; the parser's default is 256).
+        ema_weight: the average's weight in the refreshed start, the source's being
+            ``1 - ema_weight`` (``--update_w``: 1.0 in both).
     """
+
+    presets = {"cifar10": {}, "imagenet": {}, "fine_grained": {"steps": 5, "augmix": True}}
 
     def __init__(
         self,
@@ -86,6 +179,10 @@ class RLCF(CLIPViewsMethod):
         adapt: str = "prompt",
         sample_k: int = 3,
         sampling: str = "topk",
+        ema: bool = False,
+        ema_momentum: float = 0.9998,
+        ema_every: int = 64,
+        ema_weight: float = 1.0,
         steps: int = 3,
         optimizer: str = "adamw",
         lr: float | None = None,
@@ -96,14 +193,23 @@ class RLCF(CLIPViewsMethod):
             raise ValueError(f"adapt must be one of {sorted(_PAPER_LR)}, got {adapt!r}")
         if sampling not in ("topk", "sample"):
             raise ValueError(f"sampling must be 'topk' or 'sample', got {sampling!r}")
+        if not 0.0 <= ema_momentum <= 1.0 or not 0.0 <= ema_weight <= 1.0:
+            raise ValueError(f"ema_momentum and ema_weight must be in [0, 1], got {ema_momentum}, {ema_weight}")
+        if not isinstance(ema_every, int) or ema_every < 1:
+            raise ValueError(f"ema_every must be a positive integer, got {ema_every!r}")
+        if ema and kwargs.get("episodic"):
+            raise ValueError("ema=True carries a momentum buffer from image to image, which episodic=True would "
+                             "reset before every batch; leave episodic off (every image starts afresh anyway)")
         check_clip_classifier(model, "rlcf")
         if not isinstance(sample_k, int) or not 1 <= sample_k <= model.num_classes:
             raise ValueError(f"sample_k must be an integer in [1, {model.num_classes}], got {sample_k!r}")
         self.adapt, self.sample_k, self.sampling = adapt, sample_k, sampling
         self.adapts_prompt = adapt == "prompt"
+        self.ema, self.ema_momentum, self.ema_every, self.ema_weight = bool(ema), ema_momentum, ema_every, ema_weight
         lr = _PAPER_LR[adapt] if lr is None else lr
         super().__init__(model, steps=steps, optimizer=optimizer, lr=lr, weight_decay=weight_decay, **kwargs)
         self.reward_model = self._reward_model(reward, model)
+        self.momentum_state = MomentumStart([p for _, p in self.adapted]) if self.ema else None
 
     @staticmethod
     def _reward_model(reward: str | nn.Module | None, policy: nn.Module) -> nn.Module:
@@ -124,7 +230,48 @@ class RLCF(CLIPViewsMethod):
     def select_params(self) -> list[tuple[str, nn.Parameter]]:
         return clip_adapted_params(self.model, self.adapt, "rlcf")
 
+    # -- the momentum buffer: what reset, snapshot and each image's start mean ------------
+    def snapshot(self) -> None:
+        super().snapshot()
+        if getattr(self, "momentum_state", None) is not None:
+            self.momentum_state.restart_from(self._source_state["params"])
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Back to the source parameters, a fresh optimizer and (with ``ema``) the
+        momentum buffer at the source, bit-exact."""
+        super().reset()
+        if getattr(self, "momentum_state", None) is not None:
+            self.momentum_state.restart_from(self._source_state["params"])
+
+    @torch.no_grad()
+    def restart(self) -> None:
+        """Each image starts from the source, or with ``ema`` from the momentum
+        buffer's start; with a fresh optimizer either way."""
+        if self.momentum_state is None:
+            return super().restart()
+        if self._source_state is None:
+            self.snapshot()
+        for (_, p), start in zip(self.adapted, self.momentum_state.starts()):
+            p.copy_(start)
+        self.optimizer.state.clear()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    # -- a step ---------------------------------------------------------------------------
     def forward_and_adapt(self, x: Tensor) -> tuple[Tensor, StepRecord]:
+        if self.momentum_state is None:
+            return self._adapt_images(x)
+        logits, views, losses = [], 0, []
+        for i in range(x.shape[0]):  # each image starts where the ones before it left the buffer
+            out, record = self._adapt_images(x[i: i + 1])
+            self.momentum_state.update([p.detach() for _, p in self.adapted], self._source_state["params"],
+                                       self.ema_momentum, self.ema_every, self.ema_weight)
+            logits.append(out)
+            views += record.num_selected
+            losses.append(record.loss)
+        return torch.cat(logits), StepRecord(x.shape[0], views, torch.stack(losses).mean())
+
+    def _adapt_images(self, x: Tensor) -> tuple[Tensor, StepRecord]:
         features, index, pixels = self.select_views(x)
         selected = gather_views(features, index)  # (B, k, dim)
         with torch.no_grad():  # the reward model sees the selected views, once

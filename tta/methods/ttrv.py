@@ -16,6 +16,11 @@ Here the entropy acts as a loss term of its own, ``diversity_weight`` x the entr
 of the image's mean prediction (the vote distribution's expectation, which unlike
 the votes has a gradient), normalised by ln C like the votes' entropy is by the log
 of the number of distinct votes.
+
+This module is over 350 lines because one method serves two kinds of model (CLIP
+classifiers with RLCF's three ``adapt`` choices, and any other classifier) in three
+modes (online, episodic, single example); the rewards and losses live in
+:mod:`tta.methods.grpo`.
 """
 
 from __future__ import annotations

@@ -6,22 +6,30 @@ cos(image, class text)`` logits. Its preprocessing (resize, centre crop and the
 model's mean/std) runs inside, batched, on the images' device. The class texts come
 from fixed templates (the zero-shot head, an average over templates as in the CLIP
 paper) or from a learnable context in front of each class name (CoOp prompts, which
-TPT and RLCF adapt). Text features are computed on first use and cached until the
+TPT and RLCF adapt), which may start from a saved one (a CoOp checkpoint,
+:func:`load_context`). Text features are computed on first use and cached until the
 prompt or the text tower changes.
+
+This module is over 350 lines because a learnable prompt is a classifier's text side
+run from token embeddings (open_clip has no such entry point), and reading a saved
+context is part of setting one up; the two towers of one model stay in one class.
 
 open_clip is imported on first use only (``pip install tta[clip]``).
 """
 
 from __future__ import annotations
 
+import os
+import re
 from types import SimpleNamespace
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["CLIPClassifier", "from_open_clip", "class_names", "prompt_templates", "import_open_clip", "TEMPLATE_SETS"]
+__all__ = ["CLIPClassifier", "from_open_clip", "class_names", "prompt_templates", "import_open_clip", "TEMPLATE_SETS",
+           "is_saved_context", "load_context"]
 
 CIFAR10_CLASSNAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
@@ -71,6 +79,56 @@ def prompt_templates(templates: str | Sequence[str]) -> list[str]:
     return templates
 
 
+#: How a checkpoint's name ends (CoOp's: ``model.pth.tar-50``): such a ``ctx_init`` is a file.
+_CHECKPOINT_NAME = re.compile(r"\.(pt|pth|tar|bin|ckpt)(-\d+)?$")
+
+
+def is_saved_context(ctx_init: Any) -> bool:
+    """Whether ``ctx_init`` is a saved context rather than prompt text: a tensor, a
+    path, or a string that names a file, has a ``/`` or ends like a checkpoint."""
+    if isinstance(ctx_init, (Tensor, os.PathLike)):
+        return True
+    return isinstance(ctx_init, str) and (
+        "/" in ctx_init or os.sep in ctx_init or bool(_CHECKPOINT_NAME.search(ctx_init)) or os.path.isfile(ctx_init))
+
+
+def load_context(ctx_init: "str | os.PathLike | Tensor", width: int) -> Tensor:
+    """A saved prompt context as a float32 (n_ctx, ``width``) CPU tensor: ``ctx_init``
+    is the tensor, or a file (read offline, ``torch.load(weights_only=True)``) of one
+    or of a state dict with it under ``["ctx"]``, ``["state_dict"]["ctx"]`` (CoOp's
+    checkpoints) or one ``"<module>.ctx"``. A ``width`` other than the text tower's
+    token width is refused, the message naming both shapes."""
+    where, obj = "the given context", ctx_init
+    if not isinstance(ctx_init, Tensor):
+        path = os.fspath(ctx_init)
+        where = f"context file {path!r}"
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"ctx_init={path!r} reads as a saved prompt context (a path), but there is no such "
+                                    "file; prompt text has no '/' and does not end like a checkpoint (.pt, .pth, .tar)")
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # unpickling fails in many ways
+            raise ValueError(f"could not read {where} with torch.load(weights_only=True) ({type(err).__name__}: "
+                             f"{err}). A training checkpoint may hold objects that safe loading refuses: save the "
+                             "context alone, e.g. torch.save(torch.load(path, weights_only=False)['state_dict']"
+                             "['ctx'], 'ctx.pt'), from a file you trust") from err
+    if isinstance(obj, Mapping):
+        obj = obj["state_dict"] if isinstance(obj.get("state_dict"), Mapping) else obj
+        found = [k for k, v in obj.items() if (k == "ctx" or str(k).endswith(".ctx")) and isinstance(v, Tensor)]
+        if len(found) != 1:
+            keys = ", ".join(map(repr, list(obj)[:8])) + (", ..." if len(obj) > 8 else "")
+            raise ValueError(f"{where} holds no single prompt context: expected a tensor, or a state dict with a "
+                             f"'ctx' entry (a CoOp checkpoint's state_dict['ctx']); its keys: {keys or 'none'}")
+        obj = obj[found[0]]
+    if not isinstance(obj, Tensor) or not obj.is_floating_point():
+        raise ValueError(f"{where} holds a {type(obj).__name__}, not a float prompt context (n_ctx, {width})")
+    if obj.dim() != 2 or obj.shape[1] != width or obj.shape[0] < 1 or not torch.isfinite(obj).all():
+        raise ValueError(f"the prompt context in {where} has shape {tuple(obj.shape)}, but this classifier's text "
+                         f"tower takes finite (n_ctx, {width}) contexts (token width {width}); was it learned for "
+                         "another CLIP model, or is it class-specific (CoOp's CSC, (n_cls, n_ctx, width))?")
+    return obj.detach().to("cpu", torch.float32).clone()
+
+
 class CLIPClassifier(nn.Module):
     """An open_clip model as a classifier over ``classnames``.
 
@@ -82,7 +140,9 @@ class CLIPClassifier(nn.Module):
             features are averaged (the CLIP paper's prompt ensemble).
         ctx_init: if given, the text before each class name becomes learnable
             context vectors (CoOp), initialised from the token embeddings of this
-            text, e.g. ``"a photo of a"``; ``templates`` are then unused.
+            text, e.g. ``"a photo of a"``, or from a saved context (a path to a
+            tensor file or CoOp checkpoint; see :meth:`use_prompt`); ``templates``
+            are then unused.
         mean, std, image_size, interpolation, resize_mode: the preprocessing
             (open_clip's ``preprocess_cfg``).
     """
@@ -112,7 +172,8 @@ class CLIPClassifier(nn.Module):
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.ctx: nn.Parameter | None = None
-        self.ctx_init: str | None = None
+        self.ctx_init: str | None = None  # the prompt text the context stands in (placeholders for a saved one)
+        self.ctx_source: str | None = None  # where a saved context came from
         self.text_encode_count = 0  # text-tower passes run so far (the cache's misses)
         self._cache: tuple[Any, Tensor] | None = None
         self.set_classnames(classnames)
@@ -131,22 +192,40 @@ class CLIPClassifier(nn.Module):
             self._build_prompt_tokens()
         self._cache = None
 
-    def use_prompt(self, ctx_init: str = "a photo of a") -> None:
-        """Switch to a learnable context (CoOp): ``ctx`` holds the token embeddings of
-        ``ctx_init``, shared by all classes, in front of each class name. Before any
-        update the logits equal those of the template ``f"{ctx_init} {{}}."``."""
-        ids = self.tokenizer([ctx_init])[0]
+    def use_prompt(self, ctx_init: "str | os.PathLike | Tensor" = "a photo of a") -> None:
+        """Switch to a learnable context (CoOp): ``ctx``, shared by all classes, in
+        front of each class name. From prompt text, ``ctx`` holds its token
+        embeddings (before any update the logits equal those of the template
+        ``f"{ctx_init} {{}}."``). From a saved context (:func:`is_saved_context`: a
+        (n_ctx, width) tensor, a file of one, or a CoOp checkpoint; read by
+        :func:`load_context`), ``ctx`` is exactly that (as float32), in place of the
+        placeholder tokens "X X ... X" CoOp learned it behind; so RLCF's reference
+        code starts from a 16-shot ImageNet CoOp context (mzhaoshuai/RLCF,
+        ``TPT/tpt_cls_rl.py`` lines 94-101; ``TPT/scripts/rlcf-prompt.sh`` lines 14, 61).
+        """
+        saved = None
+        if is_saved_context(ctx_init):
+            saved = load_context(ctx_init, self._text_tower().token_embedding.weight.shape[1])
+            source = "<tensor>" if isinstance(ctx_init, Tensor) else os.fspath(ctx_init)
+            text = " ".join(["X"] * saved.shape[0])
+        else:
+            source, text = None, ctx_init
+        ids = self.tokenizer([text])[0]
         start = 1 if getattr(self.tokenizer, "sot_token_id", None) == int(ids[0]) else 0
-        tokens = self.tokenizer([f"{ctx_init} {n.replace('_', ' ')}." for n in self.classnames])
-        # The context is the run of tokens every prompt shares with ctx_init alone.
+        tokens = self.tokenizer([f"{text} {n.replace('_', ' ')}." for n in self.classnames])
+        # The context is the run of tokens every prompt shares with the text alone.
         n_ctx = int((tokens == ids).cumprod(dim=1).sum(dim=1).min()) - start
         if n_ctx < 1:
             raise ValueError(f"ctx_init {ctx_init!r} gives no context tokens")
-        self.ctx_init, self._ctx_span = ctx_init, (start, n_ctx)
+        if saved is not None and n_ctx != saved.shape[0]:
+            raise ValueError(f"the saved context has {saved.shape[0]} tokens, but the prompts only fit {n_ctx} "
+                             "before the class names")
+        self.ctx_init, self.ctx_source, self._ctx_span = text, source, (start, n_ctx)
         self._build_prompt_tokens()
-        with torch.no_grad():
-            ctx = self._text_tower().token_embedding(ids[start : start + n_ctx].to(self.mean.device))
-        self.ctx = nn.Parameter(ctx.detach().clone().float())
+        if saved is None:
+            with torch.no_grad():
+                saved = self._text_tower().token_embedding(ids[start : start + n_ctx].to(self.mean.device))
+        self.ctx = nn.Parameter(saved.detach().to(self.mean.device, torch.float32).clone())
         self._cache = None
 
     def _build_prompt_tokens(self) -> None:
@@ -282,7 +361,8 @@ class CLIPClassifier(nn.Module):
         return self.logits(self.encode_image(x))
 
     def extra_repr(self) -> str:
-        text = f"ctx_init={self.ctx_init!r}" if self.ctx is not None else f"templates={len(self.templates)}"
+        text = f"templates={len(self.templates)}" if self.ctx is None else \
+            f"ctx_init={self.ctx_source if self.ctx_source is not None else self.ctx_init!r}"
         return f"num_classes={self.num_classes}, input_size={self.input_size}, {text}"
 
 
