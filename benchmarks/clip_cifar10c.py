@@ -42,6 +42,8 @@ METHODS: dict[str, tuple[str, dict] | None] = {
     "ttrv-online": ("ttrv", {}),
     "ttrv-online-image": ("ttrv", dict(adapt="image")),
     "ttrv-episodic": ("ttrv", dict(mode="episodic")),
+    "ttrv-views": ("ttrv", dict(sampling="views")),
+    "ttrv-views-episodic": ("ttrv", dict(sampling="views", mode="episodic")),
     "ttrv-single": ("ttrv", dict(mode="single_example")),
 }
 
