@@ -38,6 +38,7 @@ METHODS: dict[str, tuple[str, dict] | None] = {
     "tpt": ("tpt", {}),
     "rlcf-prompt": ("rlcf", dict(reward=REWARD, adapt="prompt")),
     "rlcf-tune": ("rlcf", dict(reward=REWARD, adapt="image")),
+    "rlcf-tune-ema": ("rlcf", dict(reward=REWARD, adapt="image", ema=True)),
     "vte": ("vte", {}),
     "ttrv-online": ("ttrv", {}),
     "ttrv-online-image": ("ttrv", dict(adapt="image")),
