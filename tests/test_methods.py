@@ -325,3 +325,30 @@ def test_gradient_methods_with_mixed_bn_statistics_adapt_at_batch_size_one(name,
         assert adapted(noisy_batch[i:i + 1]).shape == (1, 10)
     if name in ("tent",):
         assert any(not torch.equal(b, p) for b, (_, p) in zip(before, adapted.adapted))
+
+
+def test_timm_norm_act_layers_keep_their_activation_under_every_batch_norm_swap():
+    """timm's BatchNormAct2d normalises, then applies dropout and its activation; each
+    of tta's BatchNorm variants replaces only the normalisation (EfficientNet-B0 has 49
+    such layers: before the shared swap kept the activation, Tent, BN-adapt and
+    BN-EMA ran it without any)."""
+    from timm.layers import BatchNormAct2d
+
+    from tta.methods.memo import use_memo_batch_norm
+    from tta.methods.norm_ema import use_ema_stats
+    from tta.methods.norm_layers import grouped_batch_stats, use_batch_stats
+
+    torch.manual_seed(0)
+    reference = BatchNormAct2d(4, act_layer=torch.nn.ReLU).eval()
+    reference.running_mean.normal_()
+    x = torch.randn(6, 4, 3, 3)
+    for swap in (lambda m: use_batch_stats(m, alpha=0.0), use_ema_stats, lambda m: use_memo_batch_norm(m, 0.0)):
+        layer = copy.deepcopy(reference)
+        swap(layer)
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), reference(x))
+    layer = copy.deepcopy(reference)
+    use_batch_stats(layer)
+    with torch.no_grad(), grouped_batch_stats(layer, groups=2):
+        out = layer(x)
+    assert out.min() >= 0 and (out == 0).any()  # the ReLU ran, also on the grouped path

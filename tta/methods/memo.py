@@ -35,6 +35,7 @@ from torch.func import functional_call, grad_and_value, vmap
 from ..augment.kornia_views import augmix_views_transform, check_view_options
 from .base import TTAMethod
 from .entropy import marginal_entropy
+from .norm_layers import swap_forward
 from .records import StepRecord
 from .registry import register_method
 
@@ -90,12 +91,7 @@ def _memo_bn_forward(self: nn.modules.batchnorm._BatchNorm, x: Tensor) -> Tensor
         if self.bias is not None:
             shift = shift + self.bias
         out = x * scale.view(shape).to(x.dtype) + shift.view(shape).to(x.dtype)
-    if isinstance(getattr(self, "act", None), nn.Module) and isinstance(getattr(self, "drop", None), nn.Module):
-        out = self.act(self.drop(out))  # timm's BatchNormAct layers: norm, dropout, activation
     return out
-
-
-_MEMO_CLASSES: dict[type, type] = {}
 
 
 def use_memo_batch_norm(model: nn.Module, alpha: float) -> int:
@@ -112,11 +108,7 @@ def use_memo_batch_norm(model: nn.Module, alpha: float) -> int:
             raise ValueError(f"memo: BatchNorm layer {name!r} keeps no running statistics, which bn_alpha < 1 "
                              "mixes in (use bn_alpha=1.0 or a model with track_running_stats=True)")
     for _, module in layers:
-        base = type(module)
-        if base not in _MEMO_CLASSES.values():
-            if base not in _MEMO_CLASSES:
-                _MEMO_CLASSES[base] = type(f"MEMO{base.__name__}", (base,), {"forward": _memo_bn_forward})
-            module.__class__ = _MEMO_CLASSES[base]
+        swap_forward(module, _memo_bn_forward, "MEMO")
         module.memo_alpha = float(alpha)
     return len(layers)
 

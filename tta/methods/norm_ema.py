@@ -22,7 +22,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .._warn import warn_at_caller
 from .base import TTAMethod
-from .norm_layers import layer_setting
+from .norm_layers import layer_setting, swap_forward
 from .records import StepRecord
 from .registry import register_method
 
@@ -66,9 +66,6 @@ def _ema_bn_forward(self: _BatchNorm, x: Tensor) -> Tensor:
     return F.batch_norm(x, mean, var, self.weight, self.bias, False, 0.0, self.eps)
 
 
-_EMA_CLASSES: dict[type, type] = {}
-
-
 def _check_momentum(momentum: float | None) -> None:
     if momentum is not None and (isinstance(momentum, bool) or not isinstance(momentum, (int, float))
                                  or not 0.0 < momentum <= 1.0):
@@ -90,11 +87,7 @@ def use_ema_stats(model: nn.Module, momentum: float | None = 0.1) -> int:
             continue
         if module.running_mean is None or module.running_var is None or module.num_batches_tracked is None:
             raise ValueError(f"{type(module).__name__} without running statistics cannot average them")
-        base = type(module)
-        if base not in _EMA_CLASSES.values():
-            if base not in _EMA_CLASSES:
-                _EMA_CLASSES[base] = type(f"EMAStats{base.__name__}", (base,), {"forward": _ema_bn_forward})
-            module.__class__ = _EMA_CLASSES[base]
+        swap_forward(module, _ema_bn_forward, "EMAStats")
         module.tta_momentum = None if momentum is None else float(momentum)
         module.tta_mode = "eval"
         if momentum is None:

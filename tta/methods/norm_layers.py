@@ -5,7 +5,7 @@ for DeYO, or per group of stacked views), without copying or replacing the layer
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -100,7 +100,26 @@ def _adaptive_bn_forward(self: _BatchNorm, x: Tensor) -> Tensor:
     return F.batch_norm(x, mean.to(dtype), var.to(dtype), self.weight, self.bias, False, 0.0, self.eps)
 
 
-_ADAPTIVE_CLASSES: dict[type, type] = {}
+_SWAPPED: dict[tuple[type, Callable], type] = {}
+
+
+def swap_forward(module: _BatchNorm, forward: Callable[[_BatchNorm, Tensor], Tensor], prefix: str) -> None:
+    """Give ``module`` a subclass of its class whose normalisation is ``forward``
+    (one subclass per class and forward, named ``prefix`` + the class's name; the
+    state-dict keys are unchanged). A module already swapped to ``forward`` is left
+    as it is. timm's norm-act layers (``BatchNormAct2d``: the norm, then ``drop`` and
+    ``act``) keep their dropout and activation after ``forward``."""
+    base = type(module)
+    if getattr(base, "tta_norm_forward", None) is forward:
+        return
+    key = (base, forward)
+    if key not in _SWAPPED:
+        full = forward
+        if isinstance(getattr(module, "act", None), nn.Module) and isinstance(getattr(module, "drop", None), nn.Module):
+            def full(self: _BatchNorm, x: Tensor) -> Tensor:
+                return self.act(self.drop(forward(self, x)))
+        _SWAPPED[key] = type(f"{prefix}{base.__name__}", (base,), {"forward": full, "tta_norm_forward": forward})
+    module.__class__ = _SWAPPED[key]
 
 
 def use_batch_stats(model: nn.Module, alpha: float = 1.0) -> int:
@@ -118,13 +137,7 @@ def use_batch_stats(model: nn.Module, alpha: float = 1.0) -> int:
     count = 0
     for module in model.modules():
         if isinstance(module, _BatchNorm):
-            base = type(module)
-            if base not in _ADAPTIVE_CLASSES.values():
-                if base not in _ADAPTIVE_CLASSES:
-                    _ADAPTIVE_CLASSES[base] = type(
-                        f"TestStats{base.__name__}", (base,), {"forward": _adaptive_bn_forward}
-                    )
-                module.__class__ = _ADAPTIVE_CLASSES[base]
+            swap_forward(module, _adaptive_bn_forward, "TestStats")
             if alpha < 1.0 and module.running_mean is None:
                 raise ValueError("bn alpha < 1 needs BatchNorm layers with running statistics")
             module.tta_alpha = float(alpha)

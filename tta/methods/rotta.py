@@ -24,7 +24,7 @@ from ..augment.kornia_views import cotta_augmentation
 from .base import TTAMethod
 from .entropy import cross_entropy_to
 from .inputs import refuse_if_wrapped
-from .norm_layers import weighted_stats
+from .norm_layers import swap_forward, weighted_stats
 from .records import RoTTARecord, StepRecord
 from .registry import register_method
 from .teacher import ema_update_, frozen_copy
@@ -66,12 +66,7 @@ def _robust_bn_forward(self: _BatchNorm, x: Tensor) -> Tensor:
         out = (x - mean.view(shape).to(x.dtype)) * scale.view(shape).to(x.dtype)
         if self.bias is not None:
             out = out + self.bias.view(shape).to(x.dtype)
-    if isinstance(getattr(self, "act", None), nn.Module) and isinstance(getattr(self, "drop", None), nn.Module):
-        out = self.act(self.drop(out))  # timm's BatchNormAct layers: norm, dropout, activation
     return out
-
-
-_ROBUST_CLASSES: dict[type, type] = {}
 
 
 def use_robust_bn(model: nn.Module, alpha: float) -> int:
@@ -87,11 +82,7 @@ def use_robust_bn(model: nn.Module, alpha: float) -> int:
             raise ValueError(f"rotta: BatchNorm layer {name!r} keeps no running statistics, which Robust "
                              "BatchNorm starts from (track_running_stats=True is needed)")
     for _, module in layers:
-        base = type(module)
-        if base not in _ROBUST_CLASSES.values():
-            if base not in _ROBUST_CLASSES:
-                _ROBUST_CLASSES[base] = type(f"Robust{base.__name__}", (base,), {"forward": _robust_bn_forward})
-            module.__class__ = _ROBUST_CLASSES[base]
+        swap_forward(module, _robust_bn_forward, "Robust")
         module.tta_alpha, module.tta_update, module.tta_weight = float(alpha), False, None
     return len(layers)
 
