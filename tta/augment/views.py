@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
+    "augmented_copies",
     "random_resized_crops",
     "augmix",
     "make_views",
@@ -182,6 +183,32 @@ def augmix(
     return m * x + (1 - m) * mix
 
 
+def augmented_copies(
+    x: Tensor,
+    num_copies: int,
+    *,
+    use_augmix: bool = False,
+    scale: tuple[float, float] = (0.08, 1.0),
+    flip_p: float = 0.5,
+    generator: torch.Generator | None = None,
+    transform: nn.Module | None = None,
+) -> Tensor:
+    """``num_copies`` augmented copies of each image of ``x`` (B, C, H, W) as (B,
+    num_copies, C, H, W): random resized crops (flipped half the time), or what
+    ``transform`` makes of the image (a module on (N, C, H, W) batches, e.g. a Kornia
+    pipeline), AugMixed if ``use_augmix``. Independent per copy; one call of the
+    transform for the whole batch, an image's copies contiguous."""
+    if not isinstance(num_copies, int) or num_copies < 1:
+        raise ValueError(f"num_copies must be a positive integer, got {num_copies!r}")
+    b = x.shape[0]
+    many = x.unsqueeze(1).expand(b, num_copies, *x.shape[1:]).reshape(-1, *x.shape[1:])
+    crops = (transform(many) if transform is not None
+             else random_resized_crops(many, scale=scale, flip_p=flip_p, generator=generator))
+    if use_augmix:
+        crops = augmix(crops, generator=generator)
+    return crops.to(x.dtype).view(b, num_copies, *x.shape[1:])
+
+
 def make_views(
     x: Tensor,
     num_views: int = 64,
@@ -193,23 +220,17 @@ def make_views(
     transform: nn.Module | None = None,
 ) -> Tensor:
     """``num_views`` views of each image of ``x`` (B, C, H, W) as (B, num_views, C,
-    H, W): view 0 is the image itself, unchanged; the others random resized crops
-    (flipped half the time), or what ``transform`` makes of the image (a module on
-    (N, C, H, W) batches, e.g. a Kornia pipeline), AugMixed if ``use_augmix``.
-    Independent per view."""
+    H, W): view 0 is the image itself, unchanged; the others its
+    :func:`augmented_copies`."""
     if x.dim() != 4:
         raise ValueError(f"expected (B, C, H, W) images, got shape {tuple(x.shape)}")
     if not isinstance(num_views, int) or num_views < 1:
         raise ValueError(f"num_views must be a positive integer, got {num_views!r}")
-    b = x.shape[0]
     if num_views == 1:  # the image alone: no crops to draw (an empty batch of affine maps fails)
         return x.unsqueeze(1)
-    many = x.unsqueeze(1).expand(b, num_views - 1, *x.shape[1:]).reshape(-1, *x.shape[1:])
-    crops = (transform(many) if transform is not None
-             else random_resized_crops(many, scale=scale, flip_p=flip_p, generator=generator))
-    if use_augmix:
-        crops = augmix(crops, generator=generator)
-    return torch.cat([x.unsqueeze(1), crops.view(b, num_views - 1, *x.shape[1:])], dim=1)
+    copies = augmented_copies(x, num_views - 1, use_augmix=use_augmix, scale=scale, flip_p=flip_p,
+                              generator=generator, transform=transform)
+    return torch.cat([x.unsqueeze(1), copies], dim=1)
 
 
 def gather_views(values: Tensor, index: Tensor) -> Tensor:

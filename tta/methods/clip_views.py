@@ -122,8 +122,16 @@ class CLIPViewsMethod(TTAMethod):
         check_clip_classifier(model, self.method_name or type(self).__name__)
         if not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        if isinstance(num_views, bool) or not isinstance(num_views, int) or num_views < 1:
+            raise ValueError(f"num_views must be a positive integer (the image itself included), got {num_views!r}")
+        if isinstance(selection_p, bool) or not isinstance(selection_p, (int, float)):
+            raise ValueError(f"selection_p must be a number in (0, 1], got {selection_p!r}")
         if not 0 < selection_p <= 1:
             raise ValueError(f"selection_p must be in (0, 1], got {selection_p!r}")
+        if not isinstance(augmix, bool):
+            raise ValueError(f"augmix must be True or False, got {augmix!r}")
+        if transform is not None and not isinstance(transform, nn.Module):
+            raise TypeError(f"transform must be an nn.Module on (N, 3, H, W) batches, got {type(transform).__name__}")
         if is_saved_context(ctx_init) or (self.adapts_prompt and model.ctx is None):
             model.use_prompt(ctx_init)
         # The base loop runs forward_and_adapt once per batch; the steps run inside.

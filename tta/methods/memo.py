@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from ..augment.kornia_views import augmix_views_transform, check_view_options
+from ..augment.views import augmented_copies
 from .base import TTAMethod
 from .entropy import marginal_entropy
 from .norm_layers import swap_forward
@@ -232,8 +233,7 @@ class MEMO(TTAMethod):
     def views(self, x: Tensor) -> Tensor:
         """``num_views`` augmented views of each image of ``x`` (B, C, H, W):
         (B, num_views, C, H, W)."""
-        b, v = x.shape[0], self.num_views
-        return self.transform(x.repeat_interleave(v, dim=0)).to(x.dtype).view(b, v, *x.shape[1:])
+        return augmented_copies(x, self.num_views, transform=self.transform)
 
     def _view_loss(self, params: dict[str, Tensor], views: Tensor) -> Tensor:
         """The marginal entropy of one image's views (V, C, H, W) under ``params``."""

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..augment.kornia_views import augmix_views_transform, check_view_options
+from ..augment.views import make_views
 from .base import TTAMethod
 from .norm_layers import grouped_batch_stats
 from .records import StepRecord
@@ -83,9 +84,7 @@ class TTAug(TTAMethod):
     def views(self, x: Tensor) -> Tensor:
         """Each image of ``x`` (B, C, H, W) followed by its ``num_views`` augmented
         views: (B * (1 + num_views), C, H, W), the views of an image contiguous."""
-        b, v = x.shape[0], self.num_views
-        augmented = self.transform(x.repeat_interleave(v, dim=0)).to(x.dtype)
-        return torch.cat([x.unsqueeze(1), augmented.view(b, v, *x.shape[1:])], dim=1).flatten(0, 1)
+        return make_views(x, 1 + self.num_views, transform=self.transform).flatten(0, 1)
 
     @torch.no_grad()
     def forward_and_adapt(self, x: Tensor) -> tuple[Tensor, StepRecord]:

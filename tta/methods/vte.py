@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..augment.views import Views, gather_views
+from ..augment.views import gather_views
 from .clip_views import CLIPViewsMethod
 from .records import StepRecord
 from .registry import register_method
@@ -85,14 +85,6 @@ class VTE(CLIPViewsMethod):
         transform: nn.Module | None = None,
         **kwargs,
     ) -> None:
-        if isinstance(num_views, bool) or not isinstance(num_views, int) or num_views < 1:
-            raise ValueError(f"num_views must be a positive integer (the image itself included), got {num_views!r}")
-        if isinstance(selection_p, bool) or not isinstance(selection_p, (int, float)):
-            raise ValueError(f"selection_p must be a number in (0, 1], got {selection_p!r}")
-        if not isinstance(augmix, bool):
-            raise ValueError(f"augmix must be True or False, got {augmix!r}")
-        if transform is not None and not isinstance(transform, nn.Module):
-            raise TypeError(f"transform must be an nn.Module on (N, 3, H, W) batches, got {type(transform).__name__}")
         super().__init__(model, num_views=num_views, selection_p=selection_p, augmix=augmix,
                          transform=transform, **kwargs)
 
