@@ -352,6 +352,17 @@ class TTAMethod(nn.Module):
         keys = {id(p): name for name, p in self.named_parameters()}
         return [self._source_state[keys[id(p)]] for _, p in self.adapted]
 
+    @torch.no_grad()
+    def restore_adapted(self, values: list[Tensor] | None = None) -> None:
+        """The adapted parameters back to ``values`` (default: their source values)
+        and a fresh optimizer, nothing else: where an episode (one test image of
+        TPT, RLCF, TTRV) starts, cheaper than :meth:`reset`'s whole state."""
+        for (_, p), value in zip(self.adapted, self.source_params() if values is None else values):
+            p.copy_(value)
+        if self.optimizer is not None:
+            self.optimizer.state.clear()
+            self.optimizer.zero_grad(set_to_none=True)
+
     # -- state -----------------------------------------------------------------------
     def get_extra_state(self) -> dict[str, Any]:
         state: dict[str, Any] = {

@@ -190,14 +190,14 @@ class CLIPViewsMethod(TTAMethod):
         (only those change, so only those are kept)."""
         self._source_state = {"params": [p.detach().clone() for _, p in self.adapted]}
 
-    @torch.no_grad()
+    def source_params(self) -> list[Tensor]:
+        if self._source_state is None:
+            self.snapshot()
+        return self._source_state["params"]
+
     def reset(self) -> None:
         """Back to the source parameters and a fresh optimizer, bit-exact."""
         if self._source_state is None:
             self.snapshot()
             return
-        for (_, p), p0 in zip(self.adapted, self._source_state["params"]):
-            p.copy_(p0)
-        if self.optimizer is not None:
-            self.optimizer.state.clear()
-            self.optimizer.zero_grad(set_to_none=True)
+        self.restore_adapted()

@@ -234,7 +234,7 @@ class RLCF(CLIPViewsMethod):
     def snapshot(self) -> None:
         super().snapshot()
         if getattr(self, "momentum_state", None) is not None:
-            self.momentum_state.restart_from(self._source_state["params"])
+            self.momentum_state.restart_from(self.source_params())
 
     @torch.no_grad()
     def reset(self) -> None:
@@ -242,7 +242,7 @@ class RLCF(CLIPViewsMethod):
         momentum buffer at the source, bit-exact."""
         super().reset()
         if getattr(self, "momentum_state", None) is not None:
-            self.momentum_state.restart_from(self._source_state["params"])
+            self.momentum_state.restart_from(self.source_params())
 
     @torch.no_grad()
     def restart(self) -> None:
@@ -252,10 +252,7 @@ class RLCF(CLIPViewsMethod):
             return super().restart()
         if self._source_state is None:
             self.snapshot()
-        for (_, p), start in zip(self.adapted, self.momentum_state.starts()):
-            p.copy_(start)
-        self.optimizer.state.clear()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.restore_adapted(self.momentum_state.starts())
 
     # -- a step ---------------------------------------------------------------------------
     def forward_and_adapt(self, x: Tensor) -> tuple[Tensor, StepRecord]:
@@ -264,7 +261,7 @@ class RLCF(CLIPViewsMethod):
         logits, views, losses = [], 0, []
         for i in range(x.shape[0]):  # each image starts where the ones before it left the buffer
             out, record = self._adapt_images(x[i: i + 1])
-            self.momentum_state.update([p.detach() for _, p in self.adapted], self._source_state["params"],
+            self.momentum_state.update([p.detach() for _, p in self.adapted], self.source_params(),
                                        self.ema_momentum, self.ema_every, self.ema_weight)
             logits.append(out)
             views += record.num_selected

@@ -332,26 +332,17 @@ class TTRV(TTAMethod):
         inputs = self.policy_inputs(x, views)
         logits, per_image = [], []
         for i in range(x.shape[0]):
-            self._restart()
+            self.restore_adapted()
             for _ in range(self.rounds):
                 _, stats = self.adapt_round(inputs[i: i + 1])
             per_image.append(stats)
             with torch.no_grad():
                 logits.append(self.policy(inputs[i: i + 1, :1])[:, 0])
-        self._restart()
+        self.restore_adapted()
         merged = {k: None if per_image[0][k] is None else torch.stack([s[k] for s in per_image]).float().mean()
                   for k in per_image[0]}
         merged["num_unanimous"] = torch.stack([s["num_unanimous"] for s in per_image]).sum()
         return torch.cat(logits), TTRVRecord(x.shape[0], x.shape[0], **merged)
-
-    @torch.no_grad()
-    def _restart(self) -> None:
-        """Back to the source values of the adapted parameters and a fresh optimizer
-        (an image's episode: only those change)."""
-        for (_, p), p0 in zip(self.adapted, self.source_params()):
-            p.copy_(p0)
-        self.optimizer.state.clear()
-        self.optimizer.zero_grad(set_to_none=True)
 
     # -- state -------------------------------------------------------------------------------
     def get_extra_state(self) -> dict[str, Any]:
