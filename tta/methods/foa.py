@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from .base import TTAMethod
 from .cma_search import CMASearch
+from .entropy import softmax_entropy
 from .inputs import floating_dtype
 from .records import FOARecord
 from .registry import register_method
@@ -358,7 +359,7 @@ class FOA(TTAMethod):
                 std, mean = torch.std_mean(feats, dim=1, correction=1)
                 discrepancy = discrepancy + (std - src_std[i]).square().sum(1) + (mean - src_mean[i]).square().sum(1)
             logits = head(feats.view(k * batch, -1).to(tokens.dtype)).float().view(k, batch, -1)
-            entropies.append(-(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1).sum(-1))
+            entropies.append(softmax_entropy(logits).sum(-1))
             discrepancies.append(discrepancy)
             heads.append(feats)
         entropy, discrepancy = torch.cat(entropies), torch.cat(discrepancies)
