@@ -12,7 +12,7 @@ from tta.methods.params import select_norm_params
 
 open_clip = pytest.importorskip("open_clip")
 
-from tiny_clip import CLASSES, load_tiny_clip, registered_on_one_thread  # noqa: E402
+from tiny_clip import CLASSES, load_tiny_clip, registered_on_one_thread, smooth_images  # noqa: E402
 
 from tta.methods.rlcf import candidate_classes, clip_reward, reinforce_loss  # noqa: E402
 from tta.models.clip import CLIPClassifier  # noqa: E402
@@ -32,10 +32,7 @@ def tiny_clip(seed=0, **kw):
 
 @pytest.fixture
 def images():
-    g = torch.Generator().manual_seed(0)
-    # smooth random images: crops of them differ from each other and from the image
-    small = torch.rand(2, 3, 8, 8, generator=g)
-    return torch.nn.functional.interpolate(small, size=(32, 32), mode="bilinear").clamp(0, 1)
+    return smooth_images(2)
 
 
 def with_positive_rewards(reward, images, seed=0):

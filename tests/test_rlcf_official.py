@@ -12,7 +12,7 @@ import tta
 
 open_clip = pytest.importorskip("open_clip")
 
-from tiny_clip import CLASSES, load_tiny_clip, registered_on_one_thread  # noqa: E402
+from tiny_clip import CLASSES, load_tiny_clip, registered_on_one_thread, smooth_images  # noqa: E402
 
 from tta.methods.rlcf import RLCF  # noqa: E402
 
@@ -31,9 +31,7 @@ def tiny_clip(seed=0, **kw):
 
 @pytest.fixture
 def images():
-    g = torch.Generator().manual_seed(0)
-    small = torch.rand(3, 3, 8, 8, generator=g)
-    return torch.nn.functional.interpolate(small, size=(32, 32), mode="bilinear").clamp(0, 1)
+    return smooth_images(3)
 
 
 def agreeing_reward(images, seed=1):

@@ -13,7 +13,7 @@ from tta.methods.ttrv import TTRV, clipped_policy_loss, grpo_advantages, vote_en
 
 open_clip = pytest.importorskip("open_clip")
 
-from tiny_clip import CLASSES, load_tiny_clip, registered_on_one_thread  # noqa: E402
+from tiny_clip import CLASSES, load_tiny_clip, registered_on_one_thread, smooth_images  # noqa: E402
 
 TINY = "tta-test-tiny-clip-ttrv"
 
@@ -29,9 +29,7 @@ def tiny_clip(seed=0):
 
 @pytest.fixture
 def images():
-    g = torch.Generator().manual_seed(0)
-    small = torch.rand(4, 3, 8, 8, generator=g)
-    return torch.nn.functional.interpolate(small, size=(32, 32), mode="bilinear").clamp(0, 1)
+    return smooth_images(4)
 
 
 def state(module):

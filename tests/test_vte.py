@@ -16,7 +16,7 @@ from tta.methods.vte import VTE
 
 open_clip = pytest.importorskip("open_clip")
 
-from tiny_clip import CLASSES, load_tiny_clip, registered_on_one_thread  # noqa: E402
+from tiny_clip import CLASSES, load_tiny_clip, registered_on_one_thread, smooth_images  # noqa: E402
 
 TINY = "tta-test-tiny-clip-vte"
 
@@ -32,9 +32,7 @@ def tiny_clip(seed=0, **kw):
 
 @pytest.fixture
 def images():
-    g = torch.Generator().manual_seed(0)
-    small = torch.rand(5, 3, 8, 8, generator=g)
-    return F.interpolate(small, size=(32, 32), mode="bilinear").clamp(0, 1)
+    return smooth_images(5)
 
 
 class ShiftViews(nn.Module):

@@ -38,3 +38,11 @@ def load_tiny_clip(name: str, seed: int = 0, **kw):
     torch.manual_seed(seed)
     kw.setdefault("classnames", CLASSES)
     return tta.load_model(f"clip:{name}", **kw)
+
+
+def smooth_images(n: int) -> torch.Tensor:
+    """``n`` smooth random 32-px images (seed 0): crops of them differ from each
+    other and from the image."""
+    g = torch.Generator().manual_seed(0)
+    small = torch.rand(n, 3, 8, 8, generator=g)
+    return torch.nn.functional.interpolate(small, size=(32, 32), mode="bilinear").clamp(0, 1)
