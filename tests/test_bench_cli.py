@@ -1,5 +1,5 @@
 """tta.bench: config documentation and shipping, launchers, the loader's two paths,
-clear errors, and the command line (single runs, joblib sweeps).
+clear errors, and the command line (single runs, joblib and submitit sweeps).
 
 tests/test_bench.py covers the data sources, the scenarios end to end, resume and
 the report; this file covers the rest. Runs offline on $TTA_HOME (the shared
@@ -139,19 +139,58 @@ def test_every_group_option_composes():
     assert cfg.hydra.callbacks.report._target_ == "tta.bench.callbacks.ReportOnMultirunEnd"
 
 
-def test_slurm_launcher_yaml_is_valid():
+def test_slurm_launcher_config_is_valid_for_the_installed_plugin(tmp_path, monkeypatch):
     from omegaconf import OmegaConf
 
     data = OmegaConf.to_container(OmegaConf.load(config_dir() / "hydra" / "launcher" / "slurm.yaml"))
     assert data.pop("defaults") == ["submitit_slurm"]
-    try:
-        from hydra_plugins.hydra_submitit_launcher.config import SlurmQueueConf
-    except ImportError:
-        pytest.skip("hydra-submitit-launcher not installed")
-    fields = set(SlurmQueueConf.__dataclass_fields__)
-    assert set(data) <= fields, set(data) - fields
-    cfg = compose_config(["hydra/launcher=slurm"], return_hydra_config=True)
-    assert cfg.hydra.launcher.timeout_min == data["timeout_min"]
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")  # in the bench extra
+    import submitit
+    from hydra.utils import instantiate
+    from hydra_plugins.hydra_submitit_launcher.config import SlurmQueueConf
+    from submitit.slurm.slurm import SlurmExecutor
+
+    # Each key is one of the plugin's dataclass, with a value of its type (an
+    # unknown key or a wrong type raises here).
+    OmegaConf.merge(OmegaConf.structured(SlurmQueueConf), data)
+    sweep = tmp_path / "sweep"
+    overrides = ["hydra/launcher=slurm", f"hydra.sweep.dir={sweep}", "hydra.launcher.partition=gpu",
+                 "hydra.launcher.setup=[module load cuda]"]
+    cfg = compose_config(overrides, return_hydra_config=True)
+    # (Hydra's plugin scan loads the module once more: the same class by name)
+    assert OmegaConf.get_type(cfg.hydra.launcher).__qualname__ == SlurmQueueConf.__qualname__
+
+    # The plugin's own launch() up to the submission: submitit checks every
+    # parameter against sbatch's, then writes the sbatch script. No SLURM here:
+    # srun is not looked for, and the array is not submitted.
+    monkeypatch.setattr(SlurmExecutor, "affinity", classmethod(lambda cls: 1))
+    submitted = {}
+
+    def map_array(executor, fn, *args):
+        submitted.update(executor=executor._executor, args=args)
+        raise InterruptedError("not submitted")
+
+    monkeypatch.setattr(submitit.AutoExecutor, "map_array", map_array)
+
+    def launch(cfg):
+        launcher = instantiate(cfg.hydra.launcher)
+        launcher.config = cfg  # what Hydra's launcher.setup() sets
+        with pytest.raises(InterruptedError):
+            launcher.launch([["method=source"], ["method=tent"]], initial_job_idx=0)
+
+    launch(cfg)
+    executor = submitted["executor"]
+    assert submitted["args"][0] == (["method=source"], ["method=tent"])
+    script = executor._make_submission_file_text("python -m submitit.core._submit", "0")
+    for option in (f"time={data['timeout_min']}", f"cpus-per-task={data['cpus_per_task']}",
+                   f"gpus-per-node={data['gpus_per_node']}", f"mem={data['mem_gb']}GB", f"nodes={data['nodes']}",
+                   "partition=gpu", "job-name=tta-bench", f"output={sweep}/.submitit/%j/%j_0_log.out"):
+        assert f"#SBATCH --{option}\n" in script, (option, script)
+    assert "\nmodule load cuda\n" in script
+    assert executor.parameters["array_parallelism"] == data["array_parallelism"]
+    # A key submitit does not know does not get through.
+    with pytest.raises(NameError, match="bogus"):
+        launch(compose_config(overrides + ["+hydra.launcher.bogus=1"], return_hydra_config=True))
 
 
 def test_hash_ignores_settings_that_do_not_change_results():
@@ -276,6 +315,49 @@ def test_cli_sweep_with_joblib_launcher(tmp_path):
                 tmp_path)
     results = sorted(sweep.rglob("results.json"))
     assert {json.loads(p.read_text())["method"] for p in results} == {"source", "tent"}
+    assert "| source |" in proc.stdout and "| tent |" in proc.stdout
+
+
+@pytest.mark.slow
+@needs_cifar
+def test_cli_sweep_with_submitit_local_launcher(tmp_path):
+    # The SLURM path (hydra-submitit-launcher) for real, on this machine: each job is
+    # pickled, run by `python -m submitit.core._submit` in a process of its own
+    # and its result read back, as on a cluster. submitit's folder is the plugin's
+    # default, ${hydra.sweep.dir}/.submitit/%j (%j: the job id, here the PID of
+    # submitit's process that starts and watches the job).
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")  # in the bench extra
+    sweep = tmp_path / "sweep"
+    args = ["-m", "hydra/launcher=submitit_local", "method=source,tent", f"hydra.sweep.dir={sweep}"] + CLI_TINY
+
+    def submitit_jobs() -> dict[int, str]:
+        """Each job's id (its process) and its log (stdout and stderr)."""
+        return {int(d.name): (d / f"{d.name}_0_log.out").read_text() + (d / f"{d.name}_0_log.err").read_text()
+                for d in (sweep / ".submitit").iterdir() if d.name.isdigit()}
+
+    def methods(logs) -> list[str]:
+        return sorted(m for log in logs for m in ("method=source", "method=tent") if m in log)
+
+    proc = _cli(args, tmp_path)
+    results = {p.parent.name: p for p in sweep.glob("*/results.json")}
+    assert {json.loads(p.read_text())["method"] for p in results.values()} == {"source", "tent"}
+    assert "| source |" in proc.stdout and "| tent |" in proc.stdout and (sweep / "report.md").is_file()
+    first = submitit_jobs()
+    # Two processes, neither this one, each with its own log of one job.
+    assert len(first) == 2 and os.getpid() not in first
+    for log in first.values():
+        assert "Job completed successfully" in log
+    assert methods(first.values()) == ["method=source", "method=tent"]
+    written = {name: p.read_bytes() for name, p in results.items()}
+
+    # A rerun submits both jobs again; each finds its results.json and skips.
+    proc = _cli(args, tmp_path)
+    rerun = [log for log in submitit_jobs().values() if "skipping" in log]
+    assert methods(rerun) == ["method=source", "method=tent"]
+    assert all("Job completed successfully" in log for log in rerun)
+    assert {name: p.read_bytes() for name, p in results.items()} == written
+    for name in results:
+        assert "skipping" in (sweep / name / "tta-bench.log").read_text()
     assert "| source |" in proc.stdout and "| tent |" in proc.stdout
 
 

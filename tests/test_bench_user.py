@@ -5,6 +5,8 @@ logs, and errors without a traceback (issue 22)."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -154,14 +156,25 @@ def test_sweep_job_error_is_reported_by_its_message(tmp_path: Path) -> None:
     assert "run.seed must be an integer" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_missing_launcher_plugin_names_the_package(tmp_path: Path) -> None:
-    import importlib.util
+# tta-bench in an environment without hydra-submitit-launcher (the bench extra
+# installs it): the plugin's module is not found.
+_WITHOUT_SUBMITIT = """
+import importlib.util, sys
+find_spec = importlib.util.find_spec
+importlib.util.find_spec = lambda name, *a: (
+    None if name.startswith("hydra_plugins.hydra_submitit_launcher") else find_spec(name, *a))
+from tta.bench.app import main
+sys.argv = ["tta-bench", *sys.argv[1:]]
+main()
+"""
 
-    from test_bench import _bench
 
-    if importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is not None:
-        pytest.skip("hydra-submitit-launcher is installed")
-    proc = _bench(["-m", "hydra/launcher=slurm", "method=source"], tmp_path)
+@pytest.mark.parametrize("launcher", ["slurm", "submitit_local"])
+def test_missing_launcher_plugin_names_the_package(tmp_path: Path, launcher: str) -> None:
+    from test_bench import _env
+
+    proc = subprocess.run([sys.executable, "-c", _WITHOUT_SUBMITIT, "-m", f"hydra/launcher={launcher}",
+                           "method=source"], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "pip install hydra-submitit-launcher" in proc.stderr and "Traceback" not in proc.stderr
 
