@@ -9,17 +9,29 @@ the per-repeat ratios is reported, so machine noise hits both sides alike.
     python -m benchmarks.speed --model timm:resnet50 --batch-size 64 --device cuda
 
 On a CIFAR-10 model every method runs with ``preset="cifar10"`` (the published CIFAR
-settings, ``tta.method_presets``), elsewhere with its defaults.
+settings, ``tta.method_presets``), elsewhere with its defaults. ``--amp``,
+``--channels-last`` and ``--compile`` apply to plain inference too (autocast,
+memory format, ``torch.compile``), so a ratio compares like with like; the plain
+row's images/s of each setting compares the settings.
 
-Peak memory: CUDA ``max_memory_allocated``; on the CPU the peak of live tensor
-memory in one call, from the profiler's allocation events (model and data excluded).
+Peak memory: what one call allocates beyond what was live before it (model and
+data excluded): CUDA ``max_memory_allocated`` minus ``memory_allocated``; on the
+CPU the peak of live tensor memory in one call, from the profiler's allocation
+events.
+
+:func:`measure` is the whole measurement as a function (``benchmarks.gpu_check``
+calls it); a method that fails to build or run is reported with its error
+instead of ending the measurement.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import statistics
 import time
+from typing import Callable
 
 import torch
 
@@ -30,6 +42,8 @@ from benchmarks.common import cpu_model, write_json
 METHODS = ["norm", "tent", "eta", "eata", "sar", "deyo", "cotta", "rmt", "roid", "cmf", "santa", "rotta",
            "adacontrast", "lame", "ttaug", "norm_ema", "rpl", "rdumb"]
 
+Runner = Callable[[torch.Tensor], torch.Tensor]
+
 
 def load(model_name: str) -> torch.nn.Module:
     """The model; a timm one with random weights (speed does not depend on them, and
@@ -37,18 +51,36 @@ def load(model_name: str) -> torch.nn.Module:
     return tta.load_model(model_name, **(dict(pretrained=False) if model_name.startswith("timm:") else {}))
 
 
-def build(method: str, model_name: str, device: str, options: dict, batch: torch.Tensor):
-    model = load(model_name).to(device)
-    if method == "plain":
-        model.eval()
-        if options.get("channels_last"):
-            model.to(memory_format=torch.channels_last)
+def plain(model: torch.nn.Module, options: dict) -> Runner:
+    """Eval-mode inference without gradients, with the methods' ``amp``,
+    ``channels_last`` and ``compile`` options."""
+    model.eval()
+    channels_last = bool(options.get("channels_last"))
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    if options.get("compile"):
+        backend = options["compile"]
+        model.compile(**({"backend": backend} if isinstance(backend, str) else {}))
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(options.get("amp"))
 
-        @torch.no_grad()
-        def plain(x):
+    @torch.no_grad()
+    def run(x):
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        autocast = torch.autocast(x.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+        with autocast:
             return model(x)
 
-        return plain
+    return run
+
+
+def build(method: str, model_name: str, device: str, options: dict, batch: torch.Tensor,
+          model: torch.nn.Module | None = None) -> Runner:
+    """``method`` ("plain" for plain inference) on a fresh ``model_name`` (or on
+    ``model``, a fresh copy the caller made) on ``device``."""
+    model = (load(model_name) if model is None else model).to(device)
+    if method == "plain":
+        return plain(model, options)
     extra = dict(preset="cifar10") if model_name.startswith("cifar10") else {}
     if method == "eata":
         extra.update(fisher_loader=[batch[:16]], fisher_size=16)
@@ -67,7 +99,7 @@ def build(method: str, model_name: str, device: str, options: dict, batch: torch
 
 
 def sync(device: str) -> None:
-    if device.startswith("cuda"):
+    if str(device).startswith("cuda"):
         torch.cuda.synchronize()
 
 
@@ -85,6 +117,76 @@ def cpu_peak_mb(run, x) -> float:
     return peak / 2**20
 
 
+def step_peak_mb(run: Runner, x: torch.Tensor) -> float:
+    """Memory one call allocates beyond what was live before it (the models of
+    the other runners, the data and this method's state are not counted)."""
+    if not x.is_cuda:
+        return cpu_peak_mb(run, x)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    run(x)
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
+def interleaved_times(runners: dict[str, Runner], x: torch.Tensor, repeats: int) -> dict[str, list[float]]:
+    """Seconds of each runner's call, ``repeats`` times, the runners interleaved."""
+    device = str(x.device)
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    for _ in range(repeats):
+        for name, run in runners.items():
+            sync(device)
+            t0 = time.perf_counter()
+            run(x)
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def measure(model_name: str, methods: list[str], *, batch_size: int, device: str = "cpu",
+            options: dict | None = None, repeats: int = 7, deadline: float | None = None) -> dict:
+    """Each method on ``model_name`` as a multiple of plain inference (see the
+    module doc). Returns ``rows`` (name -> images_per_s, ratio, peak_mb; "plain"
+    first), ``errors`` (name -> why it has no row) and ``repeats`` (the number
+    run: fewer than asked when the estimate from the warm-up runs says the rest
+    would pass ``deadline``, a ``time.perf_counter()`` value; at least 2)."""
+    options = dict(options or {})
+    torch.manual_seed(0)
+    template = load(model_name)
+    x = torch.rand(batch_size, 3, *template.input_size, device=device)
+    errors: dict[str, str] = {}
+    runners: dict[str, Runner] = {}
+    for name in ["plain", *methods]:
+        if deadline is not None and time.perf_counter() > deadline:
+            errors[name] = "not run: time budget spent"
+            continue
+        try:
+            run = build(name, model_name, device, options, x, model=copy.deepcopy(template))
+            for _ in range(2):  # warm-up (allocator, oneDNN/cuDNN plans, compilation)
+                run(x)
+            sync(device)
+        except Exception as err:  # noqa: BLE001 - a method that cannot run here is reported, not fatal
+            errors[name] = f"{type(err).__name__}: {err}"[:300]
+            continue
+        runners[name] = run
+    if "plain" not in runners:
+        return dict(rows={}, errors=errors, repeats=0)
+    t0 = time.perf_counter()
+    times = interleaved_times(runners, x, 1)
+    if deadline is not None:  # the repeats that fit, from the first one
+        per_repeat = time.perf_counter() - t0
+        repeats = max(2, min(repeats, int((deadline - time.perf_counter()) / max(per_repeat, 1e-9))))
+    for name, ts in interleaved_times(runners, x, repeats - 1).items():
+        times[name] += ts
+    rows = {}
+    for name, ts in times.items():
+        ratio = statistics.median(t / p for t, p in zip(ts, times["plain"]))
+        rows[name] = dict(images_per_s=batch_size / statistics.median(ts), ratio=ratio,
+                          peak_mb=step_peak_mb(runners[name], x))
+    return dict(rows=rows, errors=errors, repeats=repeats)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="cifar10_resnet20")
@@ -95,51 +197,27 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--amp", default=None, choices=[None, "bf16", "fp16"])
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--compile", nargs="?", const=True, default=False,
+                        help="torch.compile the model (optionally: a backend name)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    options = {k: v for k, v in dict(amp=args.amp, channels_last=args.channels_last).items() if v}
+    options = {k: v for k, v in dict(amp=args.amp, channels_last=args.channels_last,
+                                     compile=args.compile).items() if v}
+    result = measure(args.model, args.methods, batch_size=args.batch_size, device=args.device,
+                     options=options, repeats=args.repeats)
 
-    size = load(args.model).input_size
-    x = torch.rand(args.batch_size, 3, *size, device=args.device)
-
-    runners = {"plain": build("plain", args.model, args.device, dict(channels_last=args.channels_last), x)}
-    runners.update({m: build(m, args.model, args.device, options, x) for m in args.methods})
-    for run in runners.values():  # warm-up (allocator, oneDNN/cuDNN plans)
-        run(x)
-    sync(args.device)
-    times: dict[str, list[float]] = {k: [] for k in runners}
-    for _ in range(args.repeats):
-        for name, run in runners.items():
-            sync(args.device)
-            t0 = time.perf_counter()
-            run(x)
-            sync(args.device)
-            times[name].append(time.perf_counter() - t0)
-
-    peak: dict[str, float] = {}
-    for name in runners:
-        if args.device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
-            runners[name](x)
-            sync(args.device)
-            peak[name] = torch.cuda.max_memory_allocated() / 2**20
-        else:
-            peak[name] = cpu_peak_mb(runners[name], x)
-
-    print(f"| method | img/s | x plain inference | peak memory MB |")
+    print("| method | img/s | x plain inference | peak memory MB |")
     print("|---|---|---|---|")
-    rows = {}
-    for name, ts in times.items():
-        ratio = statistics.median(t / p for t, p in zip(ts, times["plain"]))
-        ips = args.batch_size / statistics.median(ts)
-        rows[name] = dict(images_per_s=ips, ratio=ratio, peak_mb=peak[name])
-        print(f"| {name} | {ips:.0f} | {ratio:.2f} | {peak[name]:.0f} |")
+    for name, row in result["rows"].items():
+        print(f"| {name} | {row['images_per_s']:.0f} | {row['ratio']:.2f} | {row['peak_mb']:.0f} |")
+    for name, error in result["errors"].items():
+        print(f"| {name} | {error} | | |")
     print(f"\n{args.model}, batch {args.batch_size}, {args.device}, {args.threads} threads, "
-          f"amp={args.amp}, channels_last={args.channels_last}, torch {torch.__version__}, {cpu_model()}")
+          f"amp={args.amp}, channels_last={args.channels_last}, compile={args.compile}, "
+          f"torch {torch.__version__}, {cpu_model()}")
     if args.json:
-        write_json(args.json, dict(args=vars(args), rows=rows))
+        write_json(args.json, dict(args=vars(args), **result))
 
 
 if __name__ == "__main__":
