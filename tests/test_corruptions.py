@@ -135,7 +135,7 @@ def test_dtypes(name, dtype, clean32):
         assert (y.float() - ref).abs().mean() < 1 / 255
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 @pytest.mark.parametrize("name", ALL_NAMES)
 def test_cuda_matches_cpu_generator(name, clean32):
     x = clean32[:2]
