@@ -23,6 +23,8 @@ ImageNet: only timings and memory mean anything on them.
 from __future__ import annotations
 
 import argparse
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
@@ -45,58 +47,73 @@ CIFAR10_WNIDS = {
 QUALITY = 90
 
 
-def upsampled_cifar10(per_class: int, size: int, split: str = "test") -> tuple[torch.Tensor, list[str], list[str]]:
+def upsampled_cifar10(per_class: int, size: int, split: str = "test", wnids: bool = True
+                      ) -> tuple[torch.Tensor, list[str], list[str]]:
     """The first ``per_class`` images of each CIFAR-10 class (sorted file names),
     upsampled (bicubic) to ``size`` px: uint8 (N, 3, size, size), each image's
-    wnid, and its file stem."""
+    folder name (its class's wnid, or with ``wnids=False`` its CIFAR-10 class
+    name, for 10-class models), and its file stem."""
     files, labels, classes = list_image_folder(cifar10_dir(split))
     picked: dict[int, list[Path]] = {}
     for f, label in zip(files, labels):
         if len(picked.setdefault(label, [])) < per_class:
             picked[label].append(f)
-    arrays, wnids, stems = [], [], []
+    arrays, names, stems = [], [], []
     for label, chosen in sorted(picked.items()):
         for f in chosen:
             with Image.open(f) as img:
                 arrays.append(np.asarray(img.convert("RGB").resize((size, size), Image.BICUBIC)))
-            wnids.append(CIFAR10_WNIDS[classes[label]])
+            names.append(CIFAR10_WNIDS[classes[label]] if wnids else classes[label])
             stems.append(f"{classes[label]}_{f.stem}")
     images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-    return images, wnids, stems
+    return images, names, stems
 
 
-def _save(images: torch.Tensor, wnids: Sequence[str], stems: Sequence[str], folder: Path) -> int:
-    for img, wnid, stem in zip(images, wnids, stems):
-        (folder / wnid).mkdir(parents=True, exist_ok=True)
-        Image.fromarray(img.permute(1, 2, 0).numpy()).save(folder / wnid / f"{stem}.JPEG", quality=QUALITY)
+def _save(images: torch.Tensor, classes: Sequence[str], stems: Sequence[str], folder: Path) -> int:
+    for name in set(classes):
+        (folder / name).mkdir(parents=True, exist_ok=True)
+
+    def save(i: int) -> None:
+        Image.fromarray(images[i].permute(1, 2, 0).numpy()).save(folder / classes[i] / f"{stems[i]}.JPEG",
+                                                                 quality=QUALITY)
+
+    # Threads: Pillow encodes without the GIL (a GPU machine's many cores write
+    # a few thousand files in a second or two).
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as ex:
+        list(ex.map(save, range(len(images))))
     return len(images)
 
 
-def write_image_folder(root: str | Path, per_class: int, size: int = 256, split: str = "test") -> int:
+def write_image_folder(root: str | Path, per_class: int, size: int = 256, split: str = "test",
+                       wnids: bool = True) -> int:
     """Write ``per_class`` upsampled CIFAR-10 images per class as
     ``root/<wnid>/<class>_<stem>.JPEG`` (``size`` px square; 256 makes
     ``data=imagefolder_c``'s 0.875 centre crop a 224-px input, as on ImageNet's
-    validation set). Returns the number of files written."""
-    images, wnids, stems = upsampled_cifar10(per_class, size, split)
-    return _save(images, wnids, stems, Path(root))
+    validation set; ``wnids=False``: class-name folders). Returns the number of
+    files written."""
+    images, folders, stems = upsampled_cifar10(per_class, size, split, wnids)
+    return _save(images, folders, stems, Path(root))
 
 
 def write_imagenet_c_tree(root: str | Path, corruptions: Sequence[str], per_class: int, *, severity: int = 5,
-                          size: int = 224, split: str = "test", seed: int = 0, chunk: int = 64) -> int:
+                          size: int = 224, split: str = "test", seed: int = 0, chunk: int = 64,
+                          device: str = "cpu", wnids: bool = True) -> int:
     """Write an ImageNet-C tree ``root/<corruption>/<severity>/<wnid>/*.JPEG`` of
     ``per_class`` upsampled CIFAR-10 images per class, each corruption rendered
-    by :func:`tta.corruptions.corrupt` (``chunk`` images at a time, seeded).
-    Returns the number of files written."""
-    images, wnids, stems = upsampled_cifar10(per_class, size, split)
+    by :func:`tta.corruptions.corrupt` on ``device`` (``chunk`` images at a time,
+    seeded; ``wnids=False``: class-name folders). Returns the number of files
+    written."""
+    images, folders, stems = upsampled_cifar10(per_class, size, split, wnids)
     written = 0
     for i, name in enumerate(corruptions):
-        g = torch.Generator().manual_seed(seed * 1000 + i)
+        g = torch.Generator(device=device).manual_seed(seed * 1000 + i)
         folder = Path(root) / name / str(severity)
+        rendered = []
         for s in range(0, len(images), chunk):
-            x = images[s:s + chunk].float().div_(255)
-            y = corrupt(x, name, severity, preset="imagenet", generator=g)
-            written += _save(y.mul(255).round_().clamp_(0, 255).to(torch.uint8), wnids[s:s + chunk],
-                             stems[s:s + chunk], folder)
+            x = images[s:s + chunk].to(device).float().div_(255)
+            y = corrupt(x, name, severity, generator=g)  # severity tables by image size
+            rendered.append(y.mul_(255).round_().clamp_(0, 255).to("cpu", torch.uint8))
+        written += _save(torch.cat(rendered), folders, stems, folder)
     return written
 
 
