@@ -454,7 +454,7 @@ class NumpyDraws:
     def normal(self, shape, mean=0.0, std=1.0):
         return self._t(np.random.normal(size=shape, loc=mean, scale=std))
 
-    def randint(self, low, high, shape):
+    def randint(self, low, high, shape, dtype=None):
         return self._t(np.random.randint(low, high, size=shape))
 
     def randint_below(self, high):

@@ -332,17 +332,6 @@ def test_generator_path_statistics(name, many32, reference):
 # ------------------------------------------------------------------ glass, frost files
 
 
-class _FixedDraws:
-    """Random stream returning prepared integer draws (for the glass-blur shuffle)."""
-
-    def __init__(self, draws: torch.Tensor):
-        self.draws = draws
-
-    def randint(self, low, high, shape):
-        assert tuple(shape) == tuple(self.draws.shape)
-        return self.draws
-
-
 @pytest.mark.parametrize("delta", [1, 2, 4])
 def test_glass_shuffle_matches_sequential_loop(delta):
     """The vectorised shuffle equals the original's sequential numpy-view "swap"."""
@@ -353,7 +342,7 @@ def test_glass_shuffle_matches_sequential_loop(delta):
     h, w = img.shape[-2:]
     rows, cols = len(range(h - delta, delta, -1)), len(range(w - delta, delta, -1))
     draws = torch.randint(-delta, delta, (2, rows, cols, 2), generator=g)
-    got = _glass_shuffle(img, delta, _FixedDraws(draws))
+    got = _glass_shuffle(img, delta, draws)
     for b in range(2):
         x = img[b].permute(1, 2, 0).numpy().copy()  # HWC, like the original
         for i, hh in enumerate(range(h - delta, delta, -1)):

@@ -42,16 +42,15 @@ def disk_kernel(radius: float, alias_blur: float) -> np.ndarray:
 
 def defocus_blur(x: Tensor, c: tuple[float, float], ctx: Context) -> Tensor:
     """Convolution with an anti-aliased disk (``cv2.filter2D``, reflect-101 border)."""
-    k = torch.as_tensor(disk_kernel(float(c[0]), float(c[1])), dtype=x.dtype, device=x.device)
-    return filter_reflect101(x, k).clamp_(0, 1)
+    return filter_reflect101(x, disk_kernel(float(c[0]), float(c[1])))
 
 
 def gaussian_blur(x: Tensor, c: float, ctx: Context) -> Tensor:
     """``skimage.filters.gaussian(sigma=c)``: truncate 4, edge replication."""
-    return gaussian_nearest(x, float(c)).clamp_(0, 1)
+    return gaussian_nearest(x, float(c))
 
 
-def _glass_shuffle(img: Tensor, delta: int, rng) -> Tensor:
+def _glass_shuffle(img: Tensor, delta: int, d: Tensor) -> Tensor:
     """One pass of the original's "local pixel shuffle", faithfully, for a batch.
 
     The original visits (h, w) for h = H-d .. d+1 and w = W-d .. d+1 (descending,
@@ -63,30 +62,27 @@ def _glass_shuffle(img: Tensor, delta: int, rng) -> Tensor:
     source's original value. The sources form chains that only run backwards
     in visiting order, so pointer jumping (log2 of the longest chain gathers
     over the whole batch) resolves the sequential loop exactly.
+
+    ``d``: the pass's draws, (B, rows, cols, 2) = (dx, dy) per visited pixel in
+    visiting order (see :func:`glass_blur_draws`).
     """
     b, c, h, w = img.shape
     n = h * w
-    dev = img.device
-    rows = torch.arange(h - delta, delta, -1, device=dev)
-    cols = torch.arange(w - delta, delta, -1, device=dev)
-    if rows.numel() == 0 or cols.numel() == 0:
-        return img
-    # draw order of the original: per visited pixel, (dx, dy); row-major over the
-    # visiting order, which is what a row-major draw on the descending grid gives
-    d = rng.randint(-delta, delta, (b, rows.numel(), cols.numel(), 2))
+    # the visited rectangle in ascending order: flip the draws made in visiting order
+    d = d.flip(1, 2).long()
     dx, dy = d[..., 0], d[..., 1]
-    hh = rows[None, :, None]
-    ww = cols[None, None, :]
-    target = (hh * w + ww).expand(b, -1, -1).reshape(b, -1)
-    source = ((hh + dy) * w + (ww + dx)).reshape(b, -1)
-    src = torch.arange(n, device=dev).expand(b, n).clone()
-    src.scatter_(1, target, source)
-    visited = torch.zeros(b, n, dtype=torch.bool, device=dev)
-    visited[:, (rows[:, None] * w + cols[None, :]).reshape(-1)] = True
-    pos = torch.arange(n, device=dev).expand(b, n)
-    # flat index order is the reverse of the visiting order inside the rectangle
-    src_visited_first = torch.gather(visited, 1, src) & (src > pos) & visited
-    jump = torch.where(src_visited_first, src, pos)
+    ident, inside = _glass_grid(h, w, delta, str(img.device))
+    rect = (slice(None), slice(delta + 1, h - delta + 1), slice(delta + 1, w - delta + 1))
+    target = ident[rect[1:]]
+    source = target + dy * w + dx
+    src = ident.repeat(b, 1, 1)
+    src[rect] = source
+    # a source visited earlier lies in the rectangle after the target in flat order
+    in_rect = torch.gather(inside.reshape(1, n).expand(b, n), 1, source.reshape(b, -1)).reshape(source.shape)
+    earlier = in_rect & ((dy > 0) | ((dy == 0) & (dx > 0)))
+    jump = ident.repeat(b, 1, 1)
+    jump[rect] = torch.where(earlier, source, target)
+    src, jump = src.reshape(b, n), jump.reshape(b, n)
     while True:
         nxt = torch.gather(jump, 1, jump)
         if torch.equal(nxt, jump):
@@ -97,17 +93,42 @@ def _glass_shuffle(img: Tensor, delta: int, rng) -> Tensor:
     return torch.gather(flat, 2, final_src[:, None].expand(b, c, n)).reshape(b, c, h, w)
 
 
-def glass_blur(x: Tensor, c: tuple[float, int, int], ctx: Context) -> Tensor:
+@lru_cache(maxsize=16)
+def _glass_grid(h: int, w: int, delta: int, device: str) -> tuple[Tensor, Tensor]:
+    """Flat pixel indices (H, W) and the mask of the pixels a pass visits."""
+    ident = torch.arange(h * w, device=device).reshape(h, w)
+    inside = torch.zeros(h, w, dtype=torch.bool, device=device)
+    inside[delta + 1 : h - delta + 1, delta + 1 : w - delta + 1] = True
+    return ident, inside
+
+
+def glass_blur_draws(x: Tensor, c: tuple[float, int, int], ctx: Context) -> tuple[Tensor, ...]:
+    """Per shuffle pass, (dx, dy) ~ randint(-delta, delta) for every visited pixel,
+    in the original's order (row-major over the visiting order, which a row-major
+    draw on the descending grid gives); int8, as the offsets are small."""
+    delta, iters = int(c[1]), int(c[2])
+    b, _, h, w = x.shape
+    rows, cols = len(range(h - delta, delta, -1)), len(range(w - delta, delta, -1))
+    if rows == 0 or cols == 0:
+        return ()
+    return tuple(ctx.rng.randint(-delta, delta, (b, rows, cols, 2), dtype=torch.int8) for _ in range(iters))
+
+
+def glass_blur(x: Tensor, c: tuple[float, int, int], ctx: Context, *passes: Tensor) -> Tensor:
     """Gaussian blur, 8-bit truncation, ``c[2]`` local pixel shuffles within
     ``c[1]`` px, Gaussian blur again."""
-    sigma, delta, iters = float(c[0]), int(c[1]), int(c[2])
-    y = torch.floor(gaussian_nearest(x, sigma) * 255 + 1e-3).clamp_(0, 255) / 255
-    for _ in range(iters):  # each pass shuffles the previous pass's result
-        y = _glass_shuffle(y, delta, ctx.rng)
-    return gaussian_nearest(y, sigma).clamp_(0, 1)
+    sigma, delta = float(c[0]), int(c[1])
+    y = (gaussian_nearest(x, sigma) * 255).add_(1e-3).floor_().clamp_(0, 255).div_(255)
+    for d in passes:  # each pass shuffles the previous pass's result
+        y = _glass_shuffle(y, delta, d)
+    return gaussian_nearest(y, sigma)
 
 
-def motion_blur(x: Tensor, c: tuple[float, float], ctx: Context) -> Tensor:
+def motion_blur_draws(x: Tensor, c: tuple[float, float], ctx: Context) -> tuple[Tensor]:
+    return (ctx.rng.uniform((x.shape[0],), -45.0, 45.0),)
+
+
+def motion_blur(x: Tensor, c: tuple[float, float], ctx: Context, angle: Tensor) -> Tensor:
     """ImageMagick motion blur (radius ``c[0]``, sigma ``c[1]``) at a uniform
     random angle in [-45, 45) degrees per image.
 
@@ -115,14 +136,13 @@ def motion_blur(x: Tensor, c: tuple[float, float], ctx: Context) -> Tensor:
     rounded integer taps; ``kornia.filters.motion_blur`` is a uniform, centred,
     interpolated line, so the taps are built here (see ``motion_blur_im``).
     """
-    angle = ctx.rng.uniform((x.shape[0],), -45.0, 45.0)
-    y = motion_blur_im(x, float(c[0]), float(c[1]), angle)
-    return y.clamp_(0, 1)
+    return motion_blur_im(x, float(c[0]), float(c[1]), angle)
 
 
 def zoom_blur(x: Tensor, c: tuple[float, ...], ctx: Context) -> Tensor:
     """Average of the image and its central zooms by each factor in ``c``."""
     out = x.clone()
+    xt = x.transpose(-1, -2).contiguous()  # shared by the zooms' column passes
     for z in c:  # <= 11 zoom factors, each a batched separable resample
-        out += clipped_zoom(x, float(z))
-    return (out / (len(c) + 1)).clamp_(0, 1)
+        out += clipped_zoom(x, float(z), xt)
+    return out.div_(len(c) + 1)

@@ -3,7 +3,9 @@ resampling matrices and quantisation."""
 
 from __future__ import annotations
 
+import ctypes
 import math
+import sys
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -12,12 +14,52 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from kornia.filters import filter2d, filter2d_separable
+from kornia.filters import filter2d
 from torch import Tensor
 
 # Float-to-uint8 tolerance: ``np.uint8`` truncates, and a float32 result that lands a
 # hair below an integer (255 * (v / 255) in float32) would otherwise lose a level.
 _FLOOR_EPS = 1e-3
+
+
+# Batch-sized CPU tensors ask for transparent huge pages (``madvise``). A tensor
+# this large (glibc maps it fresh from the kernel) is otherwise faulted in 4 KB at a
+# time when first written: 0.3 ms per 224 px image on the test machine, more than
+# the whole of several corruptions; 2 MB pages cut that 3x. torch does the same
+# for every large tensor when THP_MEM_ALLOC_ENABLE=1 is set before it starts.
+_HUGE_PAGE = 2 << 20
+_MADV_HUGEPAGE = 14
+USE_HUGE_PAGES = True
+
+
+def new_batch(
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    device: torch.device | str,
+    memory_format: torch.memory_format = torch.contiguous_format,
+) -> Tensor:
+    """``torch.empty``, with the huge-page hint for a large CPU tensor (Linux)."""
+    out = torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
+    madvise = _madvise() if out.device.type == "cpu" and USE_HUGE_PAGES else None
+    if madvise is not None:
+        start = -(-out.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE
+        end = (out.data_ptr() + out.numel() * out.element_size()) // _HUGE_PAGE * _HUGE_PAGE
+        if end - start >= 2 * _HUGE_PAGE:
+            madvise(start, end - start, _MADV_HUGEPAGE)  # a hint: failure changes nothing
+    return out
+
+
+@lru_cache(maxsize=None)
+def _madvise() -> Callable[[int, int, int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
 
 
 class Rng:
@@ -59,7 +101,7 @@ class Rng:
         ``torch.rand``/``randn``/``randint`` do inside, so one generator gives their
         numbers); per image, each image's slice from its own generator (a stack of
         per-image draws would cost another pass over the batch)."""
-        out = torch.empty(shape, dtype=dtype, device=self.source)
+        out = new_batch(shape, dtype, self.source)
         if self.generators is None:
             fill(out, self.generator)
             return out
@@ -83,9 +125,10 @@ class Rng:
             n.add_(mean)
         return self._out(n)
 
-    def randint(self, low: int, high: int, shape: tuple[int, ...]) -> Tensor:
-        """Integers in ``[low, high)``, like ``np.random.randint``."""
-        return self._out(self._draw(shape, lambda t, g: t.random_(low, high, generator=g), torch.int64))
+    def randint(self, low: int, high: int, shape: tuple[int, ...], dtype: torch.dtype = torch.int64) -> Tensor:
+        """Integers in ``[low, high)``, like ``np.random.randint``; a smaller ``dtype``
+        holds the same numbers (one 32-bit draw each whatever the dtype)."""
+        return self._out(self._draw(shape, lambda t, g: t.random_(low, high, generator=g), dtype))
 
     def randint_below(self, high: Tensor) -> Tensor:
         """One integer in ``[0, high[i])`` per entry of the integer tensor ``high``."""
@@ -115,10 +158,17 @@ class Context:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def quantize_floor(x: Tensor) -> Tensor:
-    """``np.uint8(v * 255) / 255``: the original truncates its float results."""
-    # one allocation, then in place: a pass over the batch costs as much as the noise
-    return (x * 255).add_(_FLOOR_EPS).floor_().clamp_(0, 255).div_(255)
+def quantize_floor_into(y: Tensor, out: Tensor) -> Tensor:
+    """``out = np.uint8(y * 255) / 255`` (clipped): the original truncates its float
+    results. ``y`` is scratch (overwritten)."""
+    return torch.div(y.mul_(255).add_(_FLOOR_EPS).floor_().clamp_(0, 255), 255, out=out)
+
+
+def to_uint8(x: Tensor, memory_format: torch.memory_format = torch.preserve_format) -> Tensor:
+    """8-bit levels of images in [0, 1], rounded half up (as the original's uint8
+    images are made). Truncating ``x * 255 + 0.5`` is the rounding for values >= 0;
+    through int32 because float-to-uint8 conversion runs 3x slower on the CPU."""
+    return (x * 255).add_(0.5).to(torch.int32).to(torch.uint8, memory_format=memory_format)
 
 
 def round_half_up(v: Tensor) -> Tensor:
@@ -126,10 +176,11 @@ def round_half_up(v: Tensor) -> Tensor:
     return torch.floor(v + 0.5)
 
 
-def quantize_round(x: Tensor) -> Tensor:
-    """Nearest 8-bit level, for corruptions whose original returns 8-bit images
-    from Pillow (resize, JPEG), which rounds."""
-    return (x * 255).add_(0.5).floor_().clamp_(0, 255).div_(255)
+def quantize_round_into(y: Tensor, out: Tensor) -> Tensor:
+    """``out`` = nearest 8-bit level of ``y`` (clipped), for corruptions whose
+    original returns 8-bit images from Pillow (resize, JPEG), which rounds. ``y``
+    is scratch (overwritten)."""
+    return torch.div(y.mul_(255).add_(0.5).floor_().clamp_(0, 255), 255, out=out)
 
 
 # ----------------------------------------------------------------------------- filters
@@ -150,18 +201,53 @@ def gaussian_nearest(x: Tensor, sigma: float, truncate: float = 4.0) -> Tensor:
     k = gaussian_kernel1d(float(sigma), truncate)
     if k.size == 1:
         return x
-    kt = torch.as_tensor(k, dtype=x.dtype, device=x.device)[None]
-    return filter2d_separable(x, kt, kt, border_type="replicate")
+    taps = torch.as_tensor(k, dtype=x.dtype).tolist()
+    return correlate1d(correlate1d(x, taps, -1), taps, -2)
+
+
+def correlate1d(x: Tensor, taps: list[float], dim: int, border: str = "replicate") -> Tensor:
+    """Correlation with an odd 1-D kernel along ``dim`` (-1 or -2); ``border``:
+    ``"replicate"`` (scipy ``nearest``) or ``"symmetric"`` (scipy ``reflect``,
+    kernel radius below the size).
+
+    One multiply-add of a shifted slice per tap: on one CPU thread 3-5x faster than
+    the depthwise convolution Kornia's ``filter2d_separable`` runs (oneDNN, 13 taps,
+    224 px), with the same result bit for bit (same tap order, fused multiply-adds).
+    """
+    r = len(taps) // 2
+    n = x.shape[dim]
+    if border == "replicate":
+        padded = F.pad(x, (r, r, 0, 0) if dim == -1 else (0, 0, r, r), mode="replicate")
+    else:
+        edge = (x.narrow(dim, 0, r).flip(dim), x, x.narrow(dim, n - r, r).flip(dim))
+        padded = torch.cat(edge, dim)
+    out = padded.narrow(dim, 0, n) * taps[0]
+    for t in range(1, len(taps)):
+        out.add_(padded.narrow(dim, t, n), alpha=taps[t])
+    return out
+
+
+def gaussian_reflect(x: Tensor, sigma: float, truncate: float) -> Tensor:
+    """scipy's ``gaussian_filter(mode='reflect')`` (half-sample symmetric border)
+    over the last two dimensions: shifted slices per tap where the kernel is
+    narrower than the images, else the dense matrices of
+    :func:`symmetric_filter_matrix` (the original smooths elastic displacements
+    with sigmas up to 171 px and ``truncate=3``: kernels far wider than the image).
+    """
+    k = gaussian_kernel1d(sigma, truncate)
+    h, w = x.shape[-2:]
+    if k.size // 2 < min(h, w):
+        taps = torch.as_tensor(k, dtype=x.dtype).tolist()
+        return correlate1d(correlate1d(x, taps, -2, "symmetric"), taps, -1, "symmetric")
+    ah = torch.as_tensor(symmetric_filter_matrix(h, sigma, truncate), dtype=x.dtype, device=x.device)
+    aw = torch.as_tensor(symmetric_filter_matrix(w, sigma, truncate), dtype=x.dtype, device=x.device)
+    return ah @ x @ aw.T
 
 
 @lru_cache(maxsize=64)
 def symmetric_filter_matrix(n: int, sigma: float, truncate: float) -> np.ndarray:
-    """Dense ``n x n`` matrix of a 1-D Gaussian with scipy ``mode='reflect'``.
-
-    The original smooths elastic displacement noise with sigmas up to 171 px and
-    ``truncate=3``: kernels far wider than the image. Folding the kernel onto the
-    periodic symmetric extension gives a small matrix, applied as a matmul.
-    """
+    """Dense ``n x n`` matrix of a 1-D Gaussian with scipy ``mode='reflect'``:
+    the kernel folded onto the periodic symmetric extension, for any width."""
     k = gaussian_kernel1d(sigma, truncate)
     radius = k.size // 2
     taps = np.arange(-radius, radius + 1)
@@ -174,25 +260,55 @@ def symmetric_filter_matrix(n: int, sigma: float, truncate: float) -> np.ndarray
     return out
 
 
-def filter_reflect101(x: Tensor, kernel: Tensor) -> Tensor:
+def filter_reflect101(x: Tensor, kernel: np.ndarray) -> Tensor:
     """Correlation with a 2-D kernel, OpenCV ``filter2D`` border (reflect-101).
 
-    Small kernels go through Kornia's ``filter2d``; large ones (the 21x21 defocus
-    disks) through an FFT of the padded images, which is what OpenCV does too and
-    is several times faster than a dense depthwise convolution on the CPU.
+    Through an FFT of the padded images, as OpenCV does for kernels this large (the
+    17x17 to 21x21 defocus disks): several times faster than a dense depthwise
+    convolution on the CPU. Tiny images that cannot be reflect-padded by the
+    kernel's radius go through Kornia's ``filter2d``.
     """
+    kernel = np.ascontiguousarray(kernel, dtype=np.float32)
     kh, kw = kernel.shape[-2:]
-    if kh * kw <= 121 or x.shape[-2] <= kh // 2 or x.shape[-1] <= kw // 2:
-        return filter2d(x, kernel[None], border_type="reflect")
+    if x.shape[-2] <= kh // 2 or x.shape[-1] <= kw // 2:
+        k = torch.as_tensor(kernel, dtype=x.dtype, device=x.device)
+        return filter2d(x, k[None], border_type="reflect")
     ph, pw = kh // 2, kw // 2
     h, w = x.shape[-2:]
     padded = F.pad(x, (pw, pw, ph, ph), mode="reflect")
-    fh, fw = padded.shape[-2:]
-    # correlation = convolution with the flipped kernel; the circular wrap only
-    # touches the padding, which is cropped away
-    kf = torch.fft.rfft2(torch.flip(kernel, (-2, -1)), s=(fh, fw))
-    out = torch.fft.irfft2(torch.fft.rfft2(padded) * kf, s=(fh, fw))
+    # a 5-smooth transform size at least the padded size (224 px: 250, not 244 =
+    # 4 x 61, 1.5-2x faster): the circular wrap still only reaches the padding,
+    # which is cropped away
+    fh, fw = _fft_size(h + 2 * ph), _fft_size(w + 2 * pw)
+    spectrum = _kernel_spectrum(kernel.tobytes(), kernel.shape, fh, fw, x.dtype, str(x.device))
+    out = torch.fft.irfft2(torch.fft.rfft2(padded, s=(fh, fw)) * spectrum, s=(fh, fw))
     return out[..., kh - 1 : kh - 1 + h, kw - 1 : kw - 1 + w]
+
+
+def _fft_size(n: int) -> int:
+    """The smallest 2^a 3^b 5^c >= n (pocketfft's and cuFFT's fast lengths)."""
+    best = 1 << max(n - 1, 0).bit_length()
+    p5 = 1
+    while p5 < best:
+        p35 = p5
+        while p35 < best:
+            m = p35
+            while m < n:
+                m *= 2
+            best = min(best, m)
+            p35 *= 3
+        p5 *= 5
+    return best
+
+
+@lru_cache(maxsize=32)
+def _kernel_spectrum(
+    kernel: bytes, shape: tuple[int, int], fh: int, fw: int, dtype: torch.dtype, device: str
+) -> Tensor:
+    """rfft2 of the flipped kernel (correlation = convolution with the flip), cached:
+    per chunk of images it would cost as much as one image plane."""
+    k = torch.as_tensor(np.frombuffer(kernel, dtype=np.float32).reshape(shape).copy(), dtype=dtype)
+    return torch.fft.rfft2(torch.flip(k, (-2, -1)).to(device), s=(fh, fw))
 
 
 # --------------------------------------------------------------------------- resampling
@@ -237,30 +353,50 @@ def scipy_zoom_coords(size: int, zoom: float) -> tuple[np.ndarray, int]:
     return coords, crop
 
 
-def pixel_grid(ys: Tensor, xs: Tensor, h: int, w: int, align_corners: bool) -> Tensor:
-    """``grid_sample`` grid from pixel coordinates ``ys``/``xs`` (same shape, any
-    leading dims), for an ``h x w`` source."""
-    if align_corners:
-        gx = xs * (2.0 / max(w - 1, 1)) - 1
-        gy = ys * (2.0 / max(h - 1, 1)) - 1
-    else:
-        gx = (2 * xs + 1) / w - 1
-        gy = (2 * ys + 1) / h - 1
-    return torch.stack((gx, gy), -1)
+def pixel_grid(ys: Tensor, xs: Tensor, h: int, w: int, align_corners: bool, dtype: torch.dtype) -> Tensor:
+    """``grid_sample`` grid (``dtype``) from pixel coordinates ``ys``/``xs`` (same
+    shape, any leading dims), for an ``h x w`` source."""
+    grid = torch.empty((*xs.shape, 2), dtype=dtype, device=xs.device)
+    for i, (v, n) in enumerate(((xs, w), (ys, h))):  # written straight into the grid
+        scaled = v * (2.0 / max(n - 1, 1)) if align_corners else (2 * v + 1) / n
+        torch.sub(scaled, 1, out=grid[..., i])
+    return grid
 
 
-def clipped_zoom(x: Tensor, zoom: float) -> Tensor:
+@lru_cache(maxsize=256)
+def _zoom_taps(size: int, zoom: float, device: str, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """Linear interpolation at :func:`scipy_zoom_coords`: the two source indices
+    of every output sample and the second one's weight (as a column)."""
+    coords, _ = scipy_zoom_coords(size, zoom)
+    i0 = np.floor(coords)
+    frac = coords - i0
+    i0 = i0.astype(np.int64)
+    i1 = np.minimum(i0 + 1, size - 1)
+    as_t = lambda a, dt: torch.as_tensor(a, dtype=dt, device=device)  # noqa: E731
+    return as_t(i0, torch.int64), as_t(i1, torch.int64), as_t(frac[:, None], dtype)
+
+
+def _lerp_rows(v: Tensor, taps: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+    i0, i1, frac = taps
+    return v.index_select(-2, i0).lerp_(v.index_select(-2, i1), frac)
+
+
+def clipped_zoom(x: Tensor, zoom: float, xt: Tensor | None = None) -> Tensor:
     """The original ``clipped_zoom`` on NCHW: linear zoom about the centre,
-    corner-aligned like ``scipy.ndimage.zoom(order=1)``, as one ``grid_sample``."""
-    b, _, h, w = x.shape
-    ys, _ = scipy_zoom_coords(h, zoom)
-    xs, _ = scipy_zoom_coords(w, zoom)
-    ys_t = torch.as_tensor(ys, device=x.device, dtype=torch.float64)
-    xs_t = torch.as_tensor(xs, device=x.device, dtype=torch.float64)
-    gy, gx = torch.meshgrid(ys_t, xs_t, indexing="ij")
-    grid = pixel_grid(gy, gx, h, w, align_corners=True).to(x.dtype)
-    grid = grid[None].expand(b, -1, -1, -1)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=True)
+    corner-aligned like ``scipy.ndimage.zoom(order=1)``.
+
+    Separable, and along rows only: interpolate the columns as rows of the
+    transposed images ``xt`` (pass it when zooming the same images several times),
+    transpose back, interpolate the rows. Gathering whole rows is 5-10x faster on
+    the CPU than gathering single values across them (``index_select`` on the last
+    dimension, or the 4-tap ``grid_sample`` this replaces, 2x slower for zoom blur).
+    """
+    h, w = x.shape[-2:]
+    if xt is None:
+        xt = x.transpose(-1, -2).contiguous()
+    dev = str(x.device)
+    cols = _lerp_rows(xt, _zoom_taps(w, float(zoom), dev, x.dtype)).transpose(-1, -2).contiguous()
+    return _lerp_rows(cols, _zoom_taps(h, float(zoom), dev, x.dtype))
 
 
 # ------------------------------------------------------------------------- motion blur
@@ -295,15 +431,40 @@ def motion_blur_im(x: Tensor, radius: float, sigma: float, angle_deg: Tensor) ->
     ImageMagick (Q16) then writes 8-bit PNGs that come out truncated, not rounded:
     callers floor.
     """
-    b, c, h, w = x.shape
     k, dx, dy = imagemagick_motion_offsets(radius, sigma, angle_deg)
     k = k.to(x.dtype)
+    if x.device.type == "cpu":
+        return _shifted_sum_slices(x, k.tolist(), dx.tolist(), dy.tolist())
+    return _shifted_sum_gather(x, k, dx, dy)
+
+
+def _shifted_sum_slices(x: Tensor, k: list[float], dx: list[list[int]], dy: list[list[int]]) -> Tensor:
+    """``sum_t k[t] * x[i]`` shifted by ``(dy[i][t], dx[i][t])``, edges replicated:
+    one multiply-add of a slice of the padded image per image and tap. On the CPU
+    this loop (41 taps x B images) is 10x faster than the batched gathers of
+    :func:`_shifted_sum_gather` (no index tensors, contiguous rows)."""
+    h, w = x.shape[-2:]
+    p = max(max(abs(v) for row in dx + dy for v in row), 1)
+    padded = F.pad(x, (p, p, p, p), mode="replicate")
+    out = torch.empty_like(x)
+    for src, dst, ox, oy in zip(padded, out, dx, dy):
+        for t, kt in enumerate(k):
+            view = src[..., p + oy[t] : p + oy[t] + h, p + ox[t] : p + ox[t] + w]
+            if t == 0:
+                torch.mul(view, kt, out=dst)
+            else:
+                dst.add_(view, alpha=kt)
+    return out
+
+
+def _shifted_sum_gather(x: Tensor, k: Tensor, dx: Tensor, dy: Tensor) -> Tensor:
+    """:func:`_shifted_sum_slices` as one gather per tap over the whole batch
+    (per-image angles give per-image offsets, which a shared conv kernel cannot)."""
+    b, c, h, w = x.shape
     ys = torch.arange(h, device=x.device)
     xs = torch.arange(w, device=x.device)
     flat = x.reshape(b, c, h * w)
     out = torch.zeros_like(flat)
-    # One gather per tap (at most 41), each covering the whole batch: per-image
-    # angles give per-image integer offsets, which a shared conv kernel cannot.
     for t in range(k.numel()):
         yy = (ys[None, :] + dy[:, t : t + 1]).clamp_(0, h - 1)  # (B, H)
         xx = (xs[None, :] + dx[:, t : t + 1]).clamp_(0, w - 1)  # (B, W)

@@ -1,31 +1,99 @@
-"""Noise corruptions: Gaussian, shot (Poisson), impulse (salt & pepper), speckle."""
+"""Noise corruptions: Gaussian, shot (Poisson), impulse (salt & pepper), speckle.
+
+Each has its draws (``*_draws``, the whole batch at once) and its rendering (on the
+images and their share of the draws); see ``_REGISTRY`` in ``__init__``. The
+renderings write into their draws, which then become the output.
+"""
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from ._common import Context
 
+# Shot noise with at most this many photons at full intensity is sampled by
+# inverting the Poisson CDF (one uniform per value; see `_poisson_by_inversion`).
+_INVERSION_MAX_PHOTONS = 12
 
-def gaussian_noise(x: Tensor, c: float, ctx: Context) -> Tensor:
+
+def gaussian_noise_draws(x: Tensor, c: float, ctx: Context) -> tuple[Tensor]:
+    return (ctx.rng.normal(tuple(x.shape), 0.0, c),)
+
+
+def gaussian_noise(x: Tensor, c: float, ctx: Context, noise: Tensor) -> Tensor:
     """Additive N(0, c^2) noise per pixel and channel."""
-    return (x + ctx.rng.normal(tuple(x.shape), 0.0, c)).clamp_(0, 1)
+    return noise.add_(x)
 
 
-def shot_noise(x: Tensor, c: float, ctx: Context) -> Tensor:
+def shot_noise_draws(x: Tensor, c: float, ctx: Context) -> tuple[Tensor]:
+    if c <= _INVERSION_MAX_PHOTONS:
+        return (ctx.rng.uniform(tuple(x.shape)),)
+    # many photons: torch's sampler (its transformed rejection beats a long
+    # inversion); the counts depend on the images, drawn whole like every draw
+    return (ctx.rng.poisson(x.to(ctx.rng.dtype) * c),)
+
+
+def shot_noise(x: Tensor, c: float, ctx: Context, drawn: Tensor) -> Tensor:
     """Poisson photon counts with ``c`` photons at full intensity."""
-    return (ctx.rng.poisson(x * c) / c).clamp_(0, 1)
+    if c > _INVERSION_MAX_PHOTONS:
+        return drawn.div_(c)
+    # quantised, every count from c photons on gives white: no need to tell them apart
+    cap = int(-(-c // 1)) if ctx.quantize else None
+    return torch.div(_poisson_by_inversion(x * c, drawn, cap), c, out=drawn)
 
 
-def impulse_noise(x: Tensor, c: float, ctx: Context) -> Tensor:
+def _poisson_by_inversion(rates: Tensor, u: Tensor, cap: int | None) -> Tensor:
+    """Poisson(``rates``) counts from uniforms ``u`` by inverting the CDF: the count
+    is the number of partial sums ``sum_{i<=k} rates^i / i!`` below ``u * e^rates``
+    (the CDF without its ``e^-rates``), at most ``cap``.
+
+    An exact sampler (float32 sums), and 3x faster than ``torch.poisson`` at
+    ImageNet-C's few photons (3-12 at severities 3-5, one thread, 224 px): that
+    one draws about ``rates + 1`` uniforms per value one at a time, this one a
+    single uniform each and compares whole tensors, once per count value reached
+    (so few photons only: ``_INVERSION_MAX_PHOTONS``). The counts differ draw by
+    draw from ``torch.poisson``'s (another use of the random stream), their law
+    does not.
+    """
+    scaled_u = torch.exp(rates).mul_(u)
+    # bytes: 10x cheaper to add comparisons to than floats (counts stay below 256
+    # at these rates)
+    count = (scaled_u > 1).to(torch.uint8)  # the partial sum for k = 0 is 1
+    partial = rates + 1
+    term = rates
+    k = 1
+    while cap is None or k < cap:
+        above = scaled_u > partial
+        # uint8 max: 25x faster than any() on a bool tensor
+        if cap is None and not bool(above.view(torch.uint8).max()):
+            break
+        count += above
+        k += 1
+        term = term * rates if k == 2 else term.mul_(rates)
+        partial += term.div_(k)
+    return count
+
+def impulse_noise_draws(x: Tensor, c: float, ctx: Context) -> tuple[Tensor]:
+    # one uniform per value decides both: u < c/2 salt, c/2 <= u < c pepper
+    return (ctx.rng.uniform(tuple(x.shape)),)
+
+
+def impulse_noise(x: Tensor, c: float, ctx: Context, u: Tensor) -> Tensor:
     """``skimage.util.random_noise(mode='s&p', amount=c)``: every value (each channel
     on its own) is hit with probability ``c``; a hit is salt or pepper with equal odds."""
-    # one uniform per value decides both: u < c/2 salt, c/2 <= u < c pepper
-    u = ctx.rng.uniform(tuple(x.shape))
-    out = x.masked_fill(u < c, 0.0)
-    return out.masked_fill_(u < c / 2, 1.0)
+    # 1 where u >= c, 0 below; 1 where u < c/2, 0 from it on: the sign of a float
+    # difference is exact, and float sign/clamp run 4x faster than comparisons
+    # (bool tensors) on the CPU
+    keep = (u - c).sign_().add_(1).clamp_(0, 1)
+    salt = (c / 2 - u).sign_().clamp_(0, 1)
+    # exact: x * 1 + 0 and x * 0 + 1 or 0
+    return torch.mul(x, keep, out=u).add_(salt)
+
+def speckle_noise_draws(x: Tensor, c: float, ctx: Context) -> tuple[Tensor]:
+    return (ctx.rng.normal(tuple(x.shape), 0.0, c),)
 
 
-def speckle_noise(x: Tensor, c: float, ctx: Context) -> Tensor:
+def speckle_noise(x: Tensor, c: float, ctx: Context, noise: Tensor) -> Tensor:
     """Multiplicative noise ``x + x * N(0, c^2)``."""
-    return (x + x * ctx.rng.normal(tuple(x.shape), 0.0, c)).clamp_(0, 1)
+    return noise.mul_(x).add_(x)

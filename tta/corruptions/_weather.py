@@ -16,22 +16,41 @@ def _roll(t: Tensor, shift: int, dim: int) -> Tensor:
     return torch.roll(t, shifts=shift, dims=dim)
 
 
-def plasma_fractal(batch: int, mapsize: int, wibbledecay: float, rng: Rng) -> Tensor:
-    """The original's diamond-square heightmap, one per image, in [0, 1].
+def plasma_draws(batch: int, mapsize: int, wibbledecay: float, rng: Rng) -> Tensor:
+    """The random numbers of :func:`plasma_fractal`, (B, N): per level of the
+    diamond-square refinement, U(-wibble, wibble) for the squares, then for the two
+    diamond sets (the original's order), flattened and concatenated."""
+    parts = []
+    step, wibble = mapsize, 100.0
+    while step >= 2:
+        n = mapsize // step
+        parts += [rng.uniform((batch, n, n), -wibble, wibble).reshape(batch, -1) for _ in range(3)]
+        step //= 2
+        wibble /= wibbledecay
+    return torch.cat(parts, 1)
+
+
+def plasma_fractal(draws: Tensor, mapsize: int, wibbledecay: float) -> Tensor:
+    """The original's diamond-square heightmap, one per image, in [0, 1], from the
+    random numbers :func:`plasma_draws` made.
 
     Same law as ImageNet-C (wrap-around neighbours via ``roll``, midpoint = mean of
     4 + wibble * U(-wibble, wibble), wibble /= decay per level), vectorised over the
     batch. Not ``kornia.contrib.diamond_square``: that one mixes mean and noise with
     a per-level weight on a non-wrapping 2^n + 1 grid, which gives other fog.
-    Random draws come in the original's order (squares, then the two diamond sets).
     """
     assert mapsize & (mapsize - 1) == 0, "mapsize must be a power of two"
-    m = torch.zeros(batch, mapsize, mapsize, dtype=rng.dtype, device=rng.device)
+    batch = draws.shape[0]
+    m = torch.zeros(batch, mapsize, mapsize, dtype=draws.dtype, device=draws.device)
     step = mapsize
     wibble = 100.0
+    used = 0
 
     def wibbled_mean(a: Tensor) -> Tensor:
-        return a / 4 + wibble * rng.uniform(tuple(a.shape), -wibble, wibble)
+        nonlocal used
+        u = draws[:, used : used + a[0].numel()].reshape(a.shape)
+        used += a[0].numel()
+        return a / 4 + wibble * u
 
     while step >= 2:  # log2(mapsize) levels, each refining the previous one
         half = step // 2
@@ -51,38 +70,67 @@ def plasma_fractal(batch: int, mapsize: int, wibbledecay: float, rng: Rng) -> Te
     return m / m.amax(dim=(1, 2), keepdim=True)
 
 
-def fog(x: Tensor, c: tuple[float, float], ctx: Context) -> Tensor:
-    """Add ``c[0]`` x plasma fractal (decay ``c[1]``), rescale by max/(max + c[0])."""
-    b, _, h, w = x.shape
+def _plasma_mapsize(x: Tensor, ctx: Context) -> int:
     # the original's map (256 / 64 / 32) is cropped to the image; larger images get
     # the next power of two instead of failing
-    mapsize = max(int(ctx.table["_plasma_mapsize"]), 1 << math.ceil(math.log2(max(h, w))))
-    plasma = plasma_fractal(b, mapsize, float(c[1]), ctx.rng)[:, None, :h, :w]
+    h, w = x.shape[-2:]
+    return max(int(ctx.table["_plasma_mapsize"]), 1 << math.ceil(math.log2(max(h, w))))
+
+
+def fog_draws(x: Tensor, c: tuple[float, float], ctx: Context) -> tuple[Tensor]:
+    """The plasma fractals, made here a few maps at a time: a map is some 300 steps,
+    too small to pay their Python overhead image by image, while batch-sized
+    steps pay page faults (1 MB of maps per step: 3x faster than either)."""
+    b, _, h, w = x.shape
+    mapsize = _plasma_mapsize(x, ctx)
+    draws = plasma_draws(b, mapsize, float(c[1]), ctx.rng)
+    plasma = torch.empty((b, 1, h, w), dtype=draws.dtype, device=draws.device)
+    step = b if x.device.type != "cpu" else max(1, (1 << 18) // mapsize**2)
+    for i in range(0, b, step):
+        plasma[i : i + step, 0] = plasma_fractal(draws[i : i + step], mapsize, float(c[1]))[:, :h, :w]
+    return (plasma,)
+
+
+def fog(x: Tensor, c: tuple[float, float], ctx: Context, plasma: Tensor) -> Tensor:
+    """Add ``c[0]`` x plasma fractal (decay ``c[1]``), rescale by max/(max + c[0])."""
     max_val = x.amax(dim=(1, 2, 3), keepdim=True)
     y = x + c[0] * plasma
-    return (y * max_val / (max_val + c[0])).clamp_(0, 1)
+    return y.mul_(max_val).div_(max_val + c[0])
 
 
-# id(cached texture list), device -> (flat stack (3, N), heights, widths, row stride, plane size)
-_STACKS: dict[tuple[int, int, int], tuple[Tensor, Tensor, Tensor, int, int]] = {}
+# (id(loaded texture list), h, w) -> the five usable textures, large enough for h x w
+_USABLE: dict[tuple[int, int, int], list[Tensor]] = {}
+# id(usable texture list) -> (flat stack (3, N), heights, widths, row stride, plane size)
+_STACKS: dict[int, tuple[Tensor, Tensor, Tensor, int, int]] = {}
 
 
-def _frost_stack(textures: list[Tensor], h: int, w: int) -> tuple[Tensor, Tensor, Tensor, int, int]:
-    """The five usable textures padded into one flat uint8 tensor (cached), upscaled
-    first when the images are larger than a texture (not in the original, which
-    only ever crops 224/64/32 px)."""
-    key = (id(textures), h, w)
+def _frost_usable(x: Tensor, ctx: Context) -> list[Tensor]:
+    """The five textures the original draws from (cached), upscaled first when the
+    images are larger than a texture (not in the original, which only ever crops
+    224/64/32 px)."""
+    h, w = x.shape[-2:]
+    loaded = load_frost_textures(ctx.frost_dir, float(ctx.table["_frost_rescale"]), x.device)
+    key = (id(loaded), h, w)  # the loader caches its list: a stable key
+    if key not in _USABLE:
+        textures = loaded[:5]
+        need = max((h + 1) / min(t.shape[1] for t in textures), (w + 1) / min(t.shape[2] for t in textures))
+        if need > 1:
+            textures = [
+                F.interpolate(t[None].float(), scale_factor=need, mode="bilinear", align_corners=False)[0]
+                .round()
+                .clamp(0, 255)
+                .to(torch.uint8)
+                for t in textures
+            ]
+        _USABLE[key] = textures
+    return _USABLE[key]
+
+
+def _frost_stack(textures: list[Tensor]) -> tuple[Tensor, Tensor, Tensor, int, int]:
+    """The textures padded into one flat uint8 tensor (cached), for the gathers."""
+    key = id(textures)
     if key in _STACKS:
         return _STACKS[key]
-    need = max((h + 1) / min(t.shape[1] for t in textures), (w + 1) / min(t.shape[2] for t in textures))
-    if need > 1:
-        textures = [
-            F.interpolate(t[None].float(), scale_factor=need, mode="bilinear", align_corners=False)[0]
-            .round()
-            .clamp(0, 255)
-            .to(torch.uint8)
-            for t in textures
-        ]
     dev = textures[0].device
     th = torch.tensor([t.shape[1] for t in textures], device=dev)
     tw = torch.tensor([t.shape[2] for t in textures], device=dev)
@@ -95,37 +143,58 @@ def _frost_stack(textures: list[Tensor], h: int, w: int) -> tuple[Tensor, Tensor
     return entry
 
 
-def frost(x: Tensor, c: tuple[float, float], ctx: Context) -> Tensor:
-    """Blend with a random crop of one of the first five frost textures (the
-    original draws ``randint(5)``, so ``frost6.jpg`` is never used)."""
+def frost_draws(x: Tensor, c: tuple[float, float], ctx: Context) -> tuple[Tensor, Tensor, Tensor]:
+    """Texture (the original draws ``randint(5)``, so ``frost6.jpg`` is never used),
+    then the crop's top and left corner."""
     b, _, h, w = x.shape
-    textures = load_frost_textures(ctx.frost_dir, float(ctx.table["_frost_rescale"]), x.device)[:5]
-    flat, th, tw, stride, plane = _frost_stack(textures, h, w)
-    idx = ctx.rng.randint(0, len(th), (b,))
+    textures = _frost_usable(x, ctx)
+    th = torch.tensor([t.shape[1] for t in textures], device=x.device)
+    tw = torch.tensor([t.shape[2] for t in textures], device=x.device)
+    idx = ctx.rng.randint(0, len(textures), (b,))
     top = ctx.rng.randint_below(th[idx] - h)
     left = ctx.rng.randint_below(tw[idx] - w)
+    return idx, top, left
+
+
+def _frost_crops(x: Tensor, textures: list[Tensor], idx: Tensor, top: Tensor, left: Tensor) -> Tensor:
+    """uint8 (B, 3, H, W) crops: slices of the textures on the CPU (a copy per
+    image: 10x faster than the gather), one gather over the batch elsewhere."""
+    b, _, h, w = x.shape
+    if x.device.type == "cpu":
+        return torch.stack(
+            [textures[i][:, t : t + h, l : l + w] for i, t, l in zip(idx.tolist(), top.tolist(), left.tolist())]
+        )
+    flat, _, _, stride, plane = _frost_stack(textures)
     rows = top[:, None] + torch.arange(h, device=x.device)
     cols = left[:, None] + torch.arange(w, device=x.device)
     where = idx[:, None, None] * plane + rows[:, :, None] * stride + cols[:, None, :]  # (B, H, W)
-    crop = flat[:, where.reshape(-1)].reshape(3, b, h, w).transpose(0, 1).to(x.dtype)
-    return (c[0] * x + crop * (c[1] / 255)).clamp_(0, 1)
+    return flat[:, where.reshape(-1)].reshape(3, b, h, w).transpose(0, 1)
 
 
-def snow(x: Tensor, c: tuple[float, ...], ctx: Context) -> Tensor:
+def frost(x: Tensor, c: tuple[float, float], ctx: Context, idx: Tensor, top: Tensor, left: Tensor) -> Tensor:
+    """Blend with a random crop of one of the first five frost textures."""
+    crop = _frost_crops(x, _frost_usable(x, ctx), idx, top, left).to(x.dtype)
+    return (x * c[0]).add_(crop.mul_(c[1] / 255))
+
+
+def snow_draws(x: Tensor, c: tuple[float, ...], ctx: Context) -> tuple[Tensor, Tensor]:
+    b, _, h, w = x.shape
+    flakes = ctx.rng.normal((b, 1, h, w), float(c[0]), float(c[1]))
+    return flakes, ctx.rng.uniform((b,), -135.0, -45.0)
+
+
+def snow(x: Tensor, c: tuple[float, ...], ctx: Context, flakes: Tensor, angle: Tensor) -> Tensor:
     """Zoomed, thresholded Gaussian flakes, motion-blurred by ImageMagick at an angle
     in [-135, -45) degrees, added twice (and rotated 180 degrees) over a greyed,
     brightened image."""
-    b, _, h, w = x.shape
-    flakes = ctx.rng.normal((b, 1, h, w), float(c[0]), float(c[1]))
     flakes = clipped_zoom(flakes, float(c[2]))
-    flakes = torch.where(flakes < c[3], torch.zeros_like(flakes), flakes)
+    flakes.masked_fill_(flakes < c[3], 0.0)
     # the original round-trips the layer through an 8-bit PNG and ImageMagick
-    flakes = torch.floor(flakes.clamp(0, 1) * 255 + 1e-3) / 255
-    angle = ctx.rng.uniform((b,), -135.0, -45.0)
-    flakes = torch.floor(motion_blur_im(flakes, float(c[4]), float(c[5]), angle) * 255 + 1e-3) / 255
+    flakes = flakes.clamp_(0, 1).mul_(255).add_(1e-3).floor_().div_(255)
+    flakes = motion_blur_im(flakes, float(c[4]), float(c[5]), angle).mul_(255).add_(1e-3).floor_().div_(255)
     grey = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]) * 1.5 + 0.5
-    y = c[6] * x + (1 - c[6]) * torch.maximum(x, grey)
-    return (y + flakes + torch.rot90(flakes, 2, dims=(-2, -1))).clamp_(0, 1)
+    y = (x * c[6]).add_(torch.maximum(x, grey).mul_(1 - c[6]))
+    return y.add_(flakes).add_(torch.rot90(flakes, 2, dims=(-2, -1)))
 
 
 def _shift(t: Tensor, dy: int, dx: int, fill: float) -> Tensor:
@@ -223,13 +292,16 @@ def _equalize_hist(u8: Tensor) -> Tensor:
     return torch.gather(lut, 1, flat).reshape(u8.shape).to(u8.dtype)
 
 
-def spatter(x: Tensor, c: tuple[float, ...], ctx: Context) -> Tensor:
+def spatter_draws(x: Tensor, c: tuple[float, ...], ctx: Context) -> tuple[Tensor]:
+    b, _, h, w = x.shape
+    return (ctx.rng.normal((b, 1, h, w), float(c[0]), float(c[1])),)
+
+
+def spatter(x: Tensor, c: tuple[float, ...], ctx: Context, liquid: Tensor) -> Tensor:
     """Water drops (mode 0: edge-distance shaded turquoise) or mud (mode 1: brown
     blobs) from a smoothed, thresholded Gaussian liquid layer; the water branch
     reproduces the original's OpenCV chain (Canny, chamfer distance transform,
     histogram equalisation, emboss filter, box blurs) with its uint8 steps."""
-    b, _, h, w = x.shape
-    liquid = ctx.rng.normal((b, 1, h, w), float(c[0]), float(c[1]))
     liquid = gaussian_nearest(liquid, float(c[2]))
     liquid = torch.where(liquid < c[3], torch.zeros_like(liquid), liquid)
     if c[5] == 0:
@@ -246,9 +318,9 @@ def spatter(x: Tensor, c: tuple[float, ...], ctx: Context) -> Tensor:
         peak = m.amax(dim=(2, 3), keepdim=True)
         m = torch.where(peak > 0, m / peak.clamp_min(1e-12), torch.zeros_like(m)) * c[4]
         color = torch.tensor([175 / 255.0, 238 / 255.0, 238 / 255.0], dtype=x.dtype, device=x.device)
-        return (x + m * color.view(1, 3, 1, 1)).clamp_(0, 1)
+        return x + m * color.view(1, 3, 1, 1)
     m = (liquid > c[3]).to(x.dtype)
     m = gaussian_nearest(m, float(c[4]))
     m = torch.where(m < 0.8, torch.zeros_like(m), m)
     color = torch.tensor([63 / 255.0, 42 / 255.0, 20 / 255.0], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    return (x * (1 - m) + color * m).clamp_(0, 1)
+    return x * (1 - m) + color * m
