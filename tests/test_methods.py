@@ -352,3 +352,52 @@ def test_timm_norm_act_layers_keep_their_activation_under_every_batch_norm_swap(
     with torch.no_grad(), grouped_batch_stats(layer, groups=2):
         out = layer(x)
     assert out.min() >= 0 and (out == 0).any()  # the ReLU ran, also on the grouped path
+
+
+@pytest.mark.parametrize("shape", [(8, 4, 5, 7), (6, 3, 11), (16, 64, 8, 8)])
+def test_cpu_batch_statistics_and_their_gradient_equal_native_batch_norm(shape):
+    """The CPU path of test-statistics BatchNorm (its own moments, the native
+    normalisation and backward) against native train-mode batch_norm: outputs and
+    the gradients of input, weight and bias; shifted inputs (mean far from 0) too."""
+    from tta.methods.norm_layers import _CPUTrainBatchNorm, channel_moments
+
+    torch.manual_seed(0)
+    x = (torch.randn(shape) * 3 + 20).requires_grad_(True)
+    c = shape[1]
+    w, b = (torch.rand(c) + 0.5).requires_grad_(True), torch.randn(c).requires_grad_(True)
+    upstream = torch.randn(shape)
+    fast = _CPUTrainBatchNorm.apply(x, w, b, 1e-5)
+    grads_fast = torch.autograd.grad((fast * upstream).sum(), (x, w, b))
+    native = torch.nn.functional.batch_norm(x, None, None, w, b, True, 0.0, 1e-5)
+    grads_native = torch.autograd.grad((native * upstream).sum(), (x, w, b))
+    torch.testing.assert_close(fast, native, rtol=1e-5, atol=1e-5)
+    for g_fast, g_native in zip(grads_fast, grads_native):
+        torch.testing.assert_close(g_fast, g_native, rtol=1e-4, atol=1e-4)
+    mean, var = channel_moments(x.detach())
+    ref_var, ref_mean = torch.var_mean(x.detach().double(), dim=[0, *range(2, x.dim())], correction=0)
+    torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(var.double(), ref_var, rtol=1e-5, atol=1e-6)
+    # bf16 input: statistics in float32
+    assert channel_moments(x.detach().bfloat16())[1].dtype == torch.float32
+
+
+def test_a_cpu_step_keeps_freed_host_memory_unless_told_not_to(tmp_path):
+    """The first CPU step sets glibc's malloc to reuse freed memory (tta/_host_memory.py);
+    TTA_HOST_ALLOCATOR=default leaves it alone. In subprocesses: the setting is per process."""
+    import os
+    import platform
+    import subprocess
+    import sys
+
+    script = ("import torch, tta, tta._host_memory as h\n"
+              "m = tta.wrap(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4),"
+              " torch.nn.Flatten(), torch.nn.Linear(144, 10)), 'norm')\n"
+              "assert h._applied is None\n"
+              "m(torch.rand(2, 3, 8, 8))\n"
+              "print(h._applied)\n")
+    for env_value, expected in ((None, platform.libc_ver()[0] == "glibc"), ("default", False)):
+        env = {k: v for k, v in os.environ.items() if k != "TTA_HOST_ALLOCATOR"}
+        if env_value is not None:
+            env["TTA_HOST_ALLOCATOR"] = env_value
+        out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == str(expected), out.stderr

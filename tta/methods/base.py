@@ -23,6 +23,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
+from .._host_memory import keep_freed_host_memory
 from .._warn import warn_at_caller
 from .entropy import entropy_margin
 from .guard import CollapseGuard
@@ -251,6 +252,8 @@ class TTAMethod(nn.Module):
             refuse_single_image_statistics(self.model, x.shape[0], self.method_name or "this method")
         if self.amp == "fp16" and x.device.type != "cuda":
             raise ValueError("amp='fp16' needs a CUDA device; use amp='bf16' on the CPU")
+        if x.device.type == "cpu":
+            keep_freed_host_memory()  # once per process; see tta/_host_memory.py
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         # The first accepted batch fixes lr="paper" (before the snapshot, which keeps it).

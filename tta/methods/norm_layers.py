@@ -10,6 +10,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 
 
@@ -32,6 +33,64 @@ def weighted_stats(x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
         mean = torch.einsum(eq, w, flat) / denom
         var = (torch.einsum(eq, w, flat * flat) / denom - mean * mean).clamp_min(0)
     return mean, var
+
+
+def channel_moments(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance of ``x`` (B, C, ...) over every dimension
+    but the channels, as train-mode BatchNorm computes them (in float32 for half
+    precision input).
+
+    On the CPU, for contiguous float32 input, two passes of sums (the mean, then the
+    centred squares through ``vecdot``): measured on the first stage of ResNet-20 at
+    batch 200 (200 x 16 x 32 x 32, 1 thread), 2.3 ms against 19 ms for
+    ``torch.var_mean`` and 6.8 ms for native train-mode BatchNorm's whole forward,
+    and as accurate (inverse std within ~2e-7 of native BatchNorm's, relative).
+    Elsewhere ``torch.var_mean``."""
+    dims = [0, *range(2, x.dim())]
+    if not _fast_cpu_stats(x):
+        # Half precision has too few bits for the sums of squares: float32.
+        low = x.dtype in (torch.float16, torch.bfloat16)
+        var, mean = torch.var_mean(x.float() if low else x, dim=dims, correction=0)
+        return mean, var
+    n = x.numel() // x.shape[1]
+    # Summing the contiguous rows first, then the batch: 3.7x faster than one sum
+    # over dims (0, 2, 3) (0.28 ms against 1.0 ms, the shape above).
+    mean = x.flatten(2).sum(2).sum(0) / n
+    centred = (x - mean.view(1, -1, *([1] * (x.dim() - 2)))).flatten(2)
+    return mean, torch.linalg.vecdot(centred, centred).sum(0) / n
+
+
+def _fast_cpu_stats(x: Tensor) -> bool:
+    # Outside torch.func transforms (vmap of a custom autograd Function needs rules
+    # this path does not need elsewhere) and outside tracing (dynamo keeps the native op).
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() >= 3 and x.is_contiguous()
+            and not torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling())
+
+
+class _CPUTrainBatchNorm(torch.autograd.Function):
+    """Train-mode BatchNorm (statistics of the batch, none kept) with
+    :func:`channel_moments` for the statistics and the native kernels for the
+    normalisation and the backward: the forward costs 0.54x the native one on the
+    CPU (ResNet-20, batch 200, 1 thread: 3.6 ms against 6.8 ms in the first stage).
+    The backward is native BatchNorm's own, given the same statistics."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
+        mean, var = channel_moments(x)
+        invstd = torch.rsqrt(var + eps)
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.eps = eps
+        return F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
+
+    @staticmethod
+    @once_differentiable  # the statistics are saved detached: no second derivative
+    def backward(ctx, grad: Tensor):
+        x, weight, mean, invstd = ctx.saved_tensors
+        need = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1],
+                ctx.needs_input_grad[2]]
+        gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
+            grad.contiguous(), x, weight, None, None, mean, invstd, True, ctx.eps, need)
+        return gx, gw, gb, None
 
 
 def _grouped_bn_forward(self: _BatchNorm, x: Tensor, groups: int) -> Tensor:
@@ -68,8 +127,19 @@ def _adaptive_bn_forward(self: _BatchNorm, x: Tensor) -> Tensor:
         # The source statistics alone: exactly eval-mode BatchNorm.
         return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
     if weight is None and alpha == 1.0 and torch.is_grad_enabled():
+        if _fast_cpu_stats(x):
+            return _CPUTrainBatchNorm.apply(x, self.weight, self.bias, self.eps)
         # Native train-mode BatchNorm: its fused backward is the fastest path.
         return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+    if weight is None and not torch.is_grad_enabled():
+        # The statistics alone (no gradient through them): the fused eval-mode kernel
+        # on the batch's moments.
+        mean, var = channel_moments(x.detach())
+        if alpha != 1.0:
+            mean = alpha * mean + (1 - alpha) * self.running_mean
+            var = alpha * var + (1 - alpha) * self.running_var
+        dtype = self.weight.dtype if self.weight is not None else x.dtype
+        return F.batch_norm(x, mean.to(dtype), var.to(dtype), self.weight, self.bias, False, 0.0, self.eps)
     if weight is None:
         weight = torch.ones(x.shape[0], device=x.device)
     elif weight.shape[0] != x.shape[0]:
