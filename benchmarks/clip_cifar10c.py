@@ -28,7 +28,8 @@ import torch
 
 import tta
 
-from benchmarks.common import EIGHT, method_table_stream, machine, parse_lr_overrides, print_table, stream_errors, write_json
+from benchmarks.common import (EIGHT, method_table_stream, machine, parse_lr_overrides, parse_settings, print_table,
+                               stream_errors, write_json)
 
 POLICY, REWARD = "zoo:clip_small", "zoo:clip_base"
 
@@ -42,6 +43,8 @@ METHODS: dict[str, tuple[str, dict] | None] = {
     "vte": ("vte", {}),
     "ttrv-online": ("ttrv", {}),
     "ttrv-online-image": ("ttrv", dict(adapt="image")),
+    "ttrv-online-image-norm": ("ttrv", dict(adapt="image_norm")),
+    "ttrv-online-steps": ("ttrv", dict(steps=4)),
     "ttrv-episodic": ("ttrv", dict(mode="episodic")),
     "ttrv-views": ("ttrv", dict(sampling="views")),
     "ttrv-views-episodic": ("ttrv", dict(sampling="views", mode="episodic")),
@@ -59,6 +62,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--lr", nargs="+", default=[], metavar="METHOD=LR",
                         help="learning rate overrides, e.g. rlcf-prompt=0.05 (default: the papers')")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="an option for every adapting method, e.g. temperature=0.5")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -79,6 +84,7 @@ def main() -> None:
                 errors, elapsed = stream_errors(model, domains, args.batch_size)
         else:
             name, settings = METHODS[label]
+            settings = dict(settings, **parse_settings(args.set))
             if label in lrs:
                 settings = dict(settings, lr=lrs[label])
             errors, elapsed = stream_errors(tta.wrap(model, name, **settings), domains, args.batch_size)

@@ -120,3 +120,16 @@ def machine(threads: int) -> str:
 def write_json(path: str | Path, data: dict) -> None:
     """A script's ``--json`` output."""
     Path(path).write_text(json.dumps(data, indent=1))
+
+
+def parse_settings(items: list[str]) -> dict:
+    """``--set KEY=VALUE`` items: each value a Python literal (number, boolean, list), else a string."""
+    import ast
+
+    def value(text: str):
+        try:
+            return ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            return text
+
+    return {k: value(v) for k, v in (item.split("=", 1) for item in items)}

@@ -13,7 +13,6 @@ inference of the source model over the same batches, timed in the same process.
 from __future__ import annotations
 
 import argparse
-import ast
 import statistics
 
 import torch
@@ -22,7 +21,8 @@ import tta
 from tta.bench.source_data import SourceBatches
 from tta.data import cifar10_dir, load_image_folder
 
-from benchmarks.common import EIGHT, method_table_stream, machine, parse_lr_overrides, print_table, stream_errors, write_json
+from benchmarks.common import (EIGHT, method_table_stream, machine, parse_lr_overrides, parse_settings, print_table,
+                               stream_errors, write_json)
 
 #: The methods of the table; each runs with ``preset="cifar10"``, the CIFAR-10-C settings
 #: of the published implementations (``tta.method_presets``).
@@ -30,14 +30,6 @@ METHODS = ["source", "norm", "tent", "eta", "eata", "sar", "deyo"]
 #: The continual-shift family (issue 24), selectable with ``--methods`` (as every other
 #: image method of ``tta.list_methods()``).
 CONTINUAL = ["cotta", "rmt", "roid", "cmf", "santa", "rotta", "adacontrast"]
-
-
-def _value(text: str):
-    """``--set`` values: Python literals (numbers, booleans, lists), else strings."""
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
 
 
 def run_method(name, domains, batch_size, model_name, fisher_images, lr=None, preset="cifar10", seed=0,
@@ -82,7 +74,7 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    settings = {k: _value(v) for k, v in (item.split("=", 1) for item in args.set)}
+    settings = parse_settings(args.set)
     lrs = parse_lr_overrides(parser, args.lr, [m for m in tta.list_methods() if "lr" in tta.method_defaults(m)])
 
     domains = method_table_stream(args.corruptions, args.num_images, args.seed)
