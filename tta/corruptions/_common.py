@@ -227,10 +227,10 @@ def correlate1d(x: Tensor, taps: list[float], dim: int, border: str = "replicate
     return out
 
 
-def gaussian_reflect(x: Tensor, sigma: float, truncate: float) -> Tensor:
-    """scipy's ``gaussian_filter(mode='reflect')`` (half-sample symmetric border)
-    over the last two dimensions: shifted slices per tap where the kernel is
-    narrower than the images, else the dense matrices of
+def gaussian_reflect(x: Tensor, sigma: float, truncate: float, scale: float = 1.0) -> Tensor:
+    """``scale`` x scipy's ``gaussian_filter(mode='reflect')`` (half-sample
+    symmetric border) over the last two dimensions: shifted slices per tap where
+    the kernel is narrower than the images, else the dense matrices of
     :func:`symmetric_filter_matrix` (the original smooths elastic displacements
     with sigmas up to 171 px and ``truncate=3``: kernels far wider than the image).
     """
@@ -238,9 +238,10 @@ def gaussian_reflect(x: Tensor, sigma: float, truncate: float) -> Tensor:
     h, w = x.shape[-2:]
     if k.size // 2 < min(h, w):
         taps = torch.as_tensor(k, dtype=x.dtype).tolist()
-        return correlate1d(correlate1d(x, taps, -2, "symmetric"), taps, -1, "symmetric")
+        scaled = torch.as_tensor(k * scale, dtype=x.dtype).tolist()
+        return correlate1d(correlate1d(x, taps, -2, "symmetric"), scaled, -1, "symmetric")
     ah = torch.as_tensor(symmetric_filter_matrix(h, sigma, truncate), dtype=x.dtype, device=x.device)
-    aw = torch.as_tensor(symmetric_filter_matrix(w, sigma, truncate), dtype=x.dtype, device=x.device)
+    aw = torch.as_tensor(symmetric_filter_matrix(w, sigma, truncate) * scale, dtype=x.dtype, device=x.device)
     return ah @ x @ aw.T
 
 
@@ -351,16 +352,6 @@ def scipy_zoom_coords(size: int, zoom: float) -> tuple[np.ndarray, int]:
     j = np.arange(trim, trim + size, dtype=np.float64)
     coords = top + j * ((crop - 1) / (out - 1) if out > 1 else 0.0)
     return coords, crop
-
-
-def pixel_grid(ys: Tensor, xs: Tensor, h: int, w: int, align_corners: bool, dtype: torch.dtype) -> Tensor:
-    """``grid_sample`` grid (``dtype``) from pixel coordinates ``ys``/``xs`` (same
-    shape, any leading dims), for an ``h x w`` source."""
-    grid = torch.empty((*xs.shape, 2), dtype=dtype, device=xs.device)
-    for i, (v, n) in enumerate(((xs, w), (ys, h))):  # written straight into the grid
-        scaled = v * (2.0 / max(n - 1, 1)) if align_corners else (2 * v + 1) / n
-        torch.sub(scaled, 1, out=grid[..., i])
-    return grid
 
 
 @lru_cache(maxsize=256)

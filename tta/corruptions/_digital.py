@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._common import Context, gaussian_reflect, pil_box_matrix, pixel_grid, round_half_up, to_uint8
+from ._common import Context, gaussian_reflect, pil_box_matrix, round_half_up, to_uint8
 
 
 def contrast(x: Tensor, c: float, ctx: Context) -> Tensor:
@@ -93,9 +93,14 @@ def _box_resize(v: Tensor, n_out: int, dim: int, fixed_point: bool) -> Tensor:
         # boxes of f consecutive pixels: f strided slices added, 4x faster than the
         # matmul with the membership matrix on the last dimension (224 -> 56 px)
         f = n_in // n_out
-        sums = v.narrow(dim, 0, n_in - f + 1)[_every(f, dim)].clone()
-        for t in range(1, f):
-            sums += v.narrow(dim, t, n_in - f + 1)[_every(f, dim)]
+        part = [v.narrow(dim, t, n_in - f + 1)[_every(f, dim)] for t in range(f)]
+        sums = part[0] + part[1]
+        for p in part[2:]:
+            sums += p
+        if f & (f - 1) == 0:
+            # the coefficient is 2^22 / f exactly: Pillow's fixed point rounds
+            # s / f half up, which float32 does exactly for power-of-two f
+            return sums.mul_(1.0 / f).add_(0.5).floor_()
     else:
         member = torch.as_tensor(m > 0, dtype=v.dtype, device=v.device)
         sums = v @ member.T if dim == -1 else member @ v
@@ -346,29 +351,21 @@ def elastic_transform(
     m = torch.linalg.solve(a_src, dst).transpose(1, 2)  # (B, 2, 3)
     lin_inv = torch.linalg.inv(m[:, :, :2])
     shift_inv = -(lin_inv @ m[:, :, 2:])
-    ys = torch.arange(h, dtype=torch.float64, device=dev)
+    ys = torch.arange(h, dtype=torch.float64, device=dev)[:, None]
     xs = torch.arange(w, dtype=torch.float64, device=dev)
-
-    def affine(row: int) -> Tensor:
-        # (a * x + b * y) + shift, summed as the per-pixel formula would
-        a, bb, shift = (v[:, None, None] for v in (lin_inv[:, row, 0], lin_inv[:, row, 1], shift_inv[:, row, 0]))
-        v = ((a * xs[None, None, :]) + (bb * ys[None, :, None])).add_(shift)
-        # OpenCV quantises source positions to 1/32 pixel (INTER_BITS = 5)
-        return v.mul_(32).round_().div_(32)
-
-    # reflection about the outer pixel centres (align_corners=True) is OpenCV's
-    # BORDER_REFLECT_101
-    grid = pixel_grid(affine(1), affine(0), h, w, True, x.dtype)
+    grid = torch.empty((b, h, w, 2), dtype=x.dtype, device=dev)
+    for i, n in enumerate((w, h)):  # x, then y
+        # 32 x the source position (OpenCV quantises it to 1/32 pixel, INTER_BITS =
+        # 5); scaling by 32 is exact, so this rounds as (a x + b y + shift) * 32
+        a, bb, shift = (32 * v[:, None, None] for v in (lin_inv[:, i, 0], lin_inv[:, i, 1], shift_inv[:, i, 0]))
+        pos32 = ((a * xs) + (bb * ys)).add_(shift).round_()
+        # reflection about the outer pixel centres (align_corners=True) is OpenCV's
+        # BORDER_REFLECT_101
+        torch.sub(pos32.mul_(2.0 / (32 * max(n - 1, 1))), 1, out=grid[..., i])
     warped = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=True)
-
-    def field(noise: Tensor) -> Tensor:
-        if float(c[1]) > 0:
-            noise = gaussian_reflect(noise, float(c[1]), 3.0)
-        return (noise * float(c[0])).to(torch.float32).to(torch.float64)
-
-    dx = field(noise_x).add_(xs)
-    dy = field(noise_y).add_(ys[:, None])
     # reflection about the outer pixel edges (align_corners=False) is scipy's
     # mode="reflect" (half-sample symmetric) used by map_coordinates
-    grid = pixel_grid(dy, dx, h, w, False, x.dtype)
+    for i, (noise, n, pos) in enumerate(((noise_x, w, xs), (noise_y, h, ys))):
+        shift = noise * float(c[0]) if float(c[1]) <= 0 else gaussian_reflect(noise, float(c[1]), 3.0, float(c[0]))
+        torch.mul(shift.to(x.dtype).add_(pos.to(x.dtype)), 2.0 / n, out=grid[..., i]).add_(1.0 / n - 1)
     return F.grid_sample(warped, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
