@@ -1,41 +1,63 @@
 """Speed of tta's batched ImageNet-C corruptions against the original code, one process.
 
-For every corruption: images/s of ``tta.corruptions.corrupt`` on a batch (default 64
-images, 224 px, severity 5) and of the original ``imagenet_c`` functions (image by
-image, as the original runs; fewer images for the slow ones), on the same CPU. The two
-are interleaved repeat by repeat and the median of the per-repeat speed ratios is
-reported, so load from other jobs hits both sides alike.
+For every corruption: milliseconds per image of ``tta.corruptions.corrupt`` on a batch
+(default 64 images, 224 px, severity 5) and of the original ``imagenet_c`` functions
+(image by image, as the original runs; fewer images for the slow ones), on the same
+CPU. The two are interleaved repeat by repeat and the median of the per-repeat speed
+ratios is reported, so load from other jobs hits both sides alike. The total is the
+ratio of the summed per-image times over the corruptions measured.
 
-    TTA_HOME=../shared python -m benchmarks.corruptions_speed --threads 2 \
+    TTA_HOME=../shared python -m benchmarks.corruptions_speed --threads 1 --repeats 3 \
         --markdown /tmp/corruptions_speed.md
 
-``--markdown`` writes the table with its date, machine and command, as it stands in
-RESULTS.md. Needs the test extras of the fidelity tests (imagenet-c, wand +
-ImageMagick, OpenCV, scikit-image, SciPy); see ``benchmarks/corruption_reference.py``.
+``--threads`` (default 1) holds for both sides: torch, and the original's native
+libraries (OpenBLAS under NumPy, OpenCV, ImageMagick's OpenMP), whose thread
+settings are made before they load. ``--markdown`` writes the table with its date,
+machine and command, as it stands in RESULTS.md. Needs the test extras of the
+fidelity tests (imagenet-c, wand + ImageMagick, OpenCV, scikit-image, SciPy); see
+``benchmarks/corruption_reference.py``.
 """
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import os
-import statistics
 import sys
-import time
-from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn.functional as F
 
-from tta.corruptions import NAMES, corrupt
-from tta.corruptions._frost import default_frost_dir
-from tta.data import cifar10_dir, load_image_folder
+def _threads_from_argv(argv: list[str], default: int = 1) -> int:
+    for i, arg in enumerate(argv):
+        if arg == "--threads" and i + 1 < len(argv):
+            return int(argv[i + 1])
+        if arg.startswith("--threads="):
+            return int(arg.split("=", 1)[1])
+    return default
 
-from benchmarks import corruption_reference as ref
-from benchmarks.common import cpu_model, write_json
 
-# images the original processes per repeat (its pure-Python glass blur takes ~2 s each)
+# The original's native libraries read their thread counts once, when they load
+# (imports below): OpenBLAS (NumPy), OpenMP (ImageMagick, which runs its motion blur).
+_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "MAGICK_THREAD_LIMIT")
+if __name__ == "__main__":
+    for _var in _THREAD_VARS:
+        os.environ[_var] = str(_threads_from_argv(sys.argv[1:]))
+
+import argparse  # noqa: E402
+import datetime  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from tta.corruptions import NAMES, corrupt  # noqa: E402
+from tta.corruptions._frost import default_frost_dir  # noqa: E402
+from tta.data import cifar10_dir, load_image_folder  # noqa: E402
+
+from benchmarks import corruption_reference as ref  # noqa: E402
+from benchmarks.common import cpu_model, write_json  # noqa: E402
+
+# images the original processes per repeat (its pure-Python glass blur takes ~1 s each)
 REF_IMAGES = {"glass_blur": 1, "default": 8}
 
 
@@ -46,14 +68,14 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--severity", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="for torch and the original's libraries alike")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", default=None, help="write raw results here")
     ap.add_argument("--markdown", default=None, help="write the results table here")
     ap.add_argument("--append", action="store_true", help="append to --markdown instead of overwriting it")
     args = ap.parse_args()
 
-    torch.set_num_threads(args.threads)
+    threads = set_threads(args.threads)
     frost_dir = default_frost_dir()
     orig = ref.load_reference(frost_dir)
     x32, _ = load_image_folder(cifar10_dir("test"), num_images=args.batch_size, seed=0)
@@ -95,20 +117,28 @@ def main() -> None:
             "name": name,
             "tta_images_per_s": statistics.median(ours_ips),
             "original_images_per_s": statistics.median(ref_ips),
+            "tta_ms_per_image": 1000 / statistics.median(ours_ips),
+            "original_ms_per_image": 1000 / statistics.median(ref_ips),
             "speedup": statistics.median(ratios),
             "original_images": n_ref,
         }
         rows.append(row)
         print(
-            f"{name:18s} tta {row['tta_images_per_s']:8.1f} img/s   original {row['original_images_per_s']:7.1f} img/s"
-            f"   x{row['speedup']:.1f}",
+            f"{name:18s} tta {row['tta_ms_per_image']:8.2f} ms/img   original {row['original_ms_per_image']:8.2f} ms/img"
+            f"   x{row['speedup']:.2f}",
             flush=True,
         )
+    total = totals(rows)
+    print(
+        f"{'total':18s} tta {total['tta_ms_per_image']:8.2f} ms/img   original {total['original_ms_per_image']:8.2f} ms/img"
+        f"   x{total['speedup']:.1f} (sum over the {len(rows)} corruptions)"
+    )
 
     meta = {
         "date": datetime.date.today().isoformat(),
         "cpu": cpu_model(),
         "threads": args.threads,
+        "thread_settings": threads,
         "device": args.device,
         "torch": torch.__version__,
         "batch_size": args.batch_size,
@@ -121,7 +151,7 @@ def main() -> None:
         "cores": os.cpu_count(),
     }
     if args.json:
-        write_json(args.json, {"meta": meta, "rows": rows})
+        write_json(args.json, {"meta": meta, "rows": rows, "total": total})
     if args.markdown:
         text = render_markdown(meta, rows)
         path = Path(args.markdown)
@@ -131,30 +161,66 @@ def main() -> None:
         print(f"results written to {args.markdown}")
 
 
+def set_threads(n: int) -> dict:
+    """``n`` threads for torch and for the original's libraries that can be told at
+    run time (OpenCV, ImageMagick); OpenBLAS and OpenMP were set from the
+    environment before they loaded. Returns what each library reports."""
+    torch.set_num_threads(n)
+    out = {"torch": torch.get_num_threads()}
+    out.update({var: os.environ.get(var) for var in _THREAD_VARS})
+    try:
+        import cv2
+
+        cv2.setNumThreads(n)
+        out["opencv"] = cv2.getNumThreads()
+    except ImportError:
+        pass
+    try:
+        from wand.resource import limits
+
+        limits["thread"] = n
+        out["imagemagick"] = int(limits["thread"])
+    except ImportError:
+        pass
+    return out
+
+
+def totals(rows: list[dict]) -> dict:
+    """Summed per-image times over the corruptions and their ratio."""
+    ours = sum(r["tta_ms_per_image"] for r in rows)
+    orig = sum(r["original_ms_per_image"] for r in rows)
+    return {"tta_ms_per_image": ours, "original_ms_per_image": orig, "speedup": orig / ours}
+
+
 def render_markdown(meta: dict, rows: list[dict]) -> str:
+    total = totals(rows)
     lines = [
         "# ImageNet-C corruptions: tta (batched torch) vs the original code",
         "",
         f"- date: {meta['date']}",
-        f"- machine: {meta['cpu']}, {meta['threads']} CPU threads (`torch.set_num_threads({meta['threads']})`), "
-        f"device `{meta['device']}`, torch {meta['torch']}",
+        f"- machine: {meta['cpu']}, {meta['threads']} CPU thread(s) for both sides (torch, OpenBLAS, OpenCV, "
+        f"ImageMagick: {meta['thread_settings']}), device `{meta['device']}`, torch {meta['torch']}",
         f"- workload: severity {meta['severity']}, {meta['size']}x{meta['size']} px (CIFAR-10 test images upsampled), "
         f"tta on one batch of {meta['batch_size']}, the original image by image (`imagenet_c` functions, "
         f"PIL in, `np.uint8` out) on the first few images of the same batch",
-        f"- {meta['repeats']} interleaved repeats (tta, then original); medians; speed-up = median of per-repeat ratios",
+        f"- {meta['repeats']} interleaved repeats (tta, then original); medians; speed-up = median of per-repeat "
+        "ratios; total = ratio of the per-image times summed over the corruptions",
         f"- command: `TTA_HOME=../shared {meta['command']}`",
         f"- {meta['cores']} cores; 1-min load average at start / end: {meta['loadavg_1min'][0]} / "
-        f"{meta['loadavg_1min'][1]} (other jobs shared the machine; interleaving spreads their load over both "
-        "sides, but torch's 2 OpenMP threads suffer more from a busy machine than single-threaded NumPy)",
+        f"{meta['loadavg_1min'][1]} (other jobs shared the machine; interleaving spreads their load over both sides)",
         "",
-        "| corruption | tta (img/s) | original (img/s) | original images/repeat | speed-up |",
+        "| corruption | tta (ms/image) | original (ms/image) | original images/repeat | speed-up |",
         "|---|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['name']} | {r['tta_images_per_s']:.1f} | {r['original_images_per_s']:.1f} | "
+            f"| {r['name']} | {r['tta_ms_per_image']:.2f} | {r['original_ms_per_image']:.2f} | "
             f"{r['original_images']} | {r['speedup']:.2f}x |"
         )
+    lines.append(
+        f"| **total ({len(rows)})** | **{total['tta_ms_per_image']:.1f}** | **{total['original_ms_per_image']:.0f}** | "
+        f"| **{total['speedup']:.1f}x** |"
+    )
     return "\n".join(lines) + "\n"
 
 
