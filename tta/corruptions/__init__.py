@@ -82,9 +82,8 @@ class _Spec(NamedTuple):
     ``None``: deterministic); ``render(x, c, ctx, *draws)`` turns images and their
     draws into a new tensor. ``qmode``: how the original's result becomes uint8.
     ``nchw``: the render wants contiguous NCHW images (else it takes them in any
-    layout: JPEG, whose codec works on channels-last pixels, and pixelate, 1.2x
-    faster on channels-last images as they come than after a copy to NCHW). The
-    output takes the renders' layout."""
+    layout: JPEG, whose codec works on channels-last pixels). The output takes the
+    renders' layout."""
 
     draws: Callable[..., tuple[Tensor, ...]] | None
     render: Callable[..., Tensor]
@@ -110,7 +109,7 @@ _REGISTRY: dict[str, _Spec] = {
     "contrast": _Spec(None, _digital.contrast, "floor"),
     "saturate": _Spec(None, _digital.saturate, "floor"),
     "elastic_transform": _Spec(_digital.elastic_transform_draws, _digital.elastic_transform, "floor"),
-    "pixelate": _Spec(None, _digital.pixelate, "round", nchw=False),
+    "pixelate": _Spec(None, _digital.pixelate, "round"),
     "jpeg_compression": _Spec(None, _digital.jpeg_compression, "round", nchw=False),
 }
 

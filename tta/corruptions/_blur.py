@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._common import Context, clipped_zoom, filter_reflect101, gaussian_nearest, motion_blur_im
+from ._common import ClippedZooms, Context, filter_reflect101, gaussian_nearest, motion_blur_im
 
 
 def _cv2_gaussian_kernel(ksize: int, sigma: float) -> np.ndarray:
@@ -145,7 +145,7 @@ def motion_blur(x: Tensor, c: tuple[float, float], ctx: Context, angle: Tensor) 
 def zoom_blur(x: Tensor, c: tuple[float, ...], ctx: Context) -> Tensor:
     """Average of the image and its central zooms by each factor in ``c``."""
     out = x.clone()
-    xt = x.transpose(-1, -2).contiguous()  # shared by the zooms' column passes
+    zooms = ClippedZooms(x)
     for z in c:  # <= 11 zoom factors, each a batched separable resample
-        out += clipped_zoom(x, float(z), xt)
+        out += zooms(float(z))
     return out.div_(len(c) + 1)

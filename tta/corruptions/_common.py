@@ -164,11 +164,26 @@ def quantize_floor_into(y: Tensor, out: Tensor) -> Tensor:
     return torch.div(y.mul_(255).add_(_FLOOR_EPS).floor_().clamp_(0, 255), 255, out=out)
 
 
+def zero_below_(t: Tensor, threshold: float) -> Tensor:
+    """``torch.where(t < threshold, 0, t)`` in place, by multiplying with
+    ``clamp(sign(t - threshold) + 1, 0, 1)``: the sign of a float difference is
+    exact, and float ops run 10-20x faster than masked_fill or where (bool tensors)
+    on the CPU."""
+    return t.mul_((t - threshold).sign_().add_(1).clamp_(0, 1))
+
+
 def to_uint8(x: Tensor, memory_format: torch.memory_format = torch.preserve_format) -> Tensor:
     """8-bit levels of images in [0, 1], rounded half up (as the original's uint8
     images are made). Truncating ``x * 255 + 0.5`` is the rounding for values >= 0;
-    through int32 because float-to-uint8 conversion runs 3x slower on the CPU."""
-    return (x * 255).add_(0.5).to(torch.int32).to(torch.uint8, memory_format=memory_format)
+    through int16 because float-to-uint8 conversion runs 4x slower on the CPU."""
+    return scaled_half_up(x).to(torch.int16).to(torch.uint8, memory_format=memory_format)
+
+
+def scaled_half_up(x: Tensor) -> Tensor:
+    """``x * 255 + 0.5`` in one pass (a fused multiply-add, 1.7x faster than two
+    steps; its ``floor`` is the 8-bit level rounded half up, as with two roundings,
+    for levels and their neighbourhood)."""
+    return torch.add(torch.full((), 0.5, dtype=x.dtype, device=x.device), x, alpha=255)
 
 
 def round_half_up(v: Tensor) -> Tensor:
@@ -367,27 +382,42 @@ def _zoom_taps(size: int, zoom: float, device: str, dtype: torch.dtype) -> tuple
     return as_t(i0, torch.int64), as_t(i1, torch.int64), as_t(frac[:, None], dtype)
 
 
-def _lerp_rows(v: Tensor, taps: tuple[Tensor, Tensor, Tensor]) -> Tensor:
-    i0, i1, frac = taps
-    return v.index_select(-2, i0).lerp_(v.index_select(-2, i1), frac)
-
-
-def clipped_zoom(x: Tensor, zoom: float, xt: Tensor | None = None) -> Tensor:
-    """The original ``clipped_zoom`` on NCHW: linear zoom about the centre,
-    corner-aligned like ``scipy.ndimage.zoom(order=1)``.
+class ClippedZooms:
+    """The original ``clipped_zoom`` of images ``x`` (NCHW), by any factor: linear
+    zoom about the centre, corner-aligned like ``scipy.ndimage.zoom(order=1)``.
 
     Separable, and along rows only: interpolate the columns as rows of the
-    transposed images ``xt`` (pass it when zooming the same images several times),
-    transpose back, interpolate the rows. Gathering whole rows is 5-10x faster on
-    the CPU than gathering single values across them (``index_select`` on the last
-    dimension, or the 4-tap ``grid_sample`` this replaces, 2x slower for zoom blur).
+    transposed images, transpose back, interpolate the rows. Gathering whole rows
+    is 5-10x faster on the CPU than gathering single values across them
+    (``index_select`` on the last dimension, or the 4-tap ``grid_sample`` this
+    replaces, 2x slower for zoom blur). The transposed images and the scratch
+    tensors are made once for all the zooms of the same images (zoom blur takes
+    11; fresh tensors each time: 1.1-1.3x slower). A zoom is valid until the next.
     """
-    h, w = x.shape[-2:]
-    if xt is None:
-        xt = x.transpose(-1, -2).contiguous()
-    dev = str(x.device)
-    cols = _lerp_rows(xt, _zoom_taps(w, float(zoom), dev, x.dtype)).transpose(-1, -2).contiguous()
-    return _lerp_rows(cols, _zoom_taps(h, float(zoom), dev, x.dtype))
+
+    def __init__(self, x: Tensor):
+        self.x = x
+        self.xt = x.transpose(-1, -2).contiguous()
+        self.cols = [torch.empty_like(self.xt) for _ in range(2)]
+        self.rows = [torch.empty_like(x) for _ in range(3)]
+
+    def __call__(self, zoom: float) -> Tensor:
+        h, w = self.x.shape[-2:]
+        dev, dtype = str(self.x.device), self.x.dtype
+        cols = self._lerp_rows(self.xt, _zoom_taps(w, float(zoom), dev, dtype), self.cols)
+        self.rows[2].copy_(cols.transpose(-1, -2))
+        return self._lerp_rows(self.rows[2], _zoom_taps(h, float(zoom), dev, dtype), self.rows)
+
+    @staticmethod
+    def _lerp_rows(v: Tensor, taps: tuple[Tensor, Tensor, Tensor], out: list[Tensor]) -> Tensor:
+        i0, i1, frac = taps
+        a = torch.index_select(v, -2, i0, out=out[0])
+        return a.lerp_(torch.index_select(v, -2, i1, out=out[1]), frac)
+
+
+def clipped_zoom(x: Tensor, zoom: float) -> Tensor:
+    """The original ``clipped_zoom`` of ``x`` (see :class:`ClippedZooms`)."""
+    return ClippedZooms(x)(zoom)
 
 
 # ------------------------------------------------------------------------- motion blur

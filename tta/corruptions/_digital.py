@@ -5,13 +5,14 @@ from __future__ import annotations
 import io
 import warnings
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._common import Context, gaussian_reflect, pil_box_matrix, round_half_up, to_uint8
+from ._common import Context, gaussian_reflect, pil_box_matrix, round_half_up, scaled_half_up, to_uint8
 
 
 def contrast(x: Tensor, c: float, ctx: Context) -> Tensor:
@@ -66,9 +67,8 @@ def pixelate(x: Tensor, c: float, ctx: Context) -> Tensor:
     """
     h, w = x.shape[-2:]
     sh, sw = int(h * c), int(w * c)
-    v = x * 255
-    if ctx.quantize:
-        v = v.add_(0.5).floor_()  # round half up, as Pillow gets the original's uint8 image
+    # round half up, as Pillow gets the original's uint8 image
+    v = scaled_half_up(x).floor_() if ctx.quantize else x * 255
     v = _box_resize(v, sw, -1, ctx.quantize)
     v = _box_resize(v, sh, -2, ctx.quantize)
     if ctx.quantize:  # 8-bit levels: upscale bytes, 4x less to copy
@@ -80,20 +80,22 @@ def pixelate(x: Tensor, c: float, ctx: Context) -> Tensor:
 
 def _box_resize(v: Tensor, n_out: int, dim: int, fixed_point: bool) -> Tensor:
     """Pillow's BOX resize of ``v`` along ``dim`` (-1 or -2) to ``n_out`` samples."""
-    n_in = v.shape[dim]
-    m = pil_box_matrix(n_in, n_out, False)
-    if (np.count_nonzero(m, axis=1) == 1).all():  # every output copies one input
-        if n_out % n_in == 0:  # an integral upscale: 6x faster than index_select on rows
-            return v.repeat_interleave(n_out // n_in, dim)
-        return v.index_select(dim, torch.as_tensor(m.argmax(axis=1), device=v.device))
-    if not fixed_point:
-        mt = torch.as_tensor(m, dtype=v.dtype, device=v.device)
+    kind, arg, coefficients = _box_plan(v.shape[dim], n_out, fixed_point)
+    if kind == "repeat":  # an integral upscale: 6x faster than index_select on rows
+        return v.repeat_interleave(arg, dim)
+    if kind == "index":  # every output copies one input
+        return v.index_select(dim, torch.as_tensor(arg, device=v.device))
+    if kind == "matrix":
+        mt = torch.as_tensor(arg, dtype=v.dtype, device=v.device)
         return v @ mt.T if dim == -1 else mt @ v
-    if n_in % n_out == 0:
+    if kind == "member":
+        member = torch.as_tensor(arg, dtype=v.dtype, device=v.device)
+        sums = v @ member.T if dim == -1 else member @ v
+    else:
         # boxes of f consecutive pixels: f strided slices added, 4x faster than the
         # matmul with the membership matrix on the last dimension (224 -> 56 px)
-        f = n_in // n_out
-        part = [v.narrow(dim, t, n_in - f + 1)[_every(f, dim)] for t in range(f)]
+        f = arg
+        part = [v.narrow(dim, t, v.shape[dim] - f + 1)[_every(f, dim)] for t in range(f)]
         sums = part[0] + part[1]
         for p in part[2:]:
             sums += p
@@ -101,14 +103,23 @@ def _box_resize(v: Tensor, n_out: int, dim: int, fixed_point: bool) -> Tensor:
             # the coefficient is 2^22 / f exactly: Pillow's fixed point rounds
             # s / f half up, which float32 does exactly for power-of-two f
             return sums.mul_(1.0 / f).add_(0.5).floor_()
-    else:
-        member = torch.as_tensor(m > 0, dtype=v.dtype, device=v.device)
-        sums = v @ member.T if dim == -1 else member @ v
-    count = (m > 0).sum(axis=1)
-    kint = np.floor(0.5 + (1.0 / count) * (1 << 22))  # Pillow's 8-bit coefficients
     shape = (-1, 1) if dim == -2 else (1, -1)
-    k = torch.as_tensor(kint, dtype=torch.float64, device=v.device).view(shape)
+    k = torch.as_tensor(coefficients, dtype=torch.float64, device=v.device).view(shape)
     return sums.double().mul_(k).add_(1 << 21).div_(1 << 22).floor_().clamp_(0, 255).to(v.dtype)
+
+
+@lru_cache(maxsize=64)
+def _box_plan(n_in: int, n_out: int, fixed_point: bool) -> tuple[str, Any, np.ndarray | None]:
+    """How :func:`_box_resize` does one size change (decided once: the checks on
+    the resampling matrix cost as much as a resize of a small image)."""
+    m = pil_box_matrix(n_in, n_out, False)
+    member = m > 0
+    if (member.sum(axis=1) == 1).all():
+        return ("repeat", n_out // n_in, None) if n_out % n_in == 0 else ("index", m.argmax(axis=1), None)
+    if not fixed_point:
+        return "matrix", m, None
+    kint = np.floor(0.5 + (1.0 / member.sum(axis=1)) * (1 << 22))  # Pillow's 8-bit coefficients
+    return ("strided", n_in // n_out, kint) if n_in % n_out == 0 else ("member", member, kint)
 
 
 def _every(f: int, dim: int) -> tuple[slice, ...]:

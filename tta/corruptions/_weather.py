@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._common import Context, Rng, clipped_zoom, gaussian_nearest, motion_blur_im
+from ._common import Context, Rng, clipped_zoom, gaussian_nearest, motion_blur_im, zero_below_
 from ._frost import load_frost_textures
 
 
@@ -197,7 +197,7 @@ def snow(x: Tensor, c: tuple[float, ...], ctx: Context, flakes: Tensor, angle: T
     in [-135, -45) degrees, added twice (and rotated 180 degrees) over a greyed,
     brightened image."""
     flakes = clipped_zoom(flakes, float(c[2]))
-    flakes.masked_fill_(flakes < c[3], 0.0)
+    zero_below_(flakes, c[3])
     # the original round-trips the layer through an 8-bit PNG and ImageMagick
     flakes = flakes.clamp_(0, 1).mul_(255).add_(1e-3).floor_().div_(255)
     flakes = motion_blur_im(flakes, float(c[4]), float(c[5]), angle).mul_(255).add_(1e-3).floor_().div_(255)
@@ -312,7 +312,7 @@ def spatter(x: Tensor, c: tuple[float, ...], ctx: Context, liquid: Tensor) -> Te
     reproduces the original's OpenCV chain (Canny, chamfer distance transform,
     histogram equalisation, emboss filter, box blurs) with its uint8 steps."""
     liquid = gaussian_nearest(liquid, float(c[2]))
-    liquid = torch.where(liquid < c[3], torch.zeros_like(liquid), liquid)
+    liquid = zero_below_(liquid, c[3])
     if c[5] == 0:
         # astype(uint8) truncates and wraps above 255
         liq8 = torch.remainder(torch.floor(liquid * 255), 256)
@@ -330,6 +330,6 @@ def spatter(x: Tensor, c: tuple[float, ...], ctx: Context, liquid: Tensor) -> Te
         return x + m * color.view(1, 3, 1, 1)
     m = (liquid > c[3]).to(x.dtype)
     m = gaussian_nearest(m, float(c[4]))
-    m = torch.where(m < 0.8, torch.zeros_like(m), m)
+    m = zero_below_(m, 0.8)
     color = torch.tensor([63 / 255.0, 42 / 255.0, 20 / 255.0], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     return x * (1 - m) + color * m
