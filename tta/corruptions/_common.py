@@ -181,8 +181,9 @@ def to_uint8(x: Tensor, memory_format: torch.memory_format = torch.preserve_form
 
 def scaled_half_up(x: Tensor) -> Tensor:
     """``x * 255 + 0.5`` in one pass (a fused multiply-add, 1.7x faster than two
-    steps; its ``floor`` is the 8-bit level rounded half up, as with two roundings,
-    for levels and their neighbourhood)."""
+    steps; its ``floor``, the 8-bit level rounded half up, is that of two roundings
+    but within a float epsilon of a rounding boundary, far from the 8-bit levels
+    images come in)."""
     return torch.add(torch.full((), 0.5, dtype=x.dtype, device=x.device), x, alpha=255)
 
 
