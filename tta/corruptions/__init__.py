@@ -263,13 +263,24 @@ def _apply(
         step = _chunk_images(x)
         for i in range(0, x.shape[0], step):
             part = x[i : i + step]
-            xin = part.to(rng.dtype, memory_format=torch.contiguous_format) if spec.nchw else part.to(rng.dtype)
-            y = spec.render(xin, c, ctx, *(d[i : i + step] for d in drawn))
+            y = spec.render(_render_input(part, spec, ctx), c, ctx, *(d[i : i + step] for d in drawn))
             if out is None:  # in the renders' own layout: no transposing copy
                 layout = torch.channels_last if _channels_last(y) else torch.contiguous_format
                 out = new_batch(tuple(x.shape), x.dtype, x.device, layout)
             _finish(y, part, out[i : i + step], quantize, spec.qmode)
     return out
+
+
+def _render_input(part: Tensor, spec: _Spec, ctx: Context) -> Tensor:
+    """A chunk of images as its render takes it: the work dtype, contiguous NCHW
+    unless the render takes any layout; converted into a buffer kept for the
+    chunks (see ``Context.buffer``)."""
+    dtype = ctx.rng.dtype
+    if part.dtype == dtype and (part.is_contiguous() or not spec.nchw):
+        return part
+    if not spec.nchw:
+        return part.to(dtype)
+    return ctx.buffer("images", tuple(part.shape), dtype, part.device).copy_(part)
 
 
 def _reusable_draw(x: Tensor, drawn: tuple[Tensor, ...]) -> Tensor | None:

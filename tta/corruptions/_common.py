@@ -156,6 +156,21 @@ class Context:
     quantize: bool
     frost_dir: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    buffers: dict[str, Tensor] = field(default_factory=dict)
+
+    def buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+        """A scratch tensor of ``shape`` kept for the chunks of one call (the last,
+        smaller chunk gets its leading part). glibc hands the temporaries of a
+        chunk back to the kernel when they are freed together, and the next chunk
+        faults them in again page by page: on a fresh process that doubled the
+        time of the noises; reused buffers fault once."""
+        buf = self.buffers.get(name)
+        if buf is None or buf.shape[1:] != shape[1:] or buf.shape[0] < shape[0] or (buf.dtype, buf.device) != (
+            dtype,
+            torch.device(device),
+        ):
+            buf = self.buffers[name] = torch.empty(shape, dtype=dtype, device=device)
+        return buf[: shape[0]]
 
 
 def quantize_floor_into(y: Tensor, out: Tensor) -> Tensor:

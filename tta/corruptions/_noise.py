@@ -40,13 +40,14 @@ def shot_noise(x: Tensor, c: float, ctx: Context, drawn: Tensor) -> Tensor:
         return drawn.div_(c)
     # quantised, every count from c photons on gives white: no need to tell them apart
     cap = int(-(-c // 1)) if ctx.quantize else None
-    return torch.div(_poisson_by_inversion(x * c, drawn, cap), c, out=drawn)
+    return torch.div(_poisson_by_inversion(x, c, drawn, cap, ctx), c, out=drawn)
 
 
-def _poisson_by_inversion(rates: Tensor, u: Tensor, cap: int | None) -> Tensor:
-    """Poisson(``rates``) counts from uniforms ``u`` (overwritten) by inverting the
-    CDF: the count is the number of partial sums ``sum_{i<=k} rates^i / i!`` below
-    ``u * e^rates`` (the CDF without its ``e^-rates``), at most ``cap``.
+def _poisson_by_inversion(x: Tensor, c: float, u: Tensor, cap: int | None, ctx: Context) -> Tensor:
+    """Poisson(``rates`` = ``x * c``) counts from uniforms ``u`` (overwritten) by
+    inverting the CDF: the count is the number of partial sums
+    ``sum_{i<=k} rates^i / i!`` below ``u * e^rates`` (the CDF without its
+    ``e^-rates``), at most ``cap``.
 
     An exact sampler (float32 sums), and 3x faster than ``torch.poisson`` at
     ImageNet-C's few photons (3-12 at severities 3-5, one thread, 224 px): that
@@ -56,14 +57,16 @@ def _poisson_by_inversion(rates: Tensor, u: Tensor, cap: int | None) -> Tensor:
     draw from ``torch.poisson``'s (another use of the random stream), their law
     does not.
     """
-    partial = torch.exp(rates)
+    shape, dev = tuple(x.shape), x.device
+    rates = torch.mul(x, c, out=ctx.buffer("rates", shape, x.dtype, dev))
+    partial = torch.exp(rates, out=ctx.buffer("partial", shape, x.dtype, dev))
     u.mul_(partial)  # u e^rates, in place: the caller's scratch
     # Counts in bytes: 10x cheaper to add comparisons to than floats (they stay
-    # below 256 at these rates); few buffers, reused: fresh ones fault pages in.
-    count = torch.gt(u, 1).view(torch.uint8)  # the partial sum for k = 0 is 1
+    # below 256 at these rates).
+    count = torch.gt(u, 1, out=ctx.buffer("count", shape, torch.bool, dev)).view(torch.uint8)  # k = 0: sum 1
     torch.add(rates, 1, out=partial)
-    above = torch.empty_like(count, dtype=torch.bool)
-    term = None
+    above = ctx.buffer("above", shape, torch.bool, dev)
+    term = ctx.buffer("term", shape, x.dtype, dev)
     k = 1
     while cap is None or k < cap:
         torch.gt(u, partial, out=above)
@@ -72,7 +75,7 @@ def _poisson_by_inversion(rates: Tensor, u: Tensor, cap: int | None) -> Tensor:
             break
         count += above
         k += 1
-        term = rates * rates if term is None else term.mul_(rates)
+        torch.mul(rates, rates, out=term) if k == 2 else term.mul_(rates)
         partial += term.div_(k)
     return count
 
@@ -88,8 +91,9 @@ def impulse_noise(x: Tensor, c: float, ctx: Context, u: Tensor) -> Tensor:
     # 1 where u >= c, 0 below; 1 where u < c/2, 0 from it on: the sign of a float
     # difference is exact, and float sign/clamp run 4x faster than comparisons
     # (bool tensors) on the CPU
-    keep = (u - c).sign_().add_(1).clamp_(0, 1)
-    salt = (c / 2 - u).sign_().clamp_(0, 1)
+    shape, dev = tuple(x.shape), x.device
+    keep = torch.sub(u, c, out=ctx.buffer("keep", shape, x.dtype, dev)).sign_().add_(1).clamp_(0, 1)
+    salt = torch.sub(u, c / 2, out=ctx.buffer("salt", shape, x.dtype, dev)).sign_().neg_().clamp_(0, 1)
     # exact: x * 1 + 0 and x * 0 + 1 or 0
     return torch.mul(x, keep, out=u).add_(salt)
 
