@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from benchmarks.data_path import markdown as data_path_table
+from benchmarks.speed import rate
 
 #: Issue 27's speed targets: a multiple of plain inference, ResNet-50 at batch 64 in bf16.
 SPEED_TARGETS = {"norm": 1.2, "tent": 2.6, "deyo": 3.8, "sar": 4.8}
@@ -75,7 +76,7 @@ def _speed(r: dict) -> list[str]:
                 limit = SPEED_TARGETS.get(name)
                 cell = f" ≤ {limit} {_mark(row['ratio'] <= limit)} |" if limit else " |"
             label = "plain `model(x)`" if name == "plain" else name
-            lines.append(f"| {label} | {row['images_per_s']:.0f} | {row['ratio']:.2f} | {row['peak_mb']:.0f} |{cell}")
+            lines.append(f"| {label} | {rate(row['images_per_s'])} | {row['ratio']:.2f} | {row['peak_mb']:.0f} |{cell}")
         for name, error in g["errors"].items():
             lines.append(f"| {name} | {error} | | |" + (" |" if targets else ""))
     return lines
@@ -101,7 +102,7 @@ def _corruptions(r: dict) -> list[str]:
 def _data_path(r: dict) -> list[str]:
     lines = [f"Images written in {r.get('build_s', 0):.1f} s. Stream img/s after its first batch (load alone / "
              "with rendering and resize); method img/s: the method calls alone (results.json images_per_s); "
-             "loading hidden: load_s + adapt_s - loop_s (a lower bound).", ""]
+             "the loop's waits for its batches, timed inside the run, against the loader's seconds alone.", ""]
     if r.get("rows"):
         lines += data_path_table(r["rows"])
     d = r.get("decode")

@@ -189,6 +189,12 @@ def measure(model_name: str, methods: list[str], *, batch_size: int, device: str
     return dict(rows=rows, errors=errors, repeats=repeats)
 
 
+def rate(images_per_s: float) -> str:
+    """Images/s as printed: whole numbers, three digits below 100 (a ResNet-50 on
+    two CPU cores runs a few images per second)."""
+    return f"{images_per_s:.0f}" if images_per_s >= 100 else f"{images_per_s:.3g}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="cifar10_resnet20")
@@ -212,7 +218,7 @@ def main() -> None:
     print("| method | img/s | x plain inference | peak memory MB |")
     print("|---|---|---|---|")
     for name, row in result["rows"].items():
-        print(f"| {name} | {row['images_per_s']:.0f} | {row['ratio']:.2f} | {row['peak_mb']:.0f} |")
+        print(f"| {name} | {rate(row['images_per_s'])} | {row['ratio']:.2f} | {row['peak_mb']:.0f} |")
     for name, error in result["errors"].items():
         print(f"| {name} | {error} | | |")
     print(f"\n{args.model}, batch {args.batch_size}, {args.device}, {args.threads} threads, "

@@ -61,7 +61,7 @@ def test_quick_cpu_run_writes_every_section(tmp_path):
     data = sections["data_path"]["result"]
     assert [r["stream"]["loader"] for r in data["rows"]] == ["dataloader", "tensor_cache"]
     for r in data["rows"]:
-        assert r["run"]["num_images"] == 16 and r["run"]["images_per_s"] > 0
+        assert r["run"]["num_images"] == 16 and r["run"]["images_per_s"] > 0 and r["run"]["wait_s"] > 0
         assert r["stream"]["load_render"]["images"] == 16 and r["run"]["mean_error"] < 100
     assert data["decode"]["pil_images_per_s"] > 0 and data["decode"]["torchvision_images_per_s"] > 0
 
