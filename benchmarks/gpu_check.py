@@ -84,7 +84,8 @@ class Group:
 @dataclass(frozen=True)
 class DataPlan:
     """The data-path section's stream: ``corruptions`` x ``num_images`` images of
-    ``size`` px through ``method`` on the conf/model ``model``."""
+    ``size`` px through tent on the conf/model ``model`` (``overrides`` added),
+    by DataLoader with each of ``workers``, then on the fly."""
 
     model: str
     overrides: tuple[str, ...]
@@ -100,6 +101,9 @@ class DataPlan:
 
 @dataclass(frozen=True)
 class Plan:
+    """What each section runs, its time budget (s), the run's total and the grace
+    a section gets past its budget before it is killed."""
+
     budgets: dict
     total_s: float
     grace_s: float
@@ -142,8 +146,8 @@ def _quick_plan() -> Plan:
                     batch=4, workers=(1,), wnids=False, decode_files=16)
     return Plan(budgets=dict(cuda_tests=30, corruptions=20, speed=30, data_path=40, compile=30), total_s=150,
                 grace_s=15, corruptions=("gaussian_noise", "glass_blur"), corruption_size=64, corruption_batch=4,
-                repeats=2, speed=(Group("cifar10_resnet20", 4, "fp32", {}, two), Group("cifar10_resnet20", 4, "bf16",
-                                                                                       BF16, two)),
+                repeats=2,
+                speed=(Group("cifar10_resnet20", 4, "fp32", {}, two), Group("cifar10_resnet20", 4, "bf16", BF16, two)),
                 # the eager backend: dynamo traces, nothing is compiled (inductor takes a minute on a CPU)
                 compile=(Group("cifar10_resnet20", 4, "compile (eager backend)", {"compile": "eager"}, ("tent",)),),
                 data=data, threads=1)
