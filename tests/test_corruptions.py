@@ -151,12 +151,12 @@ def test_cuda_matches_cpu_generator(name, clean32):
 def test_chunked_rendering_matches_one_batch(name, clean32, monkeypatch):
     # The CPU renders a batch in cache-sized chunks after drawing for the whole
     # batch; accelerators render it at once. The cut never changes a value.
-    import tta.corruptions as tc
+    import tta.corruptions._render as render
 
     for x, preset in ((clean32[:5], "cifar"), (_up(clean32[:4], 40), "imagenet")):
         results = []
         for values in (1, 1 << 30):  # one image per chunk, the whole batch
-            monkeypatch.setattr(tc, "_CPU_CHUNK_VALUES", values)
+            monkeypatch.setattr(render, "_CPU_CHUNK_VALUES", values)
             results.append(corrupt(x, name, 5, preset=preset, generator=torch.Generator().manual_seed(4)))
         assert torch.equal(*results), (name, preset)
 
@@ -165,8 +165,8 @@ def test_accelerator_paths_match_cpu_paths(clean32):
     """The batched gathers that motion blur, snow and frost use off the CPU give the
     CPU's per-image slices; the tensor JPEG codec stays within 0.1 level of libjpeg
     on average (0.006-0.05 measured at 64 px)."""
-    from tta.corruptions._common import _shifted_sum_gather, _shifted_sum_slices, imagemagick_motion_offsets
-    from tta.corruptions._digital import _jpeg_tensors, jpeg_compression
+    from tta.corruptions._resample import _shifted_sum_gather, _shifted_sum_slices, imagemagick_motion_offsets
+    from tta.corruptions._jpeg import _jpeg_tensors, jpeg_compression
     from tta.corruptions._weather import _frost_crops_gathered, _frost_crops_sliced
 
     g = torch.Generator().manual_seed(0)

@@ -8,8 +8,9 @@ batch 200 (1 thread) a Tent step took ~170 000 minor faults and 635 ms, against
 what the caching allocators of CUDA and of jemalloc/tcmalloc do; the cost is that
 the process keeps its peak heap (its peak resident memory is unchanged).
 
-Applied once per process, on the first step a method takes on the CPU, on glibc
-only. ``TTA_HOST_ALLOCATOR=default`` in the environment leaves malloc as it is.
+Applied once per process, on the first step a method takes on the CPU or the first
+corruption ``tta.corruptions`` renders there, on glibc only.
+``TTA_HOST_ALLOCATOR=default`` in the environment leaves malloc as it is.
 """
 
 from __future__ import annotations

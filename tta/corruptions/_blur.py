@@ -8,7 +8,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._common import ClippedZooms, Context, filter_reflect101, gaussian_nearest, motion_blur_im
+from ._common import Context
+from ._filters import filter_reflect101, gaussian_nearest
+from ._resample import ClippedZooms, motion_blur_im
 
 
 def _cv2_gaussian_kernel(ksize: int, sigma: float) -> np.ndarray:

@@ -8,7 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._common import Context, Rng, clipped_zoom, gaussian_nearest, motion_blur_im, zero_below_
+from ._common import Context, Rng, zero_below_
+from ._filters import gaussian_nearest
+from ._resample import clipped_zoom, motion_blur_im
 from ._frost import load_frost_textures
 
 
