@@ -208,8 +208,9 @@ def render_markdown(meta: dict, rows: list[dict]) -> str:
         "# ImageNet-C corruptions: tta (batched torch) vs the original code",
         "",
         f"- date: {meta['date']}",
-        f"- machine: {meta['cpu']}, {meta['threads']} CPU thread(s) for both sides (torch, OpenBLAS, OpenCV, "
-        f"ImageMagick: {meta['thread_settings']}), device `{meta['device']}`, torch {meta['torch']}",
+        f"- machine: {meta['cpu']}, {meta['cores']} cores, {meta['threads']} thread(s) each: tta (torch) and the "
+        "original (OpenBLAS, OpenCV and ImageMagick set to match); "
+        f"device `{meta['device']}`, torch {meta['torch']}",
         f"- workload: severity {meta['severity']}, {meta['size']}x{meta['size']} px (CIFAR-10 test images upsampled), "
         f"tta on one batch of {meta['batch_size']}, the original image by image (`imagenet_c` functions, "
         f"PIL in, `np.uint8` out) on the first few images of the same batch",
@@ -218,8 +219,8 @@ def render_markdown(meta: dict, rows: list[dict]) -> str:
         + "; medians; speed-up = median of per-repeat ratios; total = ratio of the per-image times summed over "
         "the corruptions",
         f"- command: `TTA_HOME=../shared {meta['command']}`",
-        f"- {meta['cores']} cores; 1-min load average at start / end: {meta['loadavg_1min'][0]} / "
-        f"{meta['loadavg_1min'][1]} (other jobs shared the machine; interleaving spreads their load over both sides)",
+        f"- 1-min load average at start / end: {meta['loadavg_1min'][0]} / {meta['loadavg_1min'][1]} "
+        "(other jobs running beside; interleaving spreads their load over both sides)",
         "",
         "| corruption | tta (ms/image) | original (ms/image) | original images/repeat | speed-up |",
         "|---|---:|---:|---:|---:|",

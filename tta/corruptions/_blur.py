@@ -136,7 +136,8 @@ def glass_blur(x: Tensor, c: tuple[float, int, int], ctx: Context, *passes: Tens
     """Gaussian blur, 8-bit truncation, ``c[2]`` local pixel shuffles within
     ``c[1]`` px, Gaussian blur again."""
     sigma, delta = float(c[0]), int(c[1])
-    y = (gaussian_nearest(x, sigma) * 255).add_(1e-3).floor_().clamp_(0, 255).div_(255)
+    # 8-bit levels (a blur of [0, 1] values stays in [0, 1]: no clamp needed)
+    y = (gaussian_nearest(x, sigma) * 255).add_(1e-3).floor_().div_(255)
     b, _, h, w = y.shape
     sources = None
     for d in passes:  # each pass shuffles the previous pass's result

@@ -103,9 +103,9 @@ def filter_reflect101(x: Tensor, kernel: np.ndarray) -> Tensor:
     ph, pw = kh // 2, kw // 2
     h, w = x.shape[-2:]
     padded = F.pad(x, (pw, pw, ph, ph), mode="reflect")
-    # a 5-smooth transform size at least the padded size (224 px: 250, not 244 =
-    # 4 x 61, 1.5-2x faster): the circular wrap still only reaches the padding,
-    # which is cropped away
+    # a fast transform size at least the padded size (224 px: 256, not 244 = 4 x 61,
+    # 2x faster; 1.1x faster than 250): the circular wrap still only reaches the
+    # padding, which is cropped away
     fh, fw = _fft_size(h + 2 * ph), _fft_size(w + 2 * pw)
     spectrum = _kernel_spectrum(kernel.tobytes(), kernel.shape, fh, fw, x.dtype, str(x.device))
     out = torch.fft.irfft2(torch.fft.rfft2(padded, s=(fh, fw)) * spectrum, s=(fh, fw))
@@ -113,8 +113,13 @@ def filter_reflect101(x: Tensor, kernel: np.ndarray) -> Tensor:
 
 
 def _fft_size(n: int) -> int:
-    """The smallest 2^a 3^b 5^c >= n (pocketfft's and cuFFT's fast lengths)."""
-    best = 1 << max(n - 1, 0).bit_length()
+    """A fast FFT length >= n: the next power of two when it is at most 1/8 longer,
+    else the smallest 2^a 3^b 5^c (the lengths MKL, pocketfft and cuFFT are fast
+    at)."""
+    pow2 = 1 << max(n - 1, 0).bit_length()
+    if pow2 * 8 <= n * 9:
+        return pow2
+    best = pow2
     p5 = 1
     while p5 < best:
         p35 = p5
