@@ -208,7 +208,8 @@ def render_markdown(meta: dict, rows: list[dict]) -> str:
         "# ImageNet-C corruptions: tta (batched torch) vs the original code",
         "",
         f"- date: {meta['date']}",
-        f"- machine: {meta['cpu']}, {meta['cores']} cores, {meta['threads']} thread(s) each: tta (torch) and the "
+        f"- machine: {meta['cpu']}, {meta['cores']} cores, {meta['threads']} thread{'s' * (meta['threads'] != 1)} "
+        "each: tta (torch) and the "
         "original (OpenBLAS, OpenCV and ImageMagick set to match); "
         f"device `{meta['device']}`, torch {meta['torch']}",
         f"- workload: severity {meta['severity']}, {meta['size']}x{meta['size']} px (CIFAR-10 test images upsampled), "
