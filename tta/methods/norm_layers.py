@@ -132,28 +132,24 @@ def _adaptive_bn_forward(self: _BatchNorm, x: Tensor) -> Tensor:
         # Native train-mode BatchNorm: its fused backward is the fastest path.
         return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
     if weight is None and not torch.is_grad_enabled():
-        # The statistics alone (no gradient through them): the fused eval-mode kernel
-        # on the batch's moments.
-        mean, var = channel_moments(x.detach())
-        if alpha != 1.0:
-            mean = alpha * mean + (1 - alpha) * self.running_mean
-            var = alpha * var + (1 - alpha) * self.running_var
-        dtype = self.weight.dtype if self.weight is not None else x.dtype
-        return F.batch_norm(x, mean.to(dtype), var.to(dtype), self.weight, self.bias, False, 0.0, self.eps)
-    if weight is None:
-        weight = torch.ones(x.shape[0], device=x.device)
-    elif weight.shape[0] != x.shape[0]:
-        # BatchNorm over tokens (LeViT's BatchNorm1d on (B, N, C).flatten(0, 1)): each
-        # image owns x.shape[0] / B consecutive rows.
-        if x.shape[0] % weight.shape[0]:
-            raise ValueError(
-                f"{type(self).__name__} sees {x.shape[0]} rows for a batch of {weight.shape[0]} "
-                "images, which is no whole number per image: per-sample statistics are undefined"
-            )
-        weight = weight.repeat_interleave(x.shape[0] // weight.shape[0])
-    # With a weight: statistics of the selected samples only, as if the batch were
-    # that subset, without a host sync to gather them.
-    mean, var = weighted_stats(x, weight)
+        # No gradient through the statistics: the batch's moments, then the fused
+        # eval-mode kernel below.
+        mean, var = channel_moments(x)
+    else:
+        if weight is None:
+            weight = torch.ones(x.shape[0], device=x.device)
+        elif weight.shape[0] != x.shape[0]:
+            # BatchNorm over tokens (LeViT's BatchNorm1d on (B, N, C).flatten(0, 1)):
+            # each image owns x.shape[0] / B consecutive rows.
+            if x.shape[0] % weight.shape[0]:
+                raise ValueError(
+                    f"{type(self).__name__} sees {x.shape[0]} rows for a batch of {weight.shape[0]} "
+                    "images, which is no whole number per image: per-sample statistics are undefined"
+                )
+            weight = weight.repeat_interleave(x.shape[0] // weight.shape[0])
+        # With a weight: statistics of the selected samples only, as if the batch
+        # were that subset, without a host sync to gather them.
+        mean, var = weighted_stats(x, weight)
     if alpha != 1.0:
         mean = alpha * mean + (1 - alpha) * self.running_mean
         var = alpha * var + (1 - alpha) * self.running_var
