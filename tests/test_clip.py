@@ -12,7 +12,8 @@ from tta.methods.params import select_norm_params
 
 open_clip = pytest.importorskip("open_clip")
 
-from tiny_clip import CLASSES, load_tiny_clip, registered_on_one_thread, smooth_images  # noqa: E402
+from tiny_clip import (CLASSES, load_tiny_clip, registered_on_one_thread, smooth_images,  # noqa: E402
+                       with_agreeing_texts)
 
 from tta.methods.rlcf import candidate_classes, clip_reward, reinforce_loss  # noqa: E402
 from tta.models.clip import CLIPClassifier  # noqa: E402
@@ -33,18 +34,6 @@ def tiny_clip(seed=0, **kw):
 @pytest.fixture
 def images():
     return smooth_images(2)
-
-
-def with_positive_rewards(reward, images, seed=0):
-    """A random CLIP's image and text features point apart (cos < 0: CLIPScore 0,
-    nothing to learn). Give ``reward`` class texts that agree with ``images`` to
-    different degrees, as a trained CLIP's would."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        center = reward.encode_image(images).mean(dim=0)
-        texts = torch.nn.functional.normalize(center + 0.6 * torch.randn(reward.num_classes, center.numel()), dim=-1)
-    reward.text_features = lambda: texts
-    return reward
 
 
 def state(module):
@@ -318,7 +307,7 @@ def test_reinforce_loss_subtracts_the_mean_reward_per_view():
 
 @pytest.mark.parametrize("adapt", ["prompt", "image", "image_norm"])
 def test_rlcf_adapts_only_the_chosen_parameters(adapt, images):
-    model, reward = tiny_clip(), with_positive_rewards(tiny_clip(seed=1), images)
+    model, reward = tiny_clip(), with_agreeing_texts(tiny_clip(seed=1), images)
     reward_before = state(reward)
     adapted = tta.wrap(model, "rlcf", reward=reward, adapt=adapt, num_views=32, steps=2,
                        lr=None if adapt == "prompt" else 1e-3)

@@ -12,7 +12,8 @@ import tta
 
 open_clip = pytest.importorskip("open_clip")
 
-from tiny_clip import CLASSES, load_tiny_clip, registered_on_one_thread, smooth_images  # noqa: E402
+from tiny_clip import (CLASSES, load_tiny_clip, registered_on_one_thread, smooth_images,  # noqa: E402
+                       with_agreeing_texts)
 
 from tta.methods.rlcf import RLCF  # noqa: E402
 
@@ -35,15 +36,8 @@ def images():
 
 
 def agreeing_reward(images, seed=1):
-    """A reward model whose class texts agree with ``images`` to different degrees (a
-    random CLIP's point away from them: zero CLIPScore, nothing to learn)."""
-    reward = tiny_clip(seed)
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        center = reward.encode_image(images).mean(dim=0)
-        texts = torch.nn.functional.normalize(center + 0.6 * torch.randn(reward.num_classes, center.numel()), dim=-1)
-    reward.text_features = lambda: texts
-    return reward
+    """The tiny CLIP of ``seed`` as a reward model whose class texts agree with ``images``."""
+    return with_agreeing_texts(tiny_clip(seed), images, seed)
 
 
 def state(module):

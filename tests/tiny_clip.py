@@ -46,3 +46,15 @@ def smooth_images(n: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
     small = torch.rand(n, 3, 8, 8, generator=g)
     return torch.nn.functional.interpolate(small, size=(32, 32), mode="bilinear").clamp(0, 1)
+
+
+def with_agreeing_texts(reward, images: torch.Tensor, seed: int = 0):
+    """``reward`` (a tiny CLIP) with class texts that agree with ``images`` to
+    different degrees, as a trained CLIP's would: a random CLIP's image and text
+    features point apart (cos < 0: CLIPScore 0, nothing to learn). Seeded by ``seed``."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        center = reward.encode_image(images).mean(dim=0)
+        texts = torch.nn.functional.normalize(center + 0.6 * torch.randn(reward.num_classes, center.numel()), dim=-1)
+    reward.text_features = lambda: texts
+    return reward
