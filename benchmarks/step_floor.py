@@ -33,6 +33,7 @@ from torch import Tensor, nn
 import tta
 
 from benchmarks.common import machine, write_json
+from benchmarks.speed import load
 
 METHODS = ["norm", "tent", "eta", "deyo", "sar"]
 
@@ -73,7 +74,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    source = tta.load_model(args.model)
+    source = load(args.model)
     x = torch.rand(args.batch_size, 3, *source.input_size)
 
     plain_model = copy.deepcopy(source).eval()

@@ -41,8 +41,8 @@ def channel_moments(x: Tensor) -> tuple[Tensor, Tensor]:
     precision input).
 
     On the CPU, for contiguous float32 input, two passes of sums (the mean, then the
-    centred squares through ``vecdot``): measured on the first stage of ResNet-20 at
-    batch 200 (200 x 16 x 32 x 32, 1 thread), 2.3 ms against 19 ms for
+    centred squares as squared row norms): measured on the first stage of ResNet-20
+    at batch 200 (200 x 16 x 32 x 32, 1 thread), 2.0 ms against 19 ms for
     ``torch.var_mean`` and 6.8 ms for native train-mode BatchNorm's whole forward,
     and as accurate (inverse std within ~2e-7 of native BatchNorm's, relative).
     Elsewhere ``torch.var_mean``."""
@@ -57,7 +57,10 @@ def channel_moments(x: Tensor) -> tuple[Tensor, Tensor]:
     # over dims (0, 2, 3) (0.28 ms against 1.0 ms, the shape above).
     mean = x.flatten(2).sum(2).sum(0) / n
     centred = (x - mean.view(1, -1, *([1] * (x.dim() - 2)))).flatten(2)
-    return mean, torch.linalg.vecdot(centred, centred).sum(0) / n
+    # Row norms reduce in one read; vecdot writes the squares out first (on tensors
+    # out of cache, 1 thread: 0.55 against 1.1 ms at 200 x 16 x 1024, 7.3 against
+    # 110 ms at ResNet-50's 64 x 256 x 3136; as accurate).
+    return mean, torch.linalg.vector_norm(centred, dim=2).square().sum(0) / n
 
 
 def _fast_cpu_stats(x: Tensor) -> bool:
