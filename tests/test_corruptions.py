@@ -114,6 +114,21 @@ def test_per_image_generators_make_each_image_independent_of_its_batch(preset, c
             assert not torch.equal(alone, other), name
 
 
+@pytest.mark.parametrize("name", ALL_NAMES)
+def test_memory_layout_does_not_change_the_result(name, clean32):
+    # Loaders give channels-last images, users often contiguous ones: the same
+    # values and seed must give the same corruption (renders and the 8-bit
+    # conversion take either layout their own way).
+    x = clean32[:3]
+    assert x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    for size in (32, 64):
+        cl = _up(x, size) if size != 32 else x
+        nchw = cl.contiguous()
+        a = corrupt(cl, name, 5, preset="cifar", generator=torch.Generator().manual_seed(3))
+        b = corrupt(nchw, name, 5, preset="cifar", generator=torch.Generator().manual_seed(3))
+        assert torch.equal(a, b), (name, size)
+
+
 def test_per_image_generator_errors(clean32):
     x = clean32[:3]
     with pytest.raises(ValueError, match="2 generators for a batch of 3 images"):

@@ -168,5 +168,6 @@ def zoom_blur(x: Tensor, c: tuple[float, ...], ctx: Context) -> Tensor:
     out = x.clone()
     zooms = ClippedZooms(x)
     for z in c:  # <= 11 zoom factors, each a batched separable resample
-        out += zooms(float(z))
+        # every severity's first factor is 1, the image itself (exactly, as resampled)
+        out += x if float(z) == 1.0 else zooms(float(z))
     return out.div_(len(c) + 1)

