@@ -101,6 +101,26 @@ def test_method_overrides_pass_only_changes():
         compose_config(["method=tent", "method.lrr=0.1"])  # typos are refused
 
 
+def test_a_default_given_on_the_command_line_beats_the_preset():
+    # SAR's cifar10 preset uses Adam; SGD is its default. Typed out, SGD must win.
+    from tta.bench.config import explicit_method_keys, method_preset
+
+    argv = ["method=sar", "method.optimizer=sgd", "+method.unknown=1", "~method.lr", "run.seed=3"]
+    assert explicit_method_keys(argv) == {"optimizer", "unknown"}
+    cfg = compose_config(["method=sar", "method.optimizer=sgd"])
+    preset = method_preset(cfg.method, cfg.data.name)
+    assert preset == "cifar10" and tta.method_defaults("sar", preset=preset)["optimizer"] == "adam"
+    assert method_overrides(cfg.method) == ("sar", {})  # from the values alone: nothing to tell
+    name, overrides = method_overrides(cfg.method, explicit_method_keys(["method.optimizer=sgd"]))
+    assert overrides == {"optimizer": "sgd"}
+    assert tta.wrap(_tiny_bn_model(), name, preset=preset, **overrides).optimizer.__class__.__name__ == "SGD"
+
+
+def _tiny_bn_model() -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.AdaptiveAvgPool2d(1),
+                               torch.nn.Flatten(), torch.nn.Linear(4, 3))
+
+
 def _leaf_keys_without_comment(path: Path) -> list[str]:
     lines = path.read_text().splitlines()
     missing = []
@@ -289,6 +309,13 @@ def test_changed_config_reruns_in_place(tmp_path):
     assert not changed.get("skipped") and changed["num_images"] == 16
     assert json.loads((tmp_path / "results.json").read_text())["config_hash"] == changed["config_hash"]
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+@needs_cifar
+def test_the_runner_passes_what_the_command_line_names(tmp_path):
+    cfg = compose_config(TINY + ["method=sar", "method.optimizer=sgd"])
+    res = run_benchmark(cfg, tmp_path, hydra_info={"overrides": ["method=sar", "method.optimizer=sgd"]})
+    assert res["method_preset"] == "cifar10" and res["method_overrides"] == {"optimizer": "sgd"}
 
 
 # ----------------------------------------------------------------------------------

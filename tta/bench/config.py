@@ -13,7 +13,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Collection, Iterable, Mapping, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -29,6 +29,7 @@ __all__ = [
     "config_hash",
     "method_overrides",
     "method_preset",
+    "explicit_method_keys",
     "DATA_PRESETS",
     "dirname_from_overrides",
 ]
@@ -204,7 +205,8 @@ def method_preset(method_cfg: Mapping[str, Any], data_name: str | None) -> str |
     """The preset to wrap the method with: ``method.preset`` (a preset name,
     ``none`` for the methods' defaults, ``auto`` for the preset of the data set,
     :data:`DATA_PRESETS`). Values of the method config that differ from the
-    defaults override the preset's."""
+    defaults override the preset's, and so do those the command line sets (see
+    :func:`method_overrides`)."""
     import tta
 
     preset = method_cfg["preset"]
@@ -220,11 +222,27 @@ def method_preset(method_cfg: Mapping[str, Any], data_name: str | None) -> str |
     return preset
 
 
-def method_overrides(method_cfg: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+def explicit_method_keys(overrides: Sequence[str]) -> frozenset[str]:
+    """The method options a command line names (Hydra's task overrides, e.g.
+    ``optimizer`` for ``method.optimizer=sgd``; deletions and other groups aside)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    keys = set()
+    for override in OverridesParser.create().parse_overrides(list(overrides)):
+        key = override.key_or_group
+        if not override.is_delete() and key.startswith("method.") and override.package is None:
+            keys.add(key.split(".")[1])
+    return frozenset(keys)
+
+
+def method_overrides(method_cfg: Mapping[str, Any], explicit: Collection[str] = ()) -> tuple[str, dict[str, Any]]:
     """``(name, overrides)`` to pass to :func:`tta.wrap` from a ``method`` config:
     only the values that differ from :func:`tta.method_defaults`, so the Python
     defaults stay the single source of truth (and options that are aliases of each
-    other, like norm's ``alpha``/``bn_alpha``, are only passed when set)."""
+    other, like norm's ``alpha``/``bn_alpha``, are only passed when set). Options in
+    ``explicit`` (:func:`explicit_method_keys` of the command line) are passed even
+    when equal to the defaults: ``method.optimizer=sgd`` must beat a preset's
+    ``adam``."""
     import tta
 
     data = dict(to_container(method_cfg) if isinstance(method_cfg, DictConfig) else method_cfg)
@@ -239,7 +257,7 @@ def method_overrides(method_cfg: Mapping[str, Any]) -> tuple[str, dict[str, Any]
     defaults = tta.method_defaults(name)
     overrides: dict[str, Any] = {}
     for key, value in data.items():
-        if key in defaults and _same(value, defaults[key]):
+        if key in defaults and key not in explicit and _same(value, defaults[key]):
             continue
         if isinstance(defaults.get(key), tuple) and isinstance(value, list):
             value = tuple(value)

@@ -54,7 +54,8 @@ SHARED = {
 PRESET_DOC = (
     "Published settings to start from (tta.method_presets; each method's file names its presets): auto "
     "takes the data set's (cifar10 for CIFAR-10-C, imagenet for ImageNet-C), none the defaults "
-    "below. Values below that differ from the defaults override the preset's."
+    "below. Values below that differ from the defaults override the preset's, and so does any value "
+    "the command line sets (method.optimizer=sgd beats a preset's adam)."
 )
 
 
