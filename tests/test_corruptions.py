@@ -389,6 +389,27 @@ def test_generator_path_statistics(name, many32, reference):
 # ------------------------------------------------------------------ glass, frost files
 
 
+@pytest.mark.parametrize("low,high", [(-4, 4), (-2, 2), (0, 2), (-3, 3), (0, 5)])
+def test_randint_draws_every_integer_of_its_range_alike(low, high):
+    # Power-of-two ranges come from bit fields of shared 30-bit draws, the others
+    # from one draw each: both uniform over [low, high), neighbours independent, and
+    # with one generator per image each image's draws are its generator's alone.
+    from tta.corruptions._common import Rng
+
+    cpu = torch.device("cpu")
+    for gen in (torch.Generator().manual_seed(0), [torch.Generator().manual_seed(i) for i in range(4)]):
+        v = Rng(gen, cpu, torch.float32).randint(low, high, (4, 300, 250), dtype=torch.int8)
+        assert v.dtype == torch.int8 and v.shape == (4, 300, 250)
+        assert v.min() == low and v.max() == high - 1
+        share = torch.bincount((v.long() - low).flatten(), minlength=high - low).double() / v.numel()
+        assert (share - 1 / (high - low)).abs().max() < 0.005  # 300 000 draws: sd < 0.001
+        a = v.flatten().double()
+        assert abs(torch.corrcoef(torch.stack([a[:-1], a[1:]]))[0, 1]) < 0.01
+        if isinstance(gen, list):
+            alone = Rng([torch.Generator().manual_seed(2)], cpu, torch.float32).randint(low, high, (1, 300, 250))
+            assert torch.equal(alone[0], v[2].long())
+
+
 @pytest.mark.parametrize("delta", [1, 2, 4])
 def test_glass_shuffle_matches_sequential_loop(delta):
     """The vectorised shuffle equals the original's sequential numpy-view "swap"."""
