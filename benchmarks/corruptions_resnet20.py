@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 import tta
-from tta.corruptions import NAMES, corrupt
+from tta.corruptions import ALL_NAMES, NAMES, corrupt
 from tta.corruptions._frost import default_frost_dir
 from tta.data import cifar10_dir, load_image_folder
 
@@ -42,7 +42,10 @@ def main() -> None:
     frost = default_frost_dir()
     rows = {"clean": (error_rate(model, x, y), None)}
     uint8 = (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    for i, name in enumerate(tqdm(args.corruptions, desc="corruptions")):
+    for name in tqdm(args.corruptions, desc="corruptions"):
+        # seeded by the corruption's place in NAMES (not in --corruptions): a rerun of
+        # one corruption draws what the full table drew
+        i = ALL_NAMES.index(name)
         gen = torch.Generator().manual_seed(i)
         ours = torch.cat([corrupt(x[j:j + 1000], name, args.severity, preset="cifar", generator=gen)
                           for j in range(0, len(x), 1000)])
