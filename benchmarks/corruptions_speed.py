@@ -3,9 +3,10 @@
 For every corruption: milliseconds per image of ``tta.corruptions.corrupt`` on a batch
 (default 64 images, 224 px, severity 5) and of the original ``imagenet_c`` functions
 (image by image, as the original runs; fewer images for the slow ones), on the same
-CPU. The two are interleaved repeat by repeat and the median of the per-repeat speed
-ratios is reported, so load from other jobs hits both sides alike. The total is the
-ratio of the summed per-image times over the corruptions measured.
+CPU. Every repeat is a round of all the corruptions, each tta then the original, so
+load from other jobs hits both sides alike: per corruption the median of the
+per-round speed ratios is reported; the total is, per round, the ratio of the
+per-image times summed over the corruptions, its median over the rounds.
 
     TTA_HOME=../shared python -m benchmarks.corruptions_speed --threads 1 --repeats 3 \
         --markdown /tmp/corruptions_speed.md
@@ -57,7 +58,7 @@ from tta.data import cifar10_dir, load_image_folder  # noqa: E402
 from benchmarks import corruption_reference as ref  # noqa: E402
 from benchmarks.common import cpu_model, write_json  # noqa: E402
 
-# images the original processes per repeat (its pure-Python glass blur takes ~1 s each)
+# images the original processes per round (its pure-Python glass blur takes ~1 s each)
 REF_IMAGES = {"glass_blur": 1, "default": 8}
 
 
@@ -99,26 +100,36 @@ def main() -> None:
     # gives. Accelerators are timed by the wall clock.
     clock_name = args.clock if args.device == "cpu" else "wall"
     load_before = os.getloadavg()[0]
-    rows = []
-    for name in args.names.split(","):
-        n_ref = min(REF_IMAGES.get(name, REF_IMAGES["default"]), len(pil_images))
-        fn = getattr(orig, name)
-        g = torch.Generator(device=args.device).manual_seed(0)
-        corrupt(x[:2], name, args.severity, generator=g)  # warm caches (kernels, textures)
+    names = args.names.split(",")
+    fns, gens, n_refs = {}, {}, {}
+    for name in names:  # warm caches (kernels, textures) before any timing
+        n_refs[name] = min(REF_IMAGES.get(name, REF_IMAGES["default"]), len(pil_images))
+        fns[name] = getattr(orig, name)
+        gens[name] = torch.Generator(device=args.device).manual_seed(0)
+        corrupt(x[:2], name, args.severity, generator=gens[name])
         np.random.seed(0)
-        fn(pil_images[0], args.severity)
-        times: dict[str, list[tuple[float, float]]] = {"wall": [], "cpu": []}  # (tta, original) s/image
-        for _ in range(args.repeats):
+        fns[name](pil_images[0], args.severity)
+    # (tta, original) s/image per corruption and clock, one entry per round
+    times = {name: {"wall": [], "cpu": []} for name in names}
+    # Rounds of all the corruptions, each tta then the original: a round's total
+    # compares both sides over the same seconds, so the machine's drift from minute
+    # to minute (the original's glass blur, three quarters of its total, took 0.6 to
+    # 1.0 s an image from run to run) does not enter the total's ratio.
+    for _ in range(args.repeats):
+        for name in names:
+            fn, n_ref = fns[name], n_refs[name]
             w0, c0 = _clocks(sync)
-            corrupt(x, name, args.severity, generator=g)
+            corrupt(x, name, args.severity, generator=gens[name])
             w1, c1 = _clocks(sync)
             for img in pil_images[:n_ref]:  # the original corrupts one PIL image at a time
                 np.uint8(fn(img, args.severity))
             w2, c2 = _clocks(sync)
-            times["wall"].append(((w1 - w0) / len(x), (w2 - w1) / n_ref))
-            times["cpu"].append(((c1 - c0) / len(x), (c2 - c1) / n_ref))
-        row = {"name": name, "original_images": n_ref}
-        for clock, pairs in times.items():
+            times[name]["wall"].append(((w1 - w0) / len(x), (w2 - w1) / n_ref))
+            times[name]["cpu"].append(((c1 - c0) / len(x), (c2 - c1) / n_ref))
+    rows = []
+    for name in names:
+        row = {"name": name, "original_images": n_refs[name]}
+        for clock, pairs in times[name].items():
             row[clock] = {
                 "tta_ms_per_image": 1000 * statistics.median(t for t, _ in pairs),
                 "original_ms_per_image": 1000 * statistics.median(r for _, r in pairs),
@@ -131,11 +142,12 @@ def main() -> None:
             f"   x{row['speedup']:.2f}   (wall clock x{row['wall']['speedup']:.2f})",
             flush=True,
         )
-    total = totals(rows)
-    wall = totals([r["wall"] for r in rows])
+    total = totals(times, clock_name)
+    wall = totals(times, "wall")
     print(
         f"{'total':18s} tta {total['tta_ms_per_image']:8.2f} ms/img   original {total['original_ms_per_image']:8.2f} ms/img"
-        f"   x{total['speedup']:.1f}   (wall clock x{wall['speedup']:.1f}; sums over the {len(rows)} corruptions)"
+        f"   x{total['speedup']:.1f}   (wall clock x{wall['speedup']:.1f}; per round, the {len(rows)} corruptions summed;"
+        f" rounds x{min(total['round_speedups']):.1f}-{max(total['round_speedups']):.1f})"
     )
 
     meta = {
@@ -158,7 +170,7 @@ def main() -> None:
     if args.json:
         write_json(args.json, {"meta": meta, "rows": rows, "total": total, "total_wall": wall})
     if args.markdown:
-        text = render_markdown(meta, rows)
+        text = render_markdown(meta, rows, total, wall)
         path = Path(args.markdown)
         if args.append and path.exists():
             text = path.read_text() + "\n" + text.replace("# ImageNet-C corruptions", "## Rerun: ImageNet-C corruptions", 1)
@@ -195,15 +207,18 @@ def set_threads(n: int) -> dict:
     return out
 
 
-def totals(rows: list[dict]) -> dict:
-    """Summed per-image times over the corruptions and their ratio."""
-    ours = sum(r["tta_ms_per_image"] for r in rows)
-    orig = sum(r["original_ms_per_image"] for r in rows)
-    return {"tta_ms_per_image": ours, "original_ms_per_image": orig, "speedup": orig / ours}
+def totals(times: dict[str, dict[str, list[tuple[float, float]]]], clock: str) -> dict:
+    """Per round, the per-image times summed over the corruptions and their ratio;
+    medians over the rounds (ms), and every round's ratio."""
+    rounds = list(zip(*(times[name][clock] for name in times)))  # per round: (tta, original) per corruption
+    ours = [sum(t for t, _ in r) for r in rounds]
+    orig = [sum(o for _, o in r) for r in rounds]
+    speedups = [o / t for t, o in zip(ours, orig)]
+    return {"tta_ms_per_image": 1000 * statistics.median(ours), "original_ms_per_image": 1000 * statistics.median(orig),
+            "speedup": statistics.median(speedups), "round_speedups": speedups}
 
 
-def render_markdown(meta: dict, rows: list[dict]) -> str:
-    total = totals(rows)
+def render_markdown(meta: dict, rows: list[dict], total: dict, wall: dict) -> str:
     lines = [
         "# ImageNet-C corruptions: tta (batched torch) vs the original code",
         "",
@@ -215,15 +230,16 @@ def render_markdown(meta: dict, rows: list[dict]) -> str:
         f"- workload: severity {meta['severity']}, {meta['size']}x{meta['size']} px (CIFAR-10 test images upsampled), "
         f"tta on one batch of {meta['batch_size']}, the original image by image (`imagenet_c` functions, "
         f"PIL in, `np.uint8` out) on the first few images of the same batch",
-        f"- {meta['repeats']} interleaved repeats (tta, then original); times are "
+        f"- {meta['repeats']} rounds of every corruption, each tta then the original; times are "
         + ("process CPU time (the time other jobs take is left out)" if meta["clock"] == "cpu" else "wall clock")
-        + "; medians; speed-up = median of per-repeat ratios; total = ratio of the per-image times summed over "
-        "the corruptions",
+        + "; medians over the rounds; speed-up = median of the per-round ratios; total = the per-image times "
+        "summed over the corruptions within each round, their ratio's median over the rounds "
+        f"(rounds {min(total['round_speedups']):.1f}-{max(total['round_speedups']):.1f}x)",
         f"- command: `TTA_HOME=../shared {meta['command']}`",
         f"- 1-min load average at start / end: {meta['loadavg_1min'][0]} / {meta['loadavg_1min'][1]} "
         "(other jobs running beside; interleaving spreads their load over both sides)",
         "",
-        "| corruption | tta (ms/image) | original (ms/image) | original images/repeat | speed-up |",
+        "| corruption | tta (ms/image) | original (ms/image) | original images/round | speed-up |",
         "|---|---:|---:|---:|---:|",
     ]
     for r in rows:
@@ -235,8 +251,7 @@ def render_markdown(meta: dict, rows: list[dict]) -> str:
         f"| **total ({len(rows)})** | **{total['tta_ms_per_image']:.1f}** | **{total['original_ms_per_image']:.0f}** | "
         f"| **{total['speedup']:.1f}x** |"
     )
-    if meta["clock"] == "cpu" and all("wall" in r for r in rows):
-        wall = totals([r["wall"] for r in rows])
+    if meta["clock"] == "cpu":
         lines += [
             "",
             f"Wall clock in the same run: tta {wall['tta_ms_per_image']:.1f} ms, original "
