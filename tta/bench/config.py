@@ -225,6 +225,8 @@ def method_preset(method_cfg: Mapping[str, Any], data_name: str | None) -> str |
 def explicit_method_keys(overrides: Sequence[str]) -> frozenset[str]:
     """The method options a command line names (Hydra's task overrides, e.g.
     ``optimizer`` for ``method.optimizer=sgd``; deletions and other groups aside)."""
+    if not overrides:
+        return frozenset()
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     keys = set()
