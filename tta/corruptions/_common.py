@@ -111,9 +111,9 @@ _DRAW_BITS = 30
 
 
 def _fill_from_bits(t: Tensor, low: int, bits: int, generator: torch.Generator | None) -> Tensor:
-    """``t`` filled with ``low + `` independent ``bits``-bit fields of 30-bit draws,
-    ``30 // bits`` fields a draw: the generator is the cost of a uniform integer on
-    the CPU (~3 ns a draw, one thread), the bit fields are not."""
+    """``t`` filled with ``low`` plus independent ``bits``-bit fields of 30-bit
+    draws, ``30 // bits`` fields a draw: the generator is the cost of a uniform
+    integer on the CPU (~3 ns a draw, one thread), the bit fields are not."""
     per_draw = _DRAW_BITS // bits
     n = t.numel()
     draws = torch.empty(-(-n // per_draw), dtype=torch.int32, device=t.device)
