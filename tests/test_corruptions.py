@@ -413,14 +413,14 @@ def test_randint_draws_every_integer_of_its_range_alike(low, high):
 @pytest.mark.parametrize("delta", [1, 2, 4])
 def test_glass_shuffle_matches_sequential_loop(delta):
     """The vectorised shuffle equals the original's sequential numpy-view "swap"."""
-    from tta.corruptions._blur import _glass_shuffle
+    from tta.corruptions._blur import _gather_pixels, _glass_sources
 
     g = torch.Generator().manual_seed(delta)
     img = torch.rand(2, 3, 13, 11, generator=g)
     h, w = img.shape[-2:]
     rows, cols = len(range(h - delta, delta, -1)), len(range(w - delta, delta, -1))
     draws = torch.randint(-delta, delta, (2, rows, cols, 2), generator=g)
-    got = _glass_shuffle(img, delta, draws)
+    got = _gather_pixels(img, _glass_sources(2, h, w, delta, draws))
     for b in range(2):
         x = img[b].permute(1, 2, 0).numpy().copy()  # HWC, like the original
         for i, hh in enumerate(range(h - delta, delta, -1)):

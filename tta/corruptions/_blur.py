@@ -52,12 +52,6 @@ def gaussian_blur(x: Tensor, c: float, ctx: Context) -> Tensor:
     return gaussian_nearest(x, float(c))
 
 
-def _glass_shuffle(img: Tensor, delta: int, d: Tensor) -> Tensor:
-    """One pass of the original's "local pixel shuffle" on images ``img``."""
-    b, _, h, w = img.shape
-    return _gather_pixels(img, _glass_sources(b, h, w, delta, d))
-
-
 def _glass_sources(b: int, h: int, w: int, delta: int, d: Tensor) -> Tensor:
     """Where each pixel's value comes from after one pass of the original's "local
     pixel shuffle", faithfully, for a chunk of ``b`` images: (B, H, W) flat indices

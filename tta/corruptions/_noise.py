@@ -1,7 +1,7 @@
 """Noise corruptions: Gaussian, shot (Poisson), impulse (salt & pepper), speckle.
 
 Each has its draws (``*_draws``, the whole batch at once) and its rendering (on the
-images and their share of the draws); see ``_REGISTRY`` in ``__init__``. The
+images and their share of the draws); see ``REGISTRY`` in ``_render``. The
 renderings write into their draws, which then become the output.
 """
 
@@ -96,6 +96,7 @@ def impulse_noise(x: Tensor, c: float, ctx: Context, u: Tensor) -> Tensor:
     salt = torch.sub(u, c / 2, out=ctx.buffer("salt", shape, x.dtype, dev)).sign_().neg_().clamp_(0, 1)
     # exact: x * 1 + 0 and x * 0 + 1 or 0
     return torch.mul(x, keep, out=u).add_(salt)
+
 
 def speckle_noise_draws(x: Tensor, c: float, ctx: Context) -> tuple[Tensor]:
     return (ctx.rng.normal(tuple(x.shape), 0.0, c),)
