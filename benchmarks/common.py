@@ -117,6 +117,12 @@ def machine(threads: int) -> str:
     return f"{cpu_model()}, {threads} threads, torch {torch.__version__}"
 
 
+def sync(device: str | torch.device) -> None:
+    """Wait for the device's queued work (a timing's edge; nothing to wait for on the CPU)."""
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def write_json(path: str | Path, data: dict) -> None:
     """A script's ``--json`` output."""
     Path(path).write_text(json.dumps(data, indent=1))

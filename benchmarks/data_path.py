@@ -45,16 +45,11 @@ from tta.bench.render import BatchRenderer
 from tta.bench.runner import setup
 from tta.bench.stream import BatchLoader, open_stream
 
-from benchmarks.common import cpu_model
+from benchmarks.common import cpu_model, sync
 from benchmarks.upsampled_images import write_image_folder, write_imagenet_c_tree
 
 #: Settings of every measured run that do not change what is measured.
 QUIET = ["run.plot=false", "run.progress=false", "run.skip_existing=false", "run.checkpoint_minutes=0"]
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _pass(loader, render, device: torch.device) -> dict:
@@ -65,7 +60,7 @@ def _pass(loader, render, device: torch.device) -> dict:
     for batch in loader:
         x = render(batch) if render is not None else batch.images
         del x
-        _sync(device)
+        sync(device)
         if first is None:
             first = time.perf_counter() - t0
         else:
@@ -151,11 +146,11 @@ def jpeg_decode_rates(files: Sequence[Path], device: str, batch_size: int = 64) 
         decode_image(f)
     pil = len(files) / (time.perf_counter() - t0)
     decode_jpeg([read_file(str(f)) for f in files[:2]], device=dev)  # warm-up (nvJPEG handles)
-    _sync(dev)
+    sync(dev)
     t0 = time.perf_counter()
     for s in range(0, len(files), batch_size):
         decode_jpeg([read_file(str(f)) for f in files[s:s + batch_size]], device=dev)
-    _sync(dev)
+    sync(dev)
     return dict(images=len(files), pil_images_per_s=pil,
                 torchvision_images_per_s=len(files) / (time.perf_counter() - t0), device=str(dev))
 

@@ -54,6 +54,7 @@ from typing import Callable
 
 import torch
 
+from benchmarks.common import sync
 from benchmarks.gpu_check_report import render_markdown, write_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -180,11 +181,6 @@ class Context:
         self.result.setdefault("not_run", []).append(what)
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def section_cuda_tests(plan: Plan, ctx: Context) -> None:
     files = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_*.py")
                    if "mark.cuda" in p.read_text())
@@ -220,10 +216,10 @@ def section_corruptions(plan: Plan, ctx: Context) -> None:
     def ms_per_image(generator: Callable[[], object], name: str) -> float:
         times = []
         for _ in range(plan.repeats):
-            _sync(ctx.device)
+            sync(ctx.device)
             t0 = time.perf_counter()
             corrupt(x, name, 5, generator=generator())
-            _sync(ctx.device)
+            sync(ctx.device)
             times.append(time.perf_counter() - t0)
         return 1000 * statistics.median(times) / n
 

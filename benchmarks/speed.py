@@ -37,7 +37,7 @@ import torch
 
 import tta
 
-from benchmarks.common import cpu_model, write_json
+from benchmarks.common import cpu_model, sync, write_json
 
 METHODS = ["norm", "tent", "eta", "eata", "sar", "deyo", "cotta", "rmt", "roid", "cmf", "santa", "rotta",
            "adacontrast", "lame", "ttaug", "norm_ema", "rpl", "rdumb"]
@@ -96,11 +96,6 @@ def build(method: str, model_name: str, device: str, options: dict, batch: torch
         if "num_warmup_images" in tta.method_defaults(method):
             extra.update(num_warmup_images=batch.shape[0])
     return tta.wrap(model, method, **extra, **options)
-
-
-def sync(device: str) -> None:
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def cpu_peak_mb(run, x) -> float:
