@@ -4,7 +4,10 @@ resize to the model's input size.
 
 Every rendered image gets its own generator, seeded from (run seed, corruption,
 severity, image id): the same image shows the same corruption in every scenario,
-stream order and batch, whatever the method.
+stream order and batch, whatever the method. The generators live on the batch's
+device (``run.device``): drawing there keeps a GPU fed, and CUDA draws differ from
+CPU draws of the same seed, so a stream's noise is the same on every run of one
+device kind, not across kinds.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._common import Context
+from ._common import Context, floor_levels_
 from ._filters import filter_reflect101, gaussian_nearest
 from ._resample import ClippedZooms, motion_blur_im
 
@@ -136,7 +136,7 @@ def glass_blur(x: Tensor, c: tuple[float, int, int], ctx: Context, *passes: Tens
     ``c[1]`` px, Gaussian blur again."""
     sigma, delta = float(c[0]), int(c[1])
     # 8-bit levels (a blur of [0, 1] values stays in [0, 1]: no clamp needed)
-    y = (gaussian_nearest(x, sigma) * 255).add_(1e-3).floor_().div_(255)
+    y = floor_levels_(gaussian_nearest(x, sigma))
     b, _, h, w = y.shape
     sources = None
     for d in passes:  # each pass shuffles the previous pass's result

@@ -151,10 +151,20 @@ class Context:
         return buf[: shape[0]]
 
 
-def quantize_floor_into(y: Tensor, out: Tensor) -> Tensor:
-    """``out = np.uint8(y * 255) / 255`` (clipped): the original truncates its float
-    results. ``y`` is scratch (overwritten)."""
-    return torch.div(y.mul_(255).add_(_FLOOR_EPS).floor_().clamp_(0, 255), 255, out=out)
+def floor_levels_(t: Tensor) -> Tensor:
+    """``np.uint8(t * 255) / 255`` in place, for ``t`` in [0, 1]: the original
+    truncates its float layers to 8 bits where it writes them out (PNG round trips,
+    ``np.uint8`` casts)."""
+    return t.mul_(255).add_(_FLOOR_EPS).floor_().div_(255)
+
+
+def quantize_into(y: Tensor, out: Tensor, mode: str) -> Tensor:
+    """``out`` = ``y`` as 8-bit levels in [0, 1], clipped. ``mode="floor"``: as
+    ``np.uint8(y * 255)``, the original's cast of its float results; ``"round"``:
+    the nearest level, for the corruptions whose original returns Pillow's 8-bit
+    images (resize, JPEG), which round. ``y`` is scratch (overwritten)."""
+    offset = _FLOOR_EPS if mode == "floor" else 0.5
+    return torch.div(y.mul_(255).add_(offset).floor_().clamp_(0, 255), 255, out=out)
 
 
 def zero_below_(t: Tensor, threshold: float) -> Tensor:
@@ -189,13 +199,6 @@ def scaled_half_up(x: Tensor) -> Tensor:
 def round_half_up(v: Tensor) -> Tensor:
     # torch.round rounds ties to even; C code doing (v + 0.5) >> 0 rounds them up.
     return torch.floor(v + 0.5)
-
-
-def quantize_round_into(y: Tensor, out: Tensor) -> Tensor:
-    """``out`` = nearest 8-bit level of ``y`` (clipped), for corruptions whose
-    original returns 8-bit images from Pillow (resize, JPEG), which rounds. ``y``
-    is scratch (overwritten)."""
-    return torch.div(y.mul_(255).add_(0.5).floor_().clamp_(0, 255), 255, out=out)
 
 
 def channels_last(x: Tensor) -> bool:

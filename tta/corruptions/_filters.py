@@ -23,10 +23,11 @@ def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> np.ndarray:
 
 def gaussian_nearest(x: Tensor, sigma: float, truncate: float = 4.0) -> Tensor:
     """``skimage.filters.gaussian(..., channel_axis=-1)`` on NCHW: scipy's
-    ``gaussian_filter`` with ``mode='nearest'`` (edge replication)."""
+    ``gaussian_filter`` with ``mode='nearest'`` (edge replication). Always a new
+    tensor (callers write to it), even for a kernel of one tap."""
     k = gaussian_kernel1d(float(sigma), truncate)
     if k.size == 1:
-        return x
+        return x.clone()
     taps = torch.as_tensor(k, dtype=x.dtype).tolist()
     return correlate1d(correlate1d(x, taps, -1), taps, -2)
 

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from . import _blur, _digital, _jpeg, _noise, _weather
-from ._common import Context, Rng, channels_last, quantize_floor_into, quantize_round_into
+from ._common import Context, Rng, channels_last, quantize_into
 from ._tables import TABLES
 
 
@@ -142,6 +142,6 @@ def _finish(y: Tensor, x: Tensor, dest: Tensor, quantize: bool, qmode: str) -> N
     if y.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
         y = y.clone()  # a render that passed its input through: never write to the caller's images
     if quantize:
-        quantize_floor_into(y, dest) if qmode == "floor" else quantize_round_into(y, dest)
+        quantize_into(y, dest, qmode)
     else:
         torch.clamp(y, 0, 1, out=dest)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._common import Context, Rng, zero_below_
+from ._common import Context, Rng, floor_levels_, zero_below_
 from ._filters import gaussian_nearest
 from ._resample import clipped_zoom, motion_blur_im
 from ._frost import load_frost_textures
@@ -202,8 +202,8 @@ def snow(x: Tensor, c: tuple[float, ...], ctx: Context, flakes: Tensor, angle: T
     flakes = clipped_zoom(flakes, float(c[2]))
     zero_below_(flakes, c[3])
     # the original round-trips the layer through an 8-bit PNG and ImageMagick
-    flakes = flakes.clamp_(0, 1).mul_(255).add_(1e-3).floor_().div_(255)
-    flakes = motion_blur_im(flakes, float(c[4]), float(c[5]), angle).mul_(255).add_(1e-3).floor_().div_(255)
+    flakes = floor_levels_(flakes.clamp_(0, 1))
+    flakes = floor_levels_(motion_blur_im(flakes, float(c[4]), float(c[5]), angle))
     grey = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]) * 1.5 + 0.5
     y = (x * c[6]).add_(torch.maximum(x, grey).mul_(1 - c[6]))
     return y.add_(flakes).add_(torch.rot90(flakes, 2, dims=(-2, -1)))
