@@ -82,6 +82,42 @@ def test_shape_dtype_range_all(name, clean32):
 
 
 @pytest.mark.parametrize("name", ALL_NAMES)
+def test_tiny_and_odd_sizes(name):
+    """Images down to 1 px and far from any preset's size: a valid corruption, not a
+    padding or solver error (the defocus disk, spatter's reflect-101 filters and
+    elastic's control points are wider than such images)."""
+    g = torch.Generator().manual_seed(0)
+    for h, w in ((1, 1), (2, 3), (8, 8), (9, 5), (17, 33)):
+        x = torch.rand(2, 3, h, w, generator=g)
+        for severity in (1, 5):
+            for preset in (None, "imagenet"):
+                y = corrupt(x, name, severity, preset=preset, generator=torch.Generator().manual_seed(1))
+                assert y.shape == x.shape and y.dtype == x.dtype
+                assert torch.isfinite(y).all() and y.min() >= 0 and y.max() <= 1, (h, w, severity, preset)
+
+
+def test_reflect101_matches_opencv_for_any_size():
+    """OpenCV's BORDER_REFLECT_101 reflects again off the far edge where the
+    padding is wider than the image: so do the padding and defocus's filter."""
+    cv2 = pytest.importorskip("cv2")
+    from tta.corruptions._blur import disk_kernel
+    from tta.corruptions._filters import filter_reflect101, pad_reflect101
+
+    rng = np.random.default_rng(0)
+    for h, w in ((1, 1), (1, 5), (2, 3), (5, 8), (8, 8), (12, 30)):
+        img = rng.random((h, w, 3)).astype(np.float32)
+        t = torch.from_numpy(img).permute(2, 0, 1)[None]
+        for ph, pw in ((1, 1), (3, 7), (20, 2)):
+            want = cv2.copyMakeBorder(img, ph, ph, pw, pw, cv2.BORDER_REFLECT_101).reshape(h + 2 * ph, w + 2 * pw, 3)
+            assert np.array_equal(pad_reflect101(t, ph, pw)[0].permute(1, 2, 0).numpy(), want), (h, w, ph, pw)
+        for radius, alias in ((3, 0.1), (10, 0.5)):
+            kernel = disk_kernel(float(radius), alias)
+            want = cv2.filter2D(img, -1, kernel).reshape(h, w, 3)
+            got = filter_reflect101(t, kernel)[0].permute(1, 2, 0).numpy()
+            assert np.abs(got - want).max() < 1e-5, (h, w, radius)
+
+
+@pytest.mark.parametrize("name", ALL_NAMES)
 def test_seeded_generator_reproduces(name, clean32):
     x = clean32[:2]
     a = corrupt(x, name, 4, generator=torch.Generator().manual_seed(7))

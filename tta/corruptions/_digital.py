@@ -67,7 +67,8 @@ def pixelate(x: Tensor, c: float, ctx: Context) -> Tensor:
     small downscaled tensor. The upscale copies one source pixel per output pixel.
     """
     h, w = x.shape[-2:]
-    sh, sw = int(h * c), int(w * c)
+    # at least 1 px (the original's Pillow refuses an empty image)
+    sh, sw = max(1, int(h * c)), max(1, int(w * c))
     # round half up, as Pillow gets the original's uint8 image
     v = scaled_half_up(x).floor_() if ctx.quantize else x * 255
     v = _box_resize(v, sw, -1, ctx.quantize)
@@ -156,24 +157,28 @@ def elastic_transform(
     src = torch.as_tensor(pts1, device=dev)
     dst = (src[None] + jitter.to(device=dev, dtype=torch.float32)).double()  # float32 sums, as the original
     src = src.double()
-    # getAffineTransform maps src -> dst; warpAffine samples src at M^-1(dst pixel)
-    ones = torch.ones(3, 1, dtype=torch.float64, device=dev)
-    a_src = torch.cat((src, ones), 1).expand(b, 3, 3)
-    m = torch.linalg.solve(a_src, dst).transpose(1, 2)  # (B, 2, 3)
-    lin_inv = torch.linalg.inv(m[:, :, :2])
-    shift_inv = -(lin_inv @ m[:, :, 2:])
     ys = torch.arange(h, dtype=torch.float64, device=dev)[:, None]
     xs = torch.arange(w, dtype=torch.float64, device=dev)
     grid = torch.empty((b, h, w, 2), dtype=x.dtype, device=dev)
-    for i, n in enumerate((w, h)):  # x, then y
-        # 32 x the source position (OpenCV quantises it to 1/32 pixel, INTER_BITS =
-        # 5); scaling by 32 is exact, so this rounds as (a x + b y + shift) * 32
-        a, bb, shift = (32 * v[:, None, None] for v in (lin_inv[:, i, 0], lin_inv[:, i, 1], shift_inv[:, i, 0]))
-        pos32 = ((a * xs) + (bb * ys)).add_(shift).round_()
-        # reflection about the outer pixel centres (align_corners=True) is OpenCV's
-        # BORDER_REFLECT_101
-        torch.sub(pos32.mul_(2.0 / (32 * max(n - 1, 1))), 1, out=grid[..., i])
-    warped = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=True)
+    # Under 3 px the control points coincide and the original's affine is singular
+    # (OpenCV then fills the image with one pixel): no affine warp there.
+    warped = x
+    if sq:
+        # getAffineTransform maps src -> dst; warpAffine samples src at M^-1(dst pixel)
+        ones = torch.ones(3, 1, dtype=torch.float64, device=dev)
+        a_src = torch.cat((src, ones), 1).expand(b, 3, 3)
+        m = torch.linalg.solve(a_src, dst).transpose(1, 2)  # (B, 2, 3)
+        lin_inv = torch.linalg.inv(m[:, :, :2])
+        shift_inv = -(lin_inv @ m[:, :, 2:])
+        for i, n in enumerate((w, h)):  # x, then y
+            # 32 x the source position (OpenCV quantises it to 1/32 pixel, INTER_BITS =
+            # 5); scaling by 32 is exact, so this rounds as (a x + b y + shift) * 32
+            a, bb, shift = (32 * v[:, None, None] for v in (lin_inv[:, i, 0], lin_inv[:, i, 1], shift_inv[:, i, 0]))
+            pos32 = ((a * xs) + (bb * ys)).add_(shift).round_()
+            # reflection about the outer pixel centres (align_corners=True) is OpenCV's
+            # BORDER_REFLECT_101
+            torch.sub(pos32.mul_(2.0 / (32 * max(n - 1, 1))), 1, out=grid[..., i])
+        warped = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=True)
     # reflection about the outer pixel edges (align_corners=False) is scipy's
     # mode="reflect" (half-sample symmetric) used by map_coordinates
     for i, (noise, n, pos) in enumerate(((noise_x, w, xs), (noise_y, h, ys))):

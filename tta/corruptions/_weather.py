@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._common import Context, Rng, floor_levels_, zero_below_
-from ._filters import gaussian_nearest
+from ._filters import gaussian_nearest, pad_reflect101
 from ._resample import clipped_zoom, motion_blur_im
 from ._frost import load_frost_textures
 
@@ -283,7 +283,7 @@ def _chamfer_distance(zero: Tensor, cap: float) -> Tensor:
 
 def _box3_reflect101(t: Tensor) -> Tensor:
     """``cv2.blur(t, (3, 3))``: 3x3 mean, reflect-101 border."""
-    return F.avg_pool2d(F.pad(t, (1, 1, 1, 1), mode="reflect"), 3, stride=1)
+    return F.avg_pool2d(pad_reflect101(t, 1, 1), 3, stride=1)
 
 
 def _equalize_hist(u8: Tensor) -> Tensor:
@@ -324,7 +324,7 @@ def spatter(x: Tensor, c: tuple[float, ...], ctx: Context, liquid: Tensor) -> Te
         dist = torch.floor(_box3_reflect101(dist) + 1e-4)
         dist = _equalize_hist(dist)
         emboss = torch.tensor([[-2.0, -1, 0], [-1, 1, 1], [0, 1, 2]], dtype=x.dtype, device=x.device)
-        dist = F.conv2d(F.pad(dist, (1, 1, 1, 1), mode="reflect"), emboss[None, None]).clamp_(0, 255)
+        dist = F.conv2d(pad_reflect101(dist, 1, 1), emboss[None, None]).clamp_(0, 255)
         dist = torch.round(_box3_reflect101(dist))
         m = liq8 * dist
         peak = m.amax(dim=(2, 3), keepdim=True)
