@@ -212,6 +212,37 @@ def test_check_image_file_accepts_padding_and_other_formats(tmp_path) -> None:
     assert "truncated BMP" in check_image_file(bmp)
 
 
+def test_every_image_mode_decodes_to_its_8bit_rgb(tmp_path) -> None:
+    """Greyscale, palette, alpha, CMYK and 16-bit files decode to the 8-bit RGB a
+    viewer shows, in both readers (tta-bench's and ``load_image_folder``): Pillow's
+    own ``convert("RGB")`` turns a 16-bit greyscale PNG white."""
+    from PIL import Image
+
+    from tta.bench.files import decode_image
+    from tta.data import load_image_folder
+
+    rng = np.random.default_rng(0)
+    rgb = (rng.random((12, 10, 3)) * 255).astype(np.uint8)
+    grey = rgb[..., 0]
+    folder = tmp_path / "images" / "only_class"
+    folder.mkdir(parents=True)
+    cases = {
+        "rgb.png": (Image.fromarray(rgb), rgb),
+        "grey.png": (Image.fromarray(grey), np.repeat(grey[..., None], 3, 2)),
+        "grey16.png": (Image.fromarray(grey.astype(np.uint16) * 256 + 255), np.repeat(grey[..., None], 3, 2)),
+        "rgba.png": (Image.fromarray(rgb).convert("RGBA"), rgb),
+        "palette.png": (Image.fromarray(rgb).convert("P"), np.asarray(Image.fromarray(rgb).convert("P").convert("RGB"))),
+    }
+    for name, (img, _) in cases.items():
+        img.save(folder / name)
+    assert Image.open(folder / "grey16.png").mode.startswith("I;16")
+    for name, (_, want) in cases.items():
+        assert np.array_equal(decode_image(folder / name).permute(1, 2, 0).numpy(), want), name
+    images, _ = load_image_folder(tmp_path / "images", shuffle=False, uint8=True)
+    for got, (_, want) in zip(images, (cases[n] for n in sorted(cases))):
+        assert np.array_equal(got.permute(1, 2, 0).numpy(), want)
+
+
 @needs_cifar
 def test_bad_files_refuse_the_run_before_streaming_naming_every_one(folder_with_bad_files, tmp_path,
                                                                     monkeypatch) -> None:

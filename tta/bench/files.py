@@ -14,6 +14,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from ..data import to_rgb8
+
 __all__ = ["ImageFileError", "check_image_file", "check_image_files", "decode_image", "bad_files_error",
            "seeded_subset", "pick_files"]
 
@@ -142,7 +144,7 @@ def decode_image(path: str | os.PathLike, size: int | None = None, crop_ratio: f
 
 def _decode_image(path: str | os.PathLike, size: int | None, crop_ratio: float) -> Tensor:
     with Image.open(path) as img:
-        img = img.convert("RGB")
+        img = to_rgb8(img)
         if size is not None and img.size != (size, size):
             short = max(size, round(size / crop_ratio))
             w, h = img.size

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..paths import tta_home
 
-__all__ = ["IMG_EXTENSIONS", "list_image_folder", "load_image_folder", "cifar10_dir", "imagenet_wnids"]
+__all__ = ["IMG_EXTENSIONS", "list_image_folder", "load_image_folder", "cifar10_dir", "imagenet_wnids", "to_rgb8"]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -53,6 +53,17 @@ def list_image_folder(root: str | os.PathLike) -> tuple[list[Path], list[int], l
     return files, labels, classes
 
 
+def to_rgb8(img: Image.Image) -> Image.Image:
+    """``img`` as 8-bit RGB, as ``img.convert("RGB")`` but for 16-bit greyscale
+    (modes ``I;16``, ``I;16B``, ...), which Pillow's conversion clips to 255 (a
+    white image) instead of scaling: those keep their high byte, as Pillow does
+    itself for 16-bit colour PNGs."""
+    if img.mode.startswith("I;16"):
+        high = (np.asarray(img) >> 8).astype(np.uint8)
+        img = Image.fromarray(high)
+    return img.convert("RGB")
+
+
 def load_image_folder(
     root: str | os.PathLike, num_images: int | None = None, seed: int = 0, shuffle: bool = True,
     *, uint8: bool = False,
@@ -66,7 +77,10 @@ def load_image_folder(
     order = np.random.default_rng(seed).permutation(len(files)) if shuffle else np.arange(len(files))
     if num_images is not None:
         order = order[:num_images]
-    arrays = [np.asarray(Image.open(files[i]).convert("RGB")) for i in order]
+    arrays = []
+    for i in order:
+        with Image.open(files[i]) as img:
+            arrays.append(np.asarray(to_rgb8(img)))
     x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
     x = x.contiguous() if uint8 else x.float().div_(255)
     y = torch.tensor([labels[i] for i in order])
