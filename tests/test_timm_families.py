@@ -99,3 +99,34 @@ def test_norm_free_net_is_refused_at_wrap_time(name):
     model = tta.load_model("timm:nf_resnet26", pretrained=False, num_classes=NUM_CLASSES)
     with pytest.raises(ValueError, match=r"nothing to adapt.*no BatchNorm, LayerNorm or GroupNorm.*'source'"):
         tta.wrap(model, name)
+
+
+@pytest.mark.parametrize("name", ["cotta", "memo"])
+def test_cached_attention_biases_follow_the_adapted_weights(name):
+    """LeViT (like EfficientFormer and EfficientViT-MSRA) caches its indexed
+    attention biases in eval mode. Methods that adapt every weight change them: the
+    cache must not keep a stale table, nor an autograd graph the first backward
+    frees (a second CoTTA step, or MEMO after a reset, failed)."""
+    torch.manual_seed(0)
+    model = tta.load_model("timm:levit_128s", pretrained=False, num_classes=NUM_CLASSES, img_size=64)
+    method = tta.wrap(model, name, **({"num_views": 2} if name == "cotta" else {"num_views": 4}))
+    x = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    first = method(x)
+    for _ in range(2):
+        method(x)
+    method.reset()
+    torch.manual_seed(0)
+    assert torch.equal(method(x), first)
+    if name == "memo":  # image by image
+        method(x[:1])
+    # an eval forward sees a changed bias table at once
+    block = next(m for m in method.model.modules() if hasattr(m, "attention_bias_cache"))
+    teacher = getattr(method, "teacher", method.model)
+    with torch.no_grad():
+        before = teacher(x)
+        for m in teacher.modules():
+            if hasattr(m, "attention_biases"):
+                m.attention_biases.add_(1.0)
+        assert not torch.equal(teacher(x), before)
+    assert isinstance(block.attention_bias_cache, dict)

@@ -37,6 +37,27 @@ from .state import check_loadable
 __all__ = ["TTAMethod"]
 
 
+def uncache_attention_biases(model: nn.Module) -> int:
+    """Make timm's eval-mode attention-bias caches (LeViT, EfficientFormer(V2),
+    EfficientViT-MSRA: each attention layer indexes its bias table once and keeps
+    the result) recompute at every forward. Adaptation changes those tables (methods
+    that adapt every weight, teachers following the student, resets, stochastic
+    restores): a cached result would be stale and would hold an autograd graph
+    that the first backward frees. Returns how many layers it found."""
+    found = 0
+    for module in model.modules():
+        if isinstance(getattr(module, "attention_bias_cache", None), dict) and not getattr(
+                module, "_tta_uncached", False):
+            module.register_forward_pre_hook(_clear_attention_bias_cache)
+            module._tta_uncached = True
+            found += 1
+    return found
+
+
+def _clear_attention_bias_cache(module: nn.Module, args: tuple) -> None:
+    module.attention_bias_cache = {}  # as timm's own train() does
+
+
 class TTAMethod(nn.Module):
     """Base class: wraps ``model``; ``forward(x)`` predicts on ``x`` and adapts on it.
 
@@ -175,6 +196,7 @@ class TTAMethod(nn.Module):
             model.compile(**({"backend": compile} if isinstance(compile, str) else {}))
 
         model.eval()  # dropout off; norm layers are configured explicitly below
+        uncache_attention_biases(model)
         switched = use_batch_stats(model, alpha=bn_alpha) if self.batch_stats else None
         if switched == 0 and not self.has_optimizer:
             # GroupNorm/LayerNorm models have no batch statistics to adapt: say so
