@@ -298,3 +298,36 @@ def test_beats_bn_adapt_on_a_real_stream(name, stream_errors_of):
     norm = stream_errors_of("norm", corruptions, num_images)
     method = stream_errors_of(name, corruptions, num_images, **kw)
     assert norm - method >= STREAM_BOUNDS[name], f"{name} {method:.2f} vs norm {norm:.2f}"
+
+
+@pytest.mark.parametrize("name", ["roid", "cmf"])
+@pytest.mark.parametrize("kept", [0, 1, 2])
+def test_roid_view_of_a_single_kept_image(name, kept, monkeypatch):
+    """The consistency view runs on the kept images: one image alone is not
+    normalised by its own BatchNorm statistics (BatchNorm over tokens, as LeViT's,
+    or over 1x1 maps refuses it: the official code fails there); with LayerNorm it
+    runs, and with two or more images always."""
+    import tta.methods.roid as roid_module
+
+    def weights(logits, mean_probs, temperature):
+        w = torch.zeros(logits.shape[0])
+        w[:kept] = 1.0
+        return w
+
+    monkeypatch.setattr(roid_module, "certainty_diversity_weights", weights)
+    x = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    for arch, kwargs, norm in (("levit_128s", {"img_size": 64}, "batch"), ("vit_tiny_patch16_224", {"img_size": 64},
+                                                                          "layer")):
+        torch.manual_seed(0)
+        model = tta.load_model(f"timm:{arch}", pretrained=False, num_classes=10, **kwargs)
+        seen = []
+
+        class Count(nn.Module):
+            def forward(self, v):
+                seen.append(len(v))
+                return v
+
+        method = tta.wrap(model, name, transform=Count())
+        assert torch.isfinite(method(x)).all()
+        runs = kept > 1 or (kept == 1 and norm == "layer")
+        assert seen == ([kept] if runs else []), (arch, seen)

@@ -250,10 +250,17 @@ def grouped_batch_stats(*models: nn.Module, groups: int) -> Iterator[None]:
         yield
 
 
+def uses_test_statistics_alone(model: nn.Module) -> bool:
+    """Whether some BatchNorm layer of ``model`` normalises with the batch's own
+    statistics only (not mixed with the source's): a single image cannot go
+    through it meaningfully (nor at all over tokens or 1x1 maps)."""
+    return any(getattr(m, "tta_alpha", None) == 1.0 for m in model.modules())
+
+
 def refuse_single_image_statistics(model: nn.Module, batch_size: int, method: str) -> None:
     """A batch of one image on BatchNorm layers that use test statistics alone would
     normalise the image by its own statistics: refuse it, saying what works."""
-    if batch_size == 1 and any(getattr(m, "tta_alpha", None) == 1.0 for m in model.modules()):
+    if batch_size == 1 and uses_test_statistics_alone(model):
         raise ValueError(
             f"batch size 1 with BatchNorm test statistics: {method} would normalise each image "
             "by its own statistics. Use batches of >= 2 images, pass bn_alpha < 1 (e.g. 0.1) to "

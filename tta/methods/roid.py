@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from ..augment.kornia_views import cotta_augmentation
 from .base import TTAMethod
 from .entropy import soft_likelihood_ratio, softmax_entropy, symmetric_cross_entropy
+from .norm_layers import uses_test_statistics_alone
 from .records import StepRecord
 from .registry import register_method
 from .teacher import pull_toward_
@@ -67,7 +68,9 @@ class ROID(TTAMethod):
         temperature: of the certainty-diversity weight (1/3).
         weighting: certainty and diversity weighting (off: every image weighs 1,
             none is left out).
-        consistency: the consistency loss on an augmented view of the kept images.
+        consistency: the consistency loss on an augmented view of the kept images
+            (left out for a batch that keeps one image only, on BatchNorm layers
+            that normalise by the batch's statistics alone).
         prior_correction: reweight the reported logits by the batch's class prior.
         transform: the view augmentation (default: CoTTA's transform without blur
             and noise, mirrored at the border, as the official code).
@@ -119,8 +122,12 @@ class ROID(TTAMethod):
             # only (about half the batch), with their own statistics as in the
             # official code; a sync-free full-batch pass would cost the other half.
             keep = kept.nonzero().squeeze(1)
-            view_logits = self.model(self.transform(x[keep]))
-            loss = loss + (weight[keep] * symmetric_cross_entropy(view_logits, logits[keep])).sum() / batch
+            # A single kept image would be normalised by its own BatchNorm statistics
+            # (which BatchNorm over tokens or 1x1 maps refuses, failing the official
+            # code): its view is left out, as are none (an empty sum adds 0).
+            if len(keep) > 1 or (len(keep) == 1 and not uses_test_statistics_alone(self.model)):
+                view_logits = self.model(self.transform(x[keep]))
+                loss = loss + (weight[keep] * symmetric_cross_entropy(view_logits, logits[keep])).sum() / batch
         return loss, kept.sum()
 
     def forward_and_adapt(self, x: Tensor) -> tuple[Tensor, StepRecord]:
