@@ -208,6 +208,16 @@ def test_cifar10c_disk_npy(tmp_path: Path, few_images) -> None:
         build_domains(replace(disk.data, root=str(tmp_path / "missing")), disk.scenario)
 
 
+def test_a_last_batch_of_one_image_joins_the_one_before() -> None:
+    from tta.bench.stream import cut_batches
+
+    assert cut_batches(201, 100) == [(0, 100), (100, 201)]
+    assert cut_batches(202, 100) == [(0, 100), (100, 200), (200, 202)]
+    assert cut_batches(1, 100) == [(0, 1)]
+    assert cut_batches(3, 1) == [(0, 1), (1, 2), (2, 3)]  # batches of one were asked for
+    assert cut_batches(0, 4) == []
+
+
 def test_dirichlet_label_shift_order() -> None:
     labels = np.repeat(np.arange(10), 50)
     rng = np.random.default_rng(0)

@@ -77,6 +77,17 @@ class Stream:
         return len(self.dom)
 
 
+def cut_batches(n: int, batch_size: int) -> list[tuple[int, int]]:
+    """``range(n)`` in batches of ``batch_size``, as ``(start, end)``; a last batch of
+    one image joins the one before (``batch_size + 1`` images): alone, BatchNorm
+    methods would normalise it by its own statistics, which they refuse, and a run
+    of 201 images in batches of 100 would fail at its end."""
+    cuts = [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
+    if batch_size > 1 and len(cuts) > 1 and cuts[-1][1] - cuts[-1][0] == 1:
+        cuts[-2:] = [(cuts[-2][0], n)]
+    return cuts
+
+
 def build_stream(
     domains: Sequence[Domain], scenario: ScenarioConfig, batch_size: int, seed: int,
     num_classes: int | None = None,
@@ -84,7 +95,8 @@ def build_stream(
     """Order the domains' images as ``scenario`` says and cut them into batches.
 
     Batches never straddle two domains unless the scenario mixes them
-    (``mix_domains``); the last batch of a domain may be smaller.
+    (``mix_domains``); the last batch of a domain may be smaller, but not a single
+    image where batches are larger (see :func:`cut_batches`).
     """
     if batch_size < 1:
         raise ValueError(f"run.batch_size must be >= 1, got {batch_size}")
@@ -102,13 +114,12 @@ def build_stream(
         dom, pos = np.concatenate(doms), np.concatenate(poss)
         perm = np.random.default_rng([seed, 2]).permutation(len(dom))
         dom, pos = dom[perm], pos[perm]
-        batches = [(s, min(s + batch_size, len(dom))) for s in range(0, len(dom), batch_size)]
-        return Stream(list(domains), dom, pos, batches)
+        return Stream(list(domains), dom, pos, cut_batches(len(dom), batch_size))
     batches, resets, start = [], set(), 0
     for d, order in enumerate(poss):
         if d > 0 and scenario.reset_each_shift:
             resets.add(len(batches))
-        batches += [(start + s, start + min(s + batch_size, len(order))) for s in range(0, len(order), batch_size)]
+        batches += [(start + s, start + e) for s, e in cut_batches(len(order), batch_size)]
         start += len(order)
     return Stream(list(domains), np.concatenate(doms), np.concatenate(poss), batches, resets)
 
