@@ -245,3 +245,28 @@ def test_methods_without_an_optimizer_offer_no_optimizer_options() -> None:
     model = tta.load_model("cifar10_resnet20", pretrained=False)
     with pytest.raises(TypeError, match="'source' takes no gradient steps, so 'lr' would change nothing"):
         tta.wrap(model, "source", lr=1e-3)
+
+
+def _small_bn_net(**bn) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8, **bn), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(8, 10))
+
+
+@pytest.mark.parametrize("name, kwargs, match", [
+    ("tent", {}, r"norm layers \(1\) have no affine parameters \(built with affine=False"),
+])
+def test_norm_layers_without_affines_are_named_as_the_reason(name, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        tta.wrap(_small_bn_net(affine=False), name, **kwargs)
+
+
+@pytest.mark.parametrize("name, kwargs, match", [
+    ("tent", {"bn_alpha": 0.5}, r"BatchNorm layer '1' keeps no running statistics, which bn_alpha < 1 mixes in"),
+    ("ttaug", {}, r"BatchNorm layer '1' keeps no running statistics, which bn_alpha < 1 mixes in"),
+    ("norm_ema", {}, r"BatchNorm layer '1' keeps no running statistics to average.*method 'norm'"),
+])
+def test_batchnorm_without_running_statistics_is_refused_before_anything_changes(name, kwargs, match):
+    model = _small_bn_net(track_running_stats=False)
+    with pytest.raises(ValueError, match=match):
+        tta.wrap(model, name, **kwargs)
+    assert type(model[1]) is nn.BatchNorm2d  # no layer was swapped before the refusal

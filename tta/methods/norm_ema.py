@@ -81,12 +81,13 @@ def use_ema_stats(model: nn.Module, momentum: float | None = 0.1) -> int:
     otherwise (their class is swapped for a subclass; state-dict keys are unchanged).
     Returns the number of layers changed."""
     _check_momentum(momentum)
-    count = 0
-    for module in model.modules():
-        if not isinstance(module, _BatchNorm):
-            continue
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, _BatchNorm)]
+    for name, module in layers:  # all checked before anything changes
         if module.running_mean is None or module.running_var is None or module.num_batches_tracked is None:
-            raise ValueError(f"{type(module).__name__} without running statistics cannot average them")
+            raise ValueError(f"BatchNorm layer {name!r} keeps no running statistics to average (built with "
+                             "track_running_stats=False); method 'norm' normalises with each batch's own")
+    count = 0
+    for _, module in layers:
         swap_forward(module, _ema_bn_forward, "EMAStats")
         module.tta_momentum = None if momentum is None else float(momentum)
         module.tta_mode = "eval"

@@ -203,16 +203,18 @@ def use_batch_stats(model: nn.Module, alpha: float = 1.0) -> int:
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"bn alpha must be in [0, 1], got {alpha}")
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, _BatchNorm)]
+    for name, module in layers if alpha < 1.0 else ():  # all checked before anything changes
+        if module.running_mean is None or module.running_var is None:
+            raise ValueError(f"BatchNorm layer {name!r} keeps no running statistics, which bn_alpha < 1 mixes "
+                             "in (use bn_alpha=1.0, or a model built with track_running_stats=True)")
     count = 0
-    for module in model.modules():
-        if isinstance(module, _BatchNorm):
-            swap_forward(module, _adaptive_bn_forward, "TestStats")
-            if alpha < 1.0 and module.running_mean is None:
-                raise ValueError("bn alpha < 1 needs BatchNorm layers with running statistics")
-            module.tta_alpha = float(alpha)
-            module.tta_sample_weight = None
-            module.tta_groups = 1
-            count += 1
+    for _, module in layers:
+        swap_forward(module, _adaptive_bn_forward, "TestStats")
+        module.tta_alpha = float(alpha)
+        module.tta_sample_weight = None
+        module.tta_groups = 1
+        count += 1
     return count
 
 

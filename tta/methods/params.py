@@ -126,9 +126,13 @@ def sar_paper_lr(model: nn.Module, batch_size: int, double_at_batch_size_1: bool
 
 def nothing_to_adapt_message(model: nn.Module, method: str) -> str:
     """Why method ``method`` found no parameter to adapt in ``model``, and what to do."""
-    if any(isinstance(m, NORM_LAYERS) for m in model.modules()):
+    norms = [m for m in model.modules() if isinstance(m, NORM_LAYERS)]
+    if any(p.numel() for m in norms for p in m.parameters(recurse=False)):
         why = ("every norm layer of the model is frozen by this method's choice of layers; "
                "pass skip_modules='none' to adapt them all")
+    elif norms:
+        why = (f"the model's norm layers ({len(norms)}) have no affine parameters (built with "
+               "affine=False / elementwise_affine=False), and those are what it adapts")
     else:
         why = ("the model has no BatchNorm, LayerNorm or GroupNorm layer with affine "
                "parameters (a norm-free net such as timm's nf_* and normfree models, or a "
