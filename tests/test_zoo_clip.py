@@ -172,3 +172,28 @@ def test_zoo_group_norm_resnet_predicts_alone_as_in_a_batch(cifar_test_images):
         assert (logits.argmax(1) == y).float().mean().item() >= 0.83  # 85.2% on all 10k
         assert torch.allclose(model(x[:1]), logits[:1], atol=1e-4)
     assert zoo.zoo_info("resnet26_gn")["clean_accuracy"] >= 85
+
+
+@needs_pair
+def test_memo_adapts_a_clip_classifier_text_tower_included():
+    """MEMO adapts every weight image by image through torch.func: the CLIP
+    classifier's text features are then computed from the substituted weights
+    (the text projection is a plain tensor there), never taken from or left in
+    the cache."""
+    import warnings
+
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    method = tta.wrap(tta.load_model("zoo:clip_small"), "memo", num_views=4)
+    source = tta.load_model("zoo:clip_small")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # functorch's fallback for attention
+        torch.manual_seed(0)
+        first = method(x)
+        method.reset()
+        torch.manual_seed(0)
+        again = method(x)
+    assert first.shape == (2, 10) and torch.isfinite(first).all()
+    assert torch.equal(first, again)
+    with torch.no_grad():
+        assert not torch.allclose(first, source(x))  # the episode moved the prediction
+        assert torch.equal(method.model.text_features(), source.text_features())  # MEMO's weights are not kept

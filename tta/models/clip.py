@@ -263,10 +263,10 @@ class CLIPClassifier(nn.Module):
         if t is self.clip:
             mods = [t.token_embedding, t.transformer, t.ln_final]
             params = [p for mod in mods for p in mod.parameters()] + [t.positional_embedding]
-            if isinstance(t.text_projection, nn.Parameter):
-                params.append(t.text_projection)
-            elif t.text_projection is not None:
+            if isinstance(t.text_projection, nn.Module):
                 params += list(t.text_projection.parameters())
+            elif t.text_projection is not None:  # a Parameter, or a tensor torch.func substituted
+                params.append(t.text_projection)
         else:
             params = list(t.parameters())
         return params + ([self.ctx] if self.ctx is not None else [])
@@ -311,7 +311,11 @@ class CLIPClassifier(nn.Module):
         afresh with a graph so gradients reach the context. With fixed templates the
         text side is a constant zero-shot head: gradients never reach it."""
         params = self._text_params()
-        if self.ctx is not None and torch.is_grad_enabled() and any(p.requires_grad for p in params):
+        # Weights that torch.func.functional_call put in place of the parameters (MEMO
+        # adapts every weight, text tower included, per image under vmap) are new
+        # tensors at every call: compute with them, never cache what they give.
+        substituted = not all(isinstance(p, nn.Parameter) for p in params)
+        if substituted or (self.ctx is not None and torch.is_grad_enabled() and any(p.requires_grad for p in params)):
             return self._compute_text_features()
         key = (self.mean.device, tuple(p._version for p in params), tuple(id(p) for p in params))
         if self._cache is None or self._cache[0] != key:
