@@ -197,3 +197,10 @@ def test_memo_adapts_a_clip_classifier_text_tower_included():
     with torch.no_grad():
         assert not torch.allclose(first, source(x))  # the episode moved the prediction
         assert torch.equal(method.model.text_features(), source.text_features())  # MEMO's weights are not kept
+
+
+@needs_pair
+@pytest.mark.parametrize("name", ["lame", "adacontrast"])
+def test_feature_methods_on_a_clip_classifier_say_which_methods_fit(name):
+    with pytest.raises(TypeError, match=r"CLIPClassifier lacks .*class text features.*use tpt, rlcf"):
+        tta.wrap(tta.load_model("zoo:clip_small"), name)
