@@ -235,6 +235,17 @@ def test_dirichlet_label_shift_order() -> None:
 # ----------------------------------------------------------------------------------
 
 
+def test_each_compiled_job_starts_from_empty_dynamo_caches(tmp_path: Path, monkeypatch) -> None:
+    """A sweep's jobs share a process; dynamo's caches (per code object) would fill
+    to its recompile limit over the jobs, and later ones would run eagerly."""
+    resets = []
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: resets.append(1))
+    for i, compile_ in enumerate(("false", "eager")):
+        run_benchmark(compose_config([*QUICK, "method=tent", "run.plot=false", f"method.compile={compile_}"]),
+                      tmp_path / str(i))
+    assert resets == [1]
+
+
 @pytest.mark.parametrize("scenario", ["continual", "reset_each_shift", "mixed_domains", "gradual",
                                       "label_shift", "batch_size_1"])
 def test_scenario_end_to_end(tmp_path: Path, scenario: str) -> None:

@@ -238,3 +238,11 @@ def test_unknown_options_name_the_close_ones():
         tta.wrap(tiny_net(), "memo", num_view=4)
     with pytest.raises(TypeError, match="skip_modules"):
         tta.wrap(tiny_net(), "memo", skip_modules="paper")
+
+
+def test_compile_is_refused_with_the_reason(resnet20):
+    """MEMO's forwards all run inside torch.func's vmap and grad, which torch.compile
+    does not trace (it failed there with an internal assertion)."""
+    with pytest.raises(TypeError, match=r"'memo' runs each image's episode through torch.func.*'compile'"):
+        tta.wrap(resnet20, "memo", compile=True)
+    assert "compile" not in tta.method_defaults("memo")

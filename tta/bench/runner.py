@@ -216,6 +216,12 @@ def wrap_method(config: BenchConfig, job: Setup, left_out: list[tuple[str, str]]
             size=data.image_size or (job.input_size[0] if job.input_size else None), crop_ratio=data.crop_ratio,
             seed=config.run.seed, num_workers=data.num_workers, input_size=job.input_size,
             skip_bad_files=data.skip_bad_files, bad_files=left_out)
+    if effective.get("compile"):
+        # A sweep's jobs run one after another in this process, and dynamo keeps its
+        # compiled code per code object (every model's forward): each job's models
+        # would add entries until its recompile limit (8), after which later jobs
+        # silently run eagerly. Jobs are independent: start from empty caches.
+        torch._dynamo.reset()
     return tta.wrap(job.model, name, preset=preset, **passed), preset, overrides
 
 

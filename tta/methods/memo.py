@@ -189,6 +189,10 @@ class MEMO(TTAMethod):
     def unused_options(cls) -> dict[str, str]:
         unused = super().unused_options()
         unused.pop("bn_alpha", None)  # MEMO's own BatchNorm layers take it
+        # torch.compile cannot trace a compiled forward inside vmap (it failed with an
+        # internal assertion), and there is no other forward to compile
+        unused["compile"] = ("runs each image's episode through torch.func (vmap and grad), which torch.compile "
+                             "does not trace")
         return unused
 
     def __init__(
