@@ -184,6 +184,8 @@ def render_configs() -> dict[str, str]:
         parts.append("defaults:\n" + "".join(f"  - shared/{f}@_here_\n" for f in included) + "  - _self_")
         parts.append(_comment("Registered method name (tta.list_methods()).") + f"\nname: {name}")
         parts.append(_comment(f"Presets of {name}: {', '.join(sorted(tta.method_presets(name)))}."))
+        if "common" not in included:  # a method without some common option still takes a preset
+            parts.append(_comment(PRESET_DOC) + "\npreset: auto")
         parts += [_entry(k, v, docs.get(k)) for k, v in own.items() if k not in inherited or inherited[k] != v]
         files[f"{name}.yaml"] = "\n".join(parts) + "\n"
     return files
