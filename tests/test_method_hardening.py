@@ -270,3 +270,16 @@ def test_batchnorm_without_running_statistics_is_refused_before_anything_changes
     with pytest.raises(ValueError, match=match):
         tta.wrap(model, name, **kwargs)
     assert type(model[1]) is nn.BatchNorm2d  # no layer was swapped before the refusal
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw"])
+def test_adam_on_a_float16_model_is_refused_with_the_fix(optimizer):
+    """Adam's eps (1e-8) is 0 in float16: its steps divided by zero and the logits
+    turned to NaN after two batches. SGD steps stay finite."""
+    half = tta.load_model("cifar10_resnet20").half()
+    with pytest.raises(ValueError, match=r"float16 parameters: Adam's eps .*amp='bf16'"):
+        tta.wrap(half, "tent", optimizer=optimizer)
+    method = tta.wrap(tta.load_model("cifar10_resnet20").half(), "tent", optimizer="sgd", lr=1e-3)
+    x = torch.rand(8, 3, 32, 32)
+    for _ in range(3):
+        assert torch.isfinite(method(x)).all()

@@ -34,10 +34,16 @@ def build_optimizer(
         return torch.optim.SGD(
             params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov
         )
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, betas=betas, weight_decay=weight_decay)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
+    if name in ("adam", "adamw"):
+        params = list(params)
+        if any(p.dtype == torch.float16 for p in params):
+            raise ValueError(
+                f"optimizer={optimizer!r} on float16 parameters: Adam's eps (1e-08) is 0 in float16, so its "
+                "steps divide by zero and turn the weights to NaN. Keep the model in float32 and pass "
+                "amp='bf16' (or 'fp16' on CUDA: the forward in half precision, the steps in float32), or "
+                "use optimizer='sgd'")
+        cls = torch.optim.Adam if name == "adam" else torch.optim.AdamW
+        return cls(params, lr=lr, betas=betas, weight_decay=weight_decay)
     raise ValueError(f"optimizer must be 'sgd', 'adam' or 'adamw', got {optimizer!r}")
 
 
