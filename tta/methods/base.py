@@ -55,7 +55,7 @@ def uncache_attention_biases(model: nn.Module) -> int:
 
 
 def _clear_attention_bias_cache(module: nn.Module, args: tuple) -> None:
-    module.attention_bias_cache = {}  # as timm's own train() does
+    module.attention_bias_cache.clear()
 
 
 class TTAMethod(nn.Module):
