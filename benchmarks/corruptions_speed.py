@@ -56,7 +56,7 @@ from tta.corruptions._frost import default_frost_dir  # noqa: E402
 from tta.data import cifar10_dir, load_image_folder  # noqa: E402
 
 from benchmarks import corruption_reference as ref  # noqa: E402
-from benchmarks.common import cpu_model, write_json  # noqa: E402
+from benchmarks.common import cpu_model, sync, write_json  # noqa: E402
 
 # images the original processes per round (its pure-Python glass blur takes ~1 s each)
 REF_IMAGES = {"glass_blur": 1, "default": 8}
@@ -91,10 +91,6 @@ def main() -> None:
 
     pil_images = [Image.fromarray(a) for a in clean_u8]
 
-    def sync() -> None:
-        if x.is_cuda:
-            torch.cuda.synchronize()
-
     # CPU time of the process (every thread; each side runs one) leaves out the time
     # other jobs on a shared machine take: the figure a quiet machine's wall clock
     # gives. Accelerators are timed by the wall clock.
@@ -118,12 +114,12 @@ def main() -> None:
     for _ in range(args.repeats):
         for name in names:
             fn, n_ref = fns[name], n_refs[name]
-            w0, c0 = _clocks(sync)
+            w0, c0 = _clocks(args.device)
             corrupt(x, name, args.severity, generator=gens[name])
-            w1, c1 = _clocks(sync)
+            w1, c1 = _clocks(args.device)
             for img in pil_images[:n_ref]:  # the original corrupts one PIL image at a time
                 np.uint8(fn(img, args.severity))
-            w2, c2 = _clocks(sync)
+            w2, c2 = _clocks(args.device)
             times[name]["wall"].append(((w1 - w0) / len(x), (w2 - w1) / n_ref))
             times[name]["cpu"].append(((c1 - c0) / len(x), (c2 - c1) / n_ref))
     rows = []
@@ -178,8 +174,8 @@ def main() -> None:
         print(f"results written to {args.markdown}")
 
 
-def _clocks(sync) -> tuple[float, float]:
-    sync()
+def _clocks(device: str) -> tuple[float, float]:
+    sync(device)
     return time.perf_counter(), time.process_time()
 
 

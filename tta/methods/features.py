@@ -25,13 +25,13 @@ def check_feature_split(model: nn.Module, method: str) -> None:
             missing = ["a get_classifier() that returns the last layer"]
     if missing:
         if callable(getattr(model, "text_features", None)):  # tta.models.clip.CLIPClassifier
-            hint = ("a CLIP classifier's head is its class text features, not a layer: use tpt, rlcf, vte, "
+            hint = ("A CLIP classifier's head is its class text features, not a layer: use tpt, rlcf, vte, "
                     "ttrv or an entropy method on it")
         else:
-            hint = ("the CIFAR ResNets, timm and zoo classifiers of tta.load_model have both; wrap a timm "
+            hint = ("The CIFAR ResNets, timm and zoo classifiers of tta.load_model have both; wrap a timm "
                     "network in tta.models.ImageClassifier")
         raise TypeError(
             f"{method} learns on the model's features and needs model.forward_features(x) -> (B, D) and "
             f"model.get_classifier() -> the last layer; {type(model).__name__} lacks {' and '.join(missing)}. "
-            f"{hint[0].upper()}{hint[1:]}"
+            + hint
         )

@@ -36,7 +36,7 @@ from ..augment.kornia_views import augmix_views_transform, check_view_options
 from ..augment.views import augmented_copies
 from .base import TTAMethod
 from .entropy import marginal_entropy
-from .norm_layers import swap_forward
+from .norm_layers import MIXES_SOURCE_STATISTICS, batchnorm_layers, swap_forward
 from .records import StepRecord
 from .registry import register_method
 
@@ -103,11 +103,8 @@ def use_memo_batch_norm(model: nn.Module, alpha: float) -> int:
     place (state-dict keys unchanged). Returns the number of layers changed."""
     if not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0):
         raise ValueError(f"bn_alpha must be a number in [0, 1], got {alpha!r}")
-    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, (nn.BatchNorm2d, nn.BatchNorm3d))]
-    for name, module in layers:  # all checked before anything changes
-        if alpha < 1.0 and (module.running_mean is None or module.running_var is None):
-            raise ValueError(f"memo: BatchNorm layer {name!r} keeps no running statistics, which bn_alpha < 1 "
-                             "mixes in (use bn_alpha=1.0 or a model with track_running_stats=True)")
+    layers = batchnorm_layers(model, (nn.BatchNorm2d, nn.BatchNorm3d),
+                              needing_running_stats=MIXES_SOURCE_STATISTICS if alpha < 1.0 else None)
     for _, module in layers:
         swap_forward(module, _memo_bn_forward, "MEMO")
         module.memo_alpha = float(alpha)

@@ -22,7 +22,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .._warn import warn_at_caller
 from .base import TTAMethod
-from .norm_layers import layer_setting, swap_forward
+from .norm_layers import batchnorm_layers, layer_setting, swap_forward
 from .records import StepRecord
 from .registry import register_method
 
@@ -81,7 +81,7 @@ def use_ema_stats(model: nn.Module, momentum: float | None = 0.1) -> int:
     otherwise (their class is swapped for a subclass; state-dict keys are unchanged).
     Returns the number of layers changed."""
     _check_momentum(momentum)
-    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, _BatchNorm)]
+    layers = batchnorm_layers(model)
     for name, module in layers:  # all checked before anything changes
         if module.running_mean is None or module.running_var is None or module.num_batches_tracked is None:
             raise ValueError(f"BatchNorm layer {name!r} keeps no running statistics to average (built with "

@@ -191,6 +191,23 @@ def swap_forward(module: _BatchNorm, forward: Callable[[_BatchNorm, Tensor], Ten
     module.__class__ = _SWAPPED[key]
 
 
+#: why layers that mix in the source statistics (``bn_alpha < 1``) need running ones
+MIXES_SOURCE_STATISTICS = "bn_alpha < 1 mixes in (use bn_alpha=1.0, or a model built with track_running_stats=True)"
+
+
+def batchnorm_layers(model: nn.Module, types: tuple[type[nn.Module], ...] = (_BatchNorm,), *,
+                     needing_running_stats: str | None = None) -> list[tuple[str, nn.Module]]:
+    """``(name, layer)`` of the layers of ``model`` of ``types``. With
+    ``needing_running_stats`` (what the caller needs them for: "which ..."), a layer
+    that keeps no running statistics is refused, by name, before the caller changes
+    any layer."""
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, types)]
+    for name, module in layers if needing_running_stats else ():
+        if module.running_mean is None or module.running_var is None:
+            raise ValueError(f"BatchNorm layer {name!r} keeps no running statistics, which {needing_running_stats}")
+    return layers
+
+
 def use_batch_stats(model: nn.Module, alpha: float = 1.0) -> int:
     """Make every BatchNorm layer of ``model`` normalise with test-batch statistics.
 
@@ -203,11 +220,7 @@ def use_batch_stats(model: nn.Module, alpha: float = 1.0) -> int:
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"bn alpha must be in [0, 1], got {alpha}")
-    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, _BatchNorm)]
-    for name, module in layers if alpha < 1.0 else ():  # all checked before anything changes
-        if module.running_mean is None or module.running_var is None:
-            raise ValueError(f"BatchNorm layer {name!r} keeps no running statistics, which bn_alpha < 1 mixes "
-                             "in (use bn_alpha=1.0, or a model built with track_running_stats=True)")
+    layers = batchnorm_layers(model, needing_running_stats=MIXES_SOURCE_STATISTICS if alpha < 1.0 else None)
     count = 0
     for _, module in layers:
         swap_forward(module, _adaptive_bn_forward, "TestStats")

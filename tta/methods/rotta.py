@@ -24,7 +24,7 @@ from ..augment.kornia_views import cotta_augmentation
 from .base import TTAMethod
 from .entropy import cross_entropy_to
 from .inputs import refuse_if_wrapped
-from .norm_layers import swap_forward, weighted_stats
+from .norm_layers import batchnorm_layers, swap_forward, weighted_stats
 from .records import RoTTARecord, StepRecord
 from .registry import register_method
 from .teacher import ema_update_, frozen_copy
@@ -76,11 +76,8 @@ def use_robust_bn(model: nn.Module, alpha: float) -> int:
     statistics stay in ``running_mean``/``running_var``). Returns the layers changed."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"rbn_alpha must be in [0, 1], got {alpha}")
-    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, _BatchNorm)]
-    for name, module in layers:  # all checked before any changes
-        if module.running_mean is None or module.running_var is None:
-            raise ValueError(f"rotta: BatchNorm layer {name!r} keeps no running statistics, which Robust "
-                             "BatchNorm starts from (track_running_stats=True is needed)")
+    layers = batchnorm_layers(model, needing_running_stats="Robust BatchNorm starts from (a model built with "
+                                                           "track_running_stats=True has them)")
     for _, module in layers:
         swap_forward(module, _robust_bn_forward, "Robust")
         module.tta_alpha, module.tta_update, module.tta_weight = float(alpha), False, None
