@@ -311,6 +311,30 @@ def test_changed_config_reruns_in_place(tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))
 
 
+def test_source_images_read_while_a_method_sets_up_show_on_a_progress_bar(capsys):
+    from tta.bench.source_data import CountedReads, source_reading_progress
+
+    batches = [(torch.rand(4, 3, 8, 8), torch.zeros(4, dtype=torch.long)), torch.rand(3, 3, 8, 8)]
+    options = {"source_loader": batches, "fisher_loader": None, "lr": 0.1}
+    with source_reading_progress(options, "rmt", show=False):
+        assert options["source_loader"] is batches  # no bar, nothing wrapped
+    with source_reading_progress(options, "rmt", show=True):
+        view = options["source_loader"]
+        assert isinstance(view, CountedReads) and options["fisher_loader"] is None and len(view) == 2
+        assert [b is a for a, b in zip(batches, view)] == [True, True]
+        assert view.bar.n == 7  # images, of (images, labels) pairs and of bare batches
+    assert view.bar is None and len(list(view)) == 2  # read on (RMT's replay), counted no more
+    assert "rmt: source images" in capsys.readouterr().err
+
+
+@needs_cifar
+def test_a_method_reading_source_images_shows_its_setup(tmp_path, capsys):
+    run_benchmark(compose_config(TINY + ["method=santa", "method.num_prototype_images=64", "run.progress=true",
+                                         "data.corruptions=[contrast]"]), tmp_path)
+    err = capsys.readouterr().err
+    assert "santa: source images" in err and err.index("santa: source images") < err.index("santa: 100%")
+
+
 @needs_cifar
 def test_the_runner_passes_what_the_command_line_names(tmp_path):
     cfg = compose_config(TINY + ["method=sar", "method.optimizer=sgd"])

@@ -101,6 +101,9 @@ def adapt(method: nn.Module, loader: BatchLoader, render: BatchRenderer, progres
             last_ckpt = time.perf_counter()
     _sync(device)
     loop_s = time.perf_counter() - t_loop
+    if not bar.disable and seen:
+        # the postfix is refreshed twice a second: the last one may be of an earlier domain
+        bar.set_postfix_str(f"err={100 * (1 - n_correct.item() / seen):.1f}%", refresh=False)
     bar.close()
     return LoopTiming(loop_s, first_done)
 

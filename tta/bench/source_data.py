@@ -6,8 +6,9 @@ prototypes, warm-up and replay; SANTA's prototypes)."""
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterable, Iterator, MutableMapping, Sequence
 
 import numpy as np
 import torch
@@ -20,7 +21,10 @@ from .pools import FilePool, decode_all
 from .render import to_model_size
 from .stream import seed_for
 
-__all__ = ["load_source_images", "source_files", "SourceBatches"]
+__all__ = ["load_source_images", "source_files", "SourceBatches", "CountedReads", "source_reading_progress"]
+
+#: The options through which methods read source images while they set up.
+SOURCE_OPTIONS = ("source_loader", "fisher_loader")
 
 
 def load_source_images(
@@ -110,3 +114,45 @@ class _LabelledRows(Dataset):
 
     def __getitem__(self, row: int):
         return self.pool.read(int(row)), int(self.labels[row])
+
+
+class CountedReads:
+    """``loader`` itself, batch for batch, adding the images of each batch it
+    yields to ``bar`` while one is set."""
+
+    def __init__(self, loader: Iterable, bar: Any = None) -> None:
+        self.loader, self.bar = loader, bar
+
+    def __len__(self) -> int:
+        return len(self.loader)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in self.loader:
+            if self.bar is not None:
+                images = batch[0] if isinstance(batch, (tuple, list)) else batch
+                self.bar.update(len(images))
+            yield batch
+
+
+@contextmanager
+def source_reading_progress(options: MutableMapping[str, Any], method: str, show: bool) -> Iterator[None]:
+    """A progress bar of the source images a method reads while it is wrapped:
+    RMT's and SANTA's prototypes and RMT's warm-up (minutes on a CPU, 100,000
+    images on CIFAR-10), FOA's statistics, EATA's Fisher information. The loaders
+    in ``options`` are replaced by counting views of themselves, which count no
+    more once the block ends (RMT replays from its loader at every step)."""
+    names = [k for k in SOURCE_OPTIONS if options.get(k) is not None]
+    if not show or not names:
+        yield
+        return
+    from tqdm.auto import tqdm
+
+    bar = tqdm(unit="img", desc=f"{method}: source images", dynamic_ncols=True, mininterval=0.5, leave=False)
+    views = [CountedReads(options[k], bar) for k in names]
+    options.update(zip(names, views))
+    try:
+        yield
+    finally:
+        for view in views:
+            view.bar = None
+        bar.close()
