@@ -238,7 +238,7 @@ def test_options_presets_and_refusals():
     with pytest.raises(TypeError, match="lacks forward_features and get_classifier"):
         tta.wrap(plain, "adacontrast")
     plain.forward_features = lambda x: x
-    plain.get_classifier = lambda: (plain[4], plain[4])  # a distilled head: two layers
+    plain.get_classifier = lambda: plain[4].weight  # not a layer
     with pytest.raises(TypeError, match="returns the last layer"):
         tta.wrap(plain, "adacontrast")
 

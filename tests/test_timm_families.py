@@ -130,3 +130,56 @@ def test_cached_attention_biases_follow_the_adapted_weights(name):
                 m.attention_biases.add_(1.0)
         assert not torch.equal(teacher(x), before)
     assert isinstance(block.attention_bias_cache, dict)
+
+
+# networks as timm builds them, whose classifier is not one layer on pooled features:
+# distilled networks (two heads; DeiT's and PiT's on two tokens), a head that pools
+# and normalises first (ConvNeXt), and plain ones
+SPLIT_NETWORKS = [
+    ("resnet10t", {}, 64),
+    ("convnext_atto", {}, 64),
+    ("vit_tiny_patch16_224", {"img_size": 64}, 64),
+    ("deit_tiny_distilled_patch16_224", {"img_size": 64}, 64),
+    ("pit_ti_distilled_224", {"img_size": 64}, 64),
+    ("levit_128s", {"img_size": 64}, 64),
+    ("efficientformer_l1", {"depths": (1, 1, 1, 1)}, 224),
+]
+
+
+@pytest.mark.parametrize("arch,kwargs,side", SPLIT_NETWORKS, ids=[n[0] for n in SPLIT_NETWORKS])
+def test_the_feature_split_gives_the_networks_own_prediction(arch, kwargs, side):
+    import timm
+    from tta.methods.features import classifier_head, pooled_features
+
+    torch.manual_seed(0)
+    net = timm.create_model(arch, pretrained=False, num_classes=NUM_CLASSES, **kwargs).eval()
+    x = torch.rand(4, 3, side, side, generator=torch.Generator().manual_seed(0))
+    for model in (net, tta.models.ImageClassifier(net, NUM_CLASSES)):  # unpooled and pooled forward_features
+        with torch.no_grad():
+            features = pooled_features(model, x)
+            assert features.dim() == 2 and features.shape[0] == 4
+            assert torch.equal(classifier_head(model)(features), model(x))
+
+
+@pytest.mark.parametrize("name", ["lame", "adacontrast"])
+@pytest.mark.parametrize("arch", ["deit_tiny_distilled_patch16_224", "levit_128s", "resnet10t"])
+def test_feature_methods_take_timm_networks_as_built_and_distilled_ones(name, arch):
+    """LAME and AdaContrast on a timm network itself (forward_features unpooled: a
+    shape error before) and on two-headed distilled networks (refused before)."""
+    import timm
+
+    torch.manual_seed(0)
+    net = timm.create_model(arch, pretrained=False, num_classes=NUM_CLASSES,
+                            **({} if arch == "resnet10t" else {"img_size": 64}))
+    x = torch.rand(8, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    method = tta.wrap(net, name, **({"queue_size": 16, "bank_size": 16} if name == "adacontrast" else {}))
+    source = state(method)
+    torch.manual_seed(1)
+    first = method(x)
+    assert first.shape == (8, NUM_CLASSES) and torch.isfinite(first).all()
+    method(x)
+    method.reset()
+    torch.manual_seed(1)
+    assert torch.equal(method(x), first)
+    method.reset()
+    assert all(same(source[k], v) for k, v in state(method).items())

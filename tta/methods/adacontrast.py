@@ -27,7 +27,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..augment.kornia_views import adacontrast_strong_augmentation, adacontrast_weak_augmentation
 from .base import TTAMethod
-from .features import check_feature_split
+from .features import check_feature_split, classifier_head, pooled_features
 from .records import AdaContrastRecord, StepRecord
 from .registry import register_method
 from .teacher import ema_update_, frozen_copy
@@ -109,7 +109,8 @@ class AdaContrast(TTAMethod):
     the weak view (the bank's entries), one backward, and the model on the batch
     itself for the reported prediction, after the step.
 
-    Needs ``model.forward_features(x)`` -> (B, D) and ``model.get_classifier()`` (all of tta.load_model's have them).
+    Needs ``model.forward_features`` and ``model.get_classifier()`` (every ``tta.load_model``
+    image model and timm network has both; :mod:`tta.methods.features`).
 
     Args:
         queue_size: keys in the contrastive queue (the negatives); starts with random
@@ -226,8 +227,8 @@ class AdaContrast(TTAMethod):
         self.num_seen = self.num_seen.to(device)
 
     def _embed(self, model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
-        features = model.forward_features(x)
-        return features, model.get_classifier()(features)
+        features = pooled_features(model, x)
+        return features, classifier_head(model)(features)
 
     def forward_and_adapt(self, x: Tensor) -> tuple[Tensor, StepRecord]:
         batch = x.shape[0]
@@ -251,7 +252,7 @@ class AdaContrast(TTAMethod):
         with torch.no_grad():
             # The key encoder follows the model as it is before this step's update.
             ema_update_(self.key_encoder.parameters(), self.model.parameters(), self.key_momentum)
-            keys = F.normalize(self.key_encoder.forward_features(key_view).float(), dim=1)
+            keys = F.normalize(pooled_features(self.key_encoder, key_view).float(), dim=1)
             keys = keys.to(self.queue_keys.dtype)
             slots = (self.num_seen + torch.arange(batch, device=x.device)) % self.queue_keys.shape[0]
             # As both official codes: the class-aware mask reads the queue's labels

@@ -1,14 +1,18 @@
 """The feature/classifier split that methods learning on features use (RMT and
-SANTA's prototypes and contrastive loss, AdaContrast's memory bank and MoCo keys):
-``model.forward_features(x)`` gives the pooled (B, D) features the classifier
-reads and ``model.get_classifier()`` the last layer (timm's interface; every
-``tta.load_model`` image model has both)."""
+SANTA's prototypes and contrastive loss, AdaContrast's memory bank and MoCo keys,
+LAME's affinities): :func:`pooled_features` gives the pooled (B, D) features the
+classifier reads and :func:`classifier_head` the last layer, for the models of
+``tta.load_model`` (``forward_features`` pooled) and for timm networks as timm
+builds them (``forward_features`` unpooled, then ``forward_head``), two-headed
+distilled ones included (:class:`~tta.models.classifier.MeanOfHeads`)."""
 
 from __future__ import annotations
 
-from torch import nn
+from torch import Tensor, nn
 
-__all__ = ["FEATURE_SPLIT", "check_feature_split"]
+from ..models.classifier import classifier_head, pooled_features
+
+__all__ = ["FEATURE_SPLIT", "check_feature_split", "pooled_features", "classifier_head"]
 
 FEATURE_SPLIT = ("forward_features", "get_classifier")
 
@@ -18,7 +22,7 @@ def check_feature_split(model: nn.Module, method: str) -> None:
     missing = [name for name in FEATURE_SPLIT if not callable(getattr(model, name, None))]
     if not missing:
         try:
-            head = model.get_classifier()
+            head = classifier_head(model)
         except AttributeError:  # a wrapper whose network has no classifier to give
             head = None
         if not isinstance(head, nn.Module):
@@ -28,10 +32,12 @@ def check_feature_split(model: nn.Module, method: str) -> None:
             hint = ("A CLIP classifier's head is its class text features, not a layer: use tpt, rlcf, vte, "
                     "ttrv or an entropy method on it")
         else:
-            hint = ("The CIFAR ResNets, timm and zoo classifiers of tta.load_model have both; wrap a timm "
-                    "network in tta.models.ImageClassifier")
+            hint = ("timm networks and the classifiers of tta.load_model have both; give another network "
+                    "timm's interface (forward_features, then forward_head(features, pre_logits=True)) or a "
+                    "forward_features(x) -> pooled (B, D) features")
         raise TypeError(
-            f"{method} learns on the model's features and needs model.forward_features(x) -> (B, D) and "
+            f"{method} learns on the model's features and needs model.forward_features and "
             f"model.get_classifier() -> the last layer; {type(model).__name__} lacks {' and '.join(missing)}. "
             + hint
         )
+

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import TTAMethod
-from .features import check_feature_split
+from .features import check_feature_split, classifier_head, pooled_features
 from .records import LAMERecord
 from .registry import register_method
 
@@ -124,8 +124,9 @@ class LAME(TTAMethod):
         max_steps: bound iterations at most.
         tolerance: stop when the energy changes by at most this fraction.
 
-    Needs ``model.forward_features(x)`` -> (B, D) and ``model.get_classifier()``
-    (every ``tta.load_model`` image model has both). The official ``SIGMA`` setting
+    Needs ``model.forward_features`` and ``model.get_classifier()`` (every
+    ``tta.load_model`` image model and timm network has both, distilled two-head
+    ones too; :mod:`tta.methods.features`). The official ``SIGMA`` setting
     is not an option: none of the official kernels reads it.
 
     Presets: ``"cifar10"`` and ``"imagenet"`` are mariodoebler/test-time-adaptation's
@@ -163,8 +164,8 @@ class LAME(TTAMethod):
 
     @torch.no_grad()
     def forward_and_adapt(self, x: Tensor) -> tuple[Tensor, LAMERecord]:
-        features = self.model.forward_features(x)
-        logits = self.model.get_classifier()(features)
+        features = pooled_features(self.model, x)
+        logits = classifier_head(self.model)(features)
         with torch.autocast(x.device.type, enabled=False):
             logits, features = logits.float(), features.float()
             unary = -torch.log(logits.softmax(dim=1) + 1e-10)

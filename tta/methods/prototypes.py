@@ -3,7 +3,7 @@ features toward them: the pieces RMT (Döbler et al., CVPR 2023) and SANTA
 (Chakrabarty et al., TMLR 2023) share.
 
 Both methods split the model into a feature extractor and a classifier
-(``model.forward_features(x)`` -> pooled (B, D) features, ``model.get_classifier()``),
+(pooled (B, D) features and the last layer, :mod:`.features`),
 average the features of labelled source images per class once (the prototypes),
 and at every step contrast three views of each test image through a small
 projector: its nearest prototype, its features and the features of an augmented
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .features import check_feature_split
+from .features import check_feature_split, classifier_head, pooled_features
 from .inputs import floating_dtype
 
 __all__ = ["check_prototype_options", "needs_source_loader", "source_batches", "source_prototypes", "make_projector", "attach_prototypes",
@@ -78,14 +78,14 @@ def source_prototypes(model: nn.Module, loader: Iterable, max_images: int, metho
     100,000 covers all of CIFAR-10 and 1,563 batches of 64 ImageNet images)."""
     param = next(model.parameters())
     dtype = floating_dtype(model)
-    head = model.get_classifier()
+    head = classifier_head(model)
     sums = counts = None
     seen, invalid = 0, torch.zeros((), dtype=torch.bool, device=param.device)
     for batch in loader:
         images, labels = _images_and_labels(batch, method)
-        features = model.forward_features(images.to(param.device, dtype))
+        features = pooled_features(model, images.to(param.device, dtype))
         if features.dim() != 2:
-            raise ValueError(f"{method}: model.forward_features must return pooled (B, D) features, "
+            raise ValueError(f"{method}: the model's features must be pooled (B, D) "
                              f"got shape {tuple(features.shape)}")
         if sums is None:
             num_classes = head(features[:1]).shape[1]

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from ..augment.kornia_views import cotta_augmentation
 from .base import TTAMethod
 from .entropy import cross_entropy_to
+from .features import classifier_head, pooled_features
 from .prototypes import attach_prototypes, check_prototype_options, prototype_contrastive_loss
 from .records import SANTARecord, StepRecord
 from .registry import register_method
@@ -84,10 +85,11 @@ class SANTA(TTAMethod):
         self.snapshot()
 
     def forward_and_adapt(self, x: Tensor) -> tuple[Tensor, StepRecord]:
-        features = self.model.forward_features(x)
-        logits = self.model.get_classifier()(features)
-        aug_features = self.model.forward_features(self.transform(x))
-        aug_logits = self.model.get_classifier()(aug_features)
+        head = classifier_head(self.model)
+        features = pooled_features(self.model, x)
+        logits = head(features)
+        aug_features = pooled_features(self.model, self.transform(x))
+        aug_logits = head(aug_features)
         # The anchor's weights take no gradient and x none either, so no graph is
         # built; grad mode stays on for the fused BatchNorm kernel.
         anchor_logits = self.anchor(x).detach()

@@ -45,9 +45,65 @@ class ImageClassifier(nn.Module):
     def forward_features(self, x: Tensor) -> Tensor:
         """The pooled features the classifier reads (timm's ``pre_logits``), (B, D):
         ``get_classifier()(forward_features(x))`` is ``forward(x)``. Methods that
-        learn on features (RMT, SANTA, AdaContrast) use this split."""
-        return self.backbone.forward_head(self.backbone.forward_features(self.normalize(x)), pre_logits=True)
+        learn on features (RMT, SANTA, AdaContrast, LAME) use this split."""
+        return pooled_features(self.backbone, self.normalize(x))
 
     def get_classifier(self) -> nn.Module:
-        """The last layer, features to logits."""
-        return self.backbone.get_classifier()
+        """The last layer, features to logits (:class:`MeanOfHeads` for networks
+        with a distillation head)."""
+        return classifier_head(self.backbone)
+
+
+class MeanOfHeads(nn.Module):
+    """The classifier of a timm network trained with a distillation head (DeiT,
+    PiT, LeViT, EfficientFormer(V2), SwiftFormer): outside timm's distilled
+    training the network predicts the mean of its two heads' logits.
+
+    With ``split`` each head reads its own half of the features (DeiT's and PiT's
+    class and distillation tokens, side by side in :func:`pooled_features`);
+    without, both read the same features."""
+
+    def __init__(self, head: nn.Module, head_dist: nn.Module, split: bool) -> None:
+        super().__init__()
+        self.head, self.head_dist, self.split = head, head_dist, split
+
+    def forward(self, features: Tensor) -> Tensor:
+        own, dist = features.chunk(2, dim=1) if self.split else (features, features)
+        return (self.head(own) + self.head_dist(dist)) / 2
+
+
+def reads_two_tokens(net: nn.Module) -> bool:
+    """Whether ``net``'s two heads read two different tokens (DeiT's and PiT's
+    distilled networks), whose pre-logits are the tokens' mean, not what either
+    head reads."""
+    try:
+        from timm.models.deit import VisionTransformerDistilled
+        from timm.models.pit import PoolingVisionTransformer
+    except ImportError:  # timm absent or reorganised: no such network can be built
+        return False
+    if isinstance(net, VisionTransformerDistilled):
+        return True
+    return isinstance(net, PoolingVisionTransformer) and getattr(net, "head_dist", None) is not None
+
+
+def pooled_features(net: nn.Module, x: Tensor) -> Tensor:
+    """The (B, D) features ``classifier_head(net)`` turns into ``net(x)``'s logits,
+    for a network with timm's interface (``forward_features`` unpooled, then
+    ``forward_head``), or a model whose ``forward_features`` is already pooled
+    (no ``forward_head``, as :class:`ImageClassifier`)."""
+    if not callable(getattr(net, "forward_head", None)):
+        return net.forward_features(x)
+    tokens = net.forward_features(x)
+    if reads_two_tokens(net):
+        drop = getattr(net, "head_drop", None) or nn.Identity()
+        return torch.cat((drop(tokens[:, 0]), drop(tokens[:, 1])), dim=1)
+    return net.forward_head(tokens, pre_logits=True)
+
+
+def classifier_head(net: nn.Module) -> nn.Module:
+    """``net.get_classifier()``, the two heads of a distilled network as one
+    :class:`MeanOfHeads`."""
+    head = net.get_classifier()
+    if isinstance(head, (tuple, list)) and len(head) == 2 and all(isinstance(h, nn.Module) for h in head):
+        return MeanOfHeads(head[0], head[1], split=reads_two_tokens(net))
+    return head
