@@ -233,12 +233,11 @@ def test_options_presets_and_refusals():
         wrap(bn_mode="eval")
     with pytest.raises(ValueError, match="does not fit"):
         wrap(queue_size=8)(torch.rand(16, 3, 32, 32))
-    plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                          nn.Linear(4, 10))
-    with pytest.raises(TypeError, match="lacks forward_features and get_classifier"):
+    plain = nn.Sequential(nn.Conv2d(3, 10, 3), nn.BatchNorm2d(10), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    with pytest.raises(TypeError, match="lacks forward_features and get_classifier"):  # no linear classifier
         tta.wrap(plain, "adacontrast")
     plain.forward_features = lambda x: x
-    plain.get_classifier = lambda: plain[4].weight  # not a layer
+    plain.get_classifier = lambda: plain[0].weight  # not a layer
     with pytest.raises(TypeError, match="returns the last layer"):
         tta.wrap(plain, "adacontrast")
 

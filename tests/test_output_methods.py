@@ -91,7 +91,7 @@ def test_lame_refuses_a_model_without_a_feature_split_and_bad_options(resnet20):
     with pytest.raises(ValueError, match="knn must be a positive integer"):
         tta.wrap(resnet20, "lame", knn=0)
     with pytest.raises((TypeError, ValueError), match="forward_features"):
-        tta.wrap(nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10)), "lame")
+        tta.wrap(nn.Sequential(nn.Conv2d(3, 10, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten()), "lame")
 
 
 # ----------------------------------------------------------------------------- TTAug

@@ -133,7 +133,7 @@ def test_without_source_data_it_says_what_to_set_and_leaves_the_model_alone(name
 
 @pytest.mark.parametrize("name", METHODS)
 def test_a_model_without_the_feature_split_is_refused_by_what_it_lacks(name, source):
-    plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(10))
+    plain = nn.Sequential(nn.Conv2d(3, 10, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())  # no linear classifier
     with pytest.raises(TypeError, match="lacks forward_features and get_classifier"):
         tta.wrap(plain, name, source_loader=source)
     plain.forward_features = lambda x: x

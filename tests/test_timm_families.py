@@ -183,3 +183,61 @@ def test_feature_methods_take_timm_networks_as_built_and_distilled_ones(name, ar
     assert torch.equal(method(x), first)
     method.reset()
     assert all(same(source[k], v) for k, v in state(method).items())
+
+
+TORCHVISION_NETWORKS = ["resnet18", "mobilenet_v3_small", "efficientnet_b0", "convnext_tiny", "vit_b_16"]
+
+
+@pytest.mark.parametrize("arch", TORCHVISION_NETWORKS)
+def test_a_network_without_timms_split_is_split_at_its_last_linear_layer(arch):
+    """torchvision's classifiers (fc, classifier[-1], heads.head): the input of the
+    last nn.Linear are the features, the layer the classifier."""
+    import torchvision
+    from tta.methods.features import classifier_head, pooled_features
+
+    torch.manual_seed(0)
+    kwargs = {"image_size": 32, "patch_size": 16, "num_layers": 1, "num_heads": 2, "hidden_dim": 16,
+              "mlp_dim": 16} if arch == "vit_b_16" else {}
+    net = (torchvision.models.VisionTransformer(num_classes=NUM_CLASSES, **kwargs) if arch == "vit_b_16"
+           else getattr(torchvision.models, arch)(weights=None, num_classes=NUM_CLASSES)).eval()
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        features = pooled_features(net, x)
+        assert features.dim() == 2 and torch.equal(classifier_head(net)(features), net(x))
+
+
+@pytest.mark.parametrize("name", ["lame", "adacontrast", "rmt", "santa"])
+def test_feature_methods_run_on_a_torchvision_network(name):
+    import torchvision
+
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(weights=None, num_classes=NUM_CLASSES)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(8, 3, 32, 32, generator=g)
+    source = [(torch.rand(10, 3, 32, 32, generator=g), torch.arange(NUM_CLASSES))]
+    options = {"lame": {}, "adacontrast": {"queue_size": 16, "bank_size": 16},
+               "rmt": {"source_loader": source, "num_warmup_images": 10},
+               "santa": {"source_loader": source}}[name]
+    method = tta.wrap(net, name, **options)
+    torch.manual_seed(1)
+    first = method(x)
+    assert first.shape == (8, NUM_CLASSES) and torch.isfinite(first).all()
+    method(x)
+    method.reset()
+    torch.manual_seed(1)
+    assert torch.equal(method(x), first)
+
+
+def test_a_network_whose_output_is_not_its_last_linear_layers_is_refused_by_name():
+    class Scaled(torch.nn.Module):  # post-processes its logits
+        def __init__(self):
+            super().__init__()
+            self.body, self.fc = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1),
+                                                     torch.nn.Flatten()), torch.nn.Linear(4, NUM_CLASSES)
+
+        def forward(self, x):
+            return 2 * self.fc(self.body(x))
+
+    method = tta.wrap(Scaled(), "lame")
+    with pytest.raises(TypeError, match=r"Scaled's output is not its last nn.Linear.*forward_features"):
+        method(torch.rand(4, 3, 16, 16))

@@ -109,8 +109,8 @@ class AdaContrast(TTAMethod):
     the weak view (the bank's entries), one backward, and the model on the batch
     itself for the reported prediction, after the step.
 
-    Needs ``model.forward_features`` and ``model.get_classifier()`` (every ``tta.load_model``
-    image model and timm network has both; :mod:`tta.methods.features`).
+    Needs the model's features and last layer (:mod:`tta.methods.features`: every
+    ``tta.load_model`` image model, timm network, and network that ends with an ``nn.Linear``).
 
     Args:
         queue_size: keys in the contrastive queue (the negatives); starts with random

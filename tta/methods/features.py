@@ -4,13 +4,14 @@ LAME's affinities): :func:`pooled_features` gives the pooled (B, D) features the
 classifier reads and :func:`classifier_head` the last layer, for the models of
 ``tta.load_model`` (``forward_features`` pooled) and for timm networks as timm
 builds them (``forward_features`` unpooled, then ``forward_head``), two-headed
-distilled ones included (:class:`~tta.models.classifier.MeanOfHeads`)."""
+distilled ones included (:class:`~tta.models.classifier.MeanOfHeads`), and any other
+network that ends with an ``nn.Linear`` (torchvision's), split at its input."""
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import nn
 
-from ..models.classifier import classifier_head, pooled_features
+from ..models.classifier import classifier_head, last_linear, pooled_features
 
 __all__ = ["FEATURE_SPLIT", "check_feature_split", "pooled_features", "classifier_head"]
 
@@ -20,6 +21,8 @@ FEATURE_SPLIT = ("forward_features", "get_classifier")
 def check_feature_split(model: nn.Module, method: str) -> None:
     """Refuse a model that cannot give ``method`` its features, naming what it lacks."""
     missing = [name for name in FEATURE_SPLIT if not callable(getattr(model, name, None))]
+    if missing and not callable(getattr(model, "text_features", None)) and last_linear(model) is not None:
+        return  # split at its last nn.Linear (torchvision's classifiers), checked at the first forward
     if not missing:
         try:
             head = classifier_head(model)
@@ -32,9 +35,8 @@ def check_feature_split(model: nn.Module, method: str) -> None:
             hint = ("A CLIP classifier's head is its class text features, not a layer: use tpt, rlcf, vte, "
                     "ttrv or an entropy method on it")
         else:
-            hint = ("timm networks and the classifiers of tta.load_model have both; give another network "
-                    "timm's interface (forward_features, then forward_head(features, pre_logits=True)) or a "
-                    "forward_features(x) -> pooled (B, D) features")
+            hint = ("timm networks, the classifiers of tta.load_model and networks that end with an "
+                    "nn.Linear (torchvision's) have them; give another network timm's interface")
         raise TypeError(
             f"{method} learns on the model's features and needs model.forward_features and "
             f"model.get_classifier() -> the last layer; {type(model).__name__} lacks {' and '.join(missing)}. "

@@ -124,9 +124,9 @@ class LAME(TTAMethod):
         max_steps: bound iterations at most.
         tolerance: stop when the energy changes by at most this fraction.
 
-    Needs ``model.forward_features`` and ``model.get_classifier()`` (every
-    ``tta.load_model`` image model and timm network has both, distilled two-head
-    ones too; :mod:`tta.methods.features`). The official ``SIGMA`` setting
+    Needs the model's features and last layer (:mod:`tta.methods.features`: every
+    ``tta.load_model`` image model, timm network, distilled two-head ones too, and
+    network that ends with an ``nn.Linear``). The official ``SIGMA`` setting
     is not an option: none of the official kernels reads it.
 
     Presets: ``"cifar10"`` and ``"imagenet"`` are mariodoebler/test-time-adaptation's

@@ -86,11 +86,29 @@ def reads_two_tokens(net: nn.Module) -> bool:
     return isinstance(net, PoolingVisionTransformer) and getattr(net, "head_dist", None) is not None
 
 
+def has_feature_split(net: nn.Module) -> bool:
+    """Whether ``net`` has timm's split: ``forward_features`` and ``get_classifier``."""
+    return callable(getattr(net, "forward_features", None)) and callable(getattr(net, "get_classifier", None))
+
+
+def last_linear(net: nn.Module) -> nn.Linear | None:
+    """The last ``nn.Linear`` of ``net``: the classifier of a network without timm's
+    split that ends with one (torchvision's ``fc``, ``classifier[-1]``, ``heads.head``)."""
+    found = None
+    for module in net.modules():
+        if isinstance(module, nn.Linear):
+            found = module
+    return found
+
+
 def pooled_features(net: nn.Module, x: Tensor) -> Tensor:
-    """The (B, D) features ``classifier_head(net)`` turns into ``net(x)``'s logits,
-    for a network with timm's interface (``forward_features`` unpooled, then
-    ``forward_head``), or a model whose ``forward_features`` is already pooled
-    (no ``forward_head``, as :class:`ImageClassifier`)."""
+    """The (B, D) features ``classifier_head(net)`` turns into ``net(x)``'s logits:
+    for a network with timm's interface, ``forward_features`` (unpooled) then
+    ``forward_head``, or ``forward_features`` alone where it is already pooled (no
+    ``forward_head``, as :class:`ImageClassifier`); for any other network, the input
+    of its last ``nn.Linear``, which must give the network's output."""
+    if not has_feature_split(net):
+        return _last_linear_input(net, x)
     if not callable(getattr(net, "forward_head", None)):
         return net.forward_features(x)
     tokens = net.forward_features(x)
@@ -100,10 +118,39 @@ def pooled_features(net: nn.Module, x: Tensor) -> Tensor:
     return net.forward_head(tokens, pre_logits=True)
 
 
-def classifier_head(net: nn.Module) -> nn.Module:
-    """``net.get_classifier()``, the two heads of a distilled network as one
-    :class:`MeanOfHeads`."""
+def classifier_head(net: nn.Module) -> nn.Module | None:
+    """``net.get_classifier()`` (the two heads of a distilled network as one
+    :class:`MeanOfHeads`), else the network's last ``nn.Linear`` (None if it has
+    none)."""
+    if not has_feature_split(net):
+        return last_linear(net)
     head = net.get_classifier()
     if isinstance(head, (tuple, list)) and len(head) == 2 and all(isinstance(h, nn.Module) for h in head):
         return MeanOfHeads(head[0], head[1], split=reads_two_tokens(net))
     return head
+
+
+def _last_linear_input(net: nn.Module, x: Tensor) -> Tensor:
+    # A hook for this forward only: the network is the user's, and copies of it
+    # (teachers, key encoders) would carry a lasting one along.
+    head = last_linear(net)
+    if head is None:
+        raise TypeError(f"{type(net).__name__} has no nn.Linear classifier to split its features from")
+    seen: dict[str, Tensor] = {}
+
+    def record(module: nn.Module, args: tuple, output: Tensor) -> None:
+        seen["features"], seen["logits"] = args[0], output
+
+    handle = head.register_forward_hook(record)
+    try:
+        logits = net(x)
+    finally:
+        handle.remove()
+    features = seen.get("features")
+    if features is None or logits is not seen["logits"] or features.dim() != 2:
+        raise TypeError(
+            f"{type(net).__name__}'s output is not its last nn.Linear applied to (B, D) features, so its "
+            "features cannot be split from it: give the network forward_features(x) -> pooled (B, D) features "
+            "and get_classifier() -> the layer that turns them into its output (timm's interface)"
+        )
+    return features
