@@ -273,6 +273,13 @@ def test_refuses_a_cnn_and_attention_pooling_by_name():
         tta.wrap(tta.load_model("cifar10_resnet20", pretrained=False), "foa", source_loader=source(size=32))
     with pytest.raises(TypeError, match="global_pool='map'"):
         tta.wrap(tiny_vit(global_pool="map"), "foa", source_loader=source())
+    from timm.models.deit import VisionTransformerDistilled
+
+    torch.manual_seed(0)
+    distilled = VisionTransformerDistilled(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2,
+                                           num_classes=5)
+    with pytest.raises(TypeError, match="VisionTransformerDistilled is distilled.*without distillation"):
+        tta.wrap(distilled, "foa", source_loader=source())  # an IndexError in the source pass before
 
 
 def test_register_tokens_and_raw_timm_vits_work():

@@ -283,3 +283,14 @@ def test_adam_on_a_float16_model_is_refused_with_the_fix(optimizer):
     x = torch.rand(8, 3, 32, 32)
     for _ in range(3):
         assert torch.isfinite(method(x)).all()
+
+
+@pytest.mark.parametrize("name,option", [("eta", "e_margin"), ("eata", "e_margin"), ("rdumb", "e_margin"),
+                                         ("deyo", "margin_e0")])
+@pytest.mark.parametrize("value", [float("inf"), 100.0])
+def test_a_margin_whose_sample_weights_overflow_is_refused(resnet20, name, option, value):
+    # exp(margin - entropy) was inf: the loss, then every weight and output, NaN
+    with pytest.raises(ValueError, match=rf"{option}=.*overflows.*ln\(num_classes\)"):
+        tta.wrap(resnet20, name, **{option: value}, **({"fisher_alpha": 0} if name == "eata" else {}))
+    assert all(p.requires_grad for p in resnet20.parameters())  # refused before configuring the model
+    tta.wrap(resnet20, name, **{option: 2 * math.log(10)}, **({"fisher_alpha": 0} if name == "eata" else {}))

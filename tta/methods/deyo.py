@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from ..augment.destroy import make_destroy_transform
 from .base import TTAMethod
-from .entropy import softmax_entropy
+from .entropy import check_weight_margin, softmax_entropy
 from .norm_layers import sample_weighted_batch_stats
 from .params import sar_paper_lr
 from .records import DeYORecord, StepRecord
@@ -92,6 +92,7 @@ class DeYO(TTAMethod):
         lr: float | str = "paper",
         **kwargs,
     ) -> None:
+        check_weight_margin("margin_e0", margin_e0)
         super().__init__(model, skip_modules=skip_modules, lr=lr, **kwargs)
         self.deyo_margin, self.margin_e0 = deyo_margin, margin_e0
         self.plpd_threshold = plpd_threshold

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import TTAMethod
-from .entropy import softmax_entropy
+from .entropy import check_weight_margin, softmax_entropy
 from .records import EATARecord, StepRecord
 from .registry import register_method
 
@@ -60,6 +60,7 @@ class EATA(TTAMethod):
         fisher_size: int = 2000,
         **kwargs,
     ) -> None:
+        check_weight_margin("e_margin", e_margin)
         super().__init__(model, **kwargs)
         self.e_margin, self.d_margin, self.fisher_alpha = e_margin, d_margin, fisher_alpha
         # Mean prediction of the samples used so far; NaN until the first update.

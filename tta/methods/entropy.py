@@ -14,8 +14,8 @@ import math
 
 from torch import Tensor
 
-__all__ = ["softmax_entropy", "marginal_entropy", "entropy_margin", "cross_entropy_to", "symmetric_cross_entropy",
-           "soft_likelihood_ratio"]
+__all__ = ["softmax_entropy", "marginal_entropy", "entropy_margin", "check_weight_margin", "cross_entropy_to",
+           "symmetric_cross_entropy", "soft_likelihood_ratio"]
 
 
 def softmax_entropy(logits: Tensor, dim: int = -1) -> Tensor:
@@ -28,6 +28,22 @@ def entropy_margin(value: float | None, fraction: float, num_classes: int) -> fl
     """``value`` if given, else ``fraction * ln(num_classes)``: papers state margins as
     fractions of the maximum entropy so one default serves 10 and 1000 classes."""
     return value if value is not None else fraction * math.log(num_classes)
+
+
+#: The largest margin a sample weight ``exp(margin - entropy)`` may take: entropies are
+#: at most ln C (6.9 for 1000 classes), and exp(50) leaves float32 room for a batch's sum.
+MAX_WEIGHT_MARGIN = 50.0
+
+
+def check_weight_margin(option: str, value: float | None) -> None:
+    """Refuse a margin that would turn the weights ``exp(margin - entropy)`` infinite
+    (``inf`` to switch a filter off, or a huge value): the loss, then the model, NaN."""
+    if value is not None and not (math.isfinite(value) and value <= MAX_WEIGHT_MARGIN):
+        raise ValueError(
+            f"{option}={value!r} weights each sample by exp({option} - entropy), which overflows (a NaN loss "
+            f"and model); entropies are at most ln(num_classes) (6.9 for 1000 classes), so a {option} of "
+            f"ln(num_classes) already keeps every sample: use a finite value <= {MAX_WEIGHT_MARGIN:g}"
+        )
 
 
 def cross_entropy_to(logits: Tensor, target: Tensor) -> Tensor:

@@ -74,6 +74,10 @@ def find_vit(model: nn.Module, method: str = "foa") -> tuple[nn.Module, Any]:
     if getattr(vit, "attn_pool", None) is not None or pool not in _POOLS:
         raise TypeError(f"{method}: {type(vit).__name__} pools its tokens with global_pool={pool!r}; FOA's "
                         f"per-layer statistics need class-token or average pooling ({', '.join(_POOLS)})")
+    if isinstance(vit.get_classifier(), (tuple, list)):
+        raise TypeError(f"{method}: {type(vit).__name__} is distilled (a distillation token and a second head); "
+                        "FOA's fitness and activation shift read the class token and one head, as the official "
+                        "ViT-B/16: use the network without distillation (e.g. deit_tiny_patch16_224)")
     return vit, normalize
 
 
