@@ -311,6 +311,20 @@ def test_changed_config_reruns_in_place(tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))
 
 
+def test_auto_device_says_when_the_gpus_are_hidden(monkeypatch, caplog):
+    from tta.bench.runner import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    with caplog.at_level("WARNING", logger="tta.bench"):
+        assert resolve_device("auto") == torch.device("cpu")
+    assert not caplog.records
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # what submitit_local sets without gpus_per_node
+    with caplog.at_level("WARNING", logger="tta.bench"):
+        assert resolve_device("auto") == torch.device("cpu")
+    assert "gpus_per_node=1" in caplog.text
+
+
 def test_source_images_read_while_a_method_sets_up_show_on_a_progress_bar(capsys):
     from tta.bench.source_data import CountedReads, source_reading_progress
 

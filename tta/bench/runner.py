@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -167,7 +168,14 @@ class Setup:
 def resolve_device(name: str) -> torch.device:
     """``auto`` is cuda when available, else cpu; cuda without a GPU is an error."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if os.environ.get("CUDA_VISIBLE_DEVICES") == "":
+            # submitit's local executor does this unless told gpus_per_node: a sweep
+            # meant for the GPU would run on the CPU, hours slower, and say nothing
+            log.warning("run.device=auto: CUDA_VISIBLE_DEVICES is empty, so no GPU is visible and the job runs "
+                        "on the CPU (with hydra/launcher=submitit_local, add hydra.launcher.gpus_per_node=1)")
+        return torch.device("cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"run.device={name} but torch sees no CUDA device; use run.device=cpu")
