@@ -66,12 +66,17 @@ def test_method_yaml_generator_round_trips():
     from omegaconf import OmegaConf
 
     # Each method file composed with the shared files it includes holds exactly
-    # the Python defaults.
+    # the Python defaults (test_bench), and with a preset the preset's values (what runs).
     for name in tta.list_methods():
-        data = OmegaConf.to_container(compose_config([f"method={name}"]).method)
-        assert data.pop("name") == name
-        assert data.pop("preset") == "auto"
-        assert data == configurable_defaults(name)
+        assert set(OmegaConf.to_container(compose_config([f"method={name}"]).method)) - {"name", "preset"} == set(
+            configurable_defaults(name))
+        for preset in tta.method_presets(name):
+            cfg = compose_config([f"method={name}", f"method.preset={preset}"])
+            data = OmegaConf.to_container(cfg.method, resolve=True)
+            expected = {k: list(v) if isinstance(v, tuple) else v
+                        for k, v in tta.method_defaults(name, preset=preset).items() if k in data}
+            assert {k: v for k, v in data.items() if k not in ("name", "preset")} == {
+                k: v for k, v in expected.items() if k not in ("name", "preset")}, (name, preset)
 
 
 def test_method_preset_follows_the_data_set_unless_told():
@@ -91,29 +96,36 @@ def test_method_preset_follows_the_data_set_unless_told():
 
 
 def test_method_overrides_pass_only_changes():
+    from tta.bench.config import method_preset
+
     for name in tta.list_methods():
-        # The YAML passes nothing to wrap(): the Python defaults rule.
-        assert method_overrides(compose_config([f"method={name}"]).method) == (name, {})
+        # The YAML passes nothing to wrap(): the Python defaults and presets rule.
+        cfg = compose_config([f"method={name}"])
+        assert method_overrides(cfg.method, method_preset(cfg.method, cfg.data.name)) == (name, {})
     cfg = compose_config(["method=tent", "method.lr=0.01", "method.betas=[0.8,0.9]"])
-    assert method_overrides(cfg.method) == ("tent", {"lr": 0.01, "betas": (0.8, 0.9)})
+    assert method_overrides(cfg.method, "cifar10") == ("tent", {"lr": 0.01, "betas": (0.8, 0.9)})
     assert "fisher_loader" not in configurable_defaults("eata")
     with pytest.raises(Exception, match="lrr"):
         compose_config(["method=tent", "method.lrr=0.1"])  # typos are refused
 
 
 def test_a_default_given_on_the_command_line_beats_the_preset():
-    # SAR's cifar10 preset uses Adam; SGD is its default. Typed out, SGD must win.
-    from tta.bench.config import explicit_method_keys, method_preset
+    # SAR's cifar10 preset uses Adam; SGD is its default. Typed out, SGD must win, in
+    # the composed config itself (what the Python API runs, what the hash and
+    # results.json record), not only on the command line.
+    from tta.bench.config import config_hash, method_preset
 
-    argv = ["method=sar", "method.optimizer=sgd", "+method.unknown=1", "~method.lr", "run.seed=3"]
-    assert explicit_method_keys(argv) == {"optimizer", "unknown"}
-    cfg = compose_config(["method=sar", "method.optimizer=sgd"])
-    preset = method_preset(cfg.method, cfg.data.name)
+    plain, typed = compose_config(["method=sar"]), compose_config(["method=sar", "method.optimizer=sgd"])
+    preset = method_preset(typed.method, typed.data.name)
     assert preset == "cifar10" and tta.method_defaults("sar", preset=preset)["optimizer"] == "adam"
-    assert method_overrides(cfg.method) == ("sar", {})  # from the values alone: nothing to tell
-    name, overrides = method_overrides(cfg.method, explicit_method_keys(["method.optimizer=sgd"]))
+    assert plain.method.optimizer == "adam" and typed.method.optimizer == "sgd"
+    assert config_hash(plain) != config_hash(typed)
+    assert method_overrides(plain.method, preset) == ("sar", {})
+    name, overrides = method_overrides(typed.method, preset)
     assert overrides == {"optimizer": "sgd"}
     assert tta.wrap(_tiny_bn_model(), name, preset=preset, **overrides).optimizer.__class__.__name__ == "SGD"
+    # no preset: the Python defaults
+    assert compose_config(["method=sar", "method.preset=none"]).method.optimizer == "sgd"
 
 
 def _tiny_bn_model() -> torch.nn.Module:
@@ -350,10 +362,15 @@ def test_a_method_reading_source_images_shows_its_setup(tmp_path, capsys):
 
 
 @needs_cifar
-def test_the_runner_passes_what_the_command_line_names(tmp_path):
-    cfg = compose_config(TINY + ["method=sar", "method.optimizer=sgd"])
-    res = run_benchmark(cfg, tmp_path, hydra_info={"overrides": ["method=sar", "method.optimizer=sgd"]})
+def test_the_runner_runs_what_the_config_says_and_skips_only_the_same(tmp_path):
+    # The Python API too (no Hydra overrides to read): a value equal to the Python
+    # default but not the preset's is passed, recorded, and hashed apart.
+    res = run_benchmark(compose_config(TINY + ["method=sar", "method.optimizer=sgd"]), tmp_path)
     assert res["method_preset"] == "cifar10" and res["method_overrides"] == {"optimizer": "sgd"}
+    assert res["config"]["method"]["optimizer"] == "sgd"
+    plain = run_benchmark(compose_config(TINY + ["method=sar"]), tmp_path)
+    assert not plain.get("skipped") and plain["method_overrides"] == {}
+    assert plain["config"]["method"]["optimizer"] == "adam"  # the preset's, as it ran
 
 
 # ----------------------------------------------------------------------------------

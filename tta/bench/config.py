@@ -13,7 +13,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Collection, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -29,7 +29,7 @@ __all__ = [
     "config_hash",
     "method_overrides",
     "method_preset",
-    "explicit_method_keys",
+    "preset_or",
     "DATA_PRESETS",
     "dirname_from_overrides",
 ]
@@ -135,11 +135,34 @@ def dirname_from_overrides(override_dirname: str) -> str:
 
 def register_resolvers() -> None:
     """Register the OmegaConf resolvers the configs use (idempotent):
-    ``${tta_home:}`` (:func:`tta.paths.tta_home`) and ``${tta_dirname:...}``."""
+    ``${tta_home:}`` (:func:`tta.paths.tta_home`), ``${tta_dirname:...}`` and
+    ``${preset_or:<default>}`` (:func:`preset_or`)."""
     if not OmegaConf.has_resolver("tta_home"):
         OmegaConf.register_new_resolver("tta_home", lambda: str(tta_home()))
     if not OmegaConf.has_resolver("tta_dirname"):
         OmegaConf.register_new_resolver("tta_dirname", dirname_from_overrides)
+    if not OmegaConf.has_resolver("preset_or"):
+        OmegaConf.register_new_resolver("preset_or", preset_or)
+
+
+def preset_or(default: Any, *, _node_: Any, _parent_: Any, _root_: Any) -> Any:
+    """``${preset_or:<default>}``, the value of a method option that a preset
+    changes: the preset's value (``method.preset``, with ``auto`` read from
+    ``data.name``), else ``default`` (the Python default). A value set on the command
+    line or in a config file replaces the interpolation, so the composed config holds
+    what runs: ``method=sar`` on CIFAR-10-C composes ``optimizer: adam`` (its preset),
+    ``method=sar method.optimizer=sgd`` composes ``sgd``, and their hashes differ."""
+    import tta
+
+    data = _root_.get("data") if isinstance(_root_, DictConfig) else None
+    try:
+        preset = method_preset(_parent_, data.get("name") if isinstance(data, DictConfig) else None)
+    except (KeyError, ValueError):  # an unknown method or preset: named where the method is wrapped
+        return default
+    if preset is None:
+        return default
+    value = tta.method_presets(_parent_["name"])[preset].get(_node_._key(), default)
+    return list(value) if isinstance(value, tuple) else value
 
 
 def compose_config(overrides: Sequence[str] = (), *, return_hydra_config: bool = False) -> DictConfig:
@@ -222,29 +245,15 @@ def method_preset(method_cfg: Mapping[str, Any], data_name: str | None) -> str |
     return preset
 
 
-def explicit_method_keys(overrides: Sequence[str]) -> frozenset[str]:
-    """The method options a command line names (Hydra's task overrides, e.g.
-    ``optimizer`` for ``method.optimizer=sgd``; deletions and other groups aside)."""
-    if not overrides:
-        return frozenset()
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    keys = set()
-    for override in OverridesParser.create().parse_overrides(list(overrides)):
-        key = override.key_or_group
-        if not override.is_delete() and key.startswith("method.") and override.package is None:
-            keys.add(key.split(".")[1])
-    return frozenset(keys)
-
-
-def method_overrides(method_cfg: Mapping[str, Any], explicit: Collection[str] = ()) -> tuple[str, dict[str, Any]]:
-    """``(name, overrides)`` to pass to :func:`tta.wrap` from a ``method`` config:
-    only the values that differ from :func:`tta.method_defaults`, so the Python
-    defaults stay the single source of truth (and options that are aliases of each
-    other, like norm's ``alpha``/``bn_alpha``, are only passed when set). Options in
-    ``explicit`` (:func:`explicit_method_keys` of the command line) are passed even
-    when equal to the defaults: ``method.optimizer=sgd`` must beat a preset's
-    ``adam``."""
+def method_overrides(method_cfg: Mapping[str, Any], preset: str | None = None) -> tuple[str, dict[str, Any]]:
+    """``(name, overrides)`` to pass to :func:`tta.wrap` with ``preset`` from a
+    ``method`` config: only the values that differ from
+    ``tta.method_defaults(name, preset=preset)``, so the Python defaults and presets
+    stay the single source of truth (and options that are aliases of each other, like
+    norm's ``alpha``/``bn_alpha``, are only passed when set). The options a preset
+    changes compose to its values (:func:`preset_or`): a value that differs is one
+    set on purpose, even where it is the Python default (``method.optimizer=sgd``
+    beats a preset's ``adam``)."""
     import tta
 
     data = dict(to_container(method_cfg) if isinstance(method_cfg, DictConfig) else method_cfg)
@@ -256,10 +265,10 @@ def method_overrides(method_cfg: Mapping[str, Any], explicit: Collection[str] = 
         from .._registry import unknown_name_message
 
         raise KeyError(unknown_name_message("method", name, tta.list_methods()))
-    defaults = tta.method_defaults(name)
+    defaults = tta.method_defaults(name, preset=preset)
     overrides: dict[str, Any] = {}
     for key, value in data.items():
-        if key in defaults and key not in explicit and _same(value, defaults[key]):
+        if key in defaults and _same(value, defaults[key]):
             continue
         if isinstance(defaults.get(key), tuple) and isinstance(value, list):
             value = tuple(value)

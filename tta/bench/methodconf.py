@@ -23,7 +23,8 @@ from typing import Any
 
 import yaml
 
-__all__ = ["SHARED", "NOT_CONFIGURABLE", "configurable_defaults", "render_configs", "check_method_configs", "main"]
+__all__ = ["SHARED", "NOT_CONFIGURABLE", "configurable_defaults", "preset_values", "render_configs",
+           "check_method_configs", "main"]
 
 #: Keyword arguments that a YAML cannot or must not set, with the reason.
 NOT_CONFIGURABLE: dict[str, dict[str, str]] = {
@@ -53,9 +54,10 @@ SHARED = {
 
 PRESET_DOC = (
     "Published settings to start from (tta.method_presets; each method's file names its presets): auto "
-    "takes the data set's (cifar10 for CIFAR-10-C, imagenet for ImageNet-C), none the defaults "
-    "below. Values below that differ from the defaults override the preset's, and so does any value "
-    "the command line sets (method.optimizer=sgd beats a preset's adam)."
+    "takes the data set's (cifar10 for CIFAR-10-C, imagenet for ImageNet-C), none the defaults. The "
+    "options a preset changes read ${preset_or:<default>}, so the composed config holds what runs; "
+    "a value set on the command line or in a config file beats the preset's (method.optimizer=sgd "
+    "beats a preset's adam)."
 )
 
 
@@ -142,11 +144,32 @@ def _comment(text: str) -> str:
     return "\n".join(textwrap.wrap(text, width=88, initial_indent="# ", subsequent_indent="# "))
 
 
-def _entry(key: str, value: Any, doc: str | None) -> str:
+def _entry(key: str, value: Any, doc: str | None, presets: dict[str, Any] | None = None) -> str:
+    """``key: value`` under its comment; with ``presets`` (``{preset: its value}``)
+    the value is ``${preset_or:<value>}``, the preset's value when one applies."""
     doc = doc or f"{key} (see the method's docstring)"
     doc = (doc if re.search(r"[._]", doc.split(" ", 1)[0]) else doc[0].upper() + doc[1:]).rstrip(".") + "."
-    text = yaml.safe_dump(value, default_flow_style=True, width=10**6).removesuffix("...\n").strip()
+    text = _flow(value)
+    if presets:
+        doc += f" Default {text}; the preset's where it sets one ({'; '.join(f'{p}: {_flow(v)}' for p, v in presets.items())})."
+        text = f"${{preset_or:{text}}}"
     return f"{_comment(doc)}\n{key}: {text}"
+
+
+def _flow(value: Any) -> str:
+    return yaml.safe_dump(_plain_value(value), default_flow_style=True, width=10**6).removesuffix("...\n").strip()
+
+
+def preset_values(name: str) -> dict[str, dict[str, Any]]:
+    """``{option: {preset: value}}`` of the options the presets of method ``name``
+    change (their config values are ``${preset_or:<default>}``)."""
+    import tta
+
+    out: dict[str, dict[str, Any]] = {}
+    for preset, values in sorted(tta.method_presets(name).items()):
+        for key, value in values.items():
+            out.setdefault(key, {})[preset] = value
+    return out
 
 
 def _summary(cls: type) -> list[str]:
@@ -186,7 +209,9 @@ def render_configs() -> dict[str, str]:
         parts.append(_comment(f"Presets of {name}: {', '.join(sorted(tta.method_presets(name)))}."))
         if "common" not in included:  # a method without some common option still takes a preset
             parts.append(_comment(PRESET_DOC) + "\npreset: auto")
-        parts += [_entry(k, v, docs.get(k)) for k, v in own.items() if k not in inherited or inherited[k] != v]
+        changed = preset_values(name)
+        parts += [_entry(k, v, docs.get(k), changed.get(k)) for k, v in own.items()
+                  if k in changed or k not in inherited or inherited[k] != v]
         files[f"{name}.yaml"] = "\n".join(parts) + "\n"
     return files
 

@@ -24,14 +24,14 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Collection, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from .checkpoint import CHECKPOINT, Progress, load_checkpoint
-from .config import explicit_method_keys, method_overrides, method_preset, register_resolvers
+from .config import method_overrides, method_preset, register_resolvers
 from .loop import Checkpointing, adapt, count
 from .metrics import summarise, throughput
 from .render import BatchRenderer, to_model_size
@@ -86,8 +86,7 @@ def _run(config: BenchConfig, out: Path, hydra_info: Mapping[str, Any] | None) -
                                  model_classes=getattr(job.model, "num_classes", None),
                                  model_name=config.model.name)
     left_out = bad_files(stream)
-    explicit = explicit_method_keys((hydra_info or {}).get("overrides") or ())
-    method, preset, overrides = wrap_method(config, job, left_out, explicit)
+    method, preset, overrides = wrap_method(config, job, left_out)
     if left_out:
         log.warning("data.skip_bad_files: left out %d unreadable image file(s) (listed in %s):\n%s",
                     len(left_out), RESULTS_JSON, "\n".join(f"  {p}: {r}" for p, r in left_out))
@@ -200,16 +199,17 @@ def setup(config: BenchConfig) -> Setup:
 # ----------------------------------------------------------------------------------
 
 
-def wrap_method(config: BenchConfig, job: Setup, left_out: list[tuple[str, str]], explicit: Collection[str] = ()
+def wrap_method(config: BenchConfig, job: Setup, left_out: list[tuple[str, str]]
                 ) -> tuple[nn.Module, str | None, dict[str, Any]]:
-    """The wrapped method, its preset and the overrides the config gives (with the
-    options the command line names, ``explicit``, even at their defaults). Methods
-    with a Fisher regulariser get their clean source images from
-    ``data.source_root`` (files left out of them are added to ``left_out``)."""
+    """The wrapped method, its preset and the overrides the config gives (its
+    values that differ from the preset's; see
+    :func:`~tta.bench.config.method_overrides`). Methods with a Fisher regulariser
+    get their clean source images from ``data.source_root`` (files left out of
+    them are added to ``left_out``)."""
     import tta
 
-    name, overrides = method_overrides(config.method, explicit)
     preset = method_preset(config.method, config.data.name)
+    name, overrides = method_overrides(config.method, preset)
     # What the method will run with: its defaults, the preset, then the config's changes.
     effective = {**tta.method_defaults(name, preset=preset), **overrides}
     passed = dict(overrides)
