@@ -294,3 +294,30 @@ def test_a_margin_whose_sample_weights_overflow_is_refused(resnet20, name, optio
         tta.wrap(resnet20, name, **{option: value}, **({"fisher_alpha": 0} if name == "eata" else {}))
     assert all(p.requires_grad for p in resnet20.parameters())  # refused before configuring the model
     tta.wrap(resnet20, name, **{option: 2 * math.log(10)}, **({"fisher_alpha": 0} if name == "eata" else {}))
+
+
+@pytest.mark.parametrize("name", ["sar", "deyo"])
+def test_a_paper_lr_fixed_on_the_first_batch_survives_a_checkpoint(resnet20, noisy_batch, name):
+    """lr="paper" is resolved on the first batch's size; a stream resumed from a
+    state saved after it keeps that lr, even when it resumes on a batch of another
+    size (it was resolved again there: the resumed run drifted from the straight one)."""
+    first, second = noisy_batch[:16], noisy_batch[16:24]
+    straight = tta.wrap(copy.deepcopy(resnet20), name)
+    straight(first)
+    lr = straight.optimizer.param_groups[0]["lr"]
+    assert lr == straight.paper_lr(16) != straight.paper_lr(8)
+    state = copy.deepcopy(straight.state_dict())
+    resumed = tta.wrap(copy.deepcopy(resnet20), name)
+    resumed.load_state_dict(state)
+    torch.manual_seed(0)
+    expected = straight(second)
+    torch.manual_seed(0)
+    assert torch.equal(resumed(second), expected)
+    assert resumed.optimizer.param_groups[0]["lr"] == resumed.lr == lr
+    resumed.reset()  # the source weights, the lr of this stream
+    assert resumed.optimizer.param_groups[0]["lr"] == lr
+    straight.reset()
+    torch.manual_seed(0)
+    expected = straight(second)
+    torch.manual_seed(0)
+    assert torch.equal(resumed(second), expected)

@@ -336,12 +336,17 @@ class TTAMethod(nn.Module):
     def _resolve_lr(self, batch_size: int) -> None:
         if self._lr_rule is None or self.optimizer is None:
             return
-        self.lr = self.paper_lr(batch_size)
+        self._fix_lr(self.paper_lr(batch_size))
+
+    def _fix_lr(self, lr: float) -> None:
+        """``lr="paper"`` resolved to ``lr``: in the optimizer and in the snapshot
+        :meth:`reset` returns to, for the rest of the stream."""
+        self.lr = lr
         groups = list(self.optimizer.param_groups)
         if self._source_state is not None:  # snapshot taken before the first batch
             groups += self._source_state.get("_extra_state", {}).get("optimizer", {}).get("param_groups", [])
         for group in groups:
-            group["lr"] = self.lr
+            group["lr"] = lr
         self._lr_rule = None
 
     # -- shared step pieces ------------------------------------------------------------
@@ -395,6 +400,10 @@ class TTAMethod(nn.Module):
             "optimizer_type": type(self.optimizer).__name__ if self.optimizer else None,
             "optimizer": self.optimizer.state_dict() if self.optimizer else None,
             "num_updates": self.num_updates,
+            # lr="paper" is resolved on the first batch's size: a state saved after
+            # that keeps it (a resumed stream may start on a batch of another size)
+            "lr": self.lr,
+            "lr_resolved": self._lr_rule is None,
         }
         if self.guard is not None:
             state["guard"] = self.guard.state_dict()
@@ -406,6 +415,8 @@ class TTAMethod(nn.Module):
         if self.guard is not None and state.get("guard") is not None:
             self.guard.load_state_dict(state["guard"])
         self.num_updates = int(state.get("num_updates", 0))
+        if self._lr_rule is not None and self.optimizer is not None and state.get("lr_resolved"):
+            self._fix_lr(float(state["lr"]))
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
         """Load an adapted state (resuming a stream). The source state that
