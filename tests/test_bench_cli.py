@@ -310,6 +310,14 @@ def test_clear_errors(tmp_path):
         Image.new("RGB", (32, 32)).save(folder / "a.JPEG")
         run_benchmark(compose_config(TINY + ["data=imagenetc", f"data.root={tmp_path / 'inet'}",
                                              "data.corruptions=[contrast]"]), tmp_path)
+    # a ??? left in a YAML (OmegaConf's traceback before), a device this build lacks
+    with pytest.raises(ValueError, match=r"data.root is missing.*data.root=<value>"):
+        run_benchmark(compose_config(TINY + ["data=imagefolder_c"]), tmp_path)
+    from tta.bench.runner import resolve_device
+
+    if not torch.backends.mps.is_available():
+        with pytest.raises(RuntimeError, match=r"run.device=mps cannot be used.*use run.device=cpu"):
+            resolve_device("mps")
 
 
 @needs_cifar

@@ -178,6 +178,13 @@ def resolve_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"run.device={name} but torch sees no CUDA device; use run.device=cpu")
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as err:  # a device type this torch build lacks (mps, xpu, ...)
+        # torch's own message lists every dispatch key: its first sentence says enough
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0].split(". ")[0]
+        raise RuntimeError(f"run.device={name} cannot be used with this torch build ({reason}); "
+                           "use run.device=cpu (or cuda, or auto)") from None
     return device
 
 

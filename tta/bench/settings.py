@@ -228,7 +228,14 @@ def read_config(cfg: DictConfig | Mapping[str, Any]) -> BenchConfig:
     ``data.severity=2.7`` is refused up front instead of silently running
     something else.
     """
-    plain = to_container(cfg)
+    from omegaconf.errors import MissingMandatoryValue
+
+    try:
+        plain = to_container(cfg)
+    except MissingMandatoryValue as err:  # a ??? in a YAML: OmegaConf's traceback named it
+        key = getattr(err, "full_key", None) or "a key"
+        raise ConfigError(f"invalid config value: {key} is missing (the YAML that sets it leaves it ???). "
+                          f"Set it on the command line ({key}=<value>)") from None
     problems: list[str] = []
     groups = {name: _read_group(name, cls, plain.get(name), problems) for name, cls in _GROUPS.items()}
     method = plain.get("method")
