@@ -472,3 +472,24 @@ def test_report_command_names_unreadable_results_on_stderr(sweep_with_unreadable
         (sweep / f"method={method}" / "results.json").write_text("{")
     with pytest.raises(FileNotFoundError, match="no readable results.json"):
         make_report(sweep, plot=False)
+
+
+def test_report_header_holds_only_what_every_job_shares(tmp_path) -> None:
+    # A sweep over severities and image counts, and over scenarios that set the batch
+    # size: the header showed the first job's severity, image count and no batch sizes.
+    sweep = tmp_path / "multirun"
+    for i, (sev, n, bs, scenario) in enumerate(((3, 8, 8, "continual"), (5, 12, 1, "batch_size_1"))):
+        res = _fake_result("tent", 40.0 + i)
+        res.update(batch_size=bs, scenario=scenario, config={"data": {"severity": sev}},
+                   domains=[{"name": "fog", "num_images": n}])
+        res["hydra"]["overrides"] = ["method=tent", f"data.severity={sev}", f"data.num_images={n}",
+                                     f"scenario={scenario}"]
+        (sweep / str(i)).mkdir(parents=True)
+        (sweep / str(i) / "results.json").write_text(json.dumps(res))
+    text = make_report(sweep, plot=False)
+    header = text.splitlines()[4]
+    assert "severity" not in header and "images per domain: per job" in header
+    table = text[text.index("| method"):]
+    assert "| data.severity |" in table and "| batch_size |" in table and "| 5 | 12 | batch_size_1 | 1 |" in table
+    same = make_report(sweep / "0", plot=False)  # one job: its own settings
+    assert "(severity 3)" in same and "images per domain: 8" in same

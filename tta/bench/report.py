@@ -87,8 +87,9 @@ def _override_pairs(res: dict[str, Any]) -> dict[str, str]:
     return pairs
 
 
-#: Result fields a report tells apart when the jobs of a sweep differ in them.
-_RESULT_FIELDS = ("model", "data", "scenario")
+#: Result fields a report tells apart when the jobs of a sweep differ in them (a
+#: scenario may set the batch size).
+_RESULT_FIELDS = ("model", "data", "scenario", "batch_size")
 
 
 def _varying(results: Sequence[dict[str, Any]]) -> tuple[list[dict[str, str]], list[str]]:
@@ -213,15 +214,17 @@ def make_report(sweep_dir: str | Path, out_md: str | Path | None = None,
     sweep = Path(sweep_dir)
     md_path = Path(out_md) if out_md else sweep / "report.md"
     png_path = Path(out_png) if out_png else md_path.with_suffix(".png")
-    first = results[0]
-    cfg = first.get("config") or {}
-    sev = (cfg.get("data") or {}).get("severity")
+    # every job's, not the first's: a sweep may vary them
+    severities = {str(((r.get("config") or {}).get("data") or {}).get("severity")) for r in results
+                  if "/" not in next(iter(r["error"]), "")}
+    sizes = {str(r["domains"][0]["num_images"]) if r.get("domains") else "?" for r in results}
+    severity = f" (severity {severities.pop()})" if len(severities) == 1 and "None" not in severities else ""
     notes = [
-        f"data: {_shared(results, 'data')}" + (f" (severity {sev})" if sev and "/" not in next(iter(first["error"]), "") else ""),
+        f"data: {_shared(results, 'data')}" + severity,
         f"model: {_shared(results, 'model')}",
         f"scenario: {_shared(results, 'scenario')}",
         f"batch size: {_shared(results, 'batch_size')}",
-        f"images per domain: {first['domains'][0]['num_images'] if first.get('domains') else '?'}",
+        f"images per domain: {sizes.pop() if len(sizes) == 1 else 'per job'}",
         f"device: {_shared(results, 'device')}",
     ]
     text = "\n".join([

@@ -277,7 +277,8 @@ def refuse_single_image_statistics(model: nn.Module, batch_size: int, method: st
     normalise the image by its own statistics: refuse it, saying what works."""
     if batch_size == 1 and uses_test_statistics_alone(model):
         raise ValueError(
-            f"batch size 1 with BatchNorm test statistics: {method} would normalise each image "
-            "by its own statistics. Use batches of >= 2 images, pass bn_alpha < 1 (e.g. 0.1) to "
+            f"batch size 1 with BatchNorm test statistics: {method} would normalise the image "
+            "by its own statistics. Use batches of >= 2 images (in tta-bench, also >= 2 images per "
+            "domain), pass bn_alpha < 1 (e.g. bn_alpha=0.1; method.bn_alpha=0.1 in tta-bench) to "
             "mix in the source statistics, or use a GroupNorm/LayerNorm model."
         )
