@@ -291,6 +291,11 @@ def test_reset_each_shift_marks_domain_changes() -> None:
     stream = build_stream(domains, cfg.scenario, 16, 0)
     assert stream.resets == {2}  # the runner resets the method before this batch
     assert build_stream(domains, read_config(compose_config(QUICK)).scenario, 16, 0).resets == set()
+    # a mixed stream has no shift to reset at, and shuffles a label shift away: refused, not ignored
+    for extra in ("scenario.reset_each_shift=true", "scenario.label_shift_gamma=0.1"):
+        mixed = read_config(compose_config([*QUICK, "scenario=mixed_domains", extra])).scenario
+        with pytest.raises(ValueError, match=rf"{extra.split('=')[0]}.*does not go with scenario.mix_domains"):
+            build_stream(domains, mixed, 16, 0)
 
 
 def test_eata_fisher_from_train_split(tmp_path: Path) -> None:

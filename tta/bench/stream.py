@@ -100,6 +100,12 @@ def build_stream(
     """
     if batch_size < 1:
         raise ValueError(f"run.batch_size must be >= 1, got {batch_size}")
+    if scenario.mix_domains and (scenario.reset_each_shift or scenario.label_shift_gamma is not None):
+        # both would be silently undone by the shuffle of all images together
+        what = ("scenario.reset_each_shift=true (a mixed stream has no domain shift to reset at)"
+                if scenario.reset_each_shift else
+                "scenario.label_shift_gamma (the shuffle of all images together undoes its class order)")
+        raise ValueError(f"{what} does not go with scenario.mix_domains=true; drop one of them")
     doms, poss = [], []
     for d, domain in enumerate(domains):
         rng = np.random.default_rng([seed, 1, d])
