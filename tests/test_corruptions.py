@@ -296,8 +296,12 @@ def test_errors(clean32):
         with pytest.raises(TypeError, match="severity"):
             corrupt(x, "fog", bad)
     assert corrupt(x, "contrast", np.int64(2)).shape == x.shape
-    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
-        corrupt(x[0], "fog", 1)
+    # one image, as a dataset transform gets it: the batch of one's result, unbatched
+    one = corrupt(x[0], "fog", 1, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(one, corrupt(x, "fog", 1, generator=torch.Generator().manual_seed(0))[0])
+    assert torch.equal(Corrupt("fog", 1)(x[0], torch.Generator().manual_seed(0)), one)
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\) or \(3, H, W\)"):
+        corrupt(x[0, :1], "fog", 1)
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
         corrupt(x[:, :1], "fog", 1)
     with pytest.raises(TypeError, match="floating point"):

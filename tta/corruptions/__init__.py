@@ -115,7 +115,7 @@ def _check_images(x: Tensor) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"images must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 4 or x.shape[1] != 3:
-        raise ValueError(f"images must have shape (B, 3, H, W), got {tuple(x.shape)}")
+        raise ValueError(f"images must have shape (B, 3, H, W) or (3, H, W), got {tuple(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"images must be floating point RGB in [0, 1], got dtype {x.dtype}")
     if x.numel() == 0:
@@ -143,7 +143,8 @@ def corrupt(
     """Apply ImageNet-C corruption ``name`` at ``severity`` to a batch of images.
 
     Args:
-        x: float RGB images in [0, 1], shape ``(B, 3, H, W)``, any device.
+        x: float RGB images in [0, 1], shape ``(B, 3, H, W)``, or one image ``(3, H,
+            W)`` (as a dataset's transform sees it), any device.
         name: one of :data:`NAMES` or :data:`EXTRA_NAMES`.
         severity: 1 (mild) to 5 (strongest).
         preset: severity tables to use: ``"imagenet"`` (made for 224 px),
@@ -162,6 +163,9 @@ def corrupt(
     """
     key = _check_name(name)
     severity = _check_severity(severity)
+    if isinstance(x, Tensor) and x.dim() == 3 and x.shape[0] == 3:  # one image: a batch of one
+        return corrupt(x[None], key, severity, preset=preset, generator=generator, quantize=quantize,
+                       frost_dir=frost_dir)[0]
     _check_images(x)
     if preset is None:
         preset = choose_preset(x.shape[-2], x.shape[-1])
@@ -198,7 +202,8 @@ def _check_generator(generator: object, batch: int) -> None:
 
 
 class Corrupt(nn.Module):
-    """Kornia-style module applying :func:`corrupt` with fixed settings.
+    """Kornia-style module applying :func:`corrupt` with fixed settings, to batches
+    or to single ``(3, H, W)`` images (a dataset transform).
 
     >>> aug = Corrupt("snow", 3, generator=torch.Generator().manual_seed(0))
     >>> y = aug(x)
