@@ -66,7 +66,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--names", default=",".join(NAMES))
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--size", type=int, default=224,
+                    help="image side; the original imagenet_c functions run at 224 only (fog's plasma, frost's crops)")
     ap.add_argument("--severity", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="for torch and the original's libraries alike")
@@ -79,6 +80,9 @@ def main() -> None:
     ap.add_argument("--markdown", default=None, help="write the results table here")
     ap.add_argument("--append", action="store_true", help="append to --markdown instead of overwriting it")
     args = ap.parse_args()
+    if args.size != 224:
+        ap.error(f"--size {args.size}: the original imagenet_c functions it is timed against assume 224 px "
+                 "images (fog's 256-px plasma, frost's crops); time tta.corruptions alone for other sizes")
 
     threads = set_threads(args.threads)
     frost_dir = default_frost_dir()

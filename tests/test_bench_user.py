@@ -225,7 +225,7 @@ def test_results_json_rounds_figures_and_keeps_steps(tmp_path: Path, caplog) -> 
     assert saved["error"] == res["error"]
     text = caplog.text
     # one domain, one batch: singular nouns, and a rate that is not printed as 0
-    assert "1 domain," in text and "1 batch of 64" in text and "30 images" in text
+    assert "1 domain," in text and "1 batch of 30" in text and "30 images" in text  # as cut, not run.batch_size
     assert " 0 images/s" not in text and "1 domains" not in text
 
 

@@ -1,3 +1,5 @@
+import importlib.util
+
 import pytest
 import torch
 
@@ -77,6 +79,13 @@ def test_method_defaults_are_the_papers():
 
 def test_list_models_and_unknown_model():
     assert "cifar10_resnet20" in tta.list_models()
+    # every family lists its models (timm's and open_clip's own names; they were [])
+    assert "timm:resnet50" in tta.list_models("timm:resnet*") and "timm:vit_base_patch16_224" not in \
+        tta.list_models("timm:resnet*")
+    assert "timm:resnet50.a1_in1k" in tta.list_models("timm:resnet50.*")
+    if importlib.util.find_spec("open_clip") is not None:
+        assert "clip:ViT-B-16/openai" in tta.list_models("clip:ViT-B-16/*")
+    assert "zoo:resnet20_bn_jpeg" in tta.list_models("zoo:*")
     with pytest.raises(KeyError, match="did you mean .*'cifar10_resnet20'"):
         tta.load_model("cifar10_resnet2O")
 

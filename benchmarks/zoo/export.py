@@ -11,12 +11,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from tta.models.zoo import bundled_dir
 from tta.paths import atomic_write_bytes
 
 from benchmarks.zoo.entries import ZooEntry
 
-#: Where the zoo's checkpoints and manifest live: the one place the trainer names it.
-CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints"
+#: Where the zoo's checkpoints and manifest live: the package's own zoo folder, the
+#: last place ``tta.load_model("zoo:<name>")`` looks (``$TTA_HOME/models/zoo`` first).
+CHECKPOINT_DIR = bundled_dir()
 MANIFEST = CHECKPOINT_DIR / "manifest.json"
 
 

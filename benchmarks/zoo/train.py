@@ -62,8 +62,8 @@ A resume refuses to go on with a teacher that was retrained in between.
 At the end the script evaluates clean test accuracy (all 10k test images) and the
 source error on the 8 severity-5 corruptions of the method table
 (``benchmarks.common.method_table_stream``, all 10k test images each), saves fp16 weights to
-``benchmarks/zoo/checkpoints/<name>.pt`` and records everything in
-``benchmarks/zoo/checkpoints/manifest.json``, which ``tta.load_model("zoo:<name>")``
+``tta/models/zoo_weights/<name>.pt`` (the package's zoo folder) and records everything
+in ``tta/models/zoo_weights/manifest.json``, which ``tta.load_model("zoo:<name>")``
 reads.
 
 Adding a zoo model = adding an entry to ``ZOO`` (``entries.py``: a builder and

@@ -94,9 +94,11 @@ def _run(config: BenchConfig, out: Path, hydra_info: Mapping[str, Any] | None) -
     loader.prepare()
     setup_s = time.perf_counter() - t_setup
     name = config.method["name"]
-    log.info("%s on %s/%s (%s): %s, %s, %s of %d, device %s, %s",
+    sizes = sorted({e - s for s, e in stream.batches})  # as cut: a domain's last may differ
+    log.info("%s on %s/%s (%s): %s, %s, %s of %s, device %s, %s",
              name, config.data.name, config.scenario.name, config.model.name, count(len(stream.domains), "domain"),
-             count(len(stream), "image"), count(len(loader), "batch"), config.run.batch_size, job.device,
+             count(len(stream), "image"), count(len(loader), "batch"),
+             sizes[0] if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}", job.device,
              "tensor cache" if loader.cached else "DataLoader workers")
 
     ckpt_path = out / CHECKPOINT

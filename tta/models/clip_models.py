@@ -149,4 +149,13 @@ def _check_clip_checkpoint(path: str) -> None:
         raise not_a_checkpoint(Path(path), valid=VALID_CLIP_CHECKPOINT)
 
 
-register_model_family("clip", clip_classifier)
+def list_clip(pattern: str = "*") -> list[str]:
+    """``<model>/<pretrained tag>`` of open_clip's published weights matching
+    ``pattern`` (``open_clip.list_pretrained()``)."""
+    import fnmatch
+
+    open_clip = import_open_clip()
+    return [n for n in (f"{m}/{t}" for m, t in open_clip.list_pretrained()) if fnmatch.fnmatch(n, pattern or "*")]
+
+
+register_model_family("clip", clip_classifier, list_clip)

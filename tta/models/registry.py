@@ -64,8 +64,8 @@ def _unknown_prefix(name: str, prefix: str) -> KeyError:
 
 def list_models(pattern: str = "*") -> list[str]:
     """Registered model names matching a shell-style pattern; a pattern starting with a
-    family's prefix lists that family's models where it can (``list_models("zoo:*")``).
-    ``timm:<name>`` works for every timm model, see ``timm.list_models``."""
+    family's prefix lists that family's models (``list_models("zoo:*")``,
+    ``list_models("timm:convnext*")``, ``list_models("clip:ViT-B-16/*")``)."""
     prefix, sep, rest = pattern.partition(":")
     if sep and prefix in _FAMILIES and _FAMILIES.get(prefix).list is not None:
         return [f"{prefix}:{n}" for n in _FAMILIES.get(prefix).list(rest)]

@@ -80,4 +80,12 @@ def _check_weights_reachable(name: str, cache_dir: str | None) -> None:
     )
 
 
-register_model_family("timm", timm_classifier)
+def list_timm(pattern: str = "*") -> list[str]:
+    """timm's model names matching ``pattern`` (``timm.list_models``; with a pretrained
+    tag, ``"resnet50.a1_in1k"``, its pretrained weights)."""
+    import timm
+
+    return timm.list_models(pattern or "*", pretrained="." in pattern)
+
+
+register_model_family("timm", timm_classifier, list_timm)
