@@ -37,7 +37,7 @@ from .metrics import summarise, throughput
 from .render import BatchRenderer, to_model_size
 from .results import RESULTS_JSON, build_results, load_results, write_results
 from .settings import BenchConfig, DataConfig, read_config
-from .source_data import SourceBatches, load_source_images, source_reading_progress
+from .source_data import SOURCE_OPTIONS, SourceBatches, load_source_images, source_reading_progress
 from .stream import bad_files, open_stream
 
 __all__ = ["run_benchmark", "resolve_device", "setup", "wrap_method", "Setup", "FISHER_BATCH_SIZE"]
@@ -239,7 +239,7 @@ def wrap_method(config: BenchConfig, job: Setup, left_out: list[tuple[str, str]]
         # would add entries until its recompile limit (8), after which later jobs
         # silently run eagerly. Jobs are independent: start from empty caches.
         torch._dynamo.reset()
-    if any(k in passed for k in ("source_loader", "fisher_loader")):
+    if any(k in passed for k in SOURCE_OPTIONS):
         log.info("%s: reading source images from %s to set up", name, config.data.source_root)
     with source_reading_progress(passed, name, config.run.progress):
         method = tta.wrap(job.model, name, preset=preset, **passed)

@@ -27,7 +27,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..augment.kornia_views import adacontrast_strong_augmentation, adacontrast_weak_augmentation
 from .base import TTAMethod
-from .features import check_feature_split, classifier_head, pooled_features
+from .features import check_feature_split, features_and_logits, pooled_features
 from .records import AdaContrastRecord, StepRecord
 from .registry import register_method
 from .teacher import ema_update_, frozen_copy
@@ -226,10 +226,6 @@ class AdaContrast(TTAMethod):
         self.bank_probs = torch.zeros(self.bank_size, classes, device=device, dtype=dtype)
         self.num_seen = self.num_seen.to(device)
 
-    def _embed(self, model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
-        features = pooled_features(model, x)
-        return features, classifier_head(model)(features)
-
     def forward_and_adapt(self, x: Tensor) -> tuple[Tensor, StepRecord]:
         batch = x.shape[0]
         if batch > min(self.queue_size, self.bank_size):
@@ -238,8 +234,8 @@ class AdaContrast(TTAMethod):
         weak, query_view, key_view = self.weak_transform(x), self.strong_transform(x), self.strong_transform(x)
         with batchnorm_training(self.model, self.bn_mode == "running"):
             with torch.no_grad():
-                weak_features, weak_logits = self._embed(self.model, weak)
-            query_features, query_logits = self._embed(self.model, query_view)
+                weak_features, weak_logits = features_and_logits(self.model, weak)
+            query_features, query_logits = features_and_logits(self.model, query_view)
         self._allocate(weak_features, weak_logits)
 
         with torch.no_grad():
@@ -275,7 +271,7 @@ class AdaContrast(TTAMethod):
             self.queue_keys.index_copy_(0, slots, keys)
             self.queue_labels.copy_(labels_after)
             # The bank takes the key encoder's features and probabilities of the weak view.
-            bank_features, bank_logits = self._embed(self.key_encoder, weak)
+            bank_features, bank_logits = features_and_logits(self.key_encoder, weak)
             rows = (self.num_seen + torch.arange(batch, device=x.device)) % self.bank_features.shape[0]
             self.bank_features.index_copy_(0, rows, bank_features.to(self.bank_features.dtype))
             self.bank_probs.index_copy_(0, rows, bank_logits.float().softmax(1).to(self.bank_probs.dtype))

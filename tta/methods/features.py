@@ -1,7 +1,8 @@
 """The feature/classifier split that methods learning on features use (RMT and
 SANTA's prototypes and contrastive loss, AdaContrast's memory bank and MoCo keys,
 LAME's affinities): :func:`pooled_features` gives the pooled (B, D) features the
-classifier reads and :func:`classifier_head` the last layer, for the models of
+classifier reads, :func:`classifier_head` the last layer and :func:`features_and_logits`
+both the features and the logits, for the models of
 ``tta.load_model`` (``forward_features`` pooled) and for timm networks as timm
 builds them (``forward_features`` unpooled, then ``forward_head``), two-headed
 distilled ones included (:class:`~tta.models.classifier.MeanOfHeads`), and any other
@@ -11,9 +12,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..models.classifier import classifier_head, last_linear, pooled_features
+from ..models.classifier import classifier_head, features_and_logits, last_linear, pooled_features
 
-__all__ = ["FEATURE_SPLIT", "check_feature_split", "pooled_features", "classifier_head"]
+__all__ = ["FEATURE_SPLIT", "check_feature_split", "pooled_features", "classifier_head", "features_and_logits"]
 
 FEATURE_SPLIT = ("forward_features", "get_classifier")
 

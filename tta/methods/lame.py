@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import TTAMethod
-from .features import check_feature_split, classifier_head, pooled_features
+from .features import check_feature_split, features_and_logits
 from .records import LAMERecord
 from .registry import register_method
 
@@ -164,8 +164,7 @@ class LAME(TTAMethod):
 
     @torch.no_grad()
     def forward_and_adapt(self, x: Tensor) -> tuple[Tensor, LAMERecord]:
-        features = pooled_features(self.model, x)
-        logits = classifier_head(self.model)(features)
+        features, logits = features_and_logits(self.model, x)
         with torch.autocast(x.device.type, enabled=False):
             logits, features = logits.float(), features.float()
             unary = -torch.log(logits.softmax(dim=1) + 1e-10)

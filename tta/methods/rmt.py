@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from ..augment.kornia_views import cotta_augmentation
 from .base import TTAMethod
 from .entropy import symmetric_cross_entropy
-from .features import classifier_head, pooled_features
+from .features import features_and_logits
 from .inputs import floating_dtype
 from .prototypes import (attach_prototypes, check_prototype_options, prototype_contrastive_loss,
                          source_batches)
@@ -147,11 +147,8 @@ class RMT(TTAMethod):
             group["lr"] = lr
 
     def forward_and_adapt(self, x: Tensor) -> tuple[Tensor, StepRecord]:
-        head = classifier_head(self.model)
-        features = pooled_features(self.model, x)
-        logits = head(features)
-        aug_features = pooled_features(self.model, self.transform(x))
-        aug_logits = head(aug_features)
+        features, logits = features_and_logits(self.model, x)
+        aug_features, aug_logits = features_and_logits(self.model, self.transform(x))
         # The teacher's weights take no gradient and x none either, so no graph is
         # built; grad mode stays on for the fused BatchNorm kernel.
         teacher_logits = self.teacher(x).detach()

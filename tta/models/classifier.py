@@ -108,7 +108,7 @@ def pooled_features(net: nn.Module, x: Tensor) -> Tensor:
     ``forward_head``, as :class:`ImageClassifier`); for any other network, the input
     of its last ``nn.Linear``, which must give the network's output."""
     if not has_feature_split(net):
-        return _last_linear_input(net, x)
+        return _last_linear_io(net, x)[0]
     if not callable(getattr(net, "forward_head", None)):
         return net.forward_features(x)
     tokens = net.forward_features(x)
@@ -130,7 +130,18 @@ def classifier_head(net: nn.Module) -> nn.Module | None:
     return head
 
 
-def _last_linear_input(net: nn.Module, x: Tensor) -> Tensor:
+def features_and_logits(net: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`pooled_features` of ``x`` and the logits :func:`classifier_head` makes
+    of them (``net(x)``'s), from one forward."""
+    if not has_feature_split(net):
+        return _last_linear_io(net, x)
+    features = pooled_features(net, x)
+    return features, classifier_head(net)(features)
+
+
+def _last_linear_io(net: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    """The input and output of ``net``'s last ``nn.Linear`` in ``net(x)``: its
+    features and its logits."""
     # A hook for this forward only: the network is the user's, and copies of it
     # (teachers, key encoders) would carry a lasting one along.
     head = last_linear(net)
@@ -153,4 +164,4 @@ def _last_linear_input(net: nn.Module, x: Tensor) -> Tensor:
             "features cannot be split from it: give the network forward_features(x) -> pooled (B, D) features "
             "and get_classifier() -> the layer that turns them into its output (timm's interface)"
         )
-    return features
+    return features, logits
