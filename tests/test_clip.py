@@ -346,6 +346,19 @@ def test_rlcf_reward_by_name_or_copy_and_its_checks(images):
         tta.wrap(tiny_clip(), "rlcf", reward=None, adapt="text")
 
 
+def test_a_refused_clip_wrap_keeps_the_classifiers_templates(images):
+    model = tiny_clip(templates="clip7")
+    with torch.no_grad():
+        before = model(images)
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="lr"):
+        tta.wrap(model, "rlcf", reward=None, lr=-1.0)  # refused after use_prompt
+    assert model.ctx is None and len(model.templates) == 7
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
+    with torch.no_grad():
+        assert torch.equal(model(images), before)
+
+
 # ----------------------------------------------------------------------------------
 # Other models, other methods
 # ----------------------------------------------------------------------------------

@@ -81,6 +81,32 @@ def test_wrapping_one_model_twice_is_refused_clearly(resnet20, noisy_batch):
     tta.wrap(resnet20, "norm")(noisy_batch)
 
 
+@pytest.mark.parametrize("name, kwargs", [
+    ("tent", {"lr": -1.0}),
+    ("tent", {"optimizer": "sgdd", "channels_last": True}),
+    ("sar", {"lr": "papr"}),
+    ("eata", {}),  # no fisher_loader: refused after the norm layers are configured
+    ("cotta", {"teacher_momentum": 2.0}),
+    ("rotta", {"memory_size": 0}),
+])
+def test_a_refused_wrap_leaves_the_model_as_it_was(name, kwargs, resnet20, noisy_batch):
+    resnet20.eval()
+    with torch.no_grad():
+        before = resnet20(noisy_batch)
+    classes = {n: type(m) for n, m in resnet20.named_modules()}
+    grads = {n: p.requires_grad for n, p in resnet20.named_parameters()}
+    with pytest.raises((ValueError, TypeError)):
+        tta.wrap(resnet20, name, **kwargs)
+    assert {n: type(m) for n, m in resnet20.named_modules()} == classes
+    assert {n: p.requires_grad for n, p in resnet20.named_parameters()} == grads
+    assert all(p.is_contiguous() for p in resnet20.parameters())
+    with torch.no_grad():  # source statistics again: one image predicts as in the batch
+        assert torch.equal(resnet20(noisy_batch), before)
+        torch.testing.assert_close(resnet20(noisy_batch[:1]), before[:1])
+    tta.wrap(resnet20, name, **{k: v for k, v in kwargs.items() if k == "channels_last"}, **(
+        {"fisher_loader": [noisy_batch]} if name == "eata" else {}))(noisy_batch)
+
+
 class Boom(RuntimeError):
     pass
 

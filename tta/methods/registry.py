@@ -10,6 +10,7 @@ from torch import nn
 
 from .._registry import Registry
 from .base import TTAMethod
+from .restore_point import ModelRestorePoint
 
 __all__ = ["register_method", "list_methods", "wrap", "method_class", "method_defaults", "method_presets"]
 
@@ -81,7 +82,8 @@ def wrap(model: nn.Module, name: str, *, preset: str | None = None, **overrides:
     ``"imagenet"``; see :func:`method_presets`), which ``overrides`` then refine.
 
     The returned module predicts and adapts on every ``forward``; ``reset()``
-    returns it to the source weights.
+    returns it to the source weights. A refused wrap (a bad option, missing source
+    data) leaves ``model`` as it was.
     """
     cls = method_class(name)
     known = method_defaults(name)
@@ -104,4 +106,10 @@ def wrap(model: nn.Module, name: str, *, preset: str | None = None, **overrides:
             f"method {name!r} has no hyper-parameter {', '.join(parts)}; "
             f"its hyper-parameters are: {', '.join(sorted(known))}"
         )
-    return cls(model, **overrides)
+    restore_point = ModelRestorePoint(model) if isinstance(model, nn.Module) else None
+    try:
+        return cls(model, **overrides)
+    except BaseException:
+        if restore_point is not None:
+            restore_point.restore()
+        raise

@@ -1,0 +1,48 @@
+"""The model as it was before ``tta.wrap`` configured it, put back when the wrap is
+refused.
+
+A method configures the model it wraps in place (norm layers' classes and settings,
+``requires_grad``, memory format, compilation, a CLIP classifier's learnable prompt)
+before all of its options can be checked: some checks need the configured model
+(which parameters adapt, the number of classes, the source data's fit). A refused
+wrap must leave the caller's model predicting as it did. The restore point keeps
+references only (each module's attributes, each parameter's tensor), no copy of a
+weight: a wrap writes no weight in place before its checks.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+from torch import nn
+
+__all__ = ["ModelRestorePoint"]
+
+# containers a module mutates in place (parameters, buffers, submodules, hooks, a
+# classifier's caches): kept as copies, the objects themselves would change with it
+_CONTAINERS = (dict, OrderedDict, list, set)
+
+
+def _copy_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
+    return {k: (type(v)(v) if type(v) in _CONTAINERS else v) for k, v in attrs.items()}
+
+
+class ModelRestorePoint:
+    """Every module of ``model`` (class and attributes) and every parameter (its
+    tensor, ``requires_grad`` and gradient) as they are now; :meth:`restore` puts
+    them back."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self._modules = [(m, m.__class__, _copy_attrs(m.__dict__)) for m in model.modules()]
+        self._params = [(p, p.data, p.requires_grad, p.grad) for p in model.parameters()]
+
+    def restore(self) -> None:
+        for module, cls, attrs in self._modules:
+            module.__class__ = cls
+            module.__dict__.clear()
+            module.__dict__.update(_copy_attrs(attrs))
+        for p, data, requires_grad, grad in self._params:
+            p.data = data  # a memory-format change swapped it
+            p.requires_grad_(requires_grad)
+            p.grad = grad
