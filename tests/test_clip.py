@@ -346,6 +346,18 @@ def test_rlcf_reward_by_name_or_copy_and_its_checks(images):
         tta.wrap(tiny_clip(), "rlcf", reward=None, adapt="text")
 
 
+@pytest.mark.parametrize("name, kwargs", [
+    ("tpt", {}), ("rlcf", {"reward": None, "ema": True, "ema_every": 1}),
+])
+def test_reset_every_counts_from_each_reset(name, kwargs, images):
+    method = tta.wrap(tiny_clip(), name, num_views=8, reset_every=3, **kwargs)
+    resets, reset = [], method.reset
+    method.reset = lambda: (resets.append(method.num_updates), reset())
+    for _ in range(7):
+        method(images)
+    assert resets == [3, 3] and method.num_updates == 1
+
+
 def test_a_refused_clip_wrap_keeps_the_classifiers_templates(images):
     model = tiny_clip(templates="clip7")
     with torch.no_grad():

@@ -181,9 +181,10 @@ class CLIPViewsMethod(TTAMethod):
 
     def restart(self) -> None:
         """Where each test image starts: the source parameters and a fresh optimizer
-        (:meth:`reset`). A method that carries something from image to image (RLCF's
-        momentum buffer) starts elsewhere."""
-        self.reset()
+        (as :meth:`reset`, but the stream's update count goes on). A method that
+        carries something from image to image (RLCF's momentum buffer) starts
+        elsewhere."""
+        self.restore_adapted()
 
     def snapshot(self) -> None:
         """Record the adapted parameters as the state every test image starts from
@@ -196,8 +197,10 @@ class CLIPViewsMethod(TTAMethod):
         return self._source_state["params"]
 
     def reset(self) -> None:
-        """Back to the source parameters and a fresh optimizer, bit-exact."""
+        """Back to the source parameters, a fresh optimizer and no updates counted
+        (what ``reset_every`` compares with), bit-exact."""
         if self._source_state is None:
             self.snapshot()
             return
         self.restore_adapted()
+        self.num_updates = 0
