@@ -198,7 +198,22 @@ def test_bad_options_are_refused(resnet20):
             tta.wrap(copy.deepcopy(resnet20), "ttrv", **kw)
     with pytest.raises(TypeError, match="CLIP classifier"):
         tta.wrap(resnet20, "ttrv", adapt="prompt")
+    for alpha in (5.0, "0.1", True):
+        with pytest.raises(ValueError, match=f"bn_alpha must be a number in \\[0, 1\\], got {alpha!r}"):
+            tta.wrap(copy.deepcopy(resnet20), "ttrv", bn_alpha=alpha)
+    with pytest.raises(TypeError, match="'bn_alpha' would change nothing"):
+        tta.wrap(tiny_clip(), "ttrv", bn_alpha=0.1)
     assert {"cifar10", "imagenet"} <= set(tta.method_presets("ttrv"))
+
+
+@pytest.mark.parametrize("mode", ["online", "episodic"])
+def test_a_one_class_classifier_is_refused_before_any_update(mode, images):
+    model = load_tiny_clip(TINY, 0, classnames=["cat"])
+    method = tta.wrap(model, "ttrv", mode=mode, num_samples=8, num_train_samples=4)
+    before = state(model)
+    with pytest.raises(ValueError, match="at least 2 classes, got 1"):
+        method(images)
+    assert not changed(before, state(model))
 
 
 # ----------------------------------------------------------------------------------

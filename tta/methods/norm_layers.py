@@ -218,8 +218,8 @@ def use_batch_stats(model: nn.Module, alpha: float = 1.0) -> int:
     layers keep their class's behaviour otherwise (their class is swapped for a
     subclass, state-dict keys are unchanged). Returns the number of layers changed.
     """
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"bn alpha must be in [0, 1], got {alpha}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"bn_alpha must be a number in [0, 1], got {alpha!r}")
     layers = batchnorm_layers(model, needing_running_stats=MIXES_SOURCE_STATISTICS if alpha < 1.0 else None)
     count = 0
     for _, module in layers:

@@ -203,6 +203,9 @@ class TTRV(TTAMethod):
         # CLIP is used as trained (its ResNet towers keep their statistics, as in
         # TPT/RLCF); other classifiers normalise with test-batch statistics, as Tent.
         self.batch_stats = not clip
+        if clip and "bn_alpha" in kwargs:
+            raise TypeError("ttrv uses a CLIP classifier as trained, without test-batch statistics, so "
+                            "'bn_alpha' would change nothing; drop it")
         if adapt == "prompt" and model.ctx is None:
             model.use_prompt(ctx_init)
         # The base loop runs forward_and_adapt once per batch; the rounds run inside.
@@ -275,6 +278,10 @@ class TTRV(TTAMethod):
         for k in range(self.inner_steps):
             logits = self.policy(inputs)
             log_p = (logits.float() / tau).log_softmax(-1)
+            if k == 0 and log_p.shape[-1] < 2:
+                # the rewards' and the diversity term's entropies are over ln C
+                raise ValueError(f"ttrv needs a classifier over at least 2 classes, got {log_p.shape[-1]}: "
+                                 "with one class every draw agrees and there is nothing to learn")
             if k == 0:
                 with torch.no_grad():
                     probs = log_p.exp()
