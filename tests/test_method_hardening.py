@@ -14,7 +14,7 @@ from torch import nn
 import tta
 from tta.methods.params import sar_paper_lr
 
-from test_methods import GRADIENT_METHODS, changed_keys, make, state
+from test_methods import GRADIENT_METHODS, IMAGE_METHODS, changed_keys, make, small_options, state
 
 ALL = GRADIENT_METHODS + ["norm", "source"]
 
@@ -37,6 +37,30 @@ def test_adapts_under_no_grad_and_inference_mode(name, context, resnet20, noisy_
         x = noisy_batch.clone()  # an inference tensor under inference_mode
         got = [method(x) for _ in range(2)]
     assert moved(before, method), f"{name} did not adapt under {context.__name__}"
+    for e, g in zip(expected, got):
+        assert torch.equal(e, g)
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode], ids=["no_grad", "inference_mode"])
+@pytest.mark.parametrize("name", IMAGE_METHODS)
+def test_wrapped_inside_no_grad_or_inference_mode_as_outside(name, context, noisy_batch):
+    """An evaluation loop that wraps inside its no_grad / inference_mode block: copies,
+    buffers, Fisher estimates, warm-ups built there must still take updates."""
+    x, kw = noisy_batch[:16], small_options(name, noisy_batch)
+    if name == "eata":  # its Fisher estimate takes gradients
+        kw = {"fisher_loader": [noisy_batch[16:32]], "fisher_size": 16}
+    reference, model = tta.load_model("cifar10_resnet20"), tta.load_model("cifar10_resnet20")
+    torch.manual_seed(0)
+    reference = tta.wrap(reference, name, **kw)
+    expected = [reference(x) for _ in range(2)]
+    reference.reset()
+    expected.append(reference(x))
+    torch.manual_seed(0)
+    with context():
+        method = tta.wrap(model, name, **kw)
+        got = [method(x) for _ in range(2)]
+    method.reset()
+    got.append(method(x))
     for e, g in zip(expected, got):
         assert torch.equal(e, g)
 
@@ -95,7 +119,7 @@ def test_a_refused_wrap_leaves_the_model_as_it_was(name, kwargs, resnet20, noisy
         before = resnet20(noisy_batch)
     classes = {n: type(m) for n, m in resnet20.named_modules()}
     grads = {n: p.requires_grad for n, p in resnet20.named_parameters()}
-    with pytest.raises((ValueError, TypeError)):
+    with pytest.raises((ValueError, TypeError)) as refused:
         tta.wrap(resnet20, name, **kwargs)
     assert {n: type(m) for n, m in resnet20.named_modules()} == classes
     assert {n: p.requires_grad for n, p in resnet20.named_parameters()} == grads
@@ -103,8 +127,10 @@ def test_a_refused_wrap_leaves_the_model_as_it_was(name, kwargs, resnet20, noisy
     with torch.no_grad():  # source statistics again: one image predicts as in the batch
         assert torch.equal(resnet20(noisy_batch), before)
         torch.testing.assert_close(resnet20(noisy_batch[:1]), before[:1])
+    # the refused method lives on in the kept traceback: it does not hold the model
     tta.wrap(resnet20, name, **{k: v for k, v in kwargs.items() if k == "channels_last"}, **(
         {"fisher_loader": [noisy_batch]} if name == "eata" else {}))(noisy_batch)
+    assert refused.value is not None
 
 
 class Boom(RuntimeError):

@@ -14,18 +14,13 @@ from tta.methods.clip_views import CLIP_INTERFACE, check_clip_classifier
 from tta.methods.optim import sam_ascent, undo_sam_ascent
 from tta.methods.params import last_stage_prefixes, select_norm_params
 
-IMAGE_METHODS = [n for n in tta.list_methods() if getattr(method_class(n), "requires", None) is None]
+from test_methods import IMAGE_METHODS, small_options
+
 
 
 @pytest.mark.parametrize("name", IMAGE_METHODS)
 def test_a_step_records_exactly_its_declared_fields(name, noisy_batch):
-    kw = {"fisher_alpha": 0.0} if name == "eata" else {}
-    if name in ("rmt", "santa"):  # they learn from labelled source images
-        kw["source_loader"] = [(noisy_batch[:32], torch.arange(32) % 10)]
-        kw.update(num_warmup_images=32) if name == "rmt" else None
-    if name == "cotta":
-        kw["num_views"] = 2
-    method = tta.wrap(tta.load_model("cifar10_resnet20"), name, **kw)
+    method = tta.wrap(tta.load_model("cifar10_resnet20"), name, **small_options(name, noisy_batch))
     method(noisy_batch[:16])
     record = method.last_record
     assert isinstance(record, method.record_type)

@@ -12,6 +12,8 @@ from tta.methods.optim import gated_step
 from tta.methods.params import last_stage_prefixes, paper_frozen_modules, select_norm_params
 
 GRADIENT_METHODS = ["tent", "eta", "eata", "sar", "deyo"]
+#: the methods that run on any image classifier (not only CLIP or ViTs)
+IMAGE_METHODS = [n for n in tta.list_methods() if getattr(tta.methods.method_class(n), "requires", None) is None]
 
 
 def make(name, model, train_images=None, **kw):
@@ -19,6 +21,18 @@ def make(name, model, train_images=None, **kw):
         x = train_images[0][:128] if train_images is not None else torch.rand(64, 3, 32, 32)
         kw.update(fisher_loader=[x[:64], x[64:]], fisher_size=128)
     return tta.wrap(model, name, **kw)
+
+
+def small_options(name, images):
+    """Options that build method ``name`` on ResNet-20 cheaply: its source images
+    from ``images`` (32 or more) where it needs them, few views."""
+    kw = {"fisher_alpha": 0.0} if name == "eata" else {}
+    if name in ("rmt", "santa"):  # they learn from labelled source images
+        kw["source_loader"] = [(images[:32], torch.arange(32) % 10)]
+        kw.update(num_warmup_images=32) if name == "rmt" else None
+    if name == "cotta":
+        kw["num_views"] = 2
+    return kw
 
 
 def state(module):

@@ -163,7 +163,6 @@ class FOA(TTAMethod):
     requires = "vit"
     presets = {"cifar10": {}, "imagenet": {}}
 
-    @torch.inference_mode(False)  # wrapped under inference mode too: the source pass, buffers
     def __init__(
         self,
         model: nn.Module,

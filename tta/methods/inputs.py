@@ -75,6 +75,20 @@ def mark_wrapped(model: nn.Module, method: nn.Module) -> None:
     _WRAPPED[model] = weakref.ref(method)
 
 
+def wrap_mark(model: nn.Module) -> "weakref.ref | None":
+    """Who has configured ``model`` (as :func:`mark_wrapped` recorded it), or None."""
+    return _WRAPPED.get(model)
+
+
+def set_wrap_mark(model: nn.Module, mark: "weakref.ref | None") -> None:
+    """Put back a :func:`wrap_mark`: a method whose constructor raised after the base
+    class marked its model lives on in the traceback, and must not hold the model."""
+    if mark is None:
+        _WRAPPED.pop(model, None)
+    else:
+        _WRAPPED[model] = mark
+
+
 def floating_dtype(model: nn.Module) -> torch.dtype | None:
     """The dtype of the model's first floating parameter (what inputs are cast to)."""
     for p in model.parameters():

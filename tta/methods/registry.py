@@ -6,6 +6,7 @@ import difflib
 import inspect
 from typing import Any, Callable, TypeVar
 
+import torch
 from torch import nn
 
 from .._registry import Registry
@@ -83,7 +84,10 @@ def wrap(model: nn.Module, name: str, *, preset: str | None = None, **overrides:
 
     The returned module predicts and adapts on every ``forward``; ``reset()``
     returns it to the source weights. A refused wrap (a bad option, missing source
-    data) leaves ``model`` as it was.
+    data) leaves ``model`` as it was. Wrapping works inside ``torch.no_grad()`` and
+    ``torch.inference_mode()`` blocks too (an evaluation loop's): what the method
+    builds (copies, buffers, a Fisher estimate, a warm-up) is built with gradients
+    and as normal tensors, which later steps can update.
     """
     cls = method_class(name)
     known = method_defaults(name)
@@ -108,7 +112,8 @@ def wrap(model: nn.Module, name: str, *, preset: str | None = None, **overrides:
         )
     restore_point = ModelRestorePoint(model) if isinstance(model, nn.Module) else None
     try:
-        return cls(model, **overrides)
+        with torch.inference_mode(False), torch.enable_grad():
+            return cls(model, **overrides)
     except BaseException:
         if restore_point is not None:
             restore_point.restore()

@@ -17,6 +17,8 @@ from typing import Any
 
 from torch import nn
 
+from .inputs import set_wrap_mark, wrap_mark
+
 __all__ = ["ModelRestorePoint"]
 
 # containers a module mutates in place (parameters, buffers, submodules, hooks, a
@@ -29,11 +31,12 @@ def _copy_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
 
 
 class ModelRestorePoint:
-    """Every module of ``model`` (class and attributes) and every parameter (its
-    tensor, ``requires_grad`` and gradient) as they are now; :meth:`restore` puts
-    them back."""
+    """Every module of ``model`` (class and attributes), every parameter (its
+    tensor, ``requires_grad`` and gradient) and who has wrapped the model, as they
+    are now; :meth:`restore` puts them back."""
 
     def __init__(self, model: nn.Module) -> None:
+        self._model, self._mark = model, wrap_mark(model)
         self._modules = [(m, m.__class__, _copy_attrs(m.__dict__)) for m in model.modules()]
         self._params = [(p, p.data, p.requires_grad, p.grad) for p in model.parameters()]
 
@@ -46,3 +49,4 @@ class ModelRestorePoint:
             p.data = data  # a memory-format change swapped it
             p.requires_grad_(requires_grad)
             p.grad = grad
+        set_wrap_mark(self._model, self._mark)

@@ -74,7 +74,6 @@ class RMT(TTAMethod):
     updated_copies = ("teacher",)
     presets = {"cifar10": {}, "imagenet": {"optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "nesterov": True}}
 
-    @torch.inference_mode(False)  # wrapped under inference mode too: copies, projector, warm-up
     def __init__(
         self,
         model: nn.Module,

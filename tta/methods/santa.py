@@ -57,7 +57,6 @@ class SANTA(TTAMethod):
     record_type = SANTARecord
     presets = {"cifar10": {}, "imagenet": {"optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "nesterov": True}}
 
-    @torch.inference_mode(False)  # wrapped under inference mode too: copies, projector, warm-up
     def __init__(
         self,
         model: nn.Module,
