@@ -405,6 +405,14 @@ def test_tent_on_clip_changes_only_image_layernorm_affines(images):
     assert not changed(source, state(model))
 
 
+@pytest.mark.parametrize("name", ["tpt", "rlcf"])
+def test_a_float64_clip_takes_float64_images_beside_its_float32_prompt(name, images):
+    model = tiny_clip().double()
+    method = tta.wrap(model, name, num_views=8, **({"reward": None} if name == "rlcf" else {}))
+    assert model.ctx.dtype == torch.float32  # learned in float32, first among the parameters
+    assert torch.isfinite(method(images)).all()
+
+
 @pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode], ids=["no_grad", "inference_mode"])
 @pytest.mark.parametrize("name", ["tpt", "rlcf"])
 def test_clip_methods_adapt_under_no_grad_and_inference_mode(name, context, images):

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import tta
+from tta.methods.inputs import floating_dtype
 from tta.methods.params import sar_paper_lr
 
 from test_methods import GRADIENT_METHODS, IMAGE_METHODS, changed_keys, make, small_options, state
@@ -72,6 +73,24 @@ def test_other_float_dtypes_are_cast_to_the_model_dtype(dtype, resnet20, noisy_b
     got = tta.wrap(resnet20, "tent")(x)
     assert got.dtype == torch.float32
     assert torch.equal(expected, got)
+
+
+def test_a_float64_model_takes_its_source_images_and_batches_in_float64(resnet20, noisy_batch):
+    model = resnet20.to(torch.float64)
+    method = tta.wrap(model, "eata", fisher_loader=[noisy_batch[16:32]], fisher_size=16)  # float32 source images
+    assert method(noisy_batch[:16]).dtype == torch.float32
+    assert all(f.dtype == torch.float64 for f in method.fisher)
+
+
+def test_the_input_dtype_is_that_of_most_weights():
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)).to(torch.float16)
+    net[1].float()  # float32 norm layers among float16 convolutions
+    assert floating_dtype(net) == torch.float16
+    net.register_parameter("prompt", nn.Parameter(torch.zeros(4)))  # float32, first in parameters()
+    net.double()
+    net.prompt.data = net.prompt.data.float()
+    assert next(net.parameters()).dtype == torch.float32 and floating_dtype(net) == torch.float64
+    assert floating_dtype(nn.Identity()) is None
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 0, 8), (2, 3, 8, 0)])

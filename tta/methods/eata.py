@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from .base import TTAMethod
 from .entropy import check_weight_margin, softmax_entropy
+from .inputs import to_model_input
 from .records import EATARecord, StepRecord
 from .registry import register_method
 
@@ -81,7 +82,7 @@ class EATA(TTAMethod):
         seen, batches = 0, 0
         for batch in loader:
             images = batch[0] if isinstance(batch, (tuple, list)) else batch
-            images = images[: size - seen].to(params[0].device)
+            images = to_model_input(images[: size - seen], self.model)
             logits = self.model(images)
             loss = F.cross_entropy(logits, logits.argmax(1))
             grads = torch.autograd.grad(loss, params)

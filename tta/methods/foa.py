@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from .base import TTAMethod
 from .cma_search import CMASearch
 from .entropy import softmax_entropy
-from .inputs import floating_dtype
+from .inputs import floating_dtype, to_model_input
 from .records import FOARecord
 from .registry import register_method
 
@@ -280,8 +280,6 @@ class FOA(TTAMethod):
     def _source_statistics(self, loader: Iterable, limit: int | None) -> tuple[Tensor, Tensor]:
         """Per-dimension mean and unbiased std of the per-layer features of the
         source images, without prompts (the official ``obtain_origin_stat``)."""
-        param = next(self.model.parameters())
-        dtype = floating_dtype(self.model)
         total, sums, squares, shift = 0, None, None, None
         for batch in loader:
             images = batch[0] if isinstance(batch, (tuple, list)) else batch
@@ -290,7 +288,7 @@ class FOA(TTAMethod):
                                 f"got {type(images).__name__}")
             if limit is not None:
                 images = images[: limit - total]
-            feats = torch.cat([f.double() for f in self.features_of(self._embed(images.to(param.device, dtype)), None)],
+            feats = torch.cat([f.double() for f in self.features_of(self._embed(to_model_input(images, self.model)), None)],
                               dim=1)
             if shift is None:  # sums about the first batch's mean: no cancellation
                 shift = feats.mean(0)

@@ -90,8 +90,18 @@ def set_wrap_mark(model: nn.Module, mark: "weakref.ref | None") -> None:
 
 
 def floating_dtype(model: nn.Module) -> torch.dtype | None:
-    """The dtype of the model's first floating parameter (what inputs are cast to)."""
+    """The floating dtype of most of the model's weights, by size: what inputs are
+    cast to. Not the first parameter's: a learnable prompt kept in float32 comes
+    first on a float64 CLIP, and float32 norm layers can sit among float16 convs."""
+    sizes: dict[torch.dtype, int] = {}
     for p in model.parameters():
         if p.is_floating_point():
-            return p.dtype
-    return None
+            sizes[p.dtype] = sizes.get(p.dtype, 0) + p.numel()
+    return max(sizes, key=sizes.get) if sizes else None
+
+
+def to_model_input(images: Tensor, model: nn.Module, non_blocking: bool = False) -> Tensor:
+    """``images`` (from a source loader) on the model's device, in its
+    :func:`floating_dtype`: as the test batches reach it."""
+    param = next(model.parameters())
+    return images.to(param.device, floating_dtype(model), non_blocking=non_blocking)

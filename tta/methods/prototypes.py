@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .features import check_feature_split, classifier_head, pooled_features
-from .inputs import floating_dtype
+from .inputs import floating_dtype, to_model_input
 
 __all__ = ["check_prototype_options", "needs_source_loader", "source_batches", "source_prototypes", "make_projector", "attach_prototypes",
            "nearest_prototype", "prototype_contrastive_loss"]
@@ -77,13 +77,12 @@ def source_prototypes(model: nn.Module, loader: Iterable, max_images: int, metho
     read until more than ``max_images`` images are seen (the official rule; its
     100,000 covers all of CIFAR-10 and 1,563 batches of 64 ImageNet images)."""
     param = next(model.parameters())
-    dtype = floating_dtype(model)
     head = classifier_head(model)
     sums = counts = None
     seen, invalid = 0, torch.zeros((), dtype=torch.bool, device=param.device)
     for batch in loader:
         images, labels = _images_and_labels(batch, method)
-        features = pooled_features(model, images.to(param.device, dtype))
+        features = pooled_features(model, to_model_input(images, model))
         if features.dim() != 2:
             raise ValueError(f"{method}: the model's features must be pooled (B, D) "
                              f"got shape {tuple(features.shape)}")

@@ -24,7 +24,7 @@ from ..augment.kornia_views import cotta_augmentation
 from .base import TTAMethod
 from .entropy import symmetric_cross_entropy
 from .features import features_and_logits
-from .inputs import floating_dtype
+from .inputs import to_model_input
 from .prototypes import (attach_prototypes, check_prototype_options, prototype_contrastive_loss,
                          source_batches)
 from .records import RMTRecord, StepRecord
@@ -121,7 +121,7 @@ class RMT(TTAMethod):
         """The next replayed source batch, ready for the model."""
         images, labels = next(self._source)
         param = next(self.model.parameters())
-        images = images.to(param.device, floating_dtype(self.model), non_blocking=True)
+        images = to_model_input(images, self.model, non_blocking=True)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return images, labels.to(param.device, torch.long, non_blocking=True)
