@@ -237,6 +237,12 @@ def test_sar_interrupted_between_its_passes_is_not_left_at_the_ascent_point(resn
     assert distance == 0
 
 
+def without_options(state_dict):
+    """A state as saved before states kept their method's options."""
+    extra = {k: v for k, v in state_dict["_extra_state"].items() if k != "options"}
+    return {**state_dict, "_extra_state": extra}
+
+
 def test_foreign_states_are_refused_before_anything_changes(resnet20, noisy_batch, cifar_train_images):
     tent = tta.wrap(copy.deepcopy(resnet20), "tent")
     tent(noisy_batch)
@@ -249,7 +255,9 @@ def test_foreign_states_are_refused_before_anything_changes(resnet20, noisy_batc
     before = state(target)
     cases = [
         (sar.state_dict(), "from method 'sar'"),
-        (sgd_tent.state_dict(), "optimizer state is not this method's Adam.*SGD"),
+        (sgd_tent.state_dict(), r"saved with optimizer='sgd' \(here 'adam'\).*tta.wrap\(model, 'tent', optimizer='sgd'"),
+        (without_options(sgd_tent.state_dict()), "optimizer state is not this method's Adam.*SGD"),
+        (tta.wrap(copy.deepcopy(resnet20), "tent", lr=0.01).state_dict(), r"lr=0.01 \(here 0.001\)"),
         (resnet32_tent.state_dict(), "does not match this method and model"),
         ({k: v for k, v in tent.state_dict().items() if k != "model.backbone.bn1.weight"}, "missing keys"),
     ]
@@ -257,9 +265,12 @@ def test_foreign_states_are_refused_before_anything_changes(resnet20, noisy_batc
         with pytest.raises(ValueError, match=message):
             target.load_state_dict(foreign)
         assert not moved(before, target)
-    # a state of the same method and model loads, and round-trips bit-exactly
+    # a state of the same method and model loads, and round-trips bit-exactly; the
+    # options that only say how it runs may differ
     target.load_state_dict(tent.state_dict())
     assert not changed_keys(state(tent), state(target))
+    tta.wrap(copy.deepcopy(resnet20), "tent", check_inputs=False, channels_last=True).load_state_dict(
+        tent.state_dict())
     torch.manual_seed(0)
     a = tent(noisy_batch)
     torch.manual_seed(0)

@@ -32,7 +32,7 @@ from .norm_layers import refuse_single_image_statistics, use_batch_stats
 from .optim import StepUndo, build_optimizer, gated_step
 from .params import frozen_top, nothing_to_adapt_message, select_norm_params
 from .records import StepRecord
-from .state import check_loadable
+from .state import check_loadable, is_placeholder
 
 __all__ = ["TTAMethod"]
 
@@ -131,6 +131,9 @@ class TTAMethod(nn.Module):
     #: attribute names of the model copies a step changes besides the adapted
     #: parameters (a mean teacher): a step that raises restores them too
     updated_copies: tuple[str, ...] = ()
+    #: the options a state means something under, as ``tta.wrap`` resolved them (set
+    #: by it): saved with the state, which a method with other values refuses to load
+    state_options: dict[str, Any] = {}
 
     @classmethod
     def unused_options(cls) -> dict[str, str]:
@@ -405,6 +408,8 @@ class TTAMethod(nn.Module):
             "lr": self.lr,
             "lr_resolved": self._lr_rule is None,
         }
+        if self.state_options:
+            state["options"] = dict(self.state_options)
         if self.guard is not None:
             state["guard"] = self.guard.state_dict()
         return state
@@ -429,10 +434,13 @@ class TTAMethod(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         # Method buffers may change shape once the class count is known (a running
-        # mean prediction starts as a scalar NaN): take the stored shape.
+        # mean prediction starts as a scalar NaN, a memory as empty): between a
+        # placeholder and a sized buffer the stored shape wins (check_loadable
+        # refuses any other difference).
         for name, buf in self._buffers.items():
             stored = state_dict.get(prefix + name)
-            if buf is not None and stored is not None and stored.shape != buf.shape:
+            if (buf is not None and stored is not None and stored.shape != buf.shape
+                    and (is_placeholder(buf) or is_placeholder(stored))):
                 self._buffers[name] = torch.empty_like(stored, device=buf.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 

@@ -113,8 +113,29 @@ def wrap(model: nn.Module, name: str, *, preset: str | None = None, **overrides:
     restore_point = ModelRestorePoint(model) if isinstance(model, nn.Module) else None
     try:
         with torch.inference_mode(False), torch.enable_grad():
-            return cls(model, **overrides)
+            method = cls(model, **overrides)
     except BaseException:
         if restore_point is not None:
             restore_point.restore()
         raise
+    method.state_options = state_options({**known, **overrides})
+    return method
+
+
+# How a method runs, not what its state means: a state saved under other values loads.
+RUNTIME_OPTIONS = ("check_inputs", "amp", "channels_last", "compile")
+
+
+def state_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The options a method's state is saved with and checked against at load: all
+    but :data:`RUNTIME_OPTIONS`, plain values only (numbers, strings, None and tuples
+    of them; not loaders, transforms or models)."""
+    plain = (bool, int, float, str, type(None))
+    kept = {}
+    for key, value in options.items():
+        if isinstance(value, list):
+            value = tuple(value)
+        if key not in RUNTIME_OPTIONS and (isinstance(value, plain) or (
+                isinstance(value, tuple) and all(isinstance(v, plain) for v in value))):
+            kept[key] = value
+    return kept

@@ -12,7 +12,7 @@ from torch import Tensor
 if TYPE_CHECKING:
     from .base import TTAMethod
 
-__all__ = ["check_loadable", "check_optimizer_state"]
+__all__ = ["check_loadable", "check_optimizer_state", "is_placeholder"]
 
 
 def check_loadable(method: "TTAMethod", state_dict: Any, strict: bool) -> None:
@@ -28,6 +28,15 @@ def check_loadable(method: "TTAMethod", state_dict: Any, strict: bool) -> None:
     if theirs is not None and theirs != method.method_name:
         raise ValueError(f"{name}: this state is from method {theirs!r}; load it into a "
                          f"tta.wrap(model, {theirs!r}). Nothing was loaded")
+    saved = extra.get("options")
+    if isinstance(saved, Mapping) and method.state_options:
+        differ = {k: (saved[k], v) for k, v in method.state_options.items() if k in saved and saved[k] != v}
+        if differ:
+            said = ", ".join(f"{k}={t!r} (here {m!r})" for k, (t, m) in differ.items())
+            fix = ", ".join(f"{k}={t!r}" for k, (t, _) in differ.items())
+            raise ValueError(f"{name}: this state was saved with {said}, which its buffers, optimizer and "
+                             f"counts follow; load it into tta.wrap(model, {method.method_name!r}, {fix}, ...). "
+                             "Nothing was loaded")
     if strict:
         missing = sorted(own.keys() - state_dict.keys())
         unexpected = sorted(state_dict.keys() - own.keys())
@@ -39,12 +48,20 @@ def check_loadable(method: "TTAMethod", state_dict: Any, strict: bool) -> None:
             )
     for key, value in state_dict.items():
         mine = own.get(key)
-        if (isinstance(value, Tensor) and isinstance(mine, Tensor) and value.shape != mine.shape
-                and key not in method._buffers):  # the method's own buffers take the stored shape
+        # the method's own buffers go from placeholders to sized ones once the class
+        # count or the image size is known, and back at a reset
+        placeholder = key in method._buffers and (is_placeholder(mine) or is_placeholder(value))
+        if isinstance(value, Tensor) and isinstance(mine, Tensor) and value.shape != mine.shape and not placeholder:
             raise ValueError(f"{name}: {key!r} has shape {tuple(value.shape)} in the state but "
-                             f"{tuple(mine.shape)} here: it is from another model. Nothing was loaded")
+                             f"{tuple(mine.shape)} here: it is from another model or other options. "
+                             "Nothing was loaded")
     if method.optimizer is not None and extra.get("optimizer") is not None:
         check_optimizer_state(method.optimizer, extra["optimizer"], extra.get("optimizer_type"), name)
+
+
+def is_placeholder(buffer: Any) -> bool:
+    """A method buffer not sized yet: a scalar (a NaN running mean) or empty."""
+    return isinstance(buffer, Tensor) and (buffer.dim() == 0 or buffer.numel() == 0)
 
 
 def _few(keys: Sequence[str], n: int = 4) -> str:
