@@ -17,9 +17,15 @@ from torch import Tensor
 
 from ..paths import tta_home
 
-__all__ = ["IMG_EXTENSIONS", "list_image_folder", "load_image_folder", "cifar10_dir", "imagenet_wnids", "to_rgb8"]
+__all__ = ["IMG_EXTENSIONS", "NOT_CLASS_FOLDERS", "is_class_folder", "class_folders", "list_image_folder",
+           "load_image_folder", "cifar10_dir", "imagenet_wnids", "to_rgb8"]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+#: Folders that tools leave beside class folders and that hold no class: macOS's
+#: ``__MACOSX`` (a zip's resource forks) and Synology's ``@eaDir`` (thumbnails).
+#: Hidden folders (``.ipynb_checkpoints``, ``.git``, ...) are not classes either.
+NOT_CLASS_FOLDERS = ("__MACOSX", "@eaDir")
 
 
 def cifar10_dir(split: str = "test") -> Path:
@@ -36,12 +42,27 @@ def cifar10_dir(split: str = "test") -> Path:
     return path
 
 
+def is_class_folder(name: str) -> bool:
+    """Whether a folder named ``name`` beside class folders is a class: not hidden
+    (``.``-prefixed) and none of :data:`NOT_CLASS_FOLDERS`. The one rule of every
+    reader and checker in tta (``tta-data`` and ``tta-bench`` alike): counted as a
+    class, such a folder would take a label and shift those of the classes sorted
+    after it (``.``, ``@`` and ``_`` sort before letters: usually all of them)."""
+    return not name.startswith(".") and name not in NOT_CLASS_FOLDERS
+
+
+def class_folders(root: str | os.PathLike) -> list[str]:
+    """Sorted names of the class folders directly in ``root`` (see :func:`is_class_folder`)."""
+    return sorted(e.name for e in os.scandir(root) if e.is_dir() and is_class_folder(e.name))
+
+
 def list_image_folder(root: str | os.PathLike) -> tuple[list[Path], list[int], list[str]]:
-    """Files, labels and sorted class names of an ImageFolder tree."""
+    """Files, labels and sorted class names of an ImageFolder tree (class folders:
+    those :func:`is_class_folder` accepts)."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder not found: {root} (expected <root>/<class>/<image>)")
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    classes = class_folders(root)
     files, labels = [], []
     for idx, cls in enumerate(classes):
         for f in sorted((root / cls).iterdir()):

@@ -86,8 +86,11 @@ def check_imagenetc_folder(
     ``corruptions``: as in :func:`~tta.data.cifar10c.check_cifar10c_folder` (the 4
     extras are checked when their folders exist); ``severities``: which of 1..5 to
     check (default all).
-    Counts are per ``<corruption>/<severity>``; the published set has 50000 each."""
-    from . import imagenet_wnids
+    Counts are per ``<corruption>/<severity>``; the published set has 50000 each.
+    Hidden folders, ``__MACOSX`` and ``@eaDir`` are not classes (:func:`tta.data.is_class_folder`,
+    as in tta-bench); any other folder that is not a wnid makes the entry bad, as
+    ``data.class_index=imagenet`` refuses it."""
+    from . import class_folders, imagenet_wnids
 
     folder = _abs(folder)
     required, optional = _wanted_corruptions(corruptions)
@@ -114,7 +117,7 @@ def check_imagenetc_folder(
                 if not sdir.is_dir():
                     report.missing.append(key)
                     continue
-                subdirs = {e.name: e.path for e in os.scandir(sdir) if e.is_dir()}
+                subdirs = {name: os.path.join(sdir, name) for name in class_folders(sdir)}
                 absent = sorted(wnids - subdirs.keys())
                 unknown = sorted(subdirs.keys() - wnids)
                 total, empty = 0, []
@@ -128,6 +131,10 @@ def check_imagenetc_folder(
                     problems.append(f"{len(absent)} of the 1000 wnid folders missing (e.g. {', '.join(absent[:3])})")
                 if empty:
                     problems.append(f"{len(empty)} wnid folders without images (e.g. {', '.join(empty[:3])})")
+                if unknown:
+                    problems.append(f"{len(unknown)} folders that are not ImageNet-1k wnids, which "
+                                    f"data.class_index=imagenet refuses: {', '.join(unknown[:5])}"
+                                    f"{' ...' if len(unknown) > 5 else ''} (move them out)")
                 if problems:
                     report.bad[key] = "; ".join(problems)
                 else:
@@ -135,9 +142,6 @@ def check_imagenetc_folder(
                     report.counts[key] = total
                     if total != 50000:
                         odd_counts.append(f"{key} ({total})")
-                if unknown:
-                    report.notes.append(f"{key}: folders that are not ImageNet-1k wnids (ignored by "
-                                        f"class_index=imagenet): {', '.join(unknown[:5])}")
     if odd_counts:
         report.notes.append("image counts other than the published 50000 (50 per class): " + ", ".join(odd_counts))
     report.notes.append("image files are counted, not opened: tta-bench checks the ones a run uses before it streams")
