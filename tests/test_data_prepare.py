@@ -485,3 +485,48 @@ def test_imagenetc_tar_checksum_and_extraction(tmp_path, monkeypatch):
     with pytest.raises(FileExistsError, match="fog but not all of weather.tar"):
         P.prepare_imagenetc(tar, root, ["fog"], [5], log=quiet, progress=False)
     assert P.prepare_imagenetc(tar, root, ["fog"], [5], force=True, log=quiet, progress=False).usable
+
+
+# ----------------------------------------------------------------------------------
+# Reading image folders (tta.data.list_image_folder, load_image_folder)
+# ----------------------------------------------------------------------------------
+
+
+def _images(folder: Path, names, size=(4, 4)) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(names):
+        Image.new("RGB", size, (30 * i, 0, 0)).save(folder / name)
+
+
+def test_load_image_folder_refuses_bad_counts_and_names_two_sizes(tmp_path):
+    from tta.data import load_image_folder
+
+    for c in ("a", "b"):
+        _images(tmp_path / c, ["0.png", "1.png"])
+    for bad in (0, -3, 2.5, True, "2"):
+        with pytest.raises(ValueError, match=rf"num_images={bad!r}: give a whole number"):
+            load_image_folder(tmp_path, bad)
+    assert load_image_folder(tmp_path, 3)[0].shape == (3, 3, 4, 4)
+    assert load_image_folder(tmp_path, 100)[0].shape == (4, 3, 4, 4)  # at most the folder
+    assert load_image_folder(tmp_path, 3, seed=7)[1].tolist() == load_image_folder(tmp_path, 3, seed=7)[1].tolist()
+    _images(tmp_path / "b", ["2.png"], size=(6, 5))
+    with pytest.raises(ValueError) as err:
+        load_image_folder(tmp_path, shuffle=False)
+    msg = str(err.value)
+    assert f"{tmp_path / 'a' / '0.png'} is 4x4" in msg and f"{tmp_path / 'b' / '2.png'} is 6x5" in msg
+    assert "resize" in msg
+
+
+def test_files_of_other_extensions_are_counted_and_the_accepted_ones_named(tmp_path):
+    for c in ("a", "b"):
+        _images(tmp_path / c, ["0.tif", "1.gif"])
+        (tmp_path / c / "README").write_text("not an image")
+    with pytest.raises(FileNotFoundError) as err:
+        list_image_folder(tmp_path)
+    msg = str(err.value)
+    assert ".jpg, .jpeg, .png, .bmp, .webp" in msg and "6 files left out" in msg and ".tif (2)" in msg
+    # beside images: read, and a warning counts the image files left out (not the README)
+    _images(tmp_path / "a", ["2.png"])
+    with pytest.warns(UserWarning, match=r"4 image files under .* left out for their extension: \.(tif|gif) \(2\)"):
+        files, _, _ = list_image_folder(tmp_path)
+    assert [f.name for f in files] == ["2.png"]

@@ -240,10 +240,8 @@ def _imagenet_c(data: DataConfig, root: Path, segments, input_size, seed: int):
             )
         try:
             files, folder_labels, classes = list_image_folder(folder)
-        except FileNotFoundError:
-            raise FileNotFoundError(
-                f"no images under {folder}: expected the ImageNet-C layout {_IMAGENET_C_LAYOUT}"
-            ) from None
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"{err}; expected the ImageNet-C layout {_IMAGENET_C_LAYOUT}") from None
         class_labels, num_classes, mode = _class_indices(classes, data.class_index, folder)
         # Wnid folders are labelled by name, so domains may hold different subsets;
         # folder-numbered ones must be the same folders in every domain (which also
