@@ -356,3 +356,25 @@ def test_a_class_count_mismatch_names_the_class_folders(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"3 classes \(the class folders of .*folder: a, b, notes\)"):
         open_stream(cfg.data, cfg.scenario, cfg.run, torch.device("cpu"), input_size=(8, 8), model_classes=2,
                     model_name="m")
+
+
+@pytest.mark.parametrize("labels, expected", [
+    (np.array([-1, 0] * 5), r"negative labels \(min -1, max 0\): expected class indices"),
+    (np.array([0.7, 1.7] * 5, np.float32), r"holds float32 \(10,\): expected integers \(5 \* N,\)"),
+    (np.zeros((10, 1), np.int64), r"holds int64 \(10, 1\): expected integers \(5 \* N,\)"),
+    (None, "not a readable .npy file"),
+])
+def test_cifar10c_disk_checks_labels_npy_as_tta_data_does(tmp_path: Path, labels, expected) -> None:
+    from tta.data.prepare import check_cifar10c_folder
+
+    np.save(tmp_path / "fog.npy", np.zeros((10, 32, 32, 3), np.uint8))
+    if labels is None:
+        (tmp_path / "labels.npy").write_bytes(b"not an array")
+    else:
+        np.save(tmp_path / "labels.npy", labels)
+    cfg = read_config(compose_config(["data=cifar10c_disk", f"data.root={tmp_path}", "data.corruptions=[fog]"]))
+    with pytest.raises(ValueError, match=expected) as err:
+        build_domains(cfg.data, cfg.scenario, seed=0)
+    assert str(tmp_path / "labels.npy") in str(err.value)
+    # tta-data cifar10-c refuses the same file (its labels: CIFAR-10's 0..9)
+    assert "labels.npy" in check_cifar10c_folder(tmp_path, ["fog"]).bad

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -18,6 +19,7 @@ from typing import Sequence
 import numpy as np
 
 from ..data import imagenet_wnids, list_image_folder
+from ..data.cifar10c import images_npy_problem, labels_npy_problem
 from .files import bad_files_error, pick_files, seeded_subset
 from .pools import ArrayPool, FilePool, ImagePool
 from .settings import DataConfig, ScenarioConfig
@@ -189,7 +191,13 @@ def _npy(root: Path, segments, num_images: int | None, seed: int):
     if not label_path.is_file():
         raise FileNotFoundError(f"{label_path} not found: expected the CIFAR-10-C layout {_NPY_LAYOUT} "
                                 "(`tta-data cifar10-c` says where to get it and checks a copy)")
-    all_labels = np.load(label_path, mmap_mode="r")
+    all_labels = _load_npy(label_path)
+    # the check tta-data cifar10-c makes, but for any number of classes (CIFAR-100-C):
+    # the model's class count bounds the labels later (stream.open_stream)
+    problem = labels_npy_problem(all_labels, num_classes=None)
+    if problem:
+        raise ValueError(f"{label_path} {problem}. data=cifar10c_disk reads the CIFAR-10-C layout {_NPY_LAYOUT} "
+                         f"(`tta-data cifar10-c --source {shlex.quote(str(root))}` checks a copy)")
     pools: dict[str, ArrayPool] = {}
     domains = []
     for name, corruption, severity in segments:
@@ -203,6 +211,14 @@ def _npy(root: Path, segments, num_images: int | None, seed: int):
     return domains, None
 
 
+def _load_npy(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode="r")
+    except (ValueError, OSError, EOFError) as err:
+        raise ValueError(f"{path} is not a readable .npy file ({err}): expected the CIFAR-10-C layout "
+                         f"{_NPY_LAYOUT}") from err
+
+
 def _array_pool(root: Path, corruption: str, num_labels: int) -> ArrayPool:
     """``<root>/<corruption>.npy``, its shape checked against the published layout."""
     path = root / f"{corruption}.npy"
@@ -212,11 +228,12 @@ def _array_pool(root: Path, corruption: str, num_labels: int) -> ArrayPool:
             f"{path} not found: expected the CIFAR-10-C layout {_NPY_LAYOUT}; "
             f"corruptions present: {present or 'none'}"
         )
+    # the check tta-data cifar10-c makes, but for any image size (not only CIFAR's)
+    problem = images_npy_problem(_load_npy(path), size=None)
+    if problem:
+        raise ValueError(f"{path} {problem}")
     pool = ArrayPool(path)
     arr = pool.array
-    if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[3] != 3 or arr.shape[0] % 5:
-        raise ValueError(f"{path} holds {arr.dtype} {arr.shape}: expected uint8 (5 * N, H, W, 3), "
-                         "severities 1-5 stacked")
     if arr.shape[0] != num_labels:
         raise ValueError(f"{path} has {arr.shape[0]} images but {root / 'labels.npy'} {num_labels} labels")
     return pool

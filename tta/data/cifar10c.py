@@ -45,6 +45,33 @@ def _cifar10c_howto(root_dir: Path) -> str:
     )
 
 
+def labels_npy_problem(labels: np.ndarray, num_classes: int | None = 10) -> str | None:
+    """Why ``labels`` (a ``labels.npy`` array) cannot be CIFAR-10-C's labels, or None:
+    ``(5 * N,)`` integers in ``0..num_classes-1`` (``None``: any index >= 0, for
+    CIFAR-100-C and the like). The one check of ``tta-data cifar10-c`` and of
+    ``data=cifar10c_disk``: float labels would be truncated, negative ones never
+    match a prediction."""
+    if labels.ndim != 1 or labels.dtype.kind not in "iu" or labels.shape[0] % 5 or not labels.shape[0]:
+        return f"holds {labels.dtype} {labels.shape}: expected integers (5 * N,), severities 1-5 stacked"
+    lo, hi = int(labels.min()), int(labels.max())
+    if num_classes is not None and (lo < 0 or hi >= num_classes):
+        return f"labels outside 0..{num_classes - 1} (min {lo}, max {hi})"
+    if lo < 0:
+        return f"negative labels (min {lo}, max {hi}): expected class indices, 0 or more"
+    return None
+
+
+def images_npy_problem(images: np.ndarray, size: tuple[int, int] | None = (32, 32)) -> str | None:
+    """Why ``images`` (a ``<corruption>.npy`` array) cannot be CIFAR-10-C's images of
+    one corruption, or None: uint8 ``(5 * N, H, W, 3)`` with ``(H, W) == size``
+    (``None``: any size). Shared as :func:`labels_npy_problem` is."""
+    h, w = size if size is not None else ("H", "W")
+    if (images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3 or images.shape[0] % 5
+            or (size is not None and images.shape[1:3] != tuple(size))):
+        return f"holds {images.dtype} {images.shape}: expected uint8 (5 * N, {h}, {w}, 3), severities 1-5 stacked"
+    return None
+
+
 def check_cifar10c_folder(folder: str | os.PathLike, corruptions: Sequence[str] | None = None) -> DataReport:
     """Check a CIFAR-10-C folder as ``data=cifar10c_disk`` reads it, without loading
     the arrays (shapes and dtypes from the ``.npy`` headers, ``mmap_mode="r"``).
@@ -70,10 +97,9 @@ def check_cifar10c_folder(folder: str | os.PathLike, corruptions: Sequence[str] 
         except (ValueError, OSError, EOFError) as err:
             report.bad["labels.npy"] = f"not a readable .npy file ({err})"
         else:
-            if labels.ndim != 1 or labels.dtype.kind not in "iu" or labels.shape[0] % 5 or not labels.shape[0]:
-                report.bad["labels.npy"] = f"holds {labels.dtype} {labels.shape}: expected integers (5 * N,)"
-            elif int(labels.min()) < 0 or int(labels.max()) > 9:
-                report.bad["labels.npy"] = f"labels outside 0..9 (min {labels.min()}, max {labels.max()})"
+            problem = labels_npy_problem(labels)
+            if problem:
+                report.bad["labels.npy"] = problem
             else:
                 n_labels = labels.shape[0]
                 report.present.append("labels.npy")
@@ -91,8 +117,9 @@ def check_cifar10c_folder(folder: str | os.PathLike, corruptions: Sequence[str] 
         except (ValueError, OSError, EOFError) as err:
             report.bad[key] = f"not a readable .npy file ({err})"
             continue
-        if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[1:] != (32, 32, 3) or arr.shape[0] % 5:
-            report.bad[key] = f"holds {arr.dtype} {arr.shape}: expected uint8 (5 * N, 32, 32, 3)"
+        problem = images_npy_problem(arr)
+        if problem:
+            report.bad[key] = problem
         elif n_labels is not None and arr.shape[0] != n_labels:
             report.bad[key] = f"{arr.shape[0]} images but labels.npy has {n_labels} labels"
         else:
