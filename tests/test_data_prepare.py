@@ -530,3 +530,26 @@ def test_files_of_other_extensions_are_counted_and_the_accepted_ones_named(tmp_p
     with pytest.warns(UserWarning, match=r"4 image files under .* left out for their extension: \.(tif|gif) \(2\)"):
         files, _, _ = list_image_folder(tmp_path)
     assert [f.name for f in files] == ["2.png"]
+
+
+def test_severities_and_corruptions_are_refused_not_coerced(tmp_path, capsys):
+    root = write_fake_imagenetc(tmp_path / "ImageNet-C")
+    # one int, one name as a string: taken as one
+    report = P.check_imagenetc_folder(root, "fog", 5, progress=False)
+    assert report.usable and report.severities == (5,) and report.corruptions == ("fog",)
+    assert P.check_cifar10c_folder(tmp_path / "none", "fog").missing == ["labels.npy", "fog.npy"]
+    for bad, match in [([5.9], "severity 5.9 is not an integer"), ([True], "severity True is not an integer"),
+                       ("15", r"severities='15': give a severity 1\.\.5 or a sequence"),
+                       (2.0, r"severities=2\.0: give a severity"), ([6], "severity 6 is out of range")]:
+        with pytest.raises(ValueError, match=match):
+            P.check_imagenetc_folder(root, ["fog"], bad, progress=False)
+        with pytest.raises(ValueError, match=match):
+            P.prepare_imagenetc(root, tmp_path, ["fog"], bad, progress=False)
+    with pytest.raises(ValueError, match="corruption 5 is not a name"):
+        P.check_imagenetc_folder(root, ["fog", 5], [5], progress=False)
+    with pytest.raises(ValueError, match="corruptions=5: give a corruption name"):
+        P.check_cifar10c_folder(root, 5)
+    # the command line's words are whole numbers, or refused naming the word
+    assert P.main(["imagenet-c", "--source", str(root), "--corruptions", "fog", "--severities", "5", "--quiet"]) == 0
+    assert P.main(["imagenet-c", "--source", str(root), "--corruptions", "fog", "--severities", "2.5"]) == 1
+    assert "severity '2.5' is not an integer" in capsys.readouterr().err

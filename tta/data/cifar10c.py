@@ -72,14 +72,16 @@ def images_npy_problem(images: np.ndarray, size: tuple[int, int] | None = (32, 3
     return None
 
 
-def check_cifar10c_folder(folder: str | os.PathLike, corruptions: Sequence[str] | None = None) -> DataReport:
+def check_cifar10c_folder(
+    folder: str | os.PathLike, corruptions: str | Sequence[str] | None = None,
+) -> DataReport:
     """Check a CIFAR-10-C folder as ``data=cifar10c_disk`` reads it, without loading
     the arrays (shapes and dtypes from the ``.npy`` headers, ``mmap_mode="r"``).
 
     ``labels.npy``: ``(5 * N,)`` integers in 0..9; each ``<corruption>.npy``: uint8
     ``(5 * N, 32, 32, 3)`` (severities 1-5 stacked). ``corruptions``: the names to
-    require (default: the 15 benchmark corruptions required, the 4 extras checked
-    when present; ``["all"]``: all 19)."""
+    require, a sequence or one name as a string (default: the 15 benchmark
+    corruptions required, the 4 extras checked when present; ``"all"``: all 19)."""
     folder = _abs(folder)
     required, optional = _wanted_corruptions(corruptions)
     report = DataReport("CIFAR-10-C", folder, corruptions=required)
@@ -145,7 +147,7 @@ def _find_cifar10c_folder(tmp: Path) -> Path:
 def prepare_cifar10c(
     source: str | os.PathLike | None = None,
     root: str | os.PathLike | None = None,
-    corruptions: Sequence[str] | None = None,
+    corruptions: str | Sequence[str] | None = None,
     verify: bool = True,
     *,
     force: bool = False,

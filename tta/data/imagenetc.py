@@ -75,8 +75,8 @@ def _imagenetc_howto(root_dir: Path) -> str:
 
 def check_imagenetc_folder(
     folder: str | os.PathLike,
-    corruptions: Sequence[str] | None = None,
-    severities: Sequence[int] | None = None,
+    corruptions: str | Sequence[str] | None = None,
+    severities: int | Sequence[int] | None = None,
     progress: bool = True,
 ) -> DataReport:
     """Check an ImageNet-C folder as ``data=imagenetc`` reads it: every
@@ -85,7 +85,7 @@ def check_imagenetc_folder(
 
     ``corruptions``: as in :func:`~tta.data.cifar10c.check_cifar10c_folder` (the 4
     extras are checked when their folders exist); ``severities``: which of 1..5 to
-    check (default all).
+    check, an int or a sequence of ints (default all; anything else is refused).
     Counts are per ``<corruption>/<severity>``; the published set has 50000 each.
     Hidden folders, ``__MACOSX`` and ``@eaDir`` are not classes (:func:`tta.data.is_class_folder`,
     as in tta-bench); any other folder that is not a wnid makes the entry bad, as
@@ -174,8 +174,8 @@ def _tar_group(tar_path: Path) -> tuple[str, tuple[str, ...]]:
 def prepare_imagenetc(
     sources: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     root: str | os.PathLike | None = None,
-    corruptions: Sequence[str] | None = None,
-    severities: Sequence[int] | None = None,
+    corruptions: str | Sequence[str] | None = None,
+    severities: int | Sequence[int] | None = None,
     verify: bool = True,
     *,
     force: bool = False,

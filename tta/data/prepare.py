@@ -38,7 +38,7 @@ from .cifar10 import cifar10_next_step, prepare_cifar10
 from .cifar10_archive import CIFAR10_CLASSES, CIFAR10_FOLDER_NAME, CIFAR10_TAR_MD5, CIFAR10_TAR_NAME, CIFAR10_URL
 from .cifar10c import CIFAR10C_TAR, check_cifar10c_folder, prepare_cifar10c
 from .imagenetc import check_imagenetc_folder, prepare_imagenetc
-from .report import DataNotFoundError, DataReport
+from .report import DataNotFoundError, DataReport, severities_from_text
 
 # Not used here: the other published records, importable from here as before the split.
 from ._files import Log  # noqa: F401
@@ -157,7 +157,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             report = prepare_cifar10c(args.source, args.root, corruptions, args.verify, force=args.force,
                                       progress=progress)
         else:
-            severities = _list_arg(args.severities)
+            texts = _list_arg(args.severities)
+            severities = severities_from_text(texts) if texts else None
             report = prepare_imagenetc(args.source, args.root, corruptions, severities, args.verify,
                                        force=args.force, progress=progress)
     except DataNotFoundError as err:
