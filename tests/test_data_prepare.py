@@ -553,3 +553,59 @@ def test_severities_and_corruptions_are_refused_not_coerced(tmp_path, capsys):
     assert P.main(["imagenet-c", "--source", str(root), "--corruptions", "fog", "--severities", "5", "--quiet"]) == 0
     assert P.main(["imagenet-c", "--source", str(root), "--corruptions", "fog", "--severities", "2.5"]) == 1
     assert "severity '2.5' is not an integer" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------
+# Where tta-data writes: $TTA_HOME looked up only when needed, --root checked
+# ----------------------------------------------------------------------------------
+
+
+def test_an_empty_tta_home_is_needed_only_where_tta_data_writes_or_reads_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TTA_HOME", "")
+    for argv in ([], ["cifar10-c"]):
+        with pytest.raises(SystemExit) as exit_:
+            P.main([*argv, "--help"])
+        assert exit_.value.code == 0 and "set but empty" in capsys.readouterr().out
+    # a folder checked in place, and --root DIR, need no TTA_HOME
+    good = write_fake_cifar10c(tmp_path / "CIFAR-10-C")
+    assert P.main(["cifar10-c", "--source", str(good), "--quiet"]) == 0
+    assert "data=cifar10c_disk" in capsys.readouterr().out
+    assert P.main(["cifar10-c", "--root", str(tmp_path / "home"), "--quiet"]) == 1  # not there: where to get it
+    assert "zenodo" in capsys.readouterr().err
+    # where it is needed, the error says how to do without it
+    assert P.main(["cifar10-c", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "TTA_HOME is set but empty" in err and "--root DIR" in err and "Traceback" not in err
+
+
+def test_an_empty_root_is_refused(tmp_path, fake, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    batches = fake[0]
+    for argv in (["cifar10", "--source", str(batches), "--split", "test", "--no-verify"], ["cifar10-c"],
+                 ["imagenet-c"]):
+        assert P.main([*argv, "--root", "", "--quiet"]) == 1
+        assert "--root '' is empty" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # nothing written in the current folder
+    with pytest.raises(ValueError, match="is empty"):
+        P.prepare_cifar10c(tmp_path, root=" ")
+
+
+def test_a_read_only_root_says_where_it_tried_and_how_to_write_elsewhere(tmp_path, monkeypatch, capsys):
+    import errno
+
+    src = write_fake_cifar10c(tmp_path / "src" / "CIFAR-10-C")
+    tar = tar_folder(src, tmp_path / "CIFAR-10-C.tar", "w")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    mkdir = Path.mkdir
+
+    def read_only_mkdir(self, *args, **kwargs):  # as on a read-only mount (the tests may run as root)
+        if self == ro or ro in self.parents:
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", read_only_mkdir)
+    assert P.main(["cifar10-c", "--source", str(tar), "--root", str(ro), "--no-verify", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert f"cannot write {ro / 'data' / 'CIFAR-10-C'}: Read-only file system" in err
+    assert "--root DIR" in err and "another TTA_HOME" in err

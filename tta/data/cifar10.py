@@ -18,8 +18,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from ..paths import tta_home
-from ._files import Log, _abs, _bar, _count_images, _home, _move_into_place, _temp_folder_for
+from ._files import Log, _abs, _bar, _count_images, _home, _home_or_none, _move_into_place, _temp_folder_for
 from .cifar10_archive import (
     CIFAR10_CLASSES,
     CIFAR10_META,
@@ -219,7 +218,7 @@ def cifar10_next_step(targets: dict[str, Path]) -> str:
         keys.append(f"data.source_root={targets['train']}")
     explicit = f"tta-bench data=cifar10c {' '.join(keys)}"
     root = roots.pop() if len(roots) == 1 else None
-    if root is not None and root == tta_home():
+    if root is not None and root == _home_or_none():
         return (f"Next step:\n  tta-bench data=cifar10c    # reads them from $TTA_HOME ({root}): nothing to set\n"
                 f"(the same, spelled out: {explicit})")
     lines = ["Next step, either:"]

@@ -15,7 +15,17 @@ from typing import Sequence
 
 import numpy as np
 
-from ._files import Log, PublishedFile, _abs, _check_size, _extract_tar, _home, _move_into_place, _temp_folder_for
+from ._files import (
+    Log,
+    PublishedFile,
+    _abs,
+    _check_root,
+    _check_size,
+    _extract_tar,
+    _home,
+    _move_into_place,
+    _temp_folder_for,
+)
 from .report import DataNotFoundError, DataReport, _short_problems, _wanted_corruptions
 
 CIFAR10C_RECORD = "https://zenodo.org/records/2535967"
@@ -173,20 +183,22 @@ def prepare_cifar10c(
             message says where the published file is and what to run).
         ChecksumError, FileExistsError, FileNotFoundError, ValueError.
     """
-    root_dir = _home(root) / "data" / "CIFAR-10-C"
     _wanted_corruptions(corruptions)  # bad names fail before any work
+    _check_root(root)
+    if source is not None:
+        source = _abs(source)
+        if not source.exists():
+            raise FileNotFoundError(f"--source {source} does not exist: expected {CIFAR10C_TAR.name} or the "
+                                    f"extracted CIFAR-10-C folder (<corruption>.npy + labels.npy)")
+        if source.is_dir():  # checked in place: no $TTA_HOME needed
+            report = check_cifar10c_folder(source, corruptions)
+            report.notes.append(f"no checksums are published for the extracted files (only for {CIFAR10C_TAR.name})")
+            return report
+    root_dir = _home(root) / "data" / "CIFAR-10-C"
     if source is None:
         if not root_dir.is_dir():
             raise DataNotFoundError(_cifar10c_howto(root_dir))
         return check_cifar10c_folder(root_dir, corruptions)
-    source = _abs(source)
-    if not source.exists():
-        raise FileNotFoundError(f"--source {source} does not exist: expected {CIFAR10C_TAR.name} or the "
-                                f"extracted CIFAR-10-C folder (<corruption>.npy + labels.npy)")
-    if source.is_dir():
-        report = check_cifar10c_folder(source, corruptions)
-        report.notes.append(f"no checksums are published for the extracted files (only for {CIFAR10C_TAR.name})")
-        return report
     if not tarfile.is_tarfile(source):
         raise ValueError(f"--source {source} is neither a tar archive nor a folder: expected "
                          f"{CIFAR10C_TAR.name} or the extracted CIFAR-10-C folder")

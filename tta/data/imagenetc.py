@@ -19,6 +19,7 @@ from ._files import (
     PublishedFile,
     _abs,
     _bar,
+    _check_root,
     _count_images,
     _extract_tar,
     _home,
@@ -198,10 +199,11 @@ def prepare_imagenetc(
     Returns:
         The :class:`DataReport` of the folder.
     """
-    root_dir = _home(root) / "data" / "ImageNet-C"
     _wanted_corruptions(corruptions)
     _check_severities(severities)
+    _check_root(root)
     if sources is None or (not isinstance(sources, (str, os.PathLike)) and not sources):
+        root_dir = _home(root) / "data" / "ImageNet-C"
         if not root_dir.is_dir():
             raise DataNotFoundError(_imagenetc_howto(root_dir))
         return check_imagenetc_folder(root_dir, corruptions, severities, progress)
@@ -213,12 +215,13 @@ def prepare_imagenetc(
             raise FileNotFoundError(f"--source {p} does not exist: expected an ImageNet-C tar file "
                                     f"({', '.join(t.name for t in IMAGENETC_TARS.values())}) or the extracted folder")
     folders = [p for p in paths if p.is_dir()]
-    if folders:
+    if folders:  # checked in place: no $TTA_HOME needed
         if len(paths) > 1:
             raise ValueError(f"--source {folders[0]} is a folder: give one extracted folder, or tar files only")
         report = check_imagenetc_folder(folders[0], corruptions, severities, progress)
         report.notes.append("no checksums are published for the extracted files (only for the tar files)")
         return report
+    root_dir = _home(root) / "data" / "ImageNet-C"
     for p in paths:
         if not tarfile.is_tarfile(p):
             raise ValueError(f"--source {p} is neither a tar archive nor a folder")

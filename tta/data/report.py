@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence, TypeVar
 
-from ..paths import tta_home
+from ._files import _home_or_none
 
 SEVERITIES = (1, 2, 3, 4, 5)
 
@@ -174,7 +174,8 @@ class DataReport:
         if len(self.severities) == 1:
             extra += f" data.severity={self.severities[0]}"
         line = f"tta-bench data={data} data.root={self.root}{extra}"
-        if data == "cifar10c_disk" and not (tta_home() / "data" / "cifar10" / "train").is_dir():
+        home = _home_or_none()
+        if data == "cifar10c_disk" and (home is None or not (home / "data" / "cifar10" / "train").is_dir()):
             line += ("\n  (EATA's Fisher regulariser also reads clean training images, data.source_root: "
                      "`tta-data cifar10 --split train` writes them)")
         return line
