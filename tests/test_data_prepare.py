@@ -609,3 +609,49 @@ def test_a_read_only_root_says_where_it_tried_and_how_to_write_elsewhere(tmp_pat
     err = capsys.readouterr().err
     assert f"cannot write {ro / 'data' / 'CIFAR-10-C'}: Read-only file system" in err
     assert "--root DIR" in err and "another TTA_HOME" in err
+
+
+# ----------------------------------------------------------------------------------
+# The printed tta-bench line runs as printed
+# ----------------------------------------------------------------------------------
+
+#: Folder names the shell or Hydra's override grammar would split or misread unquoted.
+ODD_NAMES = ["my CIFAR-10-C, copy", "it's", 'say "hi"', "cost=$5 ${x}", "back\\slash\\", "caf\u00e9 [1]~"]
+
+
+def _bench_overrides(out: str) -> list[str]:
+    """The overrides of the last ``tta-bench`` line in ``out`` (the one that spells
+    them out), as bash would split them, each checked by Hydra's override parser."""
+    import shlex
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    line = [ln for ln in out.splitlines() if ln.strip().startswith("tta-bench ")][-1]
+    words = shlex.split(line, comments=True)
+    assert words[0] == "tta-bench"
+    parser = OverridesParser.create()
+    for word in words[1:]:
+        parser.parse_override(word)
+    return words[1:]
+
+
+@pytest.mark.parametrize("name", ODD_NAMES)
+def test_the_printed_tta_bench_line_reads_back_the_folder(tmp_path, capsys, name):
+    pytest.importorskip("hydra")
+    from tta.bench import compose_config
+
+    folder = write_fake_cifar10c(tmp_path / name, names=("fog", "contrast"))
+    assert P.main(["cifar10-c", "--source", str(folder), "--corruptions", "fog,contrast", "--quiet"]) == 0
+    cfg = compose_config(_bench_overrides(capsys.readouterr().out))
+    assert cfg.data.name == "cifar10c_disk" and cfg.data.root == str(folder)
+    assert list(cfg.data.corruptions) == ["fog", "contrast"]
+    # CIFAR-10's lines: data.root and data.source_root, and the export of TTA_HOME
+    home = tmp_path / name / "home"
+    out = P.cifar10_next_step({s: home / "data" / "cifar10" / s for s in ("train", "test")})
+    cfg = compose_config(_bench_overrides(out))
+    assert cfg.data.root == str(home / "data" / "cifar10" / "test")
+    assert cfg.data.source_root == str(home / "data" / "cifar10" / "train")
+    import shlex
+
+    export = next(ln for ln in out.splitlines() if "export TTA_HOME=" in ln)
+    assert shlex.split(export) == ["export", f"TTA_HOME={home}"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
@@ -29,7 +30,7 @@ from .cifar10_archive import (
     _download_cifar10,
     _read_cifar10_source,
 )
-from .report import unique_choices
+from .report import bench_arg, unique_choices
 
 #: Name of the file :func:`prepare_cifar10` leaves in each split folder it writes.
 MARKER = ".tta-data.json"
@@ -213,9 +214,9 @@ def cifar10_next_step(targets: dict[str, Path]) -> str:
     roots = {p.parent.parent.parent for p in targets.values()}
     keys = []
     if "test" in targets:
-        keys.append(f"data.root={targets['test']}")
+        keys.append(bench_arg("data.root", targets["test"]))
     if "train" in targets:
-        keys.append(f"data.source_root={targets['train']}")
+        keys.append(bench_arg("data.source_root", targets["train"]))
     explicit = f"tta-bench data=cifar10c {' '.join(keys)}"
     root = roots.pop() if len(roots) == 1 else None
     if root is not None and root == _home_or_none():
@@ -223,6 +224,7 @@ def cifar10_next_step(targets: dict[str, Path]) -> str:
                 f"(the same, spelled out: {explicit})")
     lines = ["Next step, either:"]
     if root is not None:
-        lines += [f"  export TTA_HOME={root}", "  tta-bench data=cifar10c", "or, leaving TTA_HOME as it is:"]
+        lines += [f"  export TTA_HOME={shlex.quote(str(root))}", "  tta-bench data=cifar10c",
+                  "or, leaving TTA_HOME as it is:"]
     lines.append(f"  {explicit}")
     return "\n".join(lines)

@@ -9,6 +9,7 @@ against its published size, md5 and sha256) into ``<root>/data/CIFAR-10-C``.
 from __future__ import annotations
 
 import os
+import shlex
 import tarfile
 from pathlib import Path
 from typing import Sequence
@@ -26,7 +27,7 @@ from ._files import (
     _move_into_place,
     _temp_folder_for,
 )
-from .report import DataNotFoundError, DataReport, _short_problems, _wanted_corruptions
+from .report import DataNotFoundError, DataReport, _short_problems, _wanted_corruptions, bench_arg
 
 CIFAR10C_RECORD = "https://zenodo.org/records/2535967"
 # md5: as the Zenodo record lists it (also used by torchvision-style loaders across
@@ -43,15 +44,16 @@ CIFAR10C_TAR = PublishedFile(
 
 
 def _cifar10c_howto(root_dir: Path) -> str:
+    here, parent = shlex.quote(str(root_dir)), shlex.quote(str(root_dir.parent))
     return (
         f"CIFAR-10-C is not at {root_dir}. It is published on Zenodo ({CIFAR10C_RECORD}) as "
         f"{CIFAR10C_TAR.name} ({CIFAR10C_TAR.size / 2**30:.1f} GiB, md5 {CIFAR10C_TAR.md5}): {CIFAR10C_TAR.url}\n"
         "Download it, then either\n"
         f"  tta-data cifar10-c --source /path/to/{CIFAR10C_TAR.name}      # checks it, extracts it to {root_dir}\n"
-        f"or extract it yourself (mkdir -p {root_dir.parent} && tar -xf {CIFAR10C_TAR.name} -C {root_dir.parent}) "
+        f"or extract it yourself (mkdir -p {parent} && tar -xf {CIFAR10C_TAR.name} -C {parent}) "
         "and check the folder with\n"
-        f"  tta-data cifar10-c --source {root_dir}\n"
-        f"then run: tta-bench data=cifar10c_disk data.root={root_dir}"
+        f"  tta-data cifar10-c --source {here}\n"
+        f"then run: tta-bench data=cifar10c_disk {bench_arg('data.root', root_dir)}"
     )
 
 

@@ -10,6 +10,7 @@ its published md5) into ``<root>/data/ImageNet-C``.
 from __future__ import annotations
 
 import os
+import shlex
 import tarfile
 from pathlib import Path
 from typing import Sequence
@@ -27,7 +28,14 @@ from ._files import (
     _safe_parts,
     _temp_folder_for,
 )
-from .report import DataNotFoundError, DataReport, _check_severities, _corruption_names, _wanted_corruptions
+from .report import (
+    DataNotFoundError,
+    DataReport,
+    _check_severities,
+    _corruption_names,
+    _wanted_corruptions,
+    bench_arg,
+)
 
 IMAGENETC_RECORD = "https://zenodo.org/records/2235448"
 # md5s: as the Zenodo record lists them (the same values are used by the ImageNet-C
@@ -61,6 +69,7 @@ IMAGENETC_TARS: dict[str, PublishedFile] = {
 
 def _imagenetc_howto(root_dir: Path) -> str:
     files = "\n".join(f"  {p.url}  (md5 {p.md5}): {', '.join(p.corruptions)}" for p in IMAGENETC_TARS.values())
+    here = shlex.quote(str(root_dir))
     return (
         f"ImageNet-C is not at {root_dir}. It is published on Zenodo ({IMAGENETC_RECORD}) as five tar files "
         f"(noise, blur, weather and digital hold the 15 benchmark corruptions, extra the 4 held-out ones):\n"
@@ -68,9 +77,9 @@ def _imagenetc_howto(root_dir: Path) -> str:
         "Download them, then either\n"
         f"  tta-data imagenet-c --source blur.tar --source digital.tar --source noise.tar --source weather.tar"
         f"    # checks, extracts to {root_dir}\n"
-        f"or extract them yourself (mkdir -p {root_dir} && tar -xf <file>.tar -C {root_dir}) and check the folder with\n"
-        f"  tta-data imagenet-c --source {root_dir}\n"
-        f"then run: tta-bench data=imagenetc data.root={root_dir}"
+        f"or extract them yourself (mkdir -p {here} && tar -xf <file>.tar -C {here}) and check the folder with\n"
+        f"  tta-data imagenet-c --source {here}\n"
+        f"then run: tta-bench data=imagenetc {bench_arg('data.root', root_dir)}"
     )
 
 

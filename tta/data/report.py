@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import difflib
 import numbers
+import os
+import re
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence, TypeVar
@@ -22,6 +25,26 @@ from ._files import _home_or_none
 SEVERITIES = (1, 2, 3, 4, 5)
 
 T = TypeVar("T")
+
+
+#: Paths that both the shell and Hydra's override grammar read as they are.
+_PLAIN_PATH = re.compile(r"/[A-Za-z0-9_/.+@%:-]*")
+
+
+def bench_arg(key: str, value: str | os.PathLike) -> str:
+    """``key=value`` as one word of a shell command line that Hydra's override
+    parser reads back as ``value`` (the ``tta-bench`` lines tta-data prints are
+    meant to be copied into a shell). A path of plain characters stays as it is;
+    any other value (a space, a comma: Hydra's list separator, quotes, ``=``, ...)
+    goes into Hydra's double quotes, where ``"`` and the backslashes before it or
+    at the end are escaped, and ``${`` too (OmegaConf would resolve it); the whole
+    word then into shell quotes."""
+    text = os.fspath(value)
+    if _PLAIN_PATH.fullmatch(text):
+        return f"{key}={text}"
+    hydra = re.sub(r'(\\*)"', lambda m: m.group(1) * 2 + '\\"', text)
+    hydra = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, hydra).replace("${", "\\${")
+    return shlex.quote(f'{key}="{hydra}"')
 
 
 def _corruption_names() -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -173,7 +196,7 @@ class DataReport:
             extra += f" 'data.corruptions=[{','.join(self.corruptions)}]'"
         if len(self.severities) == 1:
             extra += f" data.severity={self.severities[0]}"
-        line = f"tta-bench data={data} data.root={self.root}{extra}"
+        line = f"tta-bench data={data} {bench_arg('data.root', self.root)}{extra}"
         home = _home_or_none()
         if data == "cifar10c_disk" and (home is None or not (home / "data" / "cifar10" / "train").is_dir()):
             line += ("\n  (EATA's Fisher regulariser also reads clean training images, data.source_root: "
