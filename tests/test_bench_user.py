@@ -378,3 +378,25 @@ def test_cifar10c_disk_checks_labels_npy_as_tta_data_does(tmp_path: Path, labels
     assert str(tmp_path / "labels.npy") in str(err.value)
     # tta-data cifar10-c refuses the same file (its labels: CIFAR-10's 0..9)
     assert "labels.npy" in check_cifar10c_folder(tmp_path, ["fog"]).bad
+
+
+def test_crop_ratio_leaves_an_image_already_at_the_size_whole_as_documented() -> None:
+    # Deliberate (ImageNet-C's files are 224-px centre crops already): such an image
+    # is not cropped again; any other size is resized to size / crop_ratio and
+    # centre-cropped. A folder of mixed sizes then mixes fields of view, which the
+    # docs of crop_ratio say.
+    import tempfile
+
+    from PIL import Image
+
+    from tta.bench import config_dir
+    from tta.bench.files import decode_image
+
+    rng = np.random.default_rng(0)
+    small, big = rng.integers(0, 256, (8, 8, 3), np.uint8), rng.integers(0, 256, (16, 16, 3), np.uint8)
+    with tempfile.TemporaryDirectory() as tmp:
+        Image.fromarray(small).save(f"{tmp}/small.png")
+        Image.fromarray(big).save(f"{tmp}/big.png")
+        assert torch.equal(decode_image(f"{tmp}/small.png", 8, 0.5), torch.from_numpy(small).permute(2, 0, 1))
+        assert torch.equal(decode_image(f"{tmp}/big.png", 8, 0.5), torch.from_numpy(big[4:12, 4:12]).permute(2, 0, 1))
+    assert "used whole" in (config_dir() / "data_base.yaml").read_text()
