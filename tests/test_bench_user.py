@@ -353,7 +353,7 @@ def test_a_class_count_mismatch_names_the_class_folders(tmp_path: Path) -> None:
 
     root = _class_tree(tmp_path / "folder", ["a", "b", "notes"])
     cfg = read_config(compose_config(["data=imagefolder_c", f"data.root={root}", "data.corruptions=[fog]"]))
-    with pytest.raises(ValueError, match=r"3 classes \(the class folders of .*folder: a, b, notes\)"):
+    with pytest.raises(ValueError, match=r"3 classes \(the class folders of .*folder: a, b, notes; move out"):
         open_stream(cfg.data, cfg.scenario, cfg.run, torch.device("cpu"), input_size=(8, 8), model_classes=2,
                     model_name="m")
 

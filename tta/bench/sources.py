@@ -94,7 +94,8 @@ def _classes_note(classes: Sequence[str], mode: str, where: Path) -> str:
     if mode == "imagenet":
         return "the 1000 ImageNet-1k classes, data.class_index=imagenet"
     shown = ", ".join(classes[:12]) + (f", ... ({len(classes)} in all)" if len(classes) > 12 else "")
-    return f"the class folders of {where}: {shown}"
+    return (f"the class folders of {where}: {shown}; move out the folders that are not classes, "
+            "hidden folders, __MACOSX and @eaDir aside, which never count")
 
 
 def _different_class_folders(folder: Path, classes: Sequence[str], first: Path,

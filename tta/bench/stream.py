@@ -281,8 +281,7 @@ def open_stream(data: DataConfig, scenario: ScenarioConfig, run: RunConfig, devi
         note = domains[0].classes_note
         raise ValueError(
             f"data {data.name} has {num_classes} classes{f' ({note})' if note else ''} but model {model_name} "
-            f"predicts {model_classes}: pick a matching model (or data.class_index), or move the folders that "
-            "are not classes out of the data root (hidden folders, __MACOSX and @eaDir are never classes)"
+            f"predicts {model_classes}: pick a matching model (or data.class_index)"
         )
     max_label = max(int(d.labels.max()) for d in domains)
     if model_classes is not None and max_label >= model_classes:
