@@ -18,6 +18,7 @@ from tta.bench.render import BatchRenderer
 from tta.bench.settings import read_config
 from tta.bench.sources import build_domains
 from tta.bench.stream import BatchLoader, build_stream
+from tta.data import imagenet_wnids
 
 GN_QUICK = [
     "model=zoo_resnet26_gn",
@@ -270,3 +271,132 @@ def test_counts_read_right() -> None:
 
     assert [count(1, "domain"), count(2, "domain"), count(1, "batch"), count(3, "batch")] == [
         "1 domain", "2 domains", "1 batch", "3 batches"]
+
+
+# ----------------------------------------------------------------------------------
+# Class folders: the same rule in tta-data and tta-bench, the same labels in every domain
+# ----------------------------------------------------------------------------------
+
+
+def _class_tree(root: Path, classes, per_class: int = 2, size: int = 8) -> Path:
+    from PIL import Image
+
+    for k, c in enumerate(classes):
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(np.full((size, size, 3), (20 * k + i) % 256, np.uint8)).save(root / c / f"{i}.png")
+    return root
+
+
+def _imagenetc_domains(root: Path, *over: str):
+    cfg = read_config(compose_config(["data=imagenetc", f"data.root={root}", "data.corruptions=[gaussian_noise,fog]",
+                                      "data.num_images=null", *over]))
+    return build_domains(cfg.data, cfg.scenario, input_size=(8, 8), seed=0)
+
+
+def test_class_index_folder_needs_the_same_class_folders_in_every_domain(tmp_path: Path) -> None:
+    # numbered per domain, a folder spelled 'plane' in fog would shift every fog label
+    _class_tree(tmp_path / "gaussian_noise" / "5", ["airplane", "bird", "cat"])
+    _class_tree(tmp_path / "fog" / "5", ["bird", "cat", "plane"])
+    with pytest.raises(ValueError) as err:
+        _imagenetc_domains(tmp_path, "data.class_index=folder")
+    msg = str(err.value)
+    assert str(tmp_path / "fog" / "5") in msg and "['airplane']" in msg and "['plane']" in msg
+    # the same folders in every domain: each class has one label everywhere
+    (tmp_path / "fog" / "5" / "plane").rename(tmp_path / "fog" / "5" / "airplane")
+    domains, num_classes = _imagenetc_domains(tmp_path, "data.class_index=folder")
+    assert num_classes == 3
+    for d in domains:
+        assert {d.pool.files[r].parent.name: int(lab) for r, lab in zip(d.rows, d.labels)} == {
+            "airplane": 0, "bird": 1, "cat": 2}
+    # wnid folders are labelled by name: domains may hold different subsets
+    wnids = imagenet_wnids()
+    _class_tree(tmp_path / "w" / "gaussian_noise" / "5", wnids[:2])
+    _class_tree(tmp_path / "w" / "fog" / "5", wnids[1:3])
+    domains, _ = _imagenetc_domains(tmp_path / "w")
+    assert [sorted(set(d.labels.tolist())) for d in domains] == [[0, 1], [1, 2]]
+
+
+def test_hidden_and_system_folders_are_never_classes(tmp_path: Path) -> None:
+    from tta.data import list_image_folder
+    from tta.data.prepare import check_imagenetc_folder
+
+    stray = [".ipynb_checkpoints", ".hidden", "__MACOSX", "@eaDir"]
+    root = _class_tree(tmp_path / "folder", ["a", "b"])
+    for name in stray:  # with an image inside, as a checkpoint copy or a thumbnail would be
+        _class_tree(root, [name], per_class=1)
+    assert list_image_folder(root)[2] == ["a", "b"]
+    cfg = read_config(compose_config(["data=imagefolder_c", f"data.root={root}", "data.corruptions=[fog]",
+                                      "data.num_images=null"]))
+    domains, num_classes = build_domains(cfg.data, cfg.scenario, input_size=(8, 8), seed=0)
+    assert num_classes == 2 and sorted(domains[0].labels.tolist()) == [0, 0, 1, 1]
+    # ImageNet-C: what tta-data calls usable, tta-bench reads (both skip the same folders)
+    inc = tmp_path / "inc"
+    _class_tree(inc / "fog" / "5", imagenet_wnids(), per_class=1, size=4)
+    for name in stray:
+        _class_tree(inc / "fog" / "5", [name], per_class=1)
+    report = check_imagenetc_folder(inc, ["fog"], [5], progress=False)
+    assert report.usable, report.summary()
+    cfg = read_config(compose_config(["data=imagenetc", f"data.root={inc}", "data.corruptions=[fog]",
+                                      "data.num_images=3"]))
+    assert build_domains(cfg.data, cfg.scenario, input_size=(4, 4), seed=0)[1] == 1000
+    # any other folder that is not a wnid is refused by both
+    _class_tree(inc / "fog" / "5", ["extra"], per_class=1)
+    report = check_imagenetc_folder(inc, ["fog"], [5], progress=False)
+    assert not report.usable and "extra" in report.bad["fog/5"]
+    with pytest.raises(ValueError, match="extra"):
+        build_domains(cfg.data, cfg.scenario, input_size=(4, 4), seed=0)
+
+
+def test_a_class_count_mismatch_names_the_class_folders(tmp_path: Path) -> None:
+    from tta.bench.stream import open_stream
+
+    root = _class_tree(tmp_path / "folder", ["a", "b", "notes"])
+    cfg = read_config(compose_config(["data=imagefolder_c", f"data.root={root}", "data.corruptions=[fog]"]))
+    with pytest.raises(ValueError, match=r"3 classes \(the class folders of .*folder: a, b, notes; move out"):
+        open_stream(cfg.data, cfg.scenario, cfg.run, torch.device("cpu"), input_size=(8, 8), model_classes=2,
+                    model_name="m")
+
+
+@pytest.mark.parametrize("labels, expected", [
+    (np.array([-1, 0] * 5), r"negative labels \(min -1, max 0\): expected class indices"),
+    (np.array([0.7, 1.7] * 5, np.float32), r"holds float32 \(10,\): expected integers \(5 \* N,\)"),
+    (np.zeros((10, 1), np.int64), r"holds int64 \(10, 1\): expected integers \(5 \* N,\)"),
+    (None, "not a readable .npy file"),
+])
+def test_cifar10c_disk_checks_labels_npy_as_tta_data_does(tmp_path: Path, labels, expected) -> None:
+    from tta.data.prepare import check_cifar10c_folder
+
+    np.save(tmp_path / "fog.npy", np.zeros((10, 32, 32, 3), np.uint8))
+    if labels is None:
+        (tmp_path / "labels.npy").write_bytes(b"not an array")
+    else:
+        np.save(tmp_path / "labels.npy", labels)
+    cfg = read_config(compose_config(["data=cifar10c_disk", f"data.root={tmp_path}", "data.corruptions=[fog]"]))
+    with pytest.raises(ValueError, match=expected) as err:
+        build_domains(cfg.data, cfg.scenario, seed=0)
+    assert str(tmp_path / "labels.npy") in str(err.value)
+    # tta-data cifar10-c refuses the same file (its labels: CIFAR-10's 0..9)
+    assert "labels.npy" in check_cifar10c_folder(tmp_path, ["fog"]).bad
+
+
+def test_crop_ratio_leaves_an_image_already_at_the_size_whole_as_documented() -> None:
+    # Deliberate (ImageNet-C's files are 224-px centre crops already): such an image
+    # is not cropped again; any other size is resized to size / crop_ratio and
+    # centre-cropped. A folder of mixed sizes then mixes fields of view, which the
+    # docs of crop_ratio say.
+    import tempfile
+
+    from PIL import Image
+
+    from tta.bench import config_dir
+    from tta.bench.files import decode_image
+
+    rng = np.random.default_rng(0)
+    small, big = rng.integers(0, 256, (8, 8, 3), np.uint8), rng.integers(0, 256, (16, 16, 3), np.uint8)
+    with tempfile.TemporaryDirectory() as tmp:
+        Image.fromarray(small).save(f"{tmp}/small.png")
+        Image.fromarray(big).save(f"{tmp}/big.png")
+        assert torch.equal(decode_image(f"{tmp}/small.png", 8, 0.5), torch.from_numpy(small).permute(2, 0, 1))
+        assert torch.equal(decode_image(f"{tmp}/big.png", 8, 0.5), torch.from_numpy(big[4:12, 4:12]).permute(2, 0, 1))
+    assert "used whole" in (config_dir() / "data_base.yaml").read_text()

@@ -485,3 +485,173 @@ def test_imagenetc_tar_checksum_and_extraction(tmp_path, monkeypatch):
     with pytest.raises(FileExistsError, match="fog but not all of weather.tar"):
         P.prepare_imagenetc(tar, root, ["fog"], [5], log=quiet, progress=False)
     assert P.prepare_imagenetc(tar, root, ["fog"], [5], force=True, log=quiet, progress=False).usable
+
+
+# ----------------------------------------------------------------------------------
+# Reading image folders (tta.data.list_image_folder, load_image_folder)
+# ----------------------------------------------------------------------------------
+
+
+def _images(folder: Path, names, size=(4, 4)) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(names):
+        Image.new("RGB", size, (30 * i, 0, 0)).save(folder / name)
+
+
+def test_load_image_folder_refuses_bad_counts_and_names_two_sizes(tmp_path):
+    from tta.data import load_image_folder
+
+    for c in ("a", "b"):
+        _images(tmp_path / c, ["0.png", "1.png"])
+    for bad in (0, -3, 2.5, True, "2"):
+        with pytest.raises(ValueError, match=rf"num_images={bad!r}: give a whole number"):
+            load_image_folder(tmp_path, bad)
+    assert load_image_folder(tmp_path, 3)[0].shape == (3, 3, 4, 4)
+    assert load_image_folder(tmp_path, 100)[0].shape == (4, 3, 4, 4)  # at most the folder
+    assert load_image_folder(tmp_path, 3, seed=7)[1].tolist() == load_image_folder(tmp_path, 3, seed=7)[1].tolist()
+    _images(tmp_path / "b", ["2.png"], size=(6, 5))
+    with pytest.raises(ValueError) as err:
+        load_image_folder(tmp_path, shuffle=False)
+    msg = str(err.value)
+    assert f"{tmp_path / 'a' / '0.png'} is 4x4" in msg and f"{tmp_path / 'b' / '2.png'} is 6x5" in msg
+    assert "resize" in msg
+
+
+def test_files_of_other_extensions_are_counted_and_the_accepted_ones_named(tmp_path):
+    for c in ("a", "b"):
+        _images(tmp_path / c, ["0.tif", "1.gif"])
+        (tmp_path / c / "README").write_text("not an image")
+    with pytest.raises(FileNotFoundError) as err:
+        list_image_folder(tmp_path)
+    msg = str(err.value)
+    assert ".jpg, .jpeg, .png, .bmp, .webp" in msg and "6 files left out" in msg and ".tif (2)" in msg
+    # beside images: read, and a warning counts the image files left out (not the README)
+    _images(tmp_path / "a", ["2.png"])
+    with pytest.warns(UserWarning, match=r"4 image files under .* left out for their extension: \.(tif|gif) \(2\)"):
+        files, _, _ = list_image_folder(tmp_path)
+    assert [f.name for f in files] == ["2.png"]
+
+
+def test_severities_and_corruptions_are_refused_not_coerced(tmp_path, capsys):
+    root = write_fake_imagenetc(tmp_path / "ImageNet-C")
+    # one int, one name as a string: taken as one
+    report = P.check_imagenetc_folder(root, "fog", 5, progress=False)
+    assert report.usable and report.severities == (5,) and report.corruptions == ("fog",)
+    assert P.check_cifar10c_folder(tmp_path / "none", "fog").missing == ["labels.npy", "fog.npy"]
+    for bad, match in [([5.9], "severity 5.9 is not an integer"), ([True], "severity True is not an integer"),
+                       ("15", r"severities='15': give a severity 1\.\.5 or a sequence"),
+                       (2.0, r"severities=2\.0: give a severity"), ([6], "severity 6 is out of range")]:
+        with pytest.raises(ValueError, match=match):
+            P.check_imagenetc_folder(root, ["fog"], bad, progress=False)
+        with pytest.raises(ValueError, match=match):
+            P.prepare_imagenetc(root, tmp_path, ["fog"], bad, progress=False)
+    with pytest.raises(ValueError, match="corruption 5 is not a name"):
+        P.check_imagenetc_folder(root, ["fog", 5], [5], progress=False)
+    with pytest.raises(ValueError, match="corruptions=5: give a corruption name"):
+        P.check_cifar10c_folder(root, 5)
+    # the command line's words are whole numbers, or refused naming the word
+    assert P.main(["imagenet-c", "--source", str(root), "--corruptions", "fog", "--severities", "5", "--quiet"]) == 0
+    assert P.main(["imagenet-c", "--source", str(root), "--corruptions", "fog", "--severities", "2.5"]) == 1
+    assert "severity '2.5' is not an integer" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------
+# Where tta-data writes: $TTA_HOME looked up only when needed, --root checked
+# ----------------------------------------------------------------------------------
+
+
+def test_an_empty_tta_home_is_needed_only_where_tta_data_writes_or_reads_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TTA_HOME", "")
+    for argv in ([], ["cifar10-c"]):
+        with pytest.raises(SystemExit) as exit_:
+            P.main([*argv, "--help"])
+        assert exit_.value.code == 0 and "set but empty" in capsys.readouterr().out
+    # a folder checked in place, and --root DIR, need no TTA_HOME
+    good = write_fake_cifar10c(tmp_path / "CIFAR-10-C")
+    assert P.main(["cifar10-c", "--source", str(good), "--quiet"]) == 0
+    assert "data=cifar10c_disk" in capsys.readouterr().out
+    assert P.main(["cifar10-c", "--root", str(tmp_path / "home"), "--quiet"]) == 1  # not there: where to get it
+    assert "zenodo" in capsys.readouterr().err
+    # where it is needed, the error says how to do without it
+    assert P.main(["cifar10-c", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "TTA_HOME is set but empty" in err and "--root DIR" in err and "Traceback" not in err
+
+
+def test_an_empty_root_is_refused(tmp_path, fake, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    batches = fake[0]
+    for argv in (["cifar10", "--source", str(batches), "--split", "test", "--no-verify"], ["cifar10-c"],
+                 ["imagenet-c"]):
+        assert P.main([*argv, "--root", "", "--quiet"]) == 1
+        assert "--root '' is empty" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # nothing written in the current folder
+    with pytest.raises(ValueError, match="is empty"):
+        P.prepare_cifar10c(tmp_path, root=" ")
+
+
+def test_a_read_only_root_says_where_it_tried_and_how_to_write_elsewhere(tmp_path, monkeypatch, capsys):
+    import errno
+
+    src = write_fake_cifar10c(tmp_path / "src" / "CIFAR-10-C")
+    tar = tar_folder(src, tmp_path / "CIFAR-10-C.tar", "w")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    mkdir = Path.mkdir
+
+    def read_only_mkdir(self, *args, **kwargs):  # as on a read-only mount (the tests may run as root)
+        if self == ro or ro in self.parents:
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", read_only_mkdir)
+    assert P.main(["cifar10-c", "--source", str(tar), "--root", str(ro), "--no-verify", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert f"cannot write {ro / 'data' / 'CIFAR-10-C'}: Read-only file system" in err
+    assert "--root DIR" in err and "another TTA_HOME" in err
+
+
+# ----------------------------------------------------------------------------------
+# The printed tta-bench line runs as printed
+# ----------------------------------------------------------------------------------
+
+#: Folder names the shell or Hydra's override grammar would split or misread unquoted.
+ODD_NAMES = ["my CIFAR-10-C, copy", "it's", 'say "hi"', "cost=$5 ${x}", "back\\slash\\", "caf\u00e9 [1]~"]
+
+
+def _bench_overrides(out: str) -> list[str]:
+    """The overrides of the last ``tta-bench`` line in ``out`` (the one that spells
+    them out), as bash would split them, each checked by Hydra's override parser."""
+    import shlex
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    line = [ln for ln in out.splitlines() if ln.strip().startswith("tta-bench ")][-1]
+    words = shlex.split(line, comments=True)
+    assert words[0] == "tta-bench"
+    parser = OverridesParser.create()
+    for word in words[1:]:
+        parser.parse_override(word)
+    return words[1:]
+
+
+@pytest.mark.parametrize("name", ODD_NAMES)
+def test_the_printed_tta_bench_line_reads_back_the_folder(tmp_path, capsys, name):
+    pytest.importorskip("hydra")
+    from tta.bench import compose_config
+
+    folder = write_fake_cifar10c(tmp_path / name, names=("fog", "contrast"))
+    assert P.main(["cifar10-c", "--source", str(folder), "--corruptions", "fog,contrast", "--quiet"]) == 0
+    cfg = compose_config(_bench_overrides(capsys.readouterr().out))
+    assert cfg.data.name == "cifar10c_disk" and cfg.data.root == str(folder)
+    assert list(cfg.data.corruptions) == ["fog", "contrast"]
+    # CIFAR-10's lines: data.root and data.source_root, and the export of TTA_HOME
+    home = tmp_path / name / "home"
+    out = P.cifar10_next_step({s: home / "data" / "cifar10" / s for s in ("train", "test")})
+    cfg = compose_config(_bench_overrides(out))
+    assert cfg.data.root == str(home / "data" / "cifar10" / "test")
+    assert cfg.data.source_root == str(home / "data" / "cifar10" / "train")
+    import shlex
+
+    export = next(ln for ln in out.splitlines() if "export TTA_HOME=" in ln)
+    assert shlex.split(export) == ["export", f"TTA_HOME={home}"]

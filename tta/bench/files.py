@@ -145,6 +145,9 @@ def decode_image(path: str | os.PathLike, size: int | None = None, crop_ratio: f
 def _decode_image(path: str | os.PathLike, size: int | None, crop_ratio: float) -> Tensor:
     with Image.open(path) as img:
         img = to_rgb8(img)
+        # An image already at the target size is taken to be cropped already (as
+        # ImageNet-C's 224-px centre crops are) and used whole: crop_ratio would
+        # crop it a second time. Documented where crop_ratio is (conf/data_base.yaml).
         if size is not None and img.size != (size, size):
             short = max(size, round(size / crop_ratio))
             w, h = img.size

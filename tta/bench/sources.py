@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -18,6 +19,7 @@ from typing import Sequence
 import numpy as np
 
 from ..data import imagenet_wnids, list_image_folder
+from ..data.cifar10c import images_npy_problem, labels_npy_problem
 from .files import bad_files_error, pick_files, seeded_subset
 from .pools import ArrayPool, FilePool, ImagePool
 from .settings import DataConfig, ScenarioConfig
@@ -49,6 +51,8 @@ class Domain:
     labels: np.ndarray
     render: bool
     image_ids: np.ndarray | None = None
+    #: What the labels index, for errors: the class folders found (see _classes_note).
+    classes_note: str = ""
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -64,13 +68,14 @@ def domain_names(corruptions: Sequence[str], severities: Sequence[int]) -> list[
     ]
 
 
-def _class_indices(classes: Sequence[str], mode: str, where: Path) -> tuple[list[int], int]:
-    """Label of each class folder and the number of classes of the label space."""
+def _class_indices(classes: Sequence[str], mode: str, where: Path) -> tuple[list[int], int, str]:
+    """Label of each class folder, the number of classes of the label space and
+    the class_index that gave them (``auto`` resolved to ``folder`` or ``imagenet``)."""
     wnids = imagenet_wnids()
     if mode == "auto":
         mode = "imagenet" if classes and all(c in wnids for c in classes) else "folder"
     if mode == "folder":
-        return list(range(len(classes))), len(classes)
+        return list(range(len(classes))), len(classes), mode
     if mode == "imagenet":
         index = {w: i for i, w in enumerate(wnids)}
         unknown = [c for c in classes if c not in index]
@@ -79,8 +84,30 @@ def _class_indices(classes: Sequence[str], mode: str, where: Path) -> tuple[list
                 f"{where}: class folders {unknown[:5]} are not ImageNet-1k wnids; use "
                 "data.class_index=folder to number the folders in sorted order instead"
             )
-        return [index[c] for c in classes], len(wnids)
+        return [index[c] for c in classes], len(wnids), mode
     raise ValueError(f"data.class_index must be folder, imagenet or auto, got {mode!r}")
+
+
+def _classes_note(classes: Sequence[str], mode: str, where: Path) -> str:
+    """The label space in words, for an error that refuses it (a class count that
+    does not match the model's): with class_index=folder, the folders found."""
+    if mode == "imagenet":
+        return "the 1000 ImageNet-1k classes, data.class_index=imagenet"
+    shown = ", ".join(classes[:12]) + (f", ... ({len(classes)} in all)" if len(classes) > 12 else "")
+    return (f"the class folders of {where}: {shown}; move out the folders that are not classes, "
+            "hidden folders, __MACOSX and @eaDir aside, which never count")
+
+
+def _different_class_folders(folder: Path, classes: Sequence[str], first: Path,
+                             first_classes: Sequence[str]) -> ValueError:
+    only_first = sorted(set(first_classes) - set(classes))
+    only_here = sorted(set(classes) - set(first_classes))
+    return ValueError(
+        f"{folder} does not hold the class folders of {first}: data.class_index=folder numbers each domain's "
+        "sorted class folders, so a class spelled differently, missing or added in one domain would shift "
+        f"the labels of others there. Only in {first}: {only_first or 'none'}; only in {folder}: "
+        f"{only_here or 'none'}. Give every domain the same class folders (rename, add or remove these)"
+    )
 
 
 def _check_corruptions(corruptions: Sequence[str]) -> list[str]:
@@ -145,7 +172,7 @@ def _on_the_fly(data: DataConfig, root: Path, segments, input_size, seed: int):
             "<root>/<class>/<image> (for cifar10c: $TTA_HOME/data/cifar10/test; `tta-data cifar10` writes it)"
         )
     files, folder_labels, classes = list_image_folder(root)
-    class_labels, num_classes = _class_indices(classes, data.class_index, root)
+    class_labels, num_classes, mode = _class_indices(classes, data.class_index, root)
     rows, bad = pick_files(files, data.num_images, seed, skip_bad=data.skip_bad_files,
                            where=f"data.root {root}", num_workers=data.num_workers)
     if bad and not data.skip_bad_files:
@@ -154,7 +181,9 @@ def _on_the_fly(data: DataConfig, root: Path, segments, input_size, seed: int):
                     key=f"folder:{root}", bad_files=bad)
     labels = np.array([class_labels[folder_labels[r]] for r in rows], dtype=np.int64)
     local = np.arange(len(rows))
-    domains = [Domain(n, c, s, pool, local, labels, render=True, image_ids=rows) for n, c, s in segments]
+    note = _classes_note(classes, mode, root)
+    domains = [Domain(n, c, s, pool, local, labels, render=True, image_ids=rows, classes_note=note)
+               for n, c, s in segments]
     return domains, num_classes
 
 
@@ -163,7 +192,13 @@ def _npy(root: Path, segments, num_images: int | None, seed: int):
     if not label_path.is_file():
         raise FileNotFoundError(f"{label_path} not found: expected the CIFAR-10-C layout {_NPY_LAYOUT} "
                                 "(`tta-data cifar10-c` says where to get it and checks a copy)")
-    all_labels = np.load(label_path, mmap_mode="r")
+    all_labels = _load_npy(label_path)
+    # the check tta-data cifar10-c makes, but for any number of classes (CIFAR-100-C):
+    # the model's class count bounds the labels later (stream.open_stream)
+    problem = labels_npy_problem(all_labels, num_classes=None)
+    if problem:
+        raise ValueError(f"{label_path} {problem}. data=cifar10c_disk reads the CIFAR-10-C layout {_NPY_LAYOUT} "
+                         f"(`tta-data cifar10-c --source {shlex.quote(str(root))}` checks a copy)")
     pools: dict[str, ArrayPool] = {}
     domains = []
     for name, corruption, severity in segments:
@@ -177,6 +212,14 @@ def _npy(root: Path, segments, num_images: int | None, seed: int):
     return domains, None
 
 
+def _load_npy(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode="r")
+    except (ValueError, OSError, EOFError) as err:
+        raise ValueError(f"{path} is not a readable .npy file ({err}): expected the CIFAR-10-C layout "
+                         f"{_NPY_LAYOUT}") from err
+
+
 def _array_pool(root: Path, corruption: str, num_labels: int) -> ArrayPool:
     """``<root>/<corruption>.npy``, its shape checked against the published layout."""
     path = root / f"{corruption}.npy"
@@ -186,11 +229,12 @@ def _array_pool(root: Path, corruption: str, num_labels: int) -> ArrayPool:
             f"{path} not found: expected the CIFAR-10-C layout {_NPY_LAYOUT}; "
             f"corruptions present: {present or 'none'}"
         )
+    # the check tta-data cifar10-c makes, but for any image size (not only CIFAR's)
+    problem = images_npy_problem(_load_npy(path), size=None)
+    if problem:
+        raise ValueError(f"{path} {problem}")
     pool = ArrayPool(path)
     arr = pool.array
-    if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[3] != 3 or arr.shape[0] % 5:
-        raise ValueError(f"{path} holds {arr.dtype} {arr.shape}: expected uint8 (5 * N, H, W, 3), "
-                         "severities 1-5 stacked")
     if arr.shape[0] != num_labels:
         raise ValueError(f"{path} has {arr.shape[0]} images but {root / 'labels.npy'} {num_labels} labels")
     return pool
@@ -203,6 +247,7 @@ def _imagenet_c(data: DataConfig, root: Path, segments, input_size, seed: int):
     size = _target_size(data, input_size)
     domains, all_bad = [], []
     num_classes: int | None = None
+    first: tuple[Path, list[str], str] | None = None  # the first domain's folder, class folders, class_index
     for name, corruption, severity in segments:
         folder = root / corruption / str(severity)
         if not folder.is_dir():
@@ -213,21 +258,23 @@ def _imagenet_c(data: DataConfig, root: Path, segments, input_size, seed: int):
             )
         try:
             files, folder_labels, classes = list_image_folder(folder)
-        except FileNotFoundError:
-            raise FileNotFoundError(
-                f"no images under {folder}: expected the ImageNet-C layout {_IMAGENET_C_LAYOUT}"
-            ) from None
-        class_labels, n_cls = _class_indices(classes, data.class_index, folder)
-        if num_classes is not None and n_cls != num_classes:
-            raise ValueError(f"{folder}: {n_cls} classes, other domains have {num_classes}")
-        num_classes = n_cls
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"{err}; expected the ImageNet-C layout {_IMAGENET_C_LAYOUT}") from None
+        class_labels, num_classes, mode = _class_indices(classes, data.class_index, folder)
+        # Wnid folders are labelled by name, so domains may hold different subsets;
+        # folder-numbered ones must be the same folders in every domain (which also
+        # makes every domain's class count the same).
+        if first is None:
+            first = (folder, classes, mode)
+        elif "folder" in (mode, first[2]) and classes != first[1]:
+            raise _different_class_folders(folder, classes, first[0], first[1])
         labels = np.asarray(class_labels, dtype=np.int64)[np.asarray(folder_labels, dtype=np.int64)]
         rows, bad = pick_files(files, data.num_images, seed, skip_bad=data.skip_bad_files, where=str(folder),
                                num_workers=data.num_workers)
         all_bad += bad
         pool = FilePool([files[r] for r in rows], size, data.crop_ratio, key=f"imagenet_c:{folder}", bad_files=bad)
         domains.append(Domain(name, corruption, severity, pool, np.arange(len(rows)),
-                              labels[rows], render=False))
+                              labels[rows], render=False, classes_note=_classes_note(classes, mode, folder)))
     if all_bad and not data.skip_bad_files:
         # Every domain is checked first, so the error lists all of them at once.
         raise bad_files_error(all_bad, f"data.root {root}")

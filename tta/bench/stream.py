@@ -278,9 +278,10 @@ def open_stream(data: DataConfig, scenario: ScenarioConfig, run: RunConfig, devi
     the model's classes), ordered and batched as ``scenario`` and ``run`` say."""
     domains, num_classes = build_domains(data, scenario, input_size=input_size, seed=run.seed)
     if num_classes is not None and model_classes is not None and num_classes != model_classes:
+        note = domains[0].classes_note
         raise ValueError(
-            f"data {data.name} has {num_classes} classes but model {model_name} predicts "
-            f"{model_classes}: pick a matching model (or data.class_index)"
+            f"data {data.name} has {num_classes} classes{f' ({note})' if note else ''} but model {model_name} "
+            f"predicts {model_classes}: pick a matching model (or data.class_index)"
         )
     max_label = max(int(d.labels.max()) for d in domains)
     if model_classes is not None and max_label >= model_classes:

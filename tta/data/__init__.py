@@ -6,7 +6,9 @@ the data sets tta reads into the layout it reads them in.
 
 from __future__ import annotations
 
+import numbers
 import os
+from collections import Counter
 from functools import lru_cache
 from pathlib import Path
 
@@ -15,11 +17,18 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from .._warn import warn_at_caller
 from ..paths import tta_home
 
-__all__ = ["IMG_EXTENSIONS", "list_image_folder", "load_image_folder", "cifar10_dir", "imagenet_wnids", "to_rgb8"]
+__all__ = ["IMG_EXTENSIONS", "NOT_CLASS_FOLDERS", "is_class_folder", "class_folders", "list_image_folder",
+           "load_image_folder", "cifar10_dir", "imagenet_wnids", "to_rgb8"]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+#: Folders that tools leave beside class folders and that hold no class: macOS's
+#: ``__MACOSX`` (a zip's resource forks) and Synology's ``@eaDir`` (thumbnails).
+#: Hidden folders (``.ipynb_checkpoints``, ``.git``, ...) are not classes either.
+NOT_CLASS_FOLDERS = ("__MACOSX", "@eaDir")
 
 
 def cifar10_dir(split: str = "test") -> Path:
@@ -36,20 +45,67 @@ def cifar10_dir(split: str = "test") -> Path:
     return path
 
 
+def is_class_folder(name: str) -> bool:
+    """Whether a folder named ``name`` beside class folders is a class: not hidden
+    (``.``-prefixed) and none of :data:`NOT_CLASS_FOLDERS`. The one rule of every
+    reader and checker in tta (``tta-data`` and ``tta-bench`` alike): counted as a
+    class, such a folder would take a label and shift those of the classes sorted
+    after it (``.``, ``@`` and ``_`` sort before letters: usually all of them)."""
+    return not name.startswith(".") and name not in NOT_CLASS_FOLDERS
+
+
+def class_folders(root: str | os.PathLike) -> list[str]:
+    """Sorted names of the class folders directly in ``root`` (see :func:`is_class_folder`)."""
+    return sorted(e.name for e in os.scandir(root) if e.is_dir() and is_class_folder(e.name))
+
+
+def _pillow_extensions() -> set[str]:
+    """Extensions of the formats Pillow can open (``.tif``, ``.gif``, ``.ppm`` ...)."""
+    return {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+
+
+def _skipped_text(skipped: Counter) -> str:
+    return ", ".join(f"{ext} ({n})" for ext, n in skipped.most_common(5)) + (" ..." if len(skipped) > 5 else "")
+
+
 def list_image_folder(root: str | os.PathLike) -> tuple[list[Path], list[int], list[str]]:
-    """Files, labels and sorted class names of an ImageFolder tree."""
+    """Files, labels and sorted class names of an ImageFolder tree.
+
+    Images are the files ending in one of :data:`IMG_EXTENSIONS` (any case); class
+    folders those :func:`is_class_folder` accepts. Image files of other formats
+    (``.tif``, ``.gif`` ...) are left out, with a warning that counts them."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder not found: {root} (expected <root>/<class>/<image>)")
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    classes = class_folders(root)
     files, labels = [], []
+    skipped: Counter = Counter()  # non-hidden files of other extensions, by extension
     for idx, cls in enumerate(classes):
         for f in sorted((root / cls).iterdir()):
             if f.suffix.lower() in IMG_EXTENSIONS:
                 files.append(f)
                 labels.append(idx)
+            elif not f.name.startswith(".") and f.is_file():
+                skipped[f.suffix.lower() or "(no extension)"] += 1
+    accepted = ", ".join(IMG_EXTENSIONS)
     if not files:
-        raise FileNotFoundError(f"no images under {root} (expected <root>/<class>/<image>)")
+        found = (f"{len(classes)} class folders ({', '.join(classes[:5])}{' ...' if len(classes) > 5 else ''})"
+                 if classes else "no class folders")
+        other = (f"; {sum(skipped.values())} files left out for their extension: {_skipped_text(skipped)} "
+                 "(convert images to one of the accepted formats)" if skipped else "")
+        raise FileNotFoundError(
+            f"no images under {root} (expected <root>/<class>/<image>, image files ending in {accepted}, "
+            f"any case): found {found}{other}"
+        )
+    # Readme and notes files are expected beside images; image files of a format
+    # tta does not list would silently shrink the data set, so those are counted.
+    readable = _pillow_extensions() if skipped else set()
+    images_skipped = Counter({e: n for e, n in skipped.items() if e in readable})
+    if images_skipped:
+        warn_at_caller(
+            f"{sum(images_skipped.values())} image files under {root} left out for their extension: "
+            f"{_skipped_text(images_skipped)}; tta reads {accepted} (convert the others to use them)"
+        )
     return files, labels, classes
 
 
@@ -65,14 +121,25 @@ def to_rgb8(img: Image.Image) -> Image.Image:
 
 
 def load_image_folder(
-    root: str | os.PathLike, num_images: int | None = None, seed: int = 0, shuffle: bool = True,
+    root: str | os.PathLike, num_images: int | None = None, seed: int | None = 0, shuffle: bool = True,
     *, uint8: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Decode (a seeded random subset of) an ImageFolder into float RGB in [0, 1]
     (``uint8=True``: the 0-255 levels as uint8, a quarter of the memory).
 
-    Returns ``(images (N, 3, H, W), labels (N,))``; all images must share one size.
+    ``num_images``: how many images, at most (the whole folder when it holds fewer);
+    ``None``: all. ``seed``: the same seed gives the same images in the same order;
+    ``None`` draws a different random subset and order at each call (from the
+    operating system's entropy). ``shuffle=False``: the first ``num_images`` of the
+    sorted listing, in that order.
+
+    Returns ``(images (N, 3, H, W), labels (N,))``; all images must share one size
+    (``ValueError`` naming two files of different sizes otherwise).
     """
+    # a bool is an int to Python, and a negative count would slice from the end
+    if num_images is not None and (isinstance(num_images, bool) or not isinstance(num_images, numbers.Integral)
+                                   or num_images < 1):
+        raise ValueError(f"num_images={num_images!r}: give a whole number of images, 1 or more (None: all)")
     files, labels, _ = list_image_folder(root)
     order = np.random.default_rng(seed).permutation(len(files)) if shuffle else np.arange(len(files))
     if num_images is not None:
@@ -81,6 +148,13 @@ def load_image_folder(
     for i in order:
         with Image.open(files[i]) as img:
             arrays.append(np.asarray(to_rgb8(img)))
+        if arrays[-1].shape != arrays[0].shape:
+            (h0, w0), (h, w) = arrays[0].shape[:2], arrays[-1].shape[:2]
+            raise ValueError(
+                f"images of different sizes under {root}: {files[order[0]]} is {w0}x{h0}, {files[i]} is {w}x{h}; "
+                "load_image_folder stacks them into one tensor: resize them to one size first (tta-bench "
+                "resizes each image as it reads it: data.image_size)"
+            )
     x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
     x = x.contiguous() if uint8 else x.float().div_(255)
     y = torch.tensor([labels[i] for i in order])

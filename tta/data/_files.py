@@ -31,6 +31,8 @@ from . import IMG_EXTENSIONS
 Log = Callable[[str], None]
 
 _NO_VERIFY = "To use a modified copy anyway, pass --no-verify (verify=False from Python)"
+#: How to write elsewhere, for the errors of a folder tta-data cannot write to.
+_WRITE_ELSEWHERE = "choose a writable place with --root DIR (root=DIR from Python) or another TTA_HOME"
 
 
 # ----------------------------------------------------------------------------------
@@ -131,9 +133,34 @@ def _abs(path: str | os.PathLike) -> Path:
     return Path(path).expanduser().absolute()
 
 
+def _check_root(root: str | os.PathLike | None) -> None:
+    """Refuse an empty ``root``: ``Path("")`` is the current folder, which nobody
+    means (e.g. ``--root "$UNSET_VARIABLE"``), as :func:`tta.paths.tta_home` refuses
+    an empty ``TTA_HOME``."""
+    if isinstance(root, (str, bytes)) and not root.strip():
+        raise ValueError(f"--root {root!r} is empty (root= from Python): give the folder to write under, or "
+                         "leave it out to write under $TTA_HOME")
+
+
 def _home(root: str | os.PathLike | None) -> Path:
-    """The ``$TTA_HOME`` to write under: ``root``, or :func:`tta.paths.tta_home`."""
-    return _abs(root) if root is not None else tta_home()
+    """The ``$TTA_HOME`` to write under: ``root``, or :func:`tta.paths.tta_home`
+    (looked up only here, where it is needed: a folder checked in place needs none)."""
+    _check_root(root)
+    if root is not None:
+        return _abs(root)
+    try:
+        return tta_home()
+    except ValueError as err:  # set but empty
+        raise ValueError(f"{err}; or pass --root DIR (root=DIR from Python)") from None
+
+
+def _home_or_none() -> Path | None:
+    """:func:`tta.paths.tta_home`, or None where ``TTA_HOME`` is set but empty: for
+    help texts and hints, which must not fail on it."""
+    try:
+        return tta_home()
+    except ValueError:
+        return None
 
 
 def _count_images(folder: str | os.PathLike) -> int:
@@ -169,15 +196,21 @@ def _remove_leftovers(parent: Path, name: str, log: Log) -> None:
 
 def _temp_dir(target: Path, kind: str = "tmp") -> Path:
     """A new empty folder beside ``target`` (same file system, so a rename moves it
-    into place), created with the umask's permissions."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        path = target.parent / f".{target.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
-        try:
-            path.mkdir()
-            return path
-        except FileExistsError:
-            continue
+    into place), created with the umask's permissions. An ``OSError`` that names
+    ``target`` and how to write elsewhere when its folder cannot be written (a
+    read-only ``$TTA_HOME``, no permission, a full disk)."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            path = target.parent / f".{target.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
+            try:
+                path.mkdir()
+                return path
+            except FileExistsError:
+                continue
+    except OSError as err:
+        raise OSError(f"cannot write {target}: {err.strerror or err} ({err.filename or target.parent}); "
+                      f"{_WRITE_ELSEWHERE}") from err
 
 
 @contextlib.contextmanager

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
@@ -18,8 +19,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from ..paths import tta_home
-from ._files import Log, _abs, _bar, _count_images, _home, _move_into_place, _temp_folder_for
+from ._files import Log, _abs, _bar, _count_images, _home, _home_or_none, _move_into_place, _temp_folder_for
 from .cifar10_archive import (
     CIFAR10_CLASSES,
     CIFAR10_META,
@@ -30,7 +30,7 @@ from .cifar10_archive import (
     _download_cifar10,
     _read_cifar10_source,
 )
-from .report import unique_choices
+from .report import bench_arg, unique_choices
 
 #: Name of the file :func:`prepare_cifar10` leaves in each split folder it writes.
 MARKER = ".tta-data.json"
@@ -214,16 +214,17 @@ def cifar10_next_step(targets: dict[str, Path]) -> str:
     roots = {p.parent.parent.parent for p in targets.values()}
     keys = []
     if "test" in targets:
-        keys.append(f"data.root={targets['test']}")
+        keys.append(bench_arg("data.root", targets["test"]))
     if "train" in targets:
-        keys.append(f"data.source_root={targets['train']}")
+        keys.append(bench_arg("data.source_root", targets["train"]))
     explicit = f"tta-bench data=cifar10c {' '.join(keys)}"
     root = roots.pop() if len(roots) == 1 else None
-    if root is not None and root == tta_home():
+    if root is not None and root == _home_or_none():
         return (f"Next step:\n  tta-bench data=cifar10c    # reads them from $TTA_HOME ({root}): nothing to set\n"
                 f"(the same, spelled out: {explicit})")
     lines = ["Next step, either:"]
     if root is not None:
-        lines += [f"  export TTA_HOME={root}", "  tta-bench data=cifar10c", "or, leaving TTA_HOME as it is:"]
+        lines += [f"  export TTA_HOME={shlex.quote(str(root))}", "  tta-bench data=cifar10c",
+                  "or, leaving TTA_HOME as it is:"]
     lines.append(f"  {explicit}")
     return "\n".join(lines)

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ._files import Log, _hash_file, _mismatch
+from ._files import _WRITE_ELSEWHERE, Log, _hash_file, _mismatch
 
 #: CIFAR-10's class names in label order (``batches.meta``'s ``label_names``), the
 #: class folder names of tta's ImageFolder copy (sorted, so folder index = label).
@@ -65,7 +65,8 @@ def _download_cifar10(download_dir: Path, log: Log) -> Path:
     try:
         download_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise RuntimeError(f"cannot create the download folder {download_dir} ({err}). {offline}") from err
+        raise RuntimeError(f"cannot create the download folder {download_dir} ({err}): {_WRITE_ELSEWHERE}. "
+                           f"{offline}") from err
     log(f"downloading {CIFAR10_URL} into {download_dir} (about 163 MiB; an archive downloaded "
         "there before is checked and reused)")
     from torchvision.datasets import CIFAR10

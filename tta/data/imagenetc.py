@@ -10,6 +10,7 @@ its published md5) into ``<root>/data/ImageNet-C``.
 from __future__ import annotations
 
 import os
+import shlex
 import tarfile
 from pathlib import Path
 from typing import Sequence
@@ -19,6 +20,7 @@ from ._files import (
     PublishedFile,
     _abs,
     _bar,
+    _check_root,
     _count_images,
     _extract_tar,
     _home,
@@ -26,7 +28,14 @@ from ._files import (
     _safe_parts,
     _temp_folder_for,
 )
-from .report import DataNotFoundError, DataReport, _check_severities, _corruption_names, _wanted_corruptions
+from .report import (
+    DataNotFoundError,
+    DataReport,
+    _check_severities,
+    _corruption_names,
+    _wanted_corruptions,
+    bench_arg,
+)
 
 IMAGENETC_RECORD = "https://zenodo.org/records/2235448"
 # md5s: as the Zenodo record lists them (the same values are used by the ImageNet-C
@@ -60,6 +69,7 @@ IMAGENETC_TARS: dict[str, PublishedFile] = {
 
 def _imagenetc_howto(root_dir: Path) -> str:
     files = "\n".join(f"  {p.url}  (md5 {p.md5}): {', '.join(p.corruptions)}" for p in IMAGENETC_TARS.values())
+    here = shlex.quote(str(root_dir))
     return (
         f"ImageNet-C is not at {root_dir}. It is published on Zenodo ({IMAGENETC_RECORD}) as five tar files "
         f"(noise, blur, weather and digital hold the 15 benchmark corruptions, extra the 4 held-out ones):\n"
@@ -67,16 +77,16 @@ def _imagenetc_howto(root_dir: Path) -> str:
         "Download them, then either\n"
         f"  tta-data imagenet-c --source blur.tar --source digital.tar --source noise.tar --source weather.tar"
         f"    # checks, extracts to {root_dir}\n"
-        f"or extract them yourself (mkdir -p {root_dir} && tar -xf <file>.tar -C {root_dir}) and check the folder with\n"
-        f"  tta-data imagenet-c --source {root_dir}\n"
-        f"then run: tta-bench data=imagenetc data.root={root_dir}"
+        f"or extract them yourself (mkdir -p {here} && tar -xf <file>.tar -C {here}) and check the folder with\n"
+        f"  tta-data imagenet-c --source {here}\n"
+        f"then run: tta-bench data=imagenetc {bench_arg('data.root', root_dir)}"
     )
 
 
 def check_imagenetc_folder(
     folder: str | os.PathLike,
-    corruptions: Sequence[str] | None = None,
-    severities: Sequence[int] | None = None,
+    corruptions: str | Sequence[str] | None = None,
+    severities: int | Sequence[int] | None = None,
     progress: bool = True,
 ) -> DataReport:
     """Check an ImageNet-C folder as ``data=imagenetc`` reads it: every
@@ -85,9 +95,12 @@ def check_imagenetc_folder(
 
     ``corruptions``: as in :func:`~tta.data.cifar10c.check_cifar10c_folder` (the 4
     extras are checked when their folders exist); ``severities``: which of 1..5 to
-    check (default all).
-    Counts are per ``<corruption>/<severity>``; the published set has 50000 each."""
-    from . import imagenet_wnids
+    check, an int or a sequence of ints (default all; anything else is refused).
+    Counts are per ``<corruption>/<severity>``; the published set has 50000 each.
+    Hidden folders, ``__MACOSX`` and ``@eaDir`` are not classes (:func:`tta.data.is_class_folder`,
+    as in tta-bench); any other folder that is not a wnid makes the entry bad, as
+    ``data.class_index=imagenet`` refuses it."""
+    from . import class_folders, imagenet_wnids
 
     folder = _abs(folder)
     required, optional = _wanted_corruptions(corruptions)
@@ -114,7 +127,7 @@ def check_imagenetc_folder(
                 if not sdir.is_dir():
                     report.missing.append(key)
                     continue
-                subdirs = {e.name: e.path for e in os.scandir(sdir) if e.is_dir()}
+                subdirs = {name: os.path.join(sdir, name) for name in class_folders(sdir)}
                 absent = sorted(wnids - subdirs.keys())
                 unknown = sorted(subdirs.keys() - wnids)
                 total, empty = 0, []
@@ -128,6 +141,10 @@ def check_imagenetc_folder(
                     problems.append(f"{len(absent)} of the 1000 wnid folders missing (e.g. {', '.join(absent[:3])})")
                 if empty:
                     problems.append(f"{len(empty)} wnid folders without images (e.g. {', '.join(empty[:3])})")
+                if unknown:
+                    problems.append(f"{len(unknown)} folders that are not ImageNet-1k wnids, which "
+                                    f"data.class_index=imagenet refuses: {', '.join(unknown[:5])}"
+                                    f"{' ...' if len(unknown) > 5 else ''} (move them out)")
                 if problems:
                     report.bad[key] = "; ".join(problems)
                 else:
@@ -135,9 +152,6 @@ def check_imagenetc_folder(
                     report.counts[key] = total
                     if total != 50000:
                         odd_counts.append(f"{key} ({total})")
-                if unknown:
-                    report.notes.append(f"{key}: folders that are not ImageNet-1k wnids (ignored by "
-                                        f"class_index=imagenet): {', '.join(unknown[:5])}")
     if odd_counts:
         report.notes.append("image counts other than the published 50000 (50 per class): " + ", ".join(odd_counts))
     report.notes.append("image files are counted, not opened: tta-bench checks the ones a run uses before it streams")
@@ -170,8 +184,8 @@ def _tar_group(tar_path: Path) -> tuple[str, tuple[str, ...]]:
 def prepare_imagenetc(
     sources: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     root: str | os.PathLike | None = None,
-    corruptions: Sequence[str] | None = None,
-    severities: Sequence[int] | None = None,
+    corruptions: str | Sequence[str] | None = None,
+    severities: int | Sequence[int] | None = None,
     verify: bool = True,
     *,
     force: bool = False,
@@ -194,10 +208,11 @@ def prepare_imagenetc(
     Returns:
         The :class:`DataReport` of the folder.
     """
-    root_dir = _home(root) / "data" / "ImageNet-C"
     _wanted_corruptions(corruptions)
     _check_severities(severities)
+    _check_root(root)
     if sources is None or (not isinstance(sources, (str, os.PathLike)) and not sources):
+        root_dir = _home(root) / "data" / "ImageNet-C"
         if not root_dir.is_dir():
             raise DataNotFoundError(_imagenetc_howto(root_dir))
         return check_imagenetc_folder(root_dir, corruptions, severities, progress)
@@ -209,12 +224,13 @@ def prepare_imagenetc(
             raise FileNotFoundError(f"--source {p} does not exist: expected an ImageNet-C tar file "
                                     f"({', '.join(t.name for t in IMAGENETC_TARS.values())}) or the extracted folder")
     folders = [p for p in paths if p.is_dir()]
-    if folders:
+    if folders:  # checked in place: no $TTA_HOME needed
         if len(paths) > 1:
             raise ValueError(f"--source {folders[0]} is a folder: give one extracted folder, or tar files only")
         report = check_imagenetc_folder(folders[0], corruptions, severities, progress)
         report.notes.append("no checksums are published for the extracted files (only for the tar files)")
         return report
+    root_dir = _home(root) / "data" / "ImageNet-C"
     for p in paths:
         if not tarfile.is_tarfile(p):
             raise ValueError(f"--source {p} is neither a tar archive nor a folder")

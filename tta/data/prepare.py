@@ -32,13 +32,12 @@ import argparse
 import sys
 from typing import Sequence
 
-from ..paths import tta_home
-from ._files import ChecksumError, PublishedFile
+from ._files import ChecksumError, PublishedFile, _home_or_none
 from .cifar10 import cifar10_next_step, prepare_cifar10
 from .cifar10_archive import CIFAR10_CLASSES, CIFAR10_FOLDER_NAME, CIFAR10_TAR_MD5, CIFAR10_TAR_NAME, CIFAR10_URL
 from .cifar10c import CIFAR10C_TAR, check_cifar10c_folder, prepare_cifar10c
 from .imagenetc import check_imagenetc_folder, prepare_imagenetc
-from .report import DataNotFoundError, DataReport
+from .report import DataNotFoundError, DataReport, severities_from_text
 
 # Not used here: the other published records, importable from here as before the split.
 from ._files import Log  # noqa: F401
@@ -75,18 +74,26 @@ def _list_arg(values: Sequence[str] | None) -> list[str] | None:
     return [v for item in values for v in item.replace(",", " ").split() if v]
 
 
+def _home_text() -> str:
+    """``$TTA_HOME`` for the help: where it points, or that it is set but empty (the
+    parser is built for every call, --help and --root DIR included: it must not fail
+    there; a command that needs $TTA_HOME says so when it does)."""
+    home = _home_or_none()
+    return f"now {home}" if home is not None else "now set but empty: pass --root DIR"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tta-data",
         description="Get the data sets tta reads, in the layout it reads them in (under $TTA_HOME, "
-                    f"now {tta_home()}).",
+                    f"{_home_text()}).",
         epilog="Run `tta-data <subcommand> --help` for the options of each subcommand.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="{cifar10,cifar10-c,imagenet-c}")
 
     def common(p: argparse.ArgumentParser, force_help: str) -> None:
         p.add_argument("--root", metavar="DIR", default=None,
-                       help="the folder to write under, a $TTA_HOME (default: $TTA_HOME, now %s)" % tta_home())
+                       help="the folder to write under, a $TTA_HOME (default: $TTA_HOME, %s)" % _home_text())
         p.add_argument("--no-verify", dest="verify", action="store_false",
                        help="do not check the published checksums (for a modified copy)")
         p.add_argument("--force", action="store_true", help=force_help)
@@ -157,7 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             report = prepare_cifar10c(args.source, args.root, corruptions, args.verify, force=args.force,
                                       progress=progress)
         else:
-            severities = _list_arg(args.severities)
+            texts = _list_arg(args.severities)
+            severities = severities_from_text(texts) if texts else None
             report = prepare_imagenetc(args.source, args.root, corruptions, severities, args.verify,
                                        force=args.force, progress=progress)
     except DataNotFoundError as err:

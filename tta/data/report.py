@@ -12,15 +12,39 @@
 from __future__ import annotations
 
 import difflib
+import numbers
+import os
+import re
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence, TypeVar
 
-from ..paths import tta_home
+from ._files import _home_or_none
 
 SEVERITIES = (1, 2, 3, 4, 5)
 
 T = TypeVar("T")
+
+
+#: Paths that both the shell and Hydra's override grammar read as they are.
+_PLAIN_PATH = re.compile(r"/[A-Za-z0-9_/.+@%:-]*")
+
+
+def bench_arg(key: str, value: str | os.PathLike) -> str:
+    """``key=value`` as one word of a shell command line that Hydra's override
+    parser reads back as ``value`` (the ``tta-bench`` lines tta-data prints are
+    meant to be copied into a shell). A path of plain characters stays as it is;
+    any other value (a space, a comma: Hydra's list separator, quotes, ``=``, ...)
+    goes into Hydra's double quotes, where ``"`` and the backslashes before it or
+    at the end are escaped, and ``${`` too (OmegaConf would resolve it); the whole
+    word then into shell quotes."""
+    text = os.fspath(value)
+    if _PLAIN_PATH.fullmatch(text):
+        return f"{key}={text}"
+    hydra = re.sub(r'(\\*)"', lambda m: m.group(1) * 2 + '\\"', text)
+    hydra = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, hydra).replace("${", "\\${")
+    return shlex.quote(f'{key}="{hydra}"')
 
 
 def _corruption_names() -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -30,13 +54,19 @@ def _corruption_names() -> tuple[tuple[str, ...], tuple[str, ...]]:
     return tuple(NAMES), tuple(EXTRA_NAMES)
 
 
-def _wanted_corruptions(corruptions: Sequence[str] | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def _wanted_corruptions(corruptions: str | Sequence[str] | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(required, optional) corruption names: by default the 15 benchmark ones are
-    required and the 4 extras optional; a given list (or ``all``) is all required."""
+    required and the 4 extras optional; given names (one name as a string, or
+    ``all``) are all required."""
     benchmark, extra = _corruption_names()
     if corruptions is None:
         return benchmark, extra
-    names = list(corruptions)
+    # a string is one name (iterated, "fog" would be the names f, o, g)
+    names = [corruptions] if isinstance(corruptions, str) else _as_list(
+        corruptions, f"corruptions={corruptions!r}: give a corruption name, a sequence of names, or 'all'")
+    for n in names:
+        if not isinstance(n, str):
+            raise ValueError(f"corruption {n!r} is not a name: give names such as fog, or all")
     if [n.lower() for n in names] == ["all"]:
         return benchmark + extra, ()
     return unique_choices((_corruption_key(n, benchmark + extra) for n in names), "no corruption asked for"), ()
@@ -51,21 +81,51 @@ def _corruption_key(name: str, known: tuple[str, ...]) -> str:
     return key
 
 
-def _check_severities(severities: Sequence[int] | None) -> tuple[int, ...]:
-    """The severities asked for (default all of 1..5), sorted, each once."""
+def _as_list(values: object, refusal: str) -> list:
+    """``values`` (an iterable other than a string) as a list; ``ValueError(refusal)`` otherwise."""
+    if isinstance(values, (str, bytes)):
+        raise ValueError(refusal)
+    try:
+        return list(values)  # type: ignore[call-overload]
+    except TypeError:
+        raise ValueError(refusal) from None
+
+
+def _check_severities(severities: int | Sequence[int] | None) -> tuple[int, ...]:
+    """The severities asked for (default all of 1..5): an int or a sequence of ints
+    1..5, sorted, each once. Anything else is refused, not converted (``int()``
+    would truncate 5.9 to 5, take True for 1, and a string "15" iterates as 1, 5)."""
     if severities is None:
         return SEVERITIES
-    return tuple(sorted(unique_choices((_severity(s) for s in severities), "no severity asked for: choose from 1..5")))
+    if _is_int(severities):
+        severities = [severities]  # type: ignore[list-item]
+    values = _as_list(severities, f"severities={severities!r}: give a severity 1..5 or a sequence of them "
+                                  "(from the command line: --severities 1,5)")
+    return tuple(sorted(unique_choices((_severity(s) for s in values), "no severity asked for: choose from 1..5")))
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _severity(s: object) -> int:
-    try:
-        value = int(s)  # type: ignore[call-overload]
-    except (TypeError, ValueError):
-        raise ValueError(f"severity {s!r} is not an integer: choose from 1..5") from None
+    if not _is_int(s):
+        raise ValueError(f"severity {s!r} is not an integer: choose from 1..5")
+    value = int(s)  # type: ignore[call-overload]
     if value not in SEVERITIES:
         raise ValueError(f"severity {value} is out of range: choose from 1..5")
     return value
+
+
+def severities_from_text(texts: Sequence[str]) -> list[int]:
+    """The command line's ``--severities`` words as ints (whole numbers only)."""
+    out = []
+    for text in texts:
+        try:
+            out.append(int(text, 10))
+        except ValueError:
+            raise ValueError(f"severity {text!r} is not an integer: choose from 1..5") from None
+    return out
 
 
 def unique_choices(values: Iterable[T], nothing: str) -> tuple[T, ...]:
@@ -136,8 +196,9 @@ class DataReport:
             extra += f" 'data.corruptions=[{','.join(self.corruptions)}]'"
         if len(self.severities) == 1:
             extra += f" data.severity={self.severities[0]}"
-        line = f"tta-bench data={data} data.root={self.root}{extra}"
-        if data == "cifar10c_disk" and not (tta_home() / "data" / "cifar10" / "train").is_dir():
+        line = f"tta-bench data={data} {bench_arg('data.root', self.root)}{extra}"
+        home = _home_or_none()
+        if data == "cifar10c_disk" and (home is None or not (home / "data" / "cifar10" / "train").is_dir()):
             line += ("\n  (EATA's Fisher regulariser also reads clean training images, data.source_root: "
                      "`tta-data cifar10 --split train` writes them)")
         return line
