@@ -344,6 +344,20 @@ def test_rlcf_reward_by_name_or_copy_and_its_checks(images):
         tta.wrap(policy, "rlcf", reward=policy)
     with pytest.raises(ValueError, match="adapt"):
         tta.wrap(tiny_clip(), "rlcf", reward=None, adapt="text")
+    with pytest.raises(ValueError, match=r"sample_k must be an integer in \[2, 5\].*got 1"):
+        tta.wrap(tiny_clip(), "rlcf", reward=None, sample_k=1)  # one candidate: no advantage
+
+
+def test_rlcf_reward_follows_the_policys_class_names(images):
+    policy = tiny_clip()
+    method = tta.wrap(policy, "rlcf", reward=None, num_views=8)
+    for names in (CLASSES[:3], CLASSES + ["owl", "lynx", "heron"]):
+        policy.set_classnames(names)
+        assert method(images).shape == (2, len(names))
+        assert method.reward_model.classnames == names
+    policy.set_classnames(CLASSES[:2])
+    with pytest.raises(ValueError, match="sample_k=3 candidates, but the policy now has 2 classes"):
+        method(images)
 
 
 @pytest.mark.parametrize("name, kwargs", [

@@ -201,8 +201,10 @@ class RLCF(CLIPViewsMethod):
             raise ValueError("ema=True carries a momentum buffer from image to image, which episodic=True would "
                              "reset before every batch; leave episodic off (every image starts afresh anyway)")
         check_clip_classifier(model, "rlcf")
-        if not isinstance(sample_k, int) or not 1 <= sample_k <= model.num_classes:
-            raise ValueError(f"sample_k must be an integer in [1, {model.num_classes}], got {sample_k!r}")
+        if isinstance(sample_k, bool) or not isinstance(sample_k, int) or not 2 <= sample_k <= model.num_classes:
+            # the baseline is the candidates' mean reward: one candidate has no advantage
+            raise ValueError(f"sample_k must be an integer in [2, {model.num_classes}] (the rewards of K candidates "
+                             f"are compared with their mean), got {sample_k!r}")
         self.adapt, self.sample_k, self.sampling = adapt, sample_k, sampling
         self.adapts_prompt = adapt == "prompt"
         self.ema, self.ema_momentum, self.ema_every, self.ema_weight = bool(ema), ema_momentum, ema_every, ema_weight
@@ -230,6 +232,16 @@ class RLCF(CLIPViewsMethod):
     def select_params(self) -> list[tuple[str, nn.Parameter]]:
         return clip_adapted_params(self.model, self.adapt, "rlcf")
 
+    def _follow_policy_classes(self) -> None:
+        """The reward scores the policy's classes: after the policy's
+        ``set_classnames`` the reward model takes the same names."""
+        names = list(self.model.classnames)
+        if list(self.reward_model.classnames) != names:
+            if self.sample_k > len(names):
+                raise ValueError(f"sample_k={self.sample_k} candidates, but the policy now has {len(names)} "
+                                 "classes: wrap again with a smaller sample_k")
+            self.reward_model.set_classnames(names)
+
     # -- the momentum buffer: what reset, snapshot and each image's start mean ------------
     def snapshot(self) -> None:
         super().snapshot()
@@ -256,6 +268,7 @@ class RLCF(CLIPViewsMethod):
 
     # -- a step ---------------------------------------------------------------------------
     def forward_and_adapt(self, x: Tensor) -> tuple[Tensor, StepRecord]:
+        self._follow_policy_classes()
         if self.momentum_state is None:
             return self._adapt_images(x)
         logits, views, losses = [], 0, []
