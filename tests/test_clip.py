@@ -80,6 +80,14 @@ def test_template_ensemble_averages_normalised_features():
     assert len(tiny_clip(classnames=None).classnames) == 1000
 
 
+@pytest.mark.parametrize("template", ["a photo of a {}, a type of {}.", "a {0} photo", "a photo", "a {} of {",
+                                      "{name} photo", 7])
+def test_templates_need_exactly_one_place_for_the_name(template):
+    with pytest.raises(ValueError, match="exactly one '{}'|with a '{}'"):
+        tiny_clip(templates=[template])
+    assert tiny_clip(templates=["{{a}} photo of a {}."]).templates == ["{{a}} photo of a {}."]
+
+
 def test_prompt_init_reproduces_the_template_zero_shot(images):
     template = tiny_clip()  # "a photo of a {}."
     prompt = tiny_clip(ctx_init="a photo of a")

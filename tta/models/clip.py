@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import re
+import string
 from types import SimpleNamespace
 from typing import Any, Callable, Mapping, Sequence
 
@@ -74,8 +75,18 @@ def prompt_templates(templates: str | Sequence[str]) -> list[str]:
     if isinstance(templates, str):
         raise ValueError(f"templates must be one of {TEMPLATE_SETS} or a list, got {templates!r}")
     templates = list(templates)
-    if not templates or not all(isinstance(t, str) and "{}" in t for t in templates):
-        raise ValueError("templates must be strings with a '{}' where the class name goes")
+    if not templates:
+        raise ValueError("templates must be strings with a '{}' where the class name goes, got none")
+    for t in templates:
+        if not isinstance(t, str):
+            raise ValueError(f"templates must be strings with a '{{}}' where the class name goes, got {t!r}")
+        try:  # str.format fills them: exactly one anonymous field, literal braces doubled
+            fields = [f for _, f, _, _ in string.Formatter().parse(t) if f is not None]
+        except ValueError as err:
+            fields = [str(err)]
+        if fields != [""]:
+            raise ValueError(f"template {t!r} must hold exactly one '{{}}' where the class name goes (as "
+                             "str.format fills it; write literal braces as '{{' and '}}')")
     return templates
 
 
