@@ -204,6 +204,15 @@ def test_views_are_independent_across_images_and_seedable():
                        make_views(x, 5, use_augmix=True, generator=g2))
 
 
+@pytest.mark.parametrize("name", ["tpt", "ttaug", "memo"])
+def test_a_view_transform_that_resizes_is_refused_naming_the_fix(name, images):
+    import kornia.augmentation as K
+
+    method = tta.wrap(tiny_clip(), name, num_views=4, transform=K.RandomResizedCrop((64, 64)))
+    with pytest.raises(ValueError, match=r"must keep the images' shape .*RandomResizedCrop\(\(32, 32\)\)"):
+        method(images)
+
+
 def test_full_crops_are_the_image_and_flips_mirror_it():
     x = torch.rand(2, 3, 16, 20)  # aspect 1.25: a whole-image crop is allowed
     whole = make_views(x, 4, scale=(1.0, 1.0), flip_p=0.0)

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "augmented_copies",
+    "check_view_shape",
     "random_resized_crops",
     "augmix",
     "make_views",
@@ -183,6 +184,18 @@ def augmix(
     return m * x + (1 - m) * mix
 
 
+def check_view_shape(views: Tensor, images: Tensor, transform: nn.Module) -> Tensor:
+    """``views``, the output of ``transform`` on ``images``, if it has their shape
+    (views go through the model beside the images and are regrouped per image)."""
+    if not isinstance(views, Tensor) or views.shape != images.shape:
+        got = tuple(views.shape) if isinstance(views, Tensor) else type(views).__name__
+        h, w = images.shape[-2:]
+        raise ValueError(f"the view transform {type(transform).__name__} must keep the images' shape "
+                         f"{tuple(images.shape)}, got {got}: crop then resize back, e.g. "
+                         f"kornia.augmentation.RandomResizedCrop(({h}, {w}))")
+    return views
+
+
 def augmented_copies(
     x: Tensor,
     num_copies: int,
@@ -202,7 +215,7 @@ def augmented_copies(
         raise ValueError(f"num_copies must be a positive integer, got {num_copies!r}")
     b = x.shape[0]
     many = x.unsqueeze(1).expand(b, num_copies, *x.shape[1:]).reshape(-1, *x.shape[1:])
-    crops = (transform(many) if transform is not None
+    crops = (check_view_shape(transform(many), many, transform) if transform is not None
              else random_resized_crops(many, scale=scale, flip_p=flip_p, generator=generator))
     if use_augmix:
         crops = augmix(crops, generator=generator)
