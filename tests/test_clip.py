@@ -120,12 +120,16 @@ def test_text_features_are_cached_until_something_changes(images):
         model.clip.ln_final.bias.add_(0.1)  # a text-tower weight
         model.text_features()
         assert model.text_encode_count == 3
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # features of another precision
+            assert model.text_features().dtype == torch.float32 and model.text_encode_count == 4
+        model.text_features()  # full precision again: not the bfloat16 features
+        assert model.text_encode_count == 5
     model.set_classnames(CLASSES[:3])
-    assert model(images).shape == (2, 3) and model.text_encode_count == 4
+    assert model(images).shape == (2, 3) and model.text_encode_count == 6
     # with gradients wanted for the context, the features carry a graph each time
     model.ctx.requires_grad_(True)
     features = model.text_features()
-    assert features.requires_grad and model.text_encode_count == 5
+    assert features.requires_grad and model.text_encode_count == 7
     features.sum().backward()
     assert model.ctx.grad is not None and model.ctx.grad.abs().sum() > 0
 

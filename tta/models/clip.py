@@ -317,7 +317,7 @@ class CLIPClassifier(nn.Module):
         """L2-normalised class text features (classes, dim), float32.
 
         Cached, and recomputed only when the prompt context or a text-tower weight
-        changed (or the device did). With a learnable context, inside a
+        changed (or the device, or the autocast precision, did). With a learnable context, inside a
         grad-enabled region where text parameters require grad, they are computed
         afresh with a graph so gradients reach the context. With fixed templates the
         text side is a constant zero-shot head: gradients never reach it."""
@@ -328,7 +328,10 @@ class CLIPClassifier(nn.Module):
         substituted = not all(isinstance(p, nn.Parameter) for p in params)
         if substituted or (self.ctx is not None and torch.is_grad_enabled() and any(p.requires_grad for p in params)):
             return self._compute_text_features()
-        key = (self.mean.device, tuple(p._version for p in params), tuple(id(p) for p in params))
+        device = self.mean.device
+        # features computed under autocast are of its precision: not for full-precision calls
+        autocast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+        key = (device, autocast, tuple(p._version for p in params), tuple(id(p) for p in params))
         if self._cache is None or self._cache[0] != key:
             with torch.no_grad():
                 self._cache = (key, self._compute_text_features())
