@@ -393,6 +393,17 @@ def test_reset_every_counts_from_each_reset(name, kwargs, images):
     assert resets == [3, 3] and method.num_updates == 1
 
 
+@pytest.mark.parametrize("name, kw", [("tpt", {}), ("vte", {}), ("rlcf", {"reward": None}), ("ttrv", {})])
+def test_compile_is_refused_where_only_the_encoders_run(name, kw, images):
+    with pytest.raises(TypeError, match="never its forward.*'compile' would change nothing"):
+        tta.wrap(tiny_clip(), name, compile=True, **kw)
+    adapt = "image" if name in ("rlcf", "ttrv") else None  # the image encoder adapts through the forward
+    if adapt is not None:
+        kw = {**kw, "num_views": 4} if name == "rlcf" else {"num_samples": 4, "num_train_samples": 2}
+        method = tta.wrap(tiny_clip(), name, compile="eager", adapt=adapt, **kw)
+        assert method.compiled and method(images).shape == (2, 5)
+
+
 def test_a_refused_clip_wrap_keeps_the_classifiers_templates(images):
     model = tiny_clip(templates="clip7")
     with torch.no_grad():

@@ -17,7 +17,7 @@ from .params import select_norm_params
 from .entropy import marginal_entropy, softmax_entropy  # noqa: F401  (marginal_entropy: TPT's loss, re-exported)
 
 __all__ = ["CLIP_INTERFACE", "check_clip_classifier", "marginal_entropy", "select_confident", "CLIPViewsMethod",
-           "clip_adapted_params"]
+           "clip_adapted_params", "refuse_compile_of_encoders"]
 
 #: Views encoded per forward pass when selecting (bounds memory for big batches).
 VIEW_CHUNK = 256
@@ -68,6 +68,11 @@ def select_confident(logits: Tensor, fraction: float = 0.1) -> Tensor:
 
 
 
+def refuse_compile_of_encoders(name: str) -> None:
+    raise TypeError(f"{name} runs the CLIP classifier's encoders, never its forward, which is what compile "
+                    "compiles: 'compile' would change nothing; drop it")
+
+
 class CLIPViewsMethod(TTAMethod):
     """Base of the per-image CLIP methods. Each test image is seen through
     ``num_views`` views (itself plus random resized crops), the ``selection_p``
@@ -106,6 +111,9 @@ class CLIPViewsMethod(TTAMethod):
     adapts_norm_params = False  # the prompt, or the image encoder as ``adapt`` says
     #: whether the learnable prompt context is what adapts
     adapts_prompt = True
+    #: whether a step runs the classifier's forward (else only its encoders, which
+    #: ``compile``, compiling the forward, does not reach)
+    calls_forward = False
 
     def __init__(
         self,
@@ -132,6 +140,8 @@ class CLIPViewsMethod(TTAMethod):
             raise ValueError(f"augmix must be True or False, got {augmix!r}")
         if transform is not None and not isinstance(transform, nn.Module):
             raise TypeError(f"transform must be an nn.Module on (N, 3, H, W) batches, got {type(transform).__name__}")
+        if kwargs.get("compile") and not self.calls_forward:
+            refuse_compile_of_encoders(self.method_name or type(self).__name__)
         if is_saved_context(ctx_init) or (self.adapts_prompt and model.ctx is None):
             model.use_prompt(ctx_init)
         # The base loop runs forward_and_adapt once per batch; the steps run inside.

@@ -207,6 +207,7 @@ class RLCF(CLIPViewsMethod):
                              f"are compared with their mean), got {sample_k!r}")
         self.adapt, self.sample_k, self.sampling = adapt, sample_k, sampling
         self.adapts_prompt = adapt == "prompt"
+        self.calls_forward = not self.adapts_prompt  # the image encoder adapts through the forward
         self.ema, self.ema_momentum, self.ema_every, self.ema_weight = bool(ema), ema_momentum, ema_every, ema_weight
         lr = _PAPER_LR[adapt] if lr is None else lr
         super().__init__(model, steps=steps, optimizer=optimizer, lr=lr, weight_decay=weight_decay, **kwargs)

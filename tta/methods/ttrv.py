@@ -34,7 +34,8 @@ from torch.func import functional_call
 
 from ..augment.views import Views
 from .base import TTAMethod
-from .clip_views import CLIP_INTERFACE, VIEW_CHUNK, check_clip_classifier, clip_adapted_params
+from .clip_views import (CLIP_INTERFACE, VIEW_CHUNK, check_clip_classifier, clip_adapted_params,
+                         refuse_compile_of_encoders)
 from .entropy import marginal_entropy
 from .grpo import clipped_policy_loss, grpo_advantages, vote_entropy, vote_rewards  # noqa: F401
 from .records import TTRVRecord
@@ -203,6 +204,8 @@ class TTRV(TTAMethod):
         # CLIP is used as trained (its ResNet towers keep their statistics, as in
         # TPT/RLCF); other classifiers normalise with test-batch statistics, as Tent.
         self.batch_stats = not clip
+        if clip and adapt == "prompt" and kwargs.get("compile"):
+            refuse_compile_of_encoders("ttrv adapt='prompt'")
         if clip and "bn_alpha" in kwargs:
             raise TypeError("ttrv uses a CLIP classifier as trained, without test-batch statistics, so "
                             "'bn_alpha' would change nothing; drop it")
