@@ -236,6 +236,15 @@ def test_state_dict_round_trip_continues_identically_whatever_numpy_does():
     assert np.array_equal(a._cma.es.mean, b._cma.es.mean)
 
 
+def test_a_deepcopy_continues_identically():
+    # pycma samples with NumPy's global RandomState: a copy must keep drawing from it
+    a = tta.wrap(tiny_vit(), "foa", source_loader=source(), popsize=4)
+    xs = batches(4)
+    a(xs[0])
+    b = copy.deepcopy(a)
+    assert all(torch.equal(a(x), b(x)) for x in xs[1:])
+
+
 def test_a_state_that_is_not_a_cma_search_is_refused_not_run(tmp_path):
     import os
     import pickle

@@ -249,6 +249,19 @@ def test_a_checkpoint_continues_identically(name, source, batch):
 
 
 @pytest.mark.parametrize("name", METHODS)
+def test_a_deepcopy_continues_identically(name, source, batch):
+    # one source batch: RMT's copy reads the loader afresh, from the same batch
+    method = make(name, tta.load_model("cifar10_resnet20"), source[:1], num_warmup_images=16)
+    method(batch)
+    twin = copy.deepcopy(method)
+    for _ in range(2):
+        torch.manual_seed(7)
+        a = method(batch)
+        torch.manual_seed(7)
+        assert torch.equal(a, twin(batch))
+
+
+@pytest.mark.parametrize("name", METHODS)
 def test_a_step_adapts_under_no_grad_and_records_its_losses(name, resnet20, source, batch):
     method = make(name, resnet20, source)
     before = tensors(method.projector.state_dict())

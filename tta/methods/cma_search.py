@@ -12,6 +12,7 @@ through an allow-list of what a CMA-ES state holds.
 
 from __future__ import annotations
 
+import copy
 import io
 import pickle
 from typing import Any
@@ -126,6 +127,16 @@ class CMASearch:
         self.rng: Any = None
         self.es = self._call(lambda: cma.CMAEvolutionStrategy(np.zeros(dim), sigma0, opts))
         self.told = False
+
+    def __deepcopy__(self, memo: dict) -> "CMASearch":
+        # pycma samples with a bound method of NumPy's global RandomState, whose
+        # state this class swaps in and out: a copy must draw from the global one
+        # too, not from a copy of it
+        memo[id(np.random.mtrand._rand)] = np.random.mtrand._rand
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__dict__.update({k: copy.deepcopy(v, memo) for k, v in self.__dict__.items()})
+        return new
 
     def _call(self, fn):
         outside = np.random.get_state()

@@ -13,6 +13,7 @@ logits.
 
 from __future__ import annotations
 
+import copy
 import itertools
 from typing import Iterable
 
@@ -108,6 +109,7 @@ class RMT(TTAMethod):
         self.teacher = frozen_copy(self.model)
         attach_prototypes(self, source_loader, num_prototype_images, projection_dim)
         # One endless stream of source batches serves the warm-up, then the replay.
+        self._source_loader = source_loader
         stream = source_batches(source_loader, "rmt")
         first = next(stream)
         self._source = itertools.chain([first], stream)
@@ -116,6 +118,17 @@ class RMT(TTAMethod):
 
     def select_params(self) -> list[tuple[str, nn.Parameter]]:
         return list(self.model.named_parameters())
+
+    def __deepcopy__(self, memo: dict) -> "RMT":
+        # The source stream is a generator, which cannot be copied: the copy reads
+        # the same loader afresh (its position is not part of the state, as after
+        # a loaded checkpoint); the loader itself is shared, not copied.
+        memo[id(self._source_loader)] = self._source_loader
+        memo[id(self._source)] = source_batches(self._source_loader, "rmt")
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__dict__.update({k: copy.deepcopy(v, memo) for k, v in self.__dict__.items()})
+        return new
 
     def next_source_batch(self) -> tuple[Tensor, Tensor]:
         """The next replayed source batch, ready for the model."""
