@@ -63,7 +63,8 @@ class RMT(TTAMethod):
 
     ``reset()`` returns to the state after the warm-up (student, teacher, projector,
     optimizer). The position in ``source_loader`` is not part of the state: after
-    ``reset()`` or a loaded checkpoint, replay goes on with the loader's next batch.
+    ``reset()`` or a loaded checkpoint, replay goes on with the loader's next batch;
+    a ``copy.deepcopy`` reads the (shared) loader from its start.
 
     Presets: ``"cifar10"`` is these defaults (batch 200); ``"imagenet"`` the
     ImageNet-C setting (cfgs/imagenet_c/rmt.yaml): SGD (momentum 0.9, Nesterov)
