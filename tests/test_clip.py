@@ -69,6 +69,15 @@ def test_logits_are_scaled_cosine_as_in_open_clip(images):
     assert model(torch.rand(3, 3, 40, 64)).shape == (3, 5)
 
 
+def test_a_loaded_state_gives_the_prompt_its_token_embeddings(images):
+    source, target = tiny_clip(ctx_init="a photo of a"), tiny_clip(seed=1, ctx_init="a photo of a")
+    target.load_state_dict(source.state_dict())
+    with torch.no_grad():
+        assert torch.equal(target(images), source(images))
+    with pytest.raises(TypeError, match="got dtype torch.uint8"):
+        source((images * 255).to(torch.uint8))
+
+
 def test_template_ensemble_averages_normalised_features():
     templates = ["a photo of a {}.", "art of the {}."]
     ensemble = tiny_clip(templates=templates).text_features()

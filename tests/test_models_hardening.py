@@ -199,6 +199,23 @@ def test_weights_that_are_not_a_checkpoint_name_the_file(tmp_path, name, kwargs)
         assert str(path) in str(err.value) and "a valid checkpoint is a file written by torch.save" in str(err.value)
 
 
+def test_a_checkpoint_of_other_shapes_names_the_file_and_the_keys(tmp_path):
+    path = tmp_path / "cifar100.pt"
+    torch.save(CifarResNet(20, num_classes=100).state_dict(), path)
+    with pytest.raises(ValueError, match=r"does not match CifarResNet.*linear.weight \(100, 64\) \(the model's "
+                                         r"\(10, 64\)\)") as err:
+        tta.load_model("cifar10_resnet20", weights=path)
+    assert str(path) in str(err.value)
+
+
+def test_bare_models_refuse_integer_images_and_cast_other_floats(noisy_batch):
+    model = tta.load_model("cifar10_resnet20")
+    with pytest.raises(TypeError, match=r"got dtype torch.uint8; convert uint8 images with x.float\(\) / 255"):
+        model((noisy_batch[:2] * 255).to(torch.uint8))  # normalised as uint8, every logit was NaN
+    with torch.no_grad():
+        torch.testing.assert_close(model(noisy_batch[:4].double()), model(noisy_batch[:4]))
+
+
 def test_truncated_or_mislabelled_checkpoints_name_the_file(tmp_path):
     good = tmp_path / "good.pt"
     torch.save(CifarResNet(20).state_dict(), good)

@@ -111,14 +111,20 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """``load_state_dict`` with an error that says which file (``source``) and which keys."""
-    result = model.load_state_dict(state, strict=False)
-    shapes = [
-        k for k, v in state.items()
-        if k in model.state_dict() and model.state_dict()[k].shape != v.shape
-    ]
-    if result.missing_keys or result.unexpected_keys or shapes:
+    """``load_state_dict`` with an error that says which file (``source``) and which
+    keys, checked before anything is copied (torch raises its own error on a size
+    mismatch, naming neither)."""
+    own = model.state_dict()
+    shapes = [f"{k} {tuple(v.shape)} (the model's {tuple(own[k].shape)})"
+              for k, v in state.items() if k in own and own[k].shape != v.shape]
+    missing: list[str] = []
+    unexpected: list[str] = []
+    if not shapes:
+        # strict=False: BatchNorm's own hook fills in what older checkpoints lack
+        result = model.load_state_dict(state, strict=False)
+        missing, unexpected = result.missing_keys, result.unexpected_keys
+    if missing or unexpected or shapes:
         raise ValueError(
-            f"{source} does not match {type(model).__name__}: "
-            f"missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}"
+            f"{source} does not match {type(model).__name__} (is it for another architecture or class "
+            f"count?): missing {missing[:5]}, unexpected {unexpected[:5]}, other shapes {shapes[:5]}"
         )

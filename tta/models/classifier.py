@@ -11,6 +11,17 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def as_pixels(x: Tensor, like: Tensor) -> Tensor:
+    """Images ``x`` as a pixel-space model takes them: float, in the dtype of its
+    normalisation constants ``like`` (which follow the model's ``.to(dtype)``).
+    Integer images are refused: cast to their dtype, the mean and std became 0
+    and every logit NaN."""
+    if not x.is_floating_point():
+        raise TypeError(f"expected float RGB images in [0, 1], got dtype {x.dtype}; "
+                        "convert uint8 images with x.float() / 255")
+    return x.to(like.dtype)
+
+
 class ImageClassifier(nn.Module):
     """``backbone((x - mean) / std)`` for float RGB ``x`` in [0, 1].
 
@@ -37,7 +48,8 @@ class ImageClassifier(nn.Module):
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
 
     def normalize(self, x: Tensor) -> Tensor:
-        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+        x = as_pixels(x, self.mean)
+        return (x - self.mean) / self.std
 
     def forward(self, x: Tensor) -> Tensor:
         return self.backbone(self.normalize(x))

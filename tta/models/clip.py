@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .classifier import as_pixels
+
 __all__ = ["CLIPClassifier", "from_open_clip", "class_names", "prompt_templates", "import_open_clip", "TEMPLATE_SETS",
            "is_saved_context", "load_context"]
 
@@ -240,16 +242,12 @@ class CLIPClassifier(nn.Module):
         self._cache = None
 
     def _build_prompt_tokens(self) -> None:
-        """Token ids of ``"<ctx_init> <class name>."`` and the fixed embeddings around
-        the context (start-of-text before it; class name, period, end after it)."""
+        """Token ids of ``"<ctx_init> <class name>."``, whose embeddings around the
+        context (start-of-text before it; class name, period, end after it) are
+        looked up at each encoding: kept as tensors, they would miss the token
+        embedding a loaded state dict or an update brings."""
         texts = [f"{self.ctx_init} {name.replace('_', ' ')}." for name in self.classnames]
-        tokens = self.tokenizer(texts).to(self.mean.device)
-        with torch.no_grad():
-            emb = self._text_tower().token_embedding(tokens)
-        start, n_ctx = self._ctx_span
-        self.register_buffer("prompt_tokens", tokens, persistent=False)
-        self.register_buffer("token_prefix", emb[:, :start].clone(), persistent=False)
-        self.register_buffer("token_suffix", emb[:, start + n_ctx :].clone(), persistent=False)
+        self.register_buffer("prompt_tokens", self.tokenizer(texts).to(self.mean.device), persistent=False)
 
     # -- text side ------------------------------------------------------------------------
     def _text_tower(self) -> SimpleNamespace:
@@ -302,9 +300,10 @@ class CLIPClassifier(nn.Module):
     def _compute_text_features(self) -> Tensor:
         self.text_encode_count += 1
         if self.ctx is not None:
-            k = self.num_classes
-            ctx = self.ctx.unsqueeze(0).expand(k, -1, -1).to(self.token_prefix.dtype)
-            emb = torch.cat([self.token_prefix, ctx, self.token_suffix], dim=1)
+            emb = self._text_tower().token_embedding(self.prompt_tokens)
+            start, n_ctx = self._ctx_span
+            ctx = self.ctx.unsqueeze(0).expand(self.num_classes, -1, -1).to(emb.dtype)
+            emb = torch.cat([emb[:, :start], ctx, emb[:, start + n_ctx:]], dim=1)
             return F.normalize(self._encode_embedded(emb, self.prompt_tokens).float(), dim=-1)
         texts = [t.format(name.replace("_", " ")) for name in self.classnames for t in self.templates]
         device = self.mean.device
@@ -341,6 +340,7 @@ class CLIPClassifier(nn.Module):
     def preprocess(self, x: Tensor) -> Tensor:
         """Resize (shorter side, then centre crop; or squash) to :attr:`input_size`
         and normalise with the model's mean and std. Float RGB in [0, 1] in."""
+        x = as_pixels(x, self.mean)
         h, w = x.shape[-2:]
         th, tw = self.input_size
         if (h, w) != (th, tw):
@@ -354,7 +354,7 @@ class CLIPClassifier(nn.Module):
                 x = x[..., top : top + th, left : left + tw]
             if self.interpolation == "bicubic":
                 x = x.clamp(0, 1)  # bicubic overshoots; PIL's uint8 output is clipped
-        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+        return (x - self.mean) / self.std
 
     def encode_image(self, x: Tensor, preprocessed: bool = False) -> Tensor:
         """L2-normalised image features (B, dim), float32, of pixels in [0, 1] (or of
