@@ -96,6 +96,31 @@ def test_tiny_and_odd_sizes(name):
                 assert torch.isfinite(y).all() and y.min() >= 0 and y.max() <= 1, (h, w, severity, preset)
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 0, 5), (2, 3, 5, 0), (3, 0, 5)])
+def test_images_without_pixels_are_refused(shape):
+    with pytest.raises(ValueError, match=r"at least 1x1 pixels, got shape"):
+        corrupt(torch.rand(shape), "jpeg_compression", 3)  # libjpeg crashed the process on them
+
+
+def test_shot_noise_ends_for_uniforms_next_to_one_unquantised():
+    # a uniform within float32 rounding of 1 stayed above every float32 partial sum:
+    # without a cap on the count the unquantised sampler never ended
+    x = torch.full((1, 3, 224, 224), 48 / 255)
+    y = corrupt(x, "shot_noise", 5, generator=torch.Generator().manual_seed(80), quantize=False)
+    q = corrupt(x, "shot_noise", 5, generator=torch.Generator().manual_seed(80))
+    assert torch.equal(y.mul(255).floor(), q.mul(255))  # the same counts, quantised or not
+
+
+@pytest.mark.parametrize("name", ["pixelate", "elastic_transform", "zoom_blur"])
+@pytest.mark.parametrize("quantize", [True, False])
+def test_a_callers_autocast_does_not_change_a_corruption(name, quantize):
+    x = _up(torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)), 64)
+    plain = corrupt(x, name, 5, preset="imagenet", generator=torch.Generator().manual_seed(1), quantize=quantize)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a model's amp around a Corrupt module
+        mixed = corrupt(x, name, 5, preset="imagenet", generator=torch.Generator().manual_seed(1), quantize=quantize)
+    assert torch.equal(plain, mixed)
+
+
 def test_reflect101_matches_opencv_for_any_size():
     """OpenCV's BORDER_REFLECT_101 reflects again off the far edge where the
     padding is wider than the image: so do the padding and defocus's filter."""

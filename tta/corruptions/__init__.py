@@ -118,6 +118,8 @@ def _check_images(x: Tensor) -> None:
         raise ValueError(f"images must have shape (B, 3, H, W) or (3, H, W), got {tuple(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"images must be floating point RGB in [0, 1], got dtype {x.dtype}")
+    if x.shape[2] == 0 or x.shape[3] == 0:
+        raise ValueError(f"images must be at least 1x1 pixels, got shape {tuple(x.shape)}")
     if x.numel() == 0:
         return
     # over channels-last images aminmax would first copy them to NCHW (20x slower)

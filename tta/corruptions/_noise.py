@@ -38,23 +38,24 @@ def shot_noise(x: Tensor, c: float, ctx: Context, drawn: Tensor) -> Tensor:
     """Poisson photon counts with ``c`` photons at full intensity."""
     if c > _INVERSION_MAX_PHOTONS:
         return drawn.div_(c)
-    # quantised, every count from c photons on gives white: no need to tell them apart
-    cap = int(-(-c // 1)) if ctx.quantize else None
-    return torch.div(_poisson_by_inversion(x, c, drawn, cap, ctx), c, out=drawn)
+    # Every count from c photons on gives white (the result is clipped to [0, 1],
+    # quantised or not): no need to tell them apart. Uncapped, a uniform within
+    # float32 rounding of 1 could stay above every float32 partial sum: no end.
+    return torch.div(_poisson_by_inversion(x, c, drawn, int(-(-c // 1)), ctx), c, out=drawn)
 
 
-def _poisson_by_inversion(x: Tensor, c: float, u: Tensor, cap: int | None, ctx: Context) -> Tensor:
+def _poisson_by_inversion(x: Tensor, c: float, u: Tensor, cap: int, ctx: Context) -> Tensor:
     """Poisson(``rates`` = ``x * c``) counts from uniforms ``u`` (overwritten) by
-    inverting the CDF: the count is the number of partial sums
-    ``sum_{i<=k} rates^i / i!`` below ``u * e^rates`` (the CDF without its
-    ``e^-rates``), at most ``cap``.
+    inverting the CDF, capped at ``cap``: the count is the number of partial sums
+    ``sum_{i<=k} rates^i / i!``, ``k < cap``, below ``u * e^rates`` (the CDF
+    without its ``e^-rates``).
 
-    An exact sampler (float32 sums), and 3x faster than ``torch.poisson`` at
-    ImageNet-C's few photons (3-12 at severities 3-5, one thread, 224 px): that
-    one draws about ``rates + 1`` uniforms per value one at a time, this one a
-    single uniform each and compares whole tensors, once per count value reached
-    (so few photons only: ``_INVERSION_MAX_PHOTONS``). The counts differ draw by
-    draw from ``torch.poisson``'s (another use of the random stream), their law
+    An exact sampler (float32 sums) below the cap, and 3x faster than
+    ``torch.poisson`` at ImageNet-C's few photons (3-12 at severities 3-5, one
+    thread, 224 px): that one draws about ``rates + 1`` uniforms per value one at a
+    time, this one a single uniform each and compares whole tensors, once per count
+    value (so few photons only: ``_INVERSION_MAX_PHOTONS``). The counts differ draw
+    by draw from ``torch.poisson``'s (another use of the random stream), their law
     does not.
     """
     shape, dev = tuple(x.shape), x.device
@@ -67,16 +68,11 @@ def _poisson_by_inversion(x: Tensor, c: float, u: Tensor, cap: int | None, ctx: 
     torch.add(rates, 1, out=partial)
     above = ctx.buffer("above", shape, torch.bool, dev)
     term = ctx.buffer("term", shape, x.dtype, dev)
-    k = 1
-    while cap is None or k < cap:
-        torch.gt(u, partial, out=above)
-        # uint8 max: 25x faster than any() on a bool tensor
-        if cap is None and not bool(above.view(torch.uint8).max()):
-            break
-        count += above
-        k += 1
-        torch.mul(rates, rates, out=term) if k == 2 else term.mul_(rates)
-        partial += term.div_(k)
+    for k in range(1, cap):
+        count += torch.gt(u, partial, out=above)
+        if k + 1 < cap:
+            torch.mul(rates, rates, out=term) if k == 1 else term.mul_(rates)
+            partial += term.div_(k + 1)
     return count
 
 

@@ -89,7 +89,9 @@ def apply(
         frost_dir=Path(frost_dir) if frost_dir is not None else None,
     )
     c = table[key][severity - 1]
-    with torch.no_grad():
+    # Under a caller's autocast (a model's amp), resampling, convolutions and the
+    # codec's matrix products would run in half precision: not the original's maths.
+    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
         x = x.detach()
         drawn = spec.draws(x, c, ctx) if spec.draws is not None else ()
         out = _reusable_draw(x, drawn)
