@@ -96,6 +96,16 @@ def test_tiny_and_odd_sizes(name):
                 assert torch.isfinite(y).all() and y.min() >= 0 and y.max() <= 1, (h, w, severity, preset)
 
 
+def test_bad_names_presets_and_flags_are_refused_with_the_fix():
+    x = torch.rand(1, 3, 8, 8)
+    with pytest.raises(ValueError, match="did you mean 'jpeg_compression'"):
+        corrupt(x, "jpeg", 3)
+    with pytest.raises(ValueError, match="did you mean 'cifar'"):
+        Corrupt("fog", 3, preset="cifa")
+    with pytest.raises(TypeError, match="quantize must be True or False, got 'no'"):
+        corrupt(x, "fog", 3, quantize="no")  # a truthy string quantised
+
+
 @pytest.mark.parametrize("shape", [(2, 3, 0, 5), (2, 3, 5, 0), (3, 0, 5)])
 def test_images_without_pixels_are_refused(shape):
     with pytest.raises(ValueError, match=r"at least 1x1 pixels, got shape"):

@@ -98,9 +98,24 @@ def _check_name(name: str) -> str:
     key = name.strip().lower().replace("-", "_").replace(" ", "_")
     if key in _REGISTRY:
         return key
-    close = difflib.get_close_matches(key, ALL_NAMES, n=3, cutoff=0.5)
-    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    # a part of a name ("jpeg", "elastic") is as good a hint as a misspelling
+    close = [n for n in ALL_NAMES if key and key in n] or difflib.get_close_matches(key, ALL_NAMES, n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(repr(c) for c in close[:3])}?" if close else ""
     raise ValueError(f"unknown corruption {name!r}{hint} (choose from {', '.join(ALL_NAMES)})")
+
+
+def _check_preset(preset: str | None) -> str | None:
+    if preset is None or preset in TABLES:
+        return preset
+    close = difflib.get_close_matches(str(preset), PRESETS, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise ValueError(f"unknown preset {preset!r}{hint} (choose from {', '.join(PRESETS)})")
+
+
+def _check_quantize(quantize: bool) -> bool:
+    if not isinstance(quantize, bool):
+        raise TypeError(f"quantize must be True or False, got {quantize!r}")
+    return quantize
 
 
 def _check_severity(severity: int) -> int:
@@ -169,12 +184,9 @@ def corrupt(
         return corrupt(x[None], key, severity, preset=preset, generator=generator, quantize=quantize,
                        frost_dir=frost_dir)[0]
     _check_images(x)
-    if preset is None:
+    _check_quantize(quantize)
+    if _check_preset(preset) is None:
         preset = choose_preset(x.shape[-2], x.shape[-1])
-    elif preset not in TABLES:
-        close = difflib.get_close_matches(str(preset), PRESETS, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown preset {preset!r}{hint} (choose from {', '.join(PRESETS)})")
     _check_generator(generator, x.shape[0])
     if x.shape[0] == 0:
         return x.clone()
@@ -224,11 +236,9 @@ class Corrupt(nn.Module):
         super().__init__()
         self.name = _check_name(name)
         self.severity = _check_severity(severity)
-        if preset is not None and preset not in TABLES:
-            raise ValueError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
-        self.preset = preset
+        self.preset = _check_preset(preset)
         self.generator = generator
-        self.quantize = quantize
+        self.quantize = _check_quantize(quantize)
         self.frost_dir = frost_dir
 
     def forward(self, x: Tensor, generator: torch.Generator | Sequence[torch.Generator] | None = None) -> Tensor:
