@@ -65,8 +65,10 @@ def test_timm_model_normalises_inside():
     assert model.num_classes == 7 and model.input_size == (224, 224)
     assert model.mean.flatten().tolist() == pytest.approx([0.485, 0.456, 0.406])
     assert model(torch.rand(2, 3, 64, 64)).shape == (2, 7)
-    with pytest.raises(KeyError, match="did you mean"):
+    with pytest.raises(KeyError, match=r'did you mean.*list them with tta.list_models\("timm:\*"\)'):
         tta.load_model("timm:resnet5O", pretrained=False)
+    # a transformer built for another size says so (timm's config keeps 224)
+    assert tta.load_model("timm:vit_tiny_patch16_224", pretrained=False, img_size=96).input_size == (96, 96)
 
 
 def test_corrupted_cached_checkpoint_is_reported(tmp_path, monkeypatch):
@@ -96,7 +98,7 @@ def test_a_model_family_is_one_registration(monkeypatch):
     tta.models.register_model_family("toy", load, lambda pattern: ["a", "b"] if pattern == "*" else [])
     assert not tta.load_model("toy:a", width=3).training  # load_model's eval() applies to every family
     assert calls == [("a", None, 3)]
-    assert tta.list_models("toy:*") == ["toy:a", "toy:b"]
+    assert tta.list_models("toy:*") == tta.list_models("toy:") == ["toy:a", "toy:b"]
     with pytest.raises(ValueError, match="already registered"):
         tta.models.register_model_family("toy", load)
 
@@ -109,3 +111,22 @@ def test_unknown_names_list_the_known_prefixes():
         tta.load_model("cifar10_resnet2O")
     with pytest.raises(ValueError, match="has a ':'"):
         tta.models.register_model("a:b")
+    with pytest.raises(KeyError, match="unknown model family 'tim:'"):
+        tta.list_models("tim:*")
+    with pytest.raises(TypeError, match="pattern must be a str"):
+        tta.list_models(None)
+
+
+def test_registration_needs_a_name_and_a_loader_a_module(monkeypatch):
+    from tta.models import registry
+
+    monkeypatch.setattr(registry._MODELS, "_entries", dict(registry._MODELS._entries))
+    with pytest.raises(TypeError, match=r"registered under a non-empty name.*@register_model\('name'\)"):
+        @tta.register_model  # the name left out
+        def net(weights=None):
+            return torch.nn.Identity()
+    with pytest.raises(TypeError, match="non-empty name, got ''"):
+        tta.register_model("")
+    tta.register_model("returns_none")(lambda weights=None: None)
+    with pytest.raises(TypeError, match="loader of model 'returns_none' returned NoneType, not an nn.Module"):
+        tta.load_model("returns_none")

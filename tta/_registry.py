@@ -19,6 +19,10 @@ class Registry(Generic[T]):
     def register(self, name: str) -> Callable[[T], T]:
         """Decorator registering ``obj`` under ``name``; a name may be taken once."""
 
+        if not isinstance(name, str) or not name:
+            bare = f" (decorate with @register_{self.kind.replace(' ', '_')}('name'))" if callable(name) else ""
+            raise TypeError(f"a {self.kind} is registered under a non-empty name, got {name!r}{bare}")
+
         def decorator(obj: T) -> T:
             if name in self._entries and self._entries[name] is not obj:
                 raise ValueError(f"{self.kind} {name!r} is already registered")
@@ -41,10 +45,11 @@ class Registry(Generic[T]):
         return name in self._entries
 
 
-def unknown_name_message(kind: str, name: str, known) -> str:
-    """'unknown method 'tnet'; did you mean 'tent'? Known: ...' style message."""
+def unknown_name_message(kind: str, name: str, known, list_with: str = "list_models()") -> str:
+    """'unknown method 'tnet'; did you mean 'tent'? Known: ...' style message; a long
+    list of names is left to ``list_with``, the call that lists them."""
     known = sorted(known)
     close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
     hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else "."
-    listing = ", ".join(known) if len(known) <= 40 else f"{len(known)} names, list them with list_models()"
+    listing = ", ".join(known) if len(known) <= 40 else f"{len(known)} names, list them with {list_with}"
     return f"unknown {kind} {name!r}{hint} Known {kind}s: {listing}"

@@ -96,7 +96,8 @@ def clip_classifier(
         raise pickled_code(tag, err) from None
     except RuntimeError as err:
         if "not found" in str(err) and name not in oc.list_models():
-            raise KeyError(unknown_name_message("open_clip model", name, oc.list_models())) from None
+            raise KeyError(unknown_name_message("open_clip model", name, oc.list_models(),
+                                                list_with='tta.list_models("clip:*")')) from None
         raise
     return from_open_clip(model, oc.get_tokenizer(name, cache_dir=cache_dir), classnames=classnames,
                           templates=templates, ctx_init=ctx_init)

@@ -36,7 +36,7 @@ _FAMILIES: Registry[ModelFamily] = Registry("model family")
 
 def register_model(name: str) -> Callable:
     """Decorator registering a model factory ``fn(weights=None, **kw) -> nn.Module``."""
-    if ":" in name:
+    if isinstance(name, str) and ":" in name:
         raise ValueError(f"model name {name!r} has a ':', which separates a family prefix from a model: "
                          f"register a family with register_model_family instead, or drop the ':'")
     return _MODELS.register(name)
@@ -66,9 +66,16 @@ def list_models(pattern: str = "*") -> list[str]:
     """Registered model names matching a shell-style pattern; a pattern starting with a
     family's prefix lists that family's models (``list_models("zoo:*")``,
     ``list_models("timm:convnext*")``, ``list_models("clip:ViT-B-16/*")``)."""
+    if not isinstance(pattern, str):
+        raise TypeError(f"pattern must be a str such as '*' or 'timm:resnet*', got {pattern!r}")
     prefix, sep, rest = pattern.partition(":")
-    if sep and prefix in _FAMILIES and _FAMILIES.get(prefix).list is not None:
-        return [f"{prefix}:{n}" for n in _FAMILIES.get(prefix).list(rest)]
+    if sep and prefix in _FAMILIES:
+        family = _FAMILIES.get(prefix)
+        if family.list is None:
+            raise ValueError(f"model family {prefix + ':'!r} cannot list its models")
+        return [f"{prefix}:{n}" for n in family.list(rest or "*")]
+    if sep and not any(ch in prefix for ch in "*?["):
+        raise _unknown_prefix(pattern, prefix)
     return _MODELS.names(pattern)
 
 
@@ -95,4 +102,6 @@ def load_model(name: str, *, weights: str | os.PathLike | None = None, **kwargs:
                        f"'<prefix>:<model>', prefixes {_prefixes()}")
     else:
         model = _MODELS.get(name)(weights=weights, **kwargs)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"the loader of model {name!r} returned {type(model).__name__}, not an nn.Module")
     return model.eval()

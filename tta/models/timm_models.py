@@ -32,7 +32,8 @@ def timm_classifier(
     from . import timm_cifar  # noqa: F401  (registers tta_cifar_* with timm)
 
     if name not in timm.list_models() and name.split(".")[0] not in timm.list_models():
-        raise KeyError(unknown_name_message("timm model", name, timm.list_models()))
+        raise KeyError(unknown_name_message("timm model", name, timm.list_models(),
+                                            list_with='tta.list_models("timm:*")'))
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     if pretrained and weights is None and not kwargs.get("pretrained_cfg_overlay"):
@@ -42,6 +43,11 @@ def timm_classifier(
         load_state_into(net, load_checkpoint(weights), str(weights))
     cfg = net.pretrained_cfg or {}
     size = tuple(cfg.get("input_size", (3, 224, 224))[1:])
+    # a transformer built for another size (img_size=...) takes that size: timm's
+    # pretrained config keeps the one its weights were trained at
+    built = getattr(getattr(net, "patch_embed", None), "img_size", None)
+    if built is not None:
+        size = (built, built) if isinstance(built, int) else tuple(built)
     return ImageClassifier(
         net,
         net.num_classes,
