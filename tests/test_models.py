@@ -50,6 +50,14 @@ class _Exploit:
         return (os.system, (f"touch {self.marker}",))
 
 
+def test_the_state_dict_of_a_loaded_model_is_a_checkpoint(tmp_path, noisy_batch):
+    model = tta.load_model("cifar10_resnet20")
+    torch.save(model.state_dict(), tmp_path / "saved.pt")  # keys start with backbone.
+    again = tta.load_model("cifar10_resnet20", weights=tmp_path / "saved.pt")
+    with torch.no_grad():
+        assert torch.equal(again(noisy_batch[:4]), model(noisy_batch[:4]))
+
+
 def test_malicious_pickle_is_refused(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.th"

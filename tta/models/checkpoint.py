@@ -115,6 +115,9 @@ def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], source: st
     keys, checked before anything is copied (torch raises its own error on a size
     mismatch, naming neither)."""
     own = model.state_dict()
+    # the state_dict() of a model tta loaded: its network is the classifier's backbone
+    if state and all(k.startswith("backbone.") for k in state) and not any(k.startswith("backbone.") for k in own):
+        state = {k.removeprefix("backbone."): v for k, v in state.items()}
     shapes = [f"{k} {tuple(v.shape)} (the model's {tuple(own[k].shape)})"
               for k, v in state.items() if k in own and own[k].shape != v.shape]
     missing: list[str] = []
