@@ -78,6 +78,17 @@ def test_a_loaded_state_gives_the_prompt_its_token_embeddings(images):
         source((images * 255).to(torch.uint8))
 
 
+def test_local_checkpoints_that_do_not_load_name_the_file(tmp_path):
+    good = tmp_path / "tiny.pt"
+    torch.save(tiny_clip().clip.state_dict(), good)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[:5000])
+    with pytest.raises(ValueError, match=f"{truncated} does not load into open_clip model '{TINY}'"):
+        tta.load_model(f"clip:{TINY}", weights=truncated)
+    with pytest.raises(FileNotFoundError, match=f"no checkpoint file at {tmp_path}/missing.pt"):
+        tta.load_model(f"clip:{TINY}/{tmp_path}/missing.pt")
+
+
 def test_template_ensemble_averages_normalised_features():
     templates = ["a photo of a {}.", "art of the {}."]
     ensemble = tiny_clip(templates=templates).text_features()

@@ -73,7 +73,7 @@ def test_timm_model_normalises_inside():
     assert model.num_classes == 7 and model.input_size == (224, 224)
     assert model.mean.flatten().tolist() == pytest.approx([0.485, 0.456, 0.406])
     assert model(torch.rand(2, 3, 64, 64)).shape == (2, 7)
-    with pytest.raises(KeyError, match=r'did you mean.*list them with tta.list_models\("timm:\*"\)'):
+    with pytest.raises(KeyError, match=r"did you mean.*list them with tta.list_models\('timm:\*'\)"):
         tta.load_model("timm:resnet5O", pretrained=False)
     # a transformer built for another size says so (timm's config keeps 224)
     assert tta.load_model("timm:vit_tiny_patch16_224", pretrained=False, img_size=96).input_size == (96, 96)

@@ -85,6 +85,9 @@ def clip_classifier(
     local = tag is not None and os.path.isfile(tag)
     if local:
         _check_clip_checkpoint(tag)
+    elif tag is not None and (os.sep in tag or tag.endswith((".pt", ".pth", ".bin", ".safetensors"))):
+        raise FileNotFoundError(f"clip:{spec}: no checkpoint file at {tag} (a pretrained tag has no '/'; "
+                                f"the tags of {name}: tta.list_models('clip:{name}/*'))")
     elif tag is not None:
         _check_weights_reachable(oc, name, tag, cache_dir)
     try:
@@ -94,11 +97,14 @@ def clip_classifier(
         if not local:
             raise
         raise pickled_code(tag, err) from None
-    except RuntimeError as err:
-        if "not found" in str(err) and name not in oc.list_models():
+    except (RuntimeError, OSError, EOFError, ValueError, KeyError) as err:
+        if isinstance(err, RuntimeError) and "not found" in str(err) and name not in oc.list_models():
             raise KeyError(unknown_name_message("open_clip model", name, oc.list_models(),
-                                                list_with='tta.list_models("clip:*")')) from None
-        raise
+                                                list_with="tta.list_models('clip:*')")) from None
+        if not local:
+            raise
+        raise ValueError(f"{tag} does not load into open_clip model {name!r} ({str(err).splitlines()[0][:300]}): "
+                         f"is it a checkpoint of {name}, whole?") from err
     return from_open_clip(model, oc.get_tokenizer(name, cache_dir=cache_dir), classnames=classnames,
                           templates=templates, ctx_init=ctx_init)
 

@@ -33,7 +33,7 @@ def timm_classifier(
 
     if name not in timm.list_models() and name.split(".")[0] not in timm.list_models():
         raise KeyError(unknown_name_message("timm model", name, timm.list_models(),
-                                            list_with='tta.list_models("timm:*")'))
+                                            list_with="tta.list_models('timm:*')"))
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     if pretrained and weights is None and not kwargs.get("pretrained_cfg_overlay"):
