@@ -75,6 +75,8 @@ def test_timm_model_normalises_inside():
     assert model(torch.rand(2, 3, 64, 64)).shape == (2, 7)
     with pytest.raises(KeyError, match=r"did you mean.*list them with tta.list_models\('timm:\*'\)"):
         tta.load_model("timm:resnet5O", pretrained=False)
+    # a deprecated name timm still builds (as its successor, the 21k-class head)
+    assert tta.load_model("timm:vit_tiny_patch16_224_in21k", pretrained=False).num_classes == 21843
     # a transformer built for another size says so (timm's config keeps 224)
     assert tta.load_model("timm:vit_tiny_patch16_224", pretrained=False, img_size=96).input_size == (96, 96)
 

@@ -31,7 +31,8 @@ def timm_classifier(
 
     from . import timm_cifar  # noqa: F401  (registers tta_cifar_* with timm)
 
-    if name not in timm.list_models() and name.split(".")[0] not in timm.list_models():
+    # is_model: also the deprecated names timm.create_model still maps to their successors
+    if not (timm.models.is_model(name) or timm.models.is_model(name.split(".")[0])):
         raise KeyError(unknown_name_message("timm model", name, timm.list_models(),
                                             list_with="tta.list_models('timm:*')"))
     if num_classes is not None:
