@@ -75,6 +75,16 @@ def test_other_float_dtypes_are_cast_to_the_model_dtype(dtype, resnet20, noisy_b
     assert torch.equal(expected, got)
 
 
+def test_norm_takes_its_statistics_weight_by_either_name(resnet20, noisy_batch):
+    one = noisy_batch[:1]
+    with pytest.raises(ValueError, match=r"bn_alpha < 1 \(e.g. bn_alpha=0.1"):
+        tta.wrap(copy.deepcopy(resnet20), "norm")(one)
+    by_alpha = tta.wrap(copy.deepcopy(resnet20), "norm", alpha=0.1)(one)
+    assert torch.equal(tta.wrap(copy.deepcopy(resnet20), "norm", bn_alpha=0.1)(one), by_alpha)  # as advised
+    with pytest.raises(ValueError, match="alpha=0.2 and bn_alpha=0.1 are one option"):
+        tta.wrap(resnet20, "norm", alpha=0.2, bn_alpha=0.1)
+
+
 def test_a_float64_model_takes_its_source_images_and_batches_in_float64(resnet20, noisy_batch):
     model = resnet20.to(torch.float64)
     method = tta.wrap(model, "eata", fisher_loader=[noisy_batch[16:32]], fisher_size=16)  # float32 source images

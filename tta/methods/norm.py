@@ -27,10 +27,13 @@ class Norm(TTAMethod):
     has_optimizer = False
 
     def __init__(self, model: nn.Module, *, alpha: float = 1.0, **kwargs) -> None:
-        # ``alpha`` is the paper's name for the shared ``bn_alpha`` option.
-        if kwargs.setdefault("bn_alpha", alpha) != alpha:
-            raise ValueError("give norm's statistics weight as alpha or bn_alpha, not both")
-        super().__init__(model, **kwargs)
+        # ``alpha`` is the paper's name for the shared ``bn_alpha`` option: either
+        # sets it (the batch-size-1 advice names bn_alpha for every method)
+        bn_alpha = kwargs.pop("bn_alpha", alpha)
+        if alpha != 1.0 and bn_alpha != alpha:
+            raise ValueError(f"norm: alpha={alpha!r} and bn_alpha={bn_alpha!r} are one option, the weight of "
+                             "the test-batch statistics: give one")
+        super().__init__(model, bn_alpha=bn_alpha, **kwargs)
 
     @torch.no_grad()
     def forward_and_adapt(self, x: Tensor) -> tuple[Tensor, StepRecord]:
