@@ -253,6 +253,13 @@ def without_options(state_dict):
     return {**state_dict, "_extra_state": extra}
 
 
+def test_a_state_of_other_guard_settings_is_refused(resnet20, noisy_batch):
+    saved = tta.wrap(copy.deepcopy(resnet20), "tent", collapse_guard={"window": 3})
+    saved(noisy_batch[:16])
+    with pytest.raises(ValueError, match=r"collapse_guard=\{'window': 3\} \(here \{'window': 7\}\)"):
+        tta.wrap(resnet20, "tent", collapse_guard={"window": 7}).load_state_dict(saved.state_dict())
+
+
 def test_foreign_states_are_refused_before_anything_changes(resnet20, noisy_batch, cifar_train_images):
     tent = tta.wrap(copy.deepcopy(resnet20), "tent")
     tent(noisy_batch)

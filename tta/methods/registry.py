@@ -128,14 +128,21 @@ RUNTIME_OPTIONS = ("check_inputs", "amp", "channels_last", "compile")
 
 def state_options(options: dict[str, Any]) -> dict[str, Any]:
     """The options a method's state is saved with and checked against at load: all
-    but :data:`RUNTIME_OPTIONS`, plain values only (numbers, strings, None and tuples
-    of them; not loaders, transforms or models)."""
-    plain = (bool, int, float, str, type(None))
+    but :data:`RUNTIME_OPTIONS`, plain values only (numbers, strings, None, tuples of
+    them and dicts of those, as a collapse guard's settings; not loaders,
+    transforms or models)."""
+    scalar = (bool, int, float, str, type(None))
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, (list, tuple)) and all(isinstance(v, scalar) for v in value):
+            return tuple(value)
+        if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+            inner = {k: plain(v) for k, v in value.items()}
+            return inner if all(v is not None or value[k] is None for k, v in inner.items()) else None
+        return value if isinstance(value, scalar) else None
+
     kept = {}
     for key, value in options.items():
-        if isinstance(value, list):
-            value = tuple(value)
-        if key not in RUNTIME_OPTIONS and (isinstance(value, plain) or (
-                isinstance(value, tuple) and all(isinstance(v, plain) for v in value))):
-            kept[key] = value
+        if key not in RUNTIME_OPTIONS and (value is None or plain(value) is not None):
+            kept[key] = plain(value)
     return kept
