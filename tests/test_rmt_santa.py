@@ -232,7 +232,6 @@ def test_reset_returns_bit_exact_to_the_state_before_the_first_batch(name, resne
 
 @pytest.mark.parametrize("name", METHODS)
 def test_a_checkpoint_continues_identically(name, source, batch):
-    # RMT's replay position is not part of the state: one source batch makes it moot.
     one_batch = source[:1] * 2
     first = make(name, tta.load_model("cifar10_resnet20"), one_batch, num_warmup_images=16)
     for _ in range(2):
@@ -248,10 +247,40 @@ def test_a_checkpoint_continues_identically(name, source, batch):
     assert not changed(tensors(first.state_dict()), tensors(second.state_dict()))
 
 
+class PassCountingLoader:
+    """Source batches in another order each pass, seeded by the pass count (as
+    tta-bench's SourceBatches): a resumed stream must start the same passes."""
+
+    def __init__(self, batches):
+        self.batches, self.passes = batches, 0
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        order = torch.randperm(len(self.batches), generator=torch.Generator().manual_seed(self.passes))
+        self.passes += 1
+        return iter([self.batches[i] for i in order.tolist()])
+
+
+def test_rmt_resumes_its_replay_where_the_checkpoint_was(source, batch):
+    # 2 warm-up batches, then one replayed per step: the checkpoint falls in the
+    # second pass over the three source batches
+    first = make("rmt", tta.load_model("cifar10_resnet20"), PassCountingLoader(source[:3]))
+    for _ in range(3):
+        first(batch)
+    resumed = make("rmt", tta.load_model("cifar10_resnet20"), PassCountingLoader(source[:3]))
+    resumed.load_state_dict(copy.deepcopy(first.state_dict()))
+    for _ in range(4):
+        torch.manual_seed(7)
+        a = first(batch)
+        torch.manual_seed(7)
+        assert torch.equal(a, resumed(batch))
+
+
 @pytest.mark.parametrize("name", METHODS)
 def test_a_deepcopy_continues_identically(name, source, batch):
-    # one source batch: RMT's copy reads the loader afresh, from the same batch
-    method = make(name, tta.load_model("cifar10_resnet20"), source[:1], num_warmup_images=16)
+    method = make(name, tta.load_model("cifar10_resnet20"), source[:3], num_warmup_images=16)
     method(batch)
     twin = copy.deepcopy(method)
     for _ in range(2):

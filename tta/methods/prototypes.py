@@ -13,6 +13,7 @@ positives).
 
 from __future__ import annotations
 
+from collections.abc import Sized
 from typing import Any, Iterable, Iterator
 
 import torch
@@ -22,7 +23,7 @@ from torch import Tensor, nn
 from .features import check_feature_split, classifier_head, pooled_features
 from .inputs import floating_dtype, to_model_input
 
-__all__ = ["check_prototype_options", "needs_source_loader", "source_batches", "source_prototypes", "make_projector", "attach_prototypes",
+__all__ = ["check_prototype_options", "needs_source_loader", "SourceStream", "source_prototypes", "make_projector", "attach_prototypes",
            "nearest_prototype", "prototype_contrastive_loss"]
 
 
@@ -50,15 +51,62 @@ def needs_source_loader(source_loader: Iterable | None, method: str, what: str) 
         )
 
 
-def source_batches(loader: Iterable, method: str) -> Iterator[tuple[Tensor, Tensor]]:
-    """The (images, labels) batches of ``loader``, pass after pass without end."""
-    while True:
-        empty = True
-        for batch in loader:
-            empty = False
-            yield _images_and_labels(batch, method)
-        if empty:
-            raise ValueError(f"{method}: source_loader yielded no batches")
+class SourceStream:
+    """The (images, labels) batches of ``loader``, pass after pass without end, and
+    how many it has given (``read``), which :meth:`advance` moves on. A replay
+    position is part of a method's state: a resumed run replays from there."""
+
+    def __init__(self, loader: Iterable, method: str) -> None:
+        self.loader, self.method, self.read = loader, method, 0
+        self._per_pass = len(loader) if isinstance(loader, Sized) else 0
+        self._pass: Iterator | None = None  # the pass being read
+        self._in_pass = 0
+        self._held: tuple[Tensor, Tensor] | None = None  # read by peek, not given yet
+
+    def __iter__(self) -> "SourceStream":
+        return self
+
+    def __next__(self) -> tuple[Tensor, Tensor]:
+        batch = self.peek()
+        self._held = None
+        self.read += 1
+        return batch
+
+    def peek(self) -> tuple[Tensor, Tensor]:
+        """The next batch, still to be given by ``next``."""
+        while self._held is None:
+            if self._pass is None:
+                self._pass, self._in_pass = iter(self.loader), 0
+            batch = next(self._pass, None)
+            if batch is not None:
+                self._in_pass += 1
+                self._held = _images_and_labels(batch, self.method)
+            elif self._in_pass == 0:
+                raise ValueError(f"{self.method}: source_loader yielded no batches")
+            else:
+                self._pass = None
+        return self._held
+
+    def advance(self, n: int) -> None:
+        """Move ``n`` batches on. A pass passed over whole is only started (one batch
+        read): a loader may count its passes and order each by that count, as
+        tta-bench's does; within a pass the batches are read."""
+        while n > 0:
+            if self._held is None and self._pass is None and self._per_pass and n >= self._per_pass:
+                next(iter(self.loader), None)
+                n -= self._per_pass
+                self.read += self._per_pass
+            else:
+                next(self)
+                n -= 1
+
+    def __deepcopy__(self, memo: dict) -> "SourceStream":
+        # A pass in progress (a generator) cannot be copied: the copy reads the
+        # shared loader afresh, to the same count (exact for a loader that gives the
+        # same batches in the same order each pass)
+        twin = SourceStream(self.loader, self.method)
+        twin.advance(self.read)
+        return twin
 
 
 def _images_and_labels(batch: Any, method: str) -> tuple[Tensor, Tensor]:

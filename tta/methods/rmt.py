@@ -13,8 +13,6 @@ logits.
 
 from __future__ import annotations
 
-import copy
-import itertools
 from typing import Iterable
 
 import torch
@@ -27,7 +25,7 @@ from .entropy import symmetric_cross_entropy
 from .features import features_and_logits
 from .inputs import to_model_input
 from .prototypes import (attach_prototypes, check_prototype_options, prototype_contrastive_loss,
-                         source_batches)
+                         SourceStream)
 from .records import RMTRecord, StepRecord
 from .registry import register_method
 from .teacher import ema_update_, frozen_copy
@@ -62,9 +60,11 @@ class RMT(TTAMethod):
             (default: :func:`~tta.augment.kornia_views.cotta_augmentation`).
 
     ``reset()`` returns to the state after the warm-up (student, teacher, projector,
-    optimizer). The position in ``source_loader`` is not part of the state: after
-    ``reset()`` or a loaded checkpoint, replay goes on with the loader's next batch;
-    a ``copy.deepcopy`` reads the (shared) loader from its start.
+    optimizer); the replay goes on with the loader's next batch, as in the official
+    code. The number of source batches read is part of the state: a loaded
+    checkpoint, and a ``copy.deepcopy`` (which shares the loader), replay on from
+    there (for a loader that gives the same batches in the same order each pass;
+    with a length, whole passes are skipped without reading them).
 
     Presets: ``"cifar10"`` is these defaults (batch 200); ``"imagenet"`` the
     ImageNet-C setting (cfgs/imagenet_c/rmt.yaml): SGD (momentum 0.9, Nesterov)
@@ -109,27 +109,34 @@ class RMT(TTAMethod):
         # The teacher is a copy of the configured student (test-batch statistics).
         self.teacher = frozen_copy(self.model)
         attach_prototypes(self, source_loader, num_prototype_images, projection_dim)
-        # One endless stream of source batches serves the warm-up, then the replay.
-        self._source_loader = source_loader
-        stream = source_batches(source_loader, "rmt")
-        first = next(stream)
-        self._source = itertools.chain([first], stream)
-        self.warm_up(num_warmup_images // first[0].shape[0])
+        # One endless stream of source batches serves the warm-up, then the replay;
+        # how many it has given is part of the state (a resumed run replays on
+        # from there)
+        self._source, self._keep_source_position = SourceStream(source_loader, "rmt"), False
+        self.warm_up(num_warmup_images // self._source.peek()[0].shape[0])
         self.snapshot()  # reset() returns here, after the warm-up
 
     def select_params(self) -> list[tuple[str, nn.Parameter]]:
         return list(self.model.named_parameters())
 
-    def __deepcopy__(self, memo: dict) -> "RMT":
-        # The source stream is a generator, which cannot be copied: the copy reads
-        # the same loader afresh (its position is not part of the state, as after
-        # a loaded checkpoint); the loader itself is shared, not copied.
-        memo[id(self._source_loader)] = self._source_loader
-        memo[id(self._source)] = source_batches(self._source_loader, "rmt")
-        new = type(self).__new__(type(self))
-        memo[id(self)] = new
-        new.__dict__.update({k: copy.deepcopy(v, memo) for k, v in self.__dict__.items()})
-        return new
+    def reset(self) -> None:
+        # The replay goes on where it is, as the official code's loader iterator does.
+        self._keep_source_position = True
+        try:
+            super().reset()
+        finally:
+            self._keep_source_position = False
+
+    def get_extra_state(self) -> dict:
+        return {**super().get_extra_state(), "source_batches_read": self._source.read}
+
+    def set_extra_state(self, state: dict) -> None:
+        super().set_extra_state(state)
+        read = int(state.get("source_batches_read", self._source.read))
+        if read != self._source.read and not self._keep_source_position:
+            if read < self._source.read:  # back: read the loader afresh to there
+                self._source = SourceStream(self._source.loader, "rmt")
+            self._source.advance(read - self._source.read)
 
     def next_source_batch(self) -> tuple[Tensor, Tensor]:
         """The next replayed source batch, ready for the model."""
