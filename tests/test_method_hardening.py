@@ -66,6 +66,13 @@ def test_wrapped_inside_no_grad_or_inference_mode_as_outside(name, context, nois
         assert torch.equal(e, g)
 
 
+def test_a_model_loaded_inside_inference_mode_is_refused_with_the_fix():
+    with torch.inference_mode():
+        model = tta.load_model("cifar10_resnet20")
+        with pytest.raises(ValueError, match="weights were made inside torch.inference_mode.*load the model outside"):
+            tta.wrap(model, "tent")
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
 def test_other_float_dtypes_are_cast_to_the_model_dtype(dtype, resnet20, noisy_batch):
     x = noisy_batch[:16].to(dtype)

@@ -278,6 +278,19 @@ def test_rmt_resumes_its_replay_where_the_checkpoint_was(source, batch):
         assert torch.equal(a, resumed(batch))
 
 
+def test_a_wrap_refused_during_the_warm_up_leaves_the_model_as_it_was(source, batch):
+    class FailsAfterTwo:  # a read error (or Ctrl-C) after two warm-up steps
+        def __iter__(self):
+            yield from source[:2]
+            raise RuntimeError("read error")
+
+    model = tta.load_model("cifar10_resnet20")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RuntimeError, match="read error"):
+        make("rmt", model, FailsAfterTwo(), num_warmup_images=64, num_prototype_images=16)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 @pytest.mark.parametrize("name", METHODS)
 def test_a_deepcopy_continues_identically(name, source, batch):
     method = make(name, tta.load_model("cifar10_resnet20"), source[:3], num_warmup_images=16)

@@ -27,7 +27,7 @@ from .._host_memory import keep_freed_host_memory
 from .._warn import warn_at_caller
 from .entropy import entropy_margin
 from .guard import CollapseGuard
-from .inputs import check_images, floating_dtype, mark_wrapped, refuse_if_wrapped
+from .inputs import check_images, floating_dtype, mark_wrapped, refuse_if_wrapped, refuse_inference_weights
 from .norm_layers import refuse_single_image_statistics, use_batch_stats
 from .optim import StepUndo, build_optimizer, gated_step
 from .params import frozen_top, nothing_to_adapt_message, select_norm_params
@@ -131,6 +131,9 @@ class TTAMethod(nn.Module):
     #: attribute names of the model copies a step changes besides the adapted
     #: parameters (a mean teacher): a step that raises restores them too
     updated_copies: tuple[str, ...] = ()
+    #: whether the constructor trains the model (a warm-up): ``tta.wrap`` then keeps
+    #: a copy of its values, to put back if the wrap is refused
+    trains_while_built: bool = False
     #: the options a state means something under, as ``tta.wrap`` resolved them (set
     #: by it): saved with the state, which a method with other values refuses to load
     state_options: dict[str, Any] = {}
@@ -173,6 +176,8 @@ class TTAMethod(nn.Module):
         if not isinstance(model, nn.Module):
             raise TypeError(f"expected an nn.Module to wrap, got {type(model).__name__}")
         refuse_if_wrapped(model)
+        if self.has_optimizer:
+            refuse_inference_weights(model, self.method_name or type(self).__name__)
         if not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be a positive integer, got {steps!r}")
         if reset_every is not None and (not isinstance(reset_every, int) or reset_every < 1):

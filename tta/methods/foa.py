@@ -288,8 +288,8 @@ class FOA(TTAMethod):
                                 f"got {type(images).__name__}")
             if limit is not None:
                 images = images[: limit - total]
-            feats = torch.cat([f.double() for f in self.features_of(self._embed(to_model_input(images, self.model)), None)],
-                              dim=1)
+            tokens = self._embed(to_model_input(images, self.model))
+            feats = torch.cat([f.double() for f in self.features_of(tokens, None)], dim=1)
             if shift is None:  # sums about the first batch's mean: no cancellation
                 shift = feats.mean(0)
                 sums, squares = torch.zeros_like(shift), torch.zeros_like(shift)

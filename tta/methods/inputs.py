@@ -70,6 +70,15 @@ def refuse_if_wrapped(model: nn.Module) -> None:
         )
 
 
+def refuse_inference_weights(model: nn.Module, method: str) -> None:
+    """Refuse a model whose weights are inference tensors (built or loaded inside
+    ``torch.inference_mode()``): they cannot take gradients or updates."""
+    if any(p.is_inference() for p in model.parameters()):
+        raise ValueError(f"{method}: the model's weights were made inside torch.inference_mode() (inference "
+                         "tensors), which cannot be adapted: load the model outside the block (wrapping and "
+                         "calling the method inside it is fine)")
+
+
 def mark_wrapped(model: nn.Module, method: nn.Module) -> None:
     """Record that ``method`` (fully built) has configured ``model``."""
     _WRAPPED[model] = weakref.ref(method)

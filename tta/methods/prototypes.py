@@ -23,8 +23,8 @@ from torch import Tensor, nn
 from .features import check_feature_split, classifier_head, pooled_features
 from .inputs import floating_dtype, to_model_input
 
-__all__ = ["check_prototype_options", "needs_source_loader", "SourceStream", "source_prototypes", "make_projector", "attach_prototypes",
-           "nearest_prototype", "prototype_contrastive_loss"]
+__all__ = ["check_prototype_options", "needs_source_loader", "SourceStream", "source_prototypes", "make_projector",
+           "attach_prototypes", "nearest_prototype", "prototype_contrastive_loss"]
 
 
 def check_prototype_options(model: nn.Module, method: str, source_loader: Iterable | None, what: str, *,

@@ -110,7 +110,7 @@ def wrap(model: nn.Module, name: str, *, preset: str | None = None, **overrides:
             f"method {name!r} has no hyper-parameter {', '.join(parts)}; "
             f"its hyper-parameters are: {', '.join(sorted(known))}"
         )
-    restore_point = ModelRestorePoint(model) if isinstance(model, nn.Module) else None
+    restore_point = ModelRestorePoint(model, values=cls.trains_while_built) if isinstance(model, nn.Module) else None
     try:
         with torch.inference_mode(False), torch.enable_grad():
             method = cls(model, **overrides)

@@ -6,8 +6,9 @@ A method configures the model it wraps in place (norm layers' classes and settin
 before all of its options can be checked: some checks need the configured model
 (which parameters adapt, the number of classes, the source data's fit). A refused
 wrap must leave the caller's model predicting as it did. The restore point keeps
-references only (each module's attributes, each parameter's tensor), no copy of a
-weight: a wrap writes no weight in place before its checks.
+references (each module's attributes, each parameter's tensor), and copies of the
+weights' values only for a method that trains the model while it is built (RMT's
+warm-up: a read error or Ctrl-C there refuses the wrap after weights changed).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any
 
+import torch
 from torch import nn
 
 from .inputs import set_wrap_mark, wrap_mark
@@ -32,13 +34,17 @@ def _copy_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
 
 class ModelRestorePoint:
     """Every module of ``model`` (class and attributes), every parameter (its
-    tensor, ``requires_grad`` and gradient) and who has wrapped the model, as they
-    are now; :meth:`restore` puts them back."""
+    tensor, ``requires_grad`` and gradient), with ``values`` every parameter's and
+    buffer's values, and who has wrapped the model, as they are now;
+    :meth:`restore` puts them back."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, values: bool = False) -> None:
         self._model, self._mark = model, wrap_mark(model)
         self._modules = [(m, m.__class__, _copy_attrs(m.__dict__)) for m in model.modules()]
         self._params = [(p, p.data, p.requires_grad, p.grad) for p in model.parameters()]
+        # with ``values``: every parameter's and buffer's values too
+        self._values = [(t, t.detach().clone()) for t in model.state_dict(keep_vars=True).values()
+                        if isinstance(t, torch.Tensor)] if values else []
 
     def restore(self) -> None:
         for module, cls, attrs in self._modules:
@@ -49,4 +55,7 @@ class ModelRestorePoint:
             p.data = data  # a memory-format change swapped it
             p.requires_grad_(requires_grad)
             p.grad = grad
+        with torch.no_grad():
+            for tensor, value in self._values:
+                tensor.copy_(value)
         set_wrap_mark(self._model, self._mark)

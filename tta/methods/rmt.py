@@ -74,6 +74,7 @@ class RMT(TTAMethod):
     adapts_norm_params = False
     record_type = RMTRecord
     updated_copies = ("teacher",)
+    trains_while_built = True  # the warm-up
     presets = {"cifar10": {}, "imagenet": {"optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "nesterov": True}}
 
     def __init__(
