@@ -278,6 +278,12 @@ def test_rmt_resumes_its_replay_where_the_checkpoint_was(source, batch):
         assert torch.equal(a, resumed(batch))
 
 
+@pytest.mark.parametrize("name", METHODS)
+def test_out_of_range_options_name_the_method_and_the_option(name, source):
+    with pytest.raises(ValueError, match=f"{name}: num_prototype_images must be a positive integer, got 0"):
+        make(name, tta.load_model("cifar10_resnet20"), source, num_prototype_images=0)
+
+
 def test_a_wrap_refused_during_the_warm_up_leaves_the_model_as_it_was(source, batch):
     class FailsAfterTwo:  # a read error (or Ctrl-C) after two warm-up steps
         def __iter__(self):

@@ -35,10 +35,11 @@ def check_prototype_options(model: nn.Module, method: str, source_loader: Iterab
     check_feature_split(model, method)
     needs_source_loader(source_loader, method, what)
     if min(loss_weights) < 0 or temperature <= 0:
-        raise ValueError("the loss weights must be >= 0 and the temperature > 0")
-    if num_prototype_images < 1 or projection_dim < 1:
-        raise ValueError(f"num_prototype_images and projection_dim must be >= 1, "
-                         f"got {num_prototype_images}, {projection_dim}")
+        raise ValueError(f"{method}: the loss weights must be >= 0 and the temperature > 0, got "
+                         f"{list(loss_weights)} and {temperature!r}")
+    for name, value in (("num_prototype_images", num_prototype_images), ("projection_dim", projection_dim)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{method}: {name} must be a positive integer, got {value!r}")
 
 
 def needs_source_loader(source_loader: Iterable | None, method: str, what: str) -> None:
