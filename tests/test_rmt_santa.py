@@ -247,6 +247,16 @@ def test_a_checkpoint_continues_identically(name, source, batch):
     assert not changed(tensors(first.state_dict()), tensors(second.state_dict()))
 
 
+def assert_same_steps(method, other, batch, steps):
+    """``method`` and ``other`` predict alike for ``steps`` steps on ``batch``, each
+    step's random draws (the augmentations) the same."""
+    for _ in range(steps):
+        torch.manual_seed(7)
+        expected = method(batch)
+        torch.manual_seed(7)
+        assert torch.equal(expected, other(batch))
+
+
 class PassCountingLoader:
     """Source batches in another order each pass, seeded by the pass count (as
     tta-bench's SourceBatches): a resumed stream must start the same passes."""
@@ -271,11 +281,7 @@ def test_rmt_resumes_its_replay_where_the_checkpoint_was(source, batch):
         first(batch)
     resumed = make("rmt", tta.load_model("cifar10_resnet20"), PassCountingLoader(source[:3]))
     resumed.load_state_dict(copy.deepcopy(first.state_dict()))
-    for _ in range(4):
-        torch.manual_seed(7)
-        a = first(batch)
-        torch.manual_seed(7)
-        assert torch.equal(a, resumed(batch))
+    assert_same_steps(first, resumed, batch, 4)
 
 
 @pytest.mark.parametrize("name", METHODS)
@@ -301,12 +307,7 @@ def test_a_wrap_refused_during_the_warm_up_leaves_the_model_as_it_was(source, ba
 def test_a_deepcopy_continues_identically(name, source, batch):
     method = make(name, tta.load_model("cifar10_resnet20"), source[:3], num_warmup_images=16)
     method(batch)
-    twin = copy.deepcopy(method)
-    for _ in range(2):
-        torch.manual_seed(7)
-        a = method(batch)
-        torch.manual_seed(7)
-        assert torch.equal(a, twin(batch))
+    assert_same_steps(method, copy.deepcopy(method), batch, 2)
 
 
 @pytest.mark.parametrize("name", METHODS)
