@@ -153,6 +153,8 @@ def test_a_refused_wrap_leaves_the_model_as_it_was(name, kwargs, resnet20, noisy
     resnet20.eval()
     with torch.no_grad():
         before = resnet20(noisy_batch)
+    calls = []
+    hook = resnet20.register_forward_hook(lambda *args: calls.append(1))  # the caller's own hook
     classes = {n: type(m) for n, m in resnet20.named_modules()}
     grads = {n: p.requires_grad for n, p in resnet20.named_parameters()}
     with pytest.raises((ValueError, TypeError)) as refused:
@@ -163,6 +165,9 @@ def test_a_refused_wrap_leaves_the_model_as_it_was(name, kwargs, resnet20, noisy
     with torch.no_grad():  # source statistics again: one image predicts as in the batch
         assert torch.equal(resnet20(noisy_batch), before)
         torch.testing.assert_close(resnet20(noisy_batch[:1]), before[:1])
+    hook.remove()  # the caller's handle still removes its hook
+    resnet20(noisy_batch[:1])
+    assert len(calls) == 2
     # the refused method lives on in the kept traceback: it does not hold the model
     tta.wrap(resnet20, name, **{k: v for k, v in kwargs.items() if k == "channels_last"}, **(
         {"fisher_loader": [noisy_batch]} if name == "eata" else {}))(noisy_batch)

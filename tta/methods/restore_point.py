@@ -24,12 +24,21 @@ from .inputs import set_wrap_mark, wrap_mark
 __all__ = ["ModelRestorePoint"]
 
 # containers a module mutates in place (parameters, buffers, submodules, hooks, a
-# classifier's caches): kept as copies, the objects themselves would change with it
+# classifier's caches): their contents are copied, and put back into the same
+# objects (hook handles the caller holds refer to them)
 _CONTAINERS = (dict, OrderedDict, list, set)
 
 
-def _copy_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
-    return {k: (type(v)(v) if type(v) in _CONTAINERS else v) for k, v in attrs.items()}
+def _snapshot(attrs: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    return {k: (v, type(v)(v) if type(v) in _CONTAINERS else None) for k, v in attrs.items()}
+
+
+def _put_back(container: Any, contents: Any) -> None:
+    if isinstance(container, list):
+        container[:] = contents
+    else:
+        container.clear()
+        container.update(contents)
 
 
 class ModelRestorePoint:
@@ -40,7 +49,7 @@ class ModelRestorePoint:
 
     def __init__(self, model: nn.Module, values: bool = False) -> None:
         self._model, self._mark = model, wrap_mark(model)
-        self._modules = [(m, m.__class__, _copy_attrs(m.__dict__)) for m in model.modules()]
+        self._modules = [(m, m.__class__, _snapshot(m.__dict__)) for m in model.modules()]
         self._params = [(p, p.data, p.requires_grad, p.grad) for p in model.parameters()]
         # with ``values``: every parameter's and buffer's values too
         self._values = [(t, t.detach().clone()) for t in model.state_dict(keep_vars=True).values()
@@ -50,7 +59,10 @@ class ModelRestorePoint:
         for module, cls, attrs in self._modules:
             module.__class__ = cls
             module.__dict__.clear()
-            module.__dict__.update(_copy_attrs(attrs))
+            for key, (value, contents) in attrs.items():
+                if contents is not None:
+                    _put_back(value, contents)
+                module.__dict__[key] = value
         for p, data, requires_grad, grad in self._params:
             p.data = data  # a memory-format change swapped it
             p.requires_grad_(requires_grad)
