@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from typing import Iterable
 
-import torch
 from torch import Tensor, nn
 
 from ..augment.kornia_views import cotta_augmentation
