@@ -8,7 +8,6 @@ plus an EWC-style Fisher regulariser that keeps important weights near the sourc
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Iterable
 
 import torch
