@@ -42,8 +42,11 @@ def test_adapts_under_no_grad_and_inference_mode(name, context, resnet20, noisy_
         assert torch.equal(e, g)
 
 
-@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode], ids=["no_grad", "inference_mode"])
-@pytest.mark.parametrize("name", IMAGE_METHODS)
+# inference mode is the stricter block (no_grad's failures were EATA's, by its Fisher
+# estimate); both for EATA, inference mode for the others: 22 cases, not 42
+@pytest.mark.parametrize("name, context",
+                         [("eata", torch.no_grad)] + [(n, torch.inference_mode) for n in IMAGE_METHODS],
+                         ids=lambda v: getattr(v, "__name__", v))
 def test_wrapped_inside_no_grad_or_inference_mode_as_outside(name, context, noisy_batch):
     """An evaluation loop that wraps inside its no_grad / inference_mode block: copies,
     buffers, Fisher estimates, warm-ups built there must still take updates."""
