@@ -62,9 +62,10 @@ class RMT(TTAMethod):
     ``reset()`` returns to the state after the warm-up (student, teacher, projector,
     optimizer); the replay goes on with the loader's next batch, as in the official
     code. The number of source batches read is part of the state: a loaded
-    checkpoint, and a ``copy.deepcopy`` (which shares the loader), replay on from
-    there (for a loader that gives the same batches in the same order each pass;
-    with a length, whole passes are skipped without reading them).
+    checkpoint replays on from there (passes passed over whole are only started, so
+    a loader that orders each pass by its count, as tta-bench's does, gives the same
+    batches). A ``copy.deepcopy`` shares the loader and reads it afresh to the same
+    count: exact for a loader that repeats its passes.
 
     Presets: ``"cifar10"`` is these defaults (batch 200); ``"imagenet"`` the
     ImageNet-C setting (cfgs/imagenet_c/rmt.yaml): SGD (momentum 0.9, Nesterov)

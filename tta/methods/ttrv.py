@@ -281,11 +281,10 @@ class TTRV(TTAMethod):
         for k in range(self.inner_steps):
             logits = self.policy(inputs)
             log_p = (logits.float() / tau).log_softmax(-1)
-            if k == 0 and log_p.shape[-1] < 2:
-                # the rewards' and the diversity term's entropies are over ln C
-                raise ValueError(f"ttrv needs a classifier over at least 2 classes, got {log_p.shape[-1]}: "
-                                 "with one class every draw agrees and there is nothing to learn")
             if k == 0:
+                if log_p.shape[-1] < 2:  # the rewards' and the diversity term's entropies are over ln C
+                    raise ValueError(f"ttrv needs a classifier over at least 2 classes, got {log_p.shape[-1]}: "
+                                     "with one class every draw agrees and there is nothing to learn")
                 with torch.no_grad():
                     probs = log_p.exp()
                     draws = (torch.multinomial(probs[:, 0], self.num_samples, replacement=True)
