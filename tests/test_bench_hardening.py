@@ -126,6 +126,26 @@ def test_deyo_gives_the_same_numbers_on_both_loader_paths_and_after_resume(tmp_p
         assert all(torch.equal(p, q) for p, q in zip(head + tail, ref_logits)), name
 
 
+@needs_cifar
+def test_a_checkpoint_or_results_of_another_config_say_which_keys_changed(tmp_path, monkeypatch, caplog) -> None:
+    # Before, both only said "a different config": the user had to diff configs by
+    # hand to learn why a long run started over (a runtime option such as
+    # method.check_inputs counts too).
+    out = tmp_path / "run"
+    _deyo_run(monkeypatch, out, [], stop_after=2)
+    with caplog.at_level("INFO", logger="tta.bench"):
+        res, _ = _deyo_run(monkeypatch, out, ["method.lr=0.002", "method.check_inputs=false"])
+    assert res["resumed_at_batch"] is None
+    said = [r.getMessage() for r in caplog.records if "checkpoint.pt" in r.getMessage()]
+    assert len(said) == 1 and "different config (method.check_inputs=false (was true), " \
+                               "method.lr=0.002 (was 0.001)); starting" in said[0], said
+    caplog.clear()
+    with caplog.at_level("INFO", logger="tta.bench"):
+        _deyo_run(monkeypatch, out, ["method.lr=0.002", "run.seed=3", "run.skip_existing=true"])
+    said = "holds results of another config (method.check_inputs=true (was false), run.seed=3 (was 0))"
+    assert any(said in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
+
+
 # ----------------------------------------------------------------------------------
 # 2. Bad image files: refused before streaming (every path named), or skipped
 # ----------------------------------------------------------------------------------

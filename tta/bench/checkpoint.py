@@ -7,13 +7,14 @@ import io
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ..methods.records import StepRecord
 from ..paths import atomic_write_bytes
+from .config import config_changes
 
 __all__ = ["CHECKPOINT", "Progress", "record_dicts", "save_checkpoint", "load_checkpoint"]
 
@@ -50,12 +51,14 @@ def record_dicts(records: Sequence[Any]) -> list[dict[str, Any]]:
 
 
 def save_checkpoint(path: Path, config_hash: str, progress: Progress, method: nn.Module,
-                    device: torch.device) -> None:
+                    device: torch.device, config: Mapping[str, Any] | None = None) -> None:
     """Write ``progress``, the method's state and the RNG state atomically (a kill
-    during the write leaves the previous checkpoint)."""
+    during the write leaves the previous checkpoint). ``config``, the plain config
+    the hash is of, is kept to name what changed when a later run cannot resume."""
     progress.consolidate()
     state = {
         "config_hash": config_hash,
+        "config": dict(config) if config is not None else None,
         "position": progress.position,
         "method": method.state_dict(),
         "rng": torch.get_rng_state(),
@@ -70,10 +73,12 @@ def save_checkpoint(path: Path, config_hash: str, progress: Progress, method: nn
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def load_checkpoint(path: Path, config_hash: str, method: nn.Module, device: torch.device) -> Progress | None:
+def load_checkpoint(path: Path, config_hash: str, method: nn.Module, device: torch.device,
+                    config: Mapping[str, Any] | None = None) -> Progress | None:
     """The progress of the checkpoint at ``path``, with the method's state and the
     RNG state restored from it; None (start over) when there is none, it cannot be
-    read or it belongs to another config."""
+    read or it belongs to another config (the warning names the keys that differ
+    from ``config``, the plain config of this run)."""
     if not path.is_file():
         return None
     try:
@@ -82,7 +87,11 @@ def load_checkpoint(path: Path, config_hash: str, method: nn.Module, device: tor
         log.warning("ignoring unreadable checkpoint %s (%s): starting the stream from the beginning", path, err)
         return None
     if state.get("config_hash") != config_hash:
-        log.warning("ignoring %s: it belongs to a different config; starting from the beginning", path)
+        saved = state.get("config")
+        changed = (config_changes(saved, config) if isinstance(saved, Mapping) and config is not None
+                   else "its config was not saved with it")
+        log.warning("ignoring %s: it belongs to a different config (%s); starting from the beginning",
+                    path, changed)
         return None
     method.load_state_dict(state["method"])
     torch.set_rng_state(state["rng"])

@@ -27,6 +27,7 @@ __all__ = [
     "compose_config",
     "to_container",
     "config_hash",
+    "config_changes",
     "method_overrides",
     "method_preset",
     "preset_or",
@@ -204,9 +205,43 @@ def _drop_keys(data: dict[str, Any], keys: Iterable[str]) -> dict[str, Any]:
 def config_hash(cfg: DictConfig | Mapping[str, Any]) -> str:
     """sha256 of the resolved config, without :data:`NON_RESULT_KEYS`: equal hashes
     mean the same stream, model and method, so a finished run can be reused."""
-    data = _drop_keys(to_container(cfg), NON_RESULT_KEYS)
-    blob = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
+    blob = json.dumps(result_config(cfg), sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def result_config(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
+    """The resolved config without :data:`NON_RESULT_KEYS`: what
+    :func:`config_hash` hashes, kept beside a checkpoint or results to say later
+    what changed."""
+    return _drop_keys(to_container(cfg), NON_RESULT_KEYS)
+
+
+def config_changes(old: Mapping[str, Any], new: Mapping[str, Any], limit: int = 6) -> str:
+    """The keys whose values differ between two plain configs, as
+    ``"method.lr=0.001 (was 0.00025), data.severity=3 (was 5)"``: what makes a
+    checkpoint or a finished run another config's (at most ``limit`` of them)."""
+    flat_old, flat_new = _flatten(old), _flatten(new)
+    missing = object()
+    keys = [k for k in sorted(flat_old.keys() | flat_new.keys())
+            if k not in NON_RESULT_KEYS and not _same(flat_old.get(k, missing), flat_new.get(k, missing))]
+    said = [f"{k}={_shown(flat_new, k)} (was {_shown(flat_old, k)})" for k in keys[:limit]]
+    if len(keys) > limit:
+        said.append(f"and {len(keys) - limit} more")
+    return ", ".join(said) or "no key differs (another version of tta)"
+
+
+def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, Mapping) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _shown(flat: Mapping[str, Any], key: str) -> str:
+    return json.dumps(flat[key], default=str) if key in flat else "unset"
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -8,6 +8,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -38,6 +39,7 @@ class Checkpointing:
 
     path: Path
     config_hash: str
+    config: Mapping[str, Any] | None = None
     every: int = 0
     every_s: float = 0.0
 
@@ -97,7 +99,7 @@ def adapt(method: nn.Module, loader: BatchLoader, render: BatchRenderer, progres
         c = checkpointing
         if progress.position < len(loader) and ((c.every and progress.position % c.every == 0)
                                                or (c.every_s and now - last_ckpt >= c.every_s)):
-            save_checkpoint(c.path, c.config_hash, progress, method, device)
+            save_checkpoint(c.path, c.config_hash, progress, method, device, c.config)
             last_ckpt = time.perf_counter()
     _sync(device)
     loop_s = time.perf_counter() - t_loop
