@@ -348,6 +348,28 @@ def test_hidden_and_system_folders_are_never_classes(tmp_path: Path) -> None:
         build_domains(cfg.data, cfg.scenario, input_size=(4, 4), seed=0)
 
 
+def test_macos_appledouble_files_are_not_images(tmp_path: Path) -> None:
+    # A tree copied from a Mac to a foreign disk (or unzipped) has a hidden
+    # ``._<name>`` of metadata beside every image; counted, each was an image that
+    # failed to decode (tta-bench refused the stream) and was counted by tta-data.
+    from tta.data import list_image_folder
+    from tta.data.prepare import check_imagenetc_folder
+
+    root = _class_tree(tmp_path / "folder", ["a", "b"])
+    for image in list(root.glob("*/*.png")):
+        (image.parent / f"._{image.name}").write_bytes(b"\x00\x05\x16\x07Mac OS X        ")
+    files = list_image_folder(root)[0]
+    assert len(files) == 4 and not any(f.name.startswith("._") for f in files)
+    cfg = read_config(compose_config(["data=imagefolder_c", f"data.root={root}", "data.corruptions=[fog]",
+                                      "data.num_images=null"]))
+    domains, _ = build_domains(cfg.data, cfg.scenario, input_size=(8, 8), seed=0)
+    assert len(domains[0].labels) == 4
+    inc = _class_tree(tmp_path / "inc" / "fog" / "5", imagenet_wnids(), per_class=1, size=4)
+    (inc / imagenet_wnids()[0] / "._0.png").write_bytes(b"\x00\x05\x16\x07")
+    report = check_imagenetc_folder(tmp_path / "inc", ["fog"], [5], progress=False)
+    assert report.usable and "images: 1000 in each" in report.summary(), report.summary()
+
+
 def test_a_class_count_mismatch_names_the_class_folders(tmp_path: Path) -> None:
     from tta.bench.stream import open_stream
 

@@ -20,7 +20,8 @@ from torch import Tensor
 from .._warn import warn_at_caller
 from ..paths import tta_home
 
-__all__ = ["IMG_EXTENSIONS", "NOT_CLASS_FOLDERS", "is_class_folder", "class_folders", "list_image_folder",
+__all__ = ["IMG_EXTENSIONS", "NOT_CLASS_FOLDERS", "is_class_folder", "is_image_file", "class_folders",
+           "list_image_folder",
            "load_image_folder", "cifar10_dir", "imagenet_wnids", "to_rgb8"]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -54,6 +55,14 @@ def is_class_folder(name: str) -> bool:
     return not name.startswith(".") and name not in NOT_CLASS_FOLDERS
 
 
+def is_image_file(name: str) -> bool:
+    """Whether a file named ``name`` in a class folder is an image: it ends in one of
+    :data:`IMG_EXTENSIONS` (any case) and is not hidden. macOS leaves a hidden
+    ``._<name>`` (AppleDouble metadata, not an image) beside every file it copies
+    to a foreign disk or zips: counted, each would be a file that fails to decode."""
+    return not name.startswith(".") and name.lower().endswith(IMG_EXTENSIONS)
+
+
 def class_folders(root: str | os.PathLike) -> list[str]:
     """Sorted names of the class folders directly in ``root`` (see :func:`is_class_folder`)."""
     return sorted(e.name for e in os.scandir(root) if e.is_dir() and is_class_folder(e.name))
@@ -71,8 +80,9 @@ def _skipped_text(skipped: Counter) -> str:
 def list_image_folder(root: str | os.PathLike) -> tuple[list[Path], list[int], list[str]]:
     """Files, labels and sorted class names of an ImageFolder tree.
 
-    Images are the files ending in one of :data:`IMG_EXTENSIONS` (any case); class
-    folders those :func:`is_class_folder` accepts. Image files of other formats
+    Images are the files :func:`is_image_file` accepts (an extension of
+    :data:`IMG_EXTENSIONS`, any case, not hidden); class folders those
+    :func:`is_class_folder` accepts. Image files of other formats
     (``.tif``, ``.gif`` ...) are left out, with a warning that counts them."""
     root = Path(root)
     if not root.is_dir():
@@ -82,7 +92,7 @@ def list_image_folder(root: str | os.PathLike) -> tuple[list[Path], list[int], l
     skipped: Counter = Counter()  # non-hidden files of other extensions, by extension
     for idx, cls in enumerate(classes):
         for f in sorted((root / cls).iterdir()):
-            if f.suffix.lower() in IMG_EXTENSIONS:
+            if is_image_file(f.name):
                 files.append(f)
                 labels.append(idx)
             elif not f.name.startswith(".") and f.is_file():

@@ -25,7 +25,7 @@ from typing import BinaryIO, Callable, Iterable, Iterator, Sequence
 from tqdm import tqdm
 
 from ..paths import tta_home
-from . import IMG_EXTENSIONS
+from . import is_image_file
 
 #: Where the messages of a ``prepare_*`` function go (``print`` by default).
 Log = Callable[[str], None]
@@ -165,7 +165,7 @@ def _home_or_none() -> Path | None:
 
 def _count_images(folder: str | os.PathLike) -> int:
     """Image files (by extension, not opened) directly in ``folder``."""
-    return sum(1 for f in os.scandir(folder) if f.name.lower().endswith(IMG_EXTENSIONS) and f.is_file())
+    return sum(1 for f in os.scandir(folder) if is_image_file(f.name) and f.is_file())
 
 
 def _pid_alive(pid: int) -> bool:
