@@ -354,6 +354,23 @@ def test_cli_sweep_resume_and_report(tmp_path: Path) -> None:
     assert (sweep / "report.png").stat().st_size > 0
 
 
+def test_cli_sweep_with_a_failed_job_still_reports_the_finished_ones(tmp_path: Path) -> None:
+    # Hydra's sweeper raises on a failed job before on_multirun_end: before, the
+    # sweep's other jobs ran but no report was printed or written.
+    quick = [o for o in QUICK if not o.startswith("data.num_images")]
+    args = ["-m", "method=norm", "method.alpha=0.5,-1", *quick, "data.num_images=16", "run.out_dir=out",
+            "run.plot=false"]
+    proc = _bench(args, tmp_path)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "alpha" in proc.stderr  # the failed job's own message
+    sweep = tmp_path / "out" / "multirun"
+    assert len(list(sweep.rglob("results.json"))) == 1
+    report = (sweep / "report.md").read_text()
+    assert "| norm |" in report and "| norm |" in proc.stdout
+    assert "without results, failed or not run (1):" in report
+    assert "num_images=16 method.alpha=-1 method=norm run.batch_size=16" in report
+
+
 def test_report_on_empty_folder_fails_clearly(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no results.json"):
         make_report(tmp_path)

@@ -93,6 +93,10 @@ def test_norm_takes_its_statistics_weight_by_either_name(resnet20, noisy_batch):
     assert torch.equal(tta.wrap(copy.deepcopy(resnet20), "norm", bn_alpha=0.1)(one), by_alpha)  # as advised
     with pytest.raises(ValueError, match="alpha=0.2 and bn_alpha=0.1 are one option"):
         tta.wrap(resnet20, "norm", alpha=0.2, bn_alpha=0.1)
+    # a bad value is named by the option given (before: always "bn_alpha")
+    for key, value in (("alpha", -1), ("bn_alpha", 1.5), ("alpha", "0.5")):
+        with pytest.raises(ValueError, match=rf"norm: {key} must be a number in \[0, 1\].*got {value!r}"):
+            tta.wrap(copy.deepcopy(resnet20), "norm", **{key: value})
 
 
 def test_a_float64_model_takes_its_source_images_and_batches_in_float64(resnet20, noisy_batch):

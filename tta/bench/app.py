@@ -128,7 +128,16 @@ def main() -> None:
     except ImportError:  # the bench extra is optional for the library
         sys.exit("tta-bench needs hydra-core: pip install 'tta[bench]'")
     _check_launcher(sys.argv[1:])
-    hydra.main(config_path=str(config_dir()), config_name=CONFIG_NAME, version_base="1.3")(task)()
+    try:
+        hydra.main(config_path=str(config_dir()), config_name=CONFIG_NAME, version_base="1.3")(task)()
+    except SystemExit as stop:
+        if stop.code not in (0, None):
+            # A failed job ends a sweep before its report: the finished jobs' still
+            # tell something, and the report names the jobs without results.
+            from .callbacks import report_unfinished_sweep
+
+            report_unfinished_sweep()
+        raise
 
 
 if __name__ == "__main__":

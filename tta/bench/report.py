@@ -200,6 +200,7 @@ def make_report(sweep_dir: str | Path, out_md: str | Path | None = None,
     ``<sweep_dir>/report.md``) and the plot (default ``report.png`` beside it);
     return the markdown."""
     unreadable: list[tuple[str, str]] = []
+    only = None if only is None else list(only)
     results = collect_results(sweep_dir, only, unreadable)
     if not results:
         if unreadable:
@@ -237,6 +238,11 @@ def make_report(sweep_dir: str | Path, out_md: str | Path | None = None,
         markdown_table(results),
         "",
     ])
+    have = {_result_overrides((r.get("hydra") or {}).get("overrides") or []) for r in results}
+    missing = [job for job in only or () if _result_overrides(job) not in have]
+    if missing:
+        text += f"\nJobs of the sweep without results, failed or not run ({len(missing)}):\n\n" + "".join(
+            f"- `{' '.join(sorted(job))}`\n" for job in missing)
     if unreadable:
         text += f"\nLeft out, unreadable ({len(unreadable)}):\n\n" + "".join(
             f"- `{p}`: {r}\n" for p, r in unreadable)

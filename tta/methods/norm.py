@@ -29,10 +29,15 @@ class Norm(TTAMethod):
     def __init__(self, model: nn.Module, *, alpha: float = 1.0, **kwargs) -> None:
         # ``alpha`` is the paper's name for the shared ``bn_alpha`` option: either
         # sets it (the batch-size-1 advice names bn_alpha for every method)
+        given = "bn_alpha" if "bn_alpha" in kwargs else "alpha"
         bn_alpha = kwargs.pop("bn_alpha", alpha)
         if alpha != 1.0 and bn_alpha != alpha:
             raise ValueError(f"norm: alpha={alpha!r} and bn_alpha={bn_alpha!r} are one option, the weight of "
                              "the test-batch statistics: give one")
+        # checked here to name the option the user gave (the shared check says bn_alpha)
+        if isinstance(bn_alpha, bool) or not isinstance(bn_alpha, (int, float)) or not 0.0 <= bn_alpha <= 1.0:
+            raise ValueError(f"norm: {given} must be a number in [0, 1] (the weight of the test-batch "
+                             f"statistics), got {bn_alpha!r}")
         super().__init__(model, bn_alpha=bn_alpha, **kwargs)
 
     @torch.no_grad()
