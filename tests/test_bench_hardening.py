@@ -513,3 +513,16 @@ def test_report_header_holds_only_what_every_job_shares(tmp_path) -> None:
     assert "| data.severity |" in table and "| batch_size |" in table and "| 5 | 12 | batch_size_1 | 1 |" in table
     same = make_report(sweep / "0", plot=False)  # one job: its own settings
     assert "(severity 3)" in same and "images per domain: 8" in same
+
+
+def test_report_header_shows_the_severity_the_domains_ran_at(tmp_path) -> None:
+    # scenario.severities=[1] runs every domain at severity 1 and names it "fog" (one
+    # severity), while data.severity stays 5: the header said "(severity 5)".
+    sweep = tmp_path / "multirun"
+    res = _fake_result("tent", 40.0)
+    res.update(config={"data": {"severity": 5}, "scenario": {"severities": [1]}},
+               domains=[{"name": "fog", "corruption": "fog", "severity": 1, "num_images": 16}])
+    (sweep / "0").mkdir(parents=True)
+    (sweep / "0" / "results.json").write_text(json.dumps(res))
+    header = make_report(sweep, plot=False).splitlines()[4]
+    assert "(severity 1)" in header, header

@@ -215,9 +215,15 @@ def make_report(sweep_dir: str | Path, out_md: str | Path | None = None,
     sweep = Path(sweep_dir)
     md_path = Path(out_md) if out_md else sweep / "report.md"
     png_path = Path(out_png) if out_png else md_path.with_suffix(".png")
-    # every job's, not the first's: a sweep may vary them
-    severities = {str(((r.get("config") or {}).get("data") or {}).get("severity")) for r in results
-                  if "/" not in next(iter(r["error"]), "")}
+    # every job's, not the first's: a sweep may vary them. A job's domains record
+    # the severity they ran at: scenario.severities=[3] names its domains without
+    # one ("fog") yet ignores data.severity, which the header must not show.
+    severities: set[str] = set()
+    for r in results:
+        if "/" in next(iter(r["error"]), ""):
+            continue  # the domain names carry their severities
+        ran = {d.get("severity") for d in r.get("domains") or [] if isinstance(d, dict)} - {None}
+        severities |= {str(s) for s in ran} or {str(((r.get("config") or {}).get("data") or {}).get("severity"))}
     sizes = {str(r["domains"][0]["num_images"]) if r.get("domains") else "?" for r in results}
     severity = f" (severity {severities.pop()})" if len(severities) == 1 and "None" not in severities else ""
     notes = [
