@@ -526,3 +526,16 @@ def test_report_header_shows_the_severity_the_domains_ran_at(tmp_path) -> None:
     (sweep / "0" / "results.json").write_text(json.dumps(res))
     header = make_report(sweep, plot=False).splitlines()[4]
     assert "(severity 1)" in header, header
+
+
+def test_report_header_does_not_give_the_first_domain_size_for_all(tmp_path) -> None:
+    # gradual visits severities 1-4 twice and 5 once: its domains hold 2N and N
+    # images, and the header gave the first domain's 2N as every domain's size.
+    sweep = tmp_path / "multirun"
+    res = _fake_result("tent", 40.0)
+    res.update(scenario="gradual", error={"fog/1": 40.0, "fog/5": 60.0},
+               domains=[{"name": "fog/1", "num_images": 6}, {"name": "fog/5", "num_images": 3}])
+    (sweep / "0").mkdir(parents=True)
+    (sweep / "0" / "results.json").write_text(json.dumps(res))
+    header = make_report(sweep, plot=False).splitlines()[4]
+    assert "images per domain: 6" not in header and "images per domain: per domain" in header, header

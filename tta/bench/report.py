@@ -224,14 +224,19 @@ def make_report(sweep_dir: str | Path, out_md: str | Path | None = None,
             continue  # the domain names carry their severities
         ran = {d.get("severity") for d in r.get("domains") or [] if isinstance(d, dict)} - {None}
         severities |= {str(s) for s in ran} or {str(((r.get("config") or {}).get("data") or {}).get("severity"))}
-    sizes = {str(r["domains"][0]["num_images"]) if r.get("domains") else "?" for r in results}
+    # every domain's, not the first's: gradual visits severities 1-4 twice (twice
+    # data.num_images images) and 5 once, so its first domain holds twice the last
+    per_job = [{str(d.get("num_images")) for d in r["domains"] if isinstance(d, dict)} if r.get("domains")
+               else {"?"} for r in results]
+    sizes = set().union(*per_job)
     severity = f" (severity {severities.pop()})" if len(severities) == 1 and "None" not in severities else ""
     notes = [
         f"data: {_shared(results, 'data')}" + severity,
         f"model: {_shared(results, 'model')}",
         f"scenario: {_shared(results, 'scenario')}",
         f"batch size: {_shared(results, 'batch_size')}",
-        f"images per domain: {sizes.pop() if len(sizes) == 1 else 'per job'}",
+        "images per domain: " + (sizes.pop() if len(sizes) == 1 else "per job" if all(len(j) == 1 for j in per_job)
+                                 else "per domain (results.csv)"),
         f"device: {_shared(results, 'device')}",
     ]
     text = "\n".join([
