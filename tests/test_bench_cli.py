@@ -331,6 +331,15 @@ def test_changed_config_reruns_in_place(tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))
 
 
+def test_meta_device_is_refused_before_the_run_sets_up():
+    # meta tensors hold no values: the run loaded data, model and method, then
+    # failed on the first batch with "META device type not an accelerator".
+    from tta.bench.runner import resolve_device
+
+    with pytest.raises(RuntimeError, match=r"run.device=meta holds no data.*use run.device=cpu"):
+        resolve_device("meta")
+
+
 def test_auto_device_says_when_the_gpus_are_hidden(monkeypatch, caplog):
     from tta.bench.runner import resolve_device
 

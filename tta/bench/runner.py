@@ -184,6 +184,12 @@ def resolve_device(name: str) -> torch.device:
                         "on the CPU (with hydra/launcher=submitit_local, add hydra.launcher.gpus_per_node=1)")
         return torch.device("cpu")
     device = torch.device(name)
+    if device.type == "meta":
+        # meta tensors hold no values: the run would decode the data, load the
+        # model and wrap the method before failing on the first batch with
+        # torch's "META device type not an accelerator"
+        raise RuntimeError(f"run.device={name} holds no data (tensors without values), so nothing can be "
+                           "measured on it; use run.device=cpu (or cuda, or auto)")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"run.device={name} but torch sees no CUDA device; use run.device=cpu")
     try:
