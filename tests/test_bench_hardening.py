@@ -539,3 +539,17 @@ def test_report_header_does_not_give_the_first_domain_size_for_all(tmp_path) -> 
     (sweep / "0" / "results.json").write_text(json.dumps(res))
     header = make_report(sweep, plot=False).splitlines()[4]
     assert "images per domain: 6" not in header and "images per domain: per domain" in header, header
+
+
+def test_report_out_naming_a_folder_fails_clearly_and_writes_nothing(tmp_path, capsys) -> None:
+    # --out <folder>: a traceback (the rename onto the folder) after report.png was
+    # written as <folder>.png beside it.
+    from tta.bench.report import main
+
+    sweep = tmp_path / "multirun"
+    (sweep / "0").mkdir(parents=True)
+    (sweep / "0" / "results.json").write_text(json.dumps(_fake_result("tent", 40.0)))
+    (tmp_path / "out").mkdir()
+    assert main([str(sweep), "--out", str(tmp_path / "out")]) == 2
+    assert "is a folder: give --out a file name" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["multirun", "out"]

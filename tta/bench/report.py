@@ -215,6 +215,12 @@ def make_report(sweep_dir: str | Path, out_md: str | Path | None = None,
     sweep = Path(sweep_dir)
     md_path = Path(out_md) if out_md else sweep / "report.md"
     png_path = Path(out_png) if out_png else md_path.with_suffix(".png")
+    for path, option in ((md_path, "--out"), (png_path if plot else None, "--plot")):
+        # checked before writing: the rename onto a folder failed with a traceback
+        # naming a temporary file, after the plot was written beside it
+        if path is not None and path.is_dir():
+            raise IsADirectoryError(f"{path} is a folder: give {option} a file name (e.g. "
+                                    f"{path / ('report.md' if option == '--out' else 'report.png')})")
     # every job's, not the first's: a sweep may vary them. A job's domains record
     # the severity they ran at: scenario.severities=[3] names its domains without
     # one ("fog") yet ignores data.severity, which the header must not show.
@@ -277,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.WARNING, format="tta-bench-report: %(levelname)s: %(message)s")
     try:
         text = make_report(args.sweep_dir, args.out, args.plot, plot=not args.no_plot)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, IsADirectoryError) as err:
         print(f"tta-bench-report: {err}", file=sys.stderr)
         return 2
     print(text)
