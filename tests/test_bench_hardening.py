@@ -553,3 +553,12 @@ def test_report_out_naming_a_folder_fails_clearly_and_writes_nothing(tmp_path, c
     assert main([str(sweep), "--out", str(tmp_path / "out")]) == 2
     assert "is a folder: give --out a file name" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["multirun", "out"]
+
+
+def test_report_of_a_file_says_it_is_a_file(tmp_path) -> None:
+    # tta-bench-report <job>/results.json said "sweep folder not found" of a file that is there.
+    res = tmp_path / "job" / "results.json"
+    res.parent.mkdir()
+    res.write_text(json.dumps(_fake_result("tent", 40.0)))
+    with pytest.raises(FileNotFoundError, match=r"is a file, not a sweep folder.*e\.g\. .*job"):
+        make_report(res, plot=False)

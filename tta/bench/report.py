@@ -34,6 +34,9 @@ def collect_results(sweep_dir: str | Path, only: Iterable[frozenset[str]] | None
     as ``(path, reason)`` when that list is given."""
     wanted = None if only is None else {_result_overrides(o) for o in only}
     root = Path(sweep_dir)
+    if root.is_file():  # e.g. a job's results.json: "not found" would send the user looking for it
+        raise FileNotFoundError(f"{root} is a file, not a sweep folder: give the folder that holds the jobs' "
+                                f"{RESULTS_JSON} (e.g. {root.parent})")
     if not root.is_dir():
         raise FileNotFoundError(f"sweep folder not found: {root}")
     found = []
