@@ -562,3 +562,21 @@ def test_report_of_a_file_says_it_is_a_file(tmp_path) -> None:
     res.write_text(json.dumps(_fake_result("tent", 40.0)))
     with pytest.raises(FileNotFoundError, match=r"is a file, not a sweep folder.*e\.g\. .*job"):
         make_report(res, plot=False)
+
+
+def test_report_rows_left_at_a_default_show_the_value_they_ran_with(tmp_path) -> None:
+    # Two sweeps in one folder, one with run.seed=1: the other's rows showed "–" for
+    # the seed 0 they ran with, and run.seed=0 given or left at its default made a
+    # column of "0" and "–" for one and the same seed.
+    sweep = tmp_path / "multirun"
+    for i, (seed, given) in enumerate(((0, False), (1, True), (0, True))):
+        res = _fake_result("tent", 40.0 + i)
+        res["config"] = {"run": {"seed": seed}, "data": {"corruptions": ["fog"]}}
+        res["hydra"].update(job_num=i, overrides=["method=tent"] + [f"run.seed={seed}"] * given)
+        (sweep / str(i)).mkdir(parents=True)
+        (sweep / str(i) / "results.json").write_text(json.dumps(res))
+    table = make_report(sweep, plot=False)
+    assert "| tent | 0 | 40.0 |" in table and "| tent | 1 | 41.0 |" in table and "| tent | 0 | 42.0 |" in table
+    both_zero = make_report(sweep, plot=False, only=[frozenset({"method=tent"}), frozenset({"method=tent",
+                                                                                           "run.seed=0"})])
+    assert "run.seed" not in both_zero

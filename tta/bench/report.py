@@ -100,7 +100,8 @@ def _varying(results: Sequence[dict[str, Any]]) -> tuple[list[dict[str, str]], l
     result fields) whose values differ between the results, in first-seen order."""
     pairs = [_override_pairs(r) for r in results]
     keys = list(dict.fromkeys(k for p in pairs for k in p if k != "method"))
-    varying = [k for k in keys if len({p.get(k) for p in pairs}) > 1]
+    # by the values the jobs ran with: run.seed=0 given and left at its default is one seed
+    varying = [k for k in keys if len({_setting(r, p, k) for r, p in zip(results, pairs)}) > 1]
     for field in _RESULT_FIELDS:
         if len({r.get(field) for r in results}) > 1 and field not in varying:
             varying.append(field)
@@ -109,8 +110,20 @@ def _varying(results: Sequence[dict[str, Any]]) -> tuple[list[dict[str, str]], l
 
 def _setting(result: dict[str, Any], pairs: dict[str, str], key: str) -> str | None:
     """The value of ``key`` for one result: its own recorded field for model, data
-    and scenario, else the override it ran with."""
-    value = result.get(key) if key in _RESULT_FIELDS else pairs.get(key)
+    and scenario, else the override it ran with, else (a job that left it at its
+    default, e.g. in a folder of two sweeps) the value its recorded config holds."""
+    if key in _RESULT_FIELDS:
+        value = result.get(key)
+    elif key in pairs:
+        return pairs[key]
+    else:
+        value = result.get("config")
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if isinstance(value, dict):
+            return None
+        if isinstance(value, list):  # as Hydra writes the overrides of the other rows
+            return "[" + ",".join(str(v) for v in value) + "]"
     return None if value is None else str(value)
 
 
