@@ -422,3 +422,17 @@ def test_crop_ratio_leaves_an_image_already_at_the_size_whole_as_documented() ->
         assert torch.equal(decode_image(f"{tmp}/small.png", 8, 0.5), torch.from_numpy(small).permute(2, 0, 1))
         assert torch.equal(decode_image(f"{tmp}/big.png", 8, 0.5), torch.from_numpy(big[4:12, 4:12]).permute(2, 0, 1))
     assert "used whole" in (config_dir() / "data_base.yaml").read_text()
+
+
+def test_a_mistyped_key_is_named_with_the_key_meant() -> None:
+    # run.batchsize=8: Hydra said "Key 'batchsize' is not in struct" and suggested
+    # +run.batchsize=8, which the config check then refused.
+    from tta.bench.app import _check_keys
+
+    with pytest.raises(SystemExit, match=r"run.batchsize is not a key of run \(did you mean run.batch_size\?"):
+        _check_keys(["-m", "method=tent,norm", "run.batchsize=8,16"])
+    with pytest.raises(SystemExit, match=r"data.corruption is not a key of data \(did you mean data.corruptions\?"):
+        _check_keys(["data.corruption=[fog]"])
+    # keys that exist, method keys (each method has its own) and Hydra's own pass
+    _check_keys(["run.batch_size=8", "data.corruptions=[fog,snow]", "scenario=gradual", "method.lrr=1",
+                 "hydra.sweep.dir=x", "model.name=cifar10_resnet32"])

@@ -121,6 +121,28 @@ def _check_launcher(argv: Sequence[str]) -> None:
                          f"pip install {package}")
 
 
+def _check_keys(argv: Sequence[str]) -> None:
+    """Fail at once, naming the key and the closest one, when an override sets a
+    key that run, data, scenario or model do not have (``run.batchsize=8``): Hydra
+    would say "Key 'batchsize' is not in struct" and suggest ``+run.batchsize=8``,
+    which the config check then refuses."""
+    import difflib
+    from dataclasses import fields
+
+    from .settings import _GROUPS
+
+    for arg in argv:
+        key, eq, _ = arg.partition("=")
+        group, dot, leaf = key.partition(".")
+        if not eq or not dot or arg.startswith(("-", "+", "~")) or group not in _GROUPS or not leaf.isidentifier():
+            continue
+        known = [f.name for f in fields(_GROUPS[group])]
+        if leaf not in known:
+            close = difflib.get_close_matches(leaf, known, n=1)
+            hint = f"did you mean {group}.{close[0]}? " if close else ""
+            sys.exit(f"tta-bench: {key} is not a key of {group} ({hint}its keys: {', '.join(known)})")
+
+
 def main() -> None:
     """Console entry point of ``tta-bench``: Hydra parses ``sys.argv``."""
     try:
@@ -128,6 +150,7 @@ def main() -> None:
     except ImportError:  # the bench extra is optional for the library
         sys.exit("tta-bench needs hydra-core: pip install 'tta[bench]'")
     _check_launcher(sys.argv[1:])
+    _check_keys(sys.argv[1:])
     try:
         hydra.main(config_path=str(config_dir()), config_name=CONFIG_NAME, version_base="1.3")(task)()
     except SystemExit as stop:
