@@ -436,3 +436,16 @@ def test_a_mistyped_key_is_named_with_the_key_meant() -> None:
     # keys that exist, method keys (each method has its own) and Hydra's own pass
     _check_keys(["run.batch_size=8", "data.corruptions=[fog,snow]", "scenario=gradual", "method.lrr=1",
                  "hydra.sweep.dir=x", "model.name=cifar10_resnet32"])
+
+
+def test_a_failed_run_removes_no_folder_above_run_out_dir(tmp_path: Path) -> None:
+    # The empty folders a failed run leaves are removed up to run.out_dir; it walked on
+    # up to the working directory, removing the user's own empty folders above it.
+    from test_bench import _bench
+
+    (tmp_path / "cwd").mkdir()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    proc = _bench(["run.seed=-3", f"run.out_dir={mine / 'experiments'}"], tmp_path / "cwd")
+    assert proc.returncode != 0 and "run.seed must be an integer" in proc.stderr
+    assert mine.is_dir() and not (mine / "experiments").exists()

@@ -69,7 +69,7 @@ def task(cfg: Any) -> float:
     try:
         results = run_benchmark(cfg, out, hydra_info=info)
     except USER_ERRORS as err:
-        _discard_if_empty(out)
+        _discard_if_empty(out, _out_dir(cfg))
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         message = f"tta-bench: {type(err).__name__}: {_message(err)}"
@@ -87,16 +87,29 @@ def _message(err: BaseException) -> str:
     return str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
 
 
-def _discard_if_empty(out: Path) -> None:
+def _out_dir(cfg: Any) -> Path | None:
+    """``run.out_dir`` as an absolute path (None when the config cannot say)."""
+    try:
+        from omegaconf import OmegaConf
+
+        value = OmegaConf.select(cfg, "run.out_dir")
+        return Path(os.path.abspath(value)) if isinstance(value, str) and value.strip() else None
+    except Exception:  # a broken config is the error being reported, not this
+        return None
+
+
+def _discard_if_empty(out: Path, out_dir: Path | None = None) -> None:
     """Remove a failed run's folder when it holds nothing but Hydra's bookkeeping
     (a checkpoint or results of an earlier run keep it), then its parents up to
-    ``run.out_dir`` if they are left empty."""
+    ``out_dir`` (``run.out_dir``, included) if they are left empty. Never above it:
+    empty folders there (e.g. the user's own, holding out_dir) are not the run's."""
     try:
         if not out.is_dir() or any(p.name not in _HYDRA_BOOKKEEPING for p in out.iterdir()):
             return
         shutil.rmtree(out)
         for parent in out.parents:
-            if parent == Path.cwd() or any(parent.iterdir()):
+            if (out_dir is None or not parent.is_relative_to(out_dir) or parent == Path.cwd()
+                    or any(parent.iterdir())):
                 break
             parent.rmdir()
     except OSError:  # cleaning up must never hide the error being reported
