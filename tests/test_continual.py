@@ -147,6 +147,26 @@ def test_cotta_augmentation_is_per_image_seeded_and_in_range():
     assert not any("Noise" in type(m).__name__ or "Blur" in type(m).__name__ for m in roid)
 
 
+@pytest.mark.parametrize("soft", [False, True])
+def test_cotta_colour_jitter_is_the_originals_torchvision_ops(soft):
+    # CoTTA's ColorJitterPro applies torchvision's functional ops in a random order:
+    # brightness scales, contrast and saturation blend with the grey image.
+    import torchvision.transforms.functional as TF
+
+    jitter = cotta_augmentation(soft=soft)[1]
+    x = torch.rand(4, 3, 8, 8)
+    params = jitter.forward_parameters(x.shape)
+    out = jitter(x, params=params)
+    ops = [("brightness_factor", TF.adjust_brightness), ("contrast_factor", TF.adjust_contrast),
+           ("saturation_factor", TF.adjust_saturation), ("hue_factor", TF.adjust_hue)]
+    for i in range(x.shape[0]):
+        expected = x[i]
+        for k in params["order"].tolist():
+            key, op = ops[k]
+            expected = op(expected, params[key][i].item())
+        torch.testing.assert_close(out[i], expected, atol=1e-4, rtol=0)
+
+
 def test_users_own_kornia_pipeline_is_used(noisy_batch):
     calls = []
 

@@ -54,7 +54,12 @@ def cotta_augmentation(
             batch tensor; by default each image draws its own.
     """
     ops: list[nn.Module] = [
-        K.ColorJiggle(
+        # ColorJitter, not ColorJiggle: the original's ColorJitterPro calls torchvision's
+        # functional ops, which scale brightness multiplicatively and blend contrast and
+        # saturation with the grey image; ColorJiggle adds the brightness factor minus 1
+        # and scales contrast and saturation without that blend (up to 0.27 apart on a
+        # pixel at brightness 1.3).
+        K.ColorJitter(
             brightness=(0.8, 1.2) if soft else (0.6, 1.4),
             contrast=(0.85, 1.15) if soft else (0.7, 1.3),
             saturation=(0.75, 1.25) if soft else (0.5, 1.5),
