@@ -193,11 +193,16 @@ def test_bad_options_are_refused(resnet20):
     for kw, match in [({"mode": "twice"}, "mode"), ({"num_train_samples": 1}, "num_train_samples"),
                       ({"num_train_samples": 40}, "num_train_samples"), ({"adapt": "bogus"}, "adapt"),
                       ({"mode": "episodic", "episodic": True}, "episodic"),
-                      ({"adapt": "all", "skip_modules": "last_stage"}, "skip_modules")]:
+                      ({"adapt": "all", "skip_modules": "last_stage"}, "skip_modules"),
+                      # the views' options without views: refused, not ignored
+                      ({"augmix": True}, "sampling='views'"), ({"transform": torch.nn.Identity()}, "sampling='views'"),
+                      ({"sampling": "views", "augmix": "yes"}, "augmix must be True or False")]:
         with pytest.raises(ValueError, match=match):
             tta.wrap(copy.deepcopy(resnet20), "ttrv", **kw)
     with pytest.raises(TypeError, match="CLIP classifier"):
         tta.wrap(resnet20, "ttrv", adapt="prompt")
+    with pytest.raises(TypeError, match="transform must be an nn.Module"):
+        tta.wrap(copy.deepcopy(resnet20), "ttrv", sampling="views", transform="crop")
     for alpha in (5.0, "0.1", True):
         with pytest.raises(ValueError, match=f"bn_alpha must be a number in \\[0, 1\\], got {alpha!r}"):
             tta.wrap(copy.deepcopy(resnet20), "ttrv", bn_alpha=alpha)

@@ -191,6 +191,15 @@ class TTRV(TTAMethod):
             raise ValueError(f"clip_ratio must be in (0, 1) or None, got {clip_ratio!r}")
         if min(entropy_weight, diversity_weight, kl_weight) < 0:
             raise ValueError("entropy_weight, diversity_weight and kl_weight must be >= 0")
+        if not isinstance(augmix, bool):
+            raise ValueError(f"augmix must be True or False, got {augmix!r}")
+        if transform is not None and not isinstance(transform, nn.Module):
+            raise TypeError(f"transform must be an nn.Module on (N, 3, H, W) batches, got {type(transform).__name__}")
+        if sampling != "views" and (augmix or transform is not None):
+            # Only sampling="views" draws views: silently sampling from the softmax
+            # instead would not be the run that was asked for.
+            raise ValueError(f"augmix and transform make the views of sampling='views': with sampling={sampling!r} "
+                             "they would change nothing; pass sampling='views' or drop them")
         if episodic and mode != "online":
             raise ValueError(f"episodic=True resets before every batch, which mode={mode!r} already defines; "
                              "leave episodic out")
