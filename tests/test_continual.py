@@ -189,6 +189,27 @@ def test_users_own_kornia_pipeline_is_used(noisy_batch):
     assert calls[-1] == 2 * 3  # the 3 crops of each image (view 0 is the image)
 
 
+VIEW_OPTIONS = [("cotta", "transform"), ("roid", "transform"), ("cmf", "transform"), ("rotta", "transform"),
+                ("rmt", "transform"), ("santa", "transform"), ("memo", "transform"), ("ttaug", "transform"),
+                ("adacontrast", "weak_transform"), ("adacontrast", "strong_transform")]
+
+
+@pytest.mark.parametrize("name, option", VIEW_OPTIONS)
+def test_a_view_transform_that_is_not_callable_is_refused_when_wrapping(name, option):
+    # ROID and CMF call it on the images they keep, RoTTA at its memory updates: a
+    # bad one must be named when wrapping, not fail somewhere in the stream.
+    source = {"source_loader": [(torch.rand(2, 3, 32, 32), torch.tensor([0, 1]))]} if name in ("rmt", "santa") else {}
+    with pytest.raises(TypeError, match=rf"{option} must be a module on \(N, 3, H, W\) batches.* got str"):
+        tta.wrap(tta.load_model("cifar10_resnet20"), name, **{option: "flip"}, **source)
+
+
+@pytest.mark.parametrize("option, value", [("num_views", 2.5), ("num_views", "4"), ("num_views", 0),
+                                           ("views_per_forward", 1.5), ("views_per_forward", 0)])
+def test_cotta_view_counts_must_be_positive_integers(option, value):
+    with pytest.raises(ValueError, match=f"{option} must be a positive integer"):
+        wrap("cotta", **{option: value})
+
+
 def test_roid_weights_prior_and_losses():
     logits = torch.tensor([[4.0, 0.0, 0.0], [0.0, 4.0, 0.0], [1.0, 1.0, 1.1], [0.0, 0.0, 5.0]])
     uniform = torch.full((3,), 1 / 3)

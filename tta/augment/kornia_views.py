@@ -26,7 +26,7 @@ from .views import augmix
 
 __all__ = ["cotta_augmentation", "adacontrast_weak_augmentation", "adacontrast_strong_augmentation",
            "stack_views", "Clamp", "CropFlip", "AugMix", "augmix_views_transform", "CROPS",
-           "check_view_options"]
+           "check_view_options", "check_transform"]
 
 
 class Clamp(nn.Module):
@@ -167,6 +167,16 @@ def augmix_views_transform(crop: str = "pad") -> nn.Sequential:
     with three chains of its augmentations. Geometric ops fill with black (the port's
     PIL default; official MEMO fills grey)."""
     return nn.Sequential(CropFlip(crop), AugMix())
+
+
+def check_transform(transform: object, option: str = "transform") -> None:
+    """A method's view option: ``None`` (its default views) or a callable on (N, 3, H,
+    W) batches, checked when the method is built: some methods call it only now and
+    then (ROID on the images it keeps, RoTTA at its memory updates), so anything
+    else would fail mid-stream, without naming the option."""
+    if transform is not None and not callable(transform):
+        raise TypeError(f"{option} must be a module on (N, 3, H, W) batches in [0, 1] (e.g. a "
+                        f"kornia.augmentation pipeline) or None for the default, got {type(transform).__name__}")
 
 
 def check_view_options(num_views: int, crop: str, images_per_forward: int | None) -> None:

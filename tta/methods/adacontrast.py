@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..augment.kornia_views import adacontrast_strong_augmentation, adacontrast_weak_augmentation
+from ..augment.kornia_views import (adacontrast_strong_augmentation, adacontrast_weak_augmentation,
+                                     check_transform)
 from .base import TTAMethod
 from .features import check_feature_split, features_and_logits, pooled_features
 from .records import AdaContrastRecord, StepRecord
@@ -186,6 +187,8 @@ class AdaContrast(TTAMethod):
             raise ValueError("queue_size, bank_size, num_neighbors must be >= 1, warmup_samples >= 0, temperature > 0 "
                              f"and key_momentum in [0, 1], got {queue_size}, {bank_size}, {num_neighbors}, "
                              f"{warmup_samples}, {temperature}, {key_momentum}")
+        check_transform(weak_transform, "weak_transform")
+        check_transform(strong_transform, "strong_transform")
         # Read by the base's __init__: "batch" switches BatchNorm to test statistics.
         self.batch_stats = bn_mode == "batch"
         super().__init__(model, optimizer=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..augment.kornia_views import cotta_augmentation, stack_views
+from ..augment.kornia_views import check_transform, cotta_augmentation, stack_views
 from .base import TTAMethod
 from .entropy import cross_entropy_to, symmetric_cross_entropy
 from .norm_layers import grouped_batch_stats
@@ -81,8 +81,13 @@ class CoTTA(TTAMethod):
         if not 0.0 <= teacher_momentum <= 1.0 or not 0.0 <= restore_prob <= 1.0:
             raise ValueError(f"teacher_momentum and restore_prob must be in [0, 1], got {teacher_momentum}, "
                              f"{restore_prob}")
-        if num_views < 1 or (views_per_forward is not None and views_per_forward < 1):
-            raise ValueError(f"num_views and views_per_forward must be >= 1, got {num_views}, {views_per_forward}")
+        # Integers: the views are counted out in a range() at the first unsure batch.
+        if isinstance(num_views, bool) or not isinstance(num_views, int) or num_views < 1:
+            raise ValueError(f"num_views must be a positive integer, got {num_views!r}")
+        if views_per_forward is not None and (isinstance(views_per_forward, bool)
+                                              or not isinstance(views_per_forward, int) or views_per_forward < 1):
+            raise ValueError(f"views_per_forward must be a positive integer or None, got {views_per_forward!r}")
+        check_transform(transform)
         super().__init__(model, optimizer=optimizer, lr=lr, **kwargs)
         self.teacher_momentum, self.restore_prob = teacher_momentum, restore_prob
         self.confidence_threshold, self.num_views = confidence_threshold, num_views

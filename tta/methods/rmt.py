@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..augment.kornia_views import cotta_augmentation
+from ..augment.kornia_views import check_transform, cotta_augmentation
 from .base import TTAMethod
 from .entropy import symmetric_cross_entropy
 from .features import features_and_logits
@@ -103,6 +103,7 @@ class RMT(TTAMethod):
         if not 0.0 <= teacher_momentum <= 1.0 or num_warmup_images < 0:
             raise ValueError(f"teacher_momentum must be in [0, 1] and num_warmup_images >= 0, got "
                              f"{teacher_momentum}, {num_warmup_images}")
+        check_transform(transform)
         super().__init__(model, optimizer=optimizer, lr=lr, **kwargs)
         self.teacher_momentum = teacher_momentum
         self.lambda_ce_trg, self.lambda_cont, self.lambda_ce_src = lambda_ce_trg, lambda_cont, lambda_ce_src

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..augment.kornia_views import cotta_augmentation
+from ..augment.kornia_views import check_transform, cotta_augmentation
 from .base import TTAMethod
 from .entropy import soft_likelihood_ratio, softmax_entropy, symmetric_cross_entropy
 from .norm_layers import uses_test_statistics_alone
@@ -96,6 +96,7 @@ class ROID(TTAMethod):
         lr: float = 1e-3,
         **kwargs,
     ) -> None:
+        check_transform(transform)
         super().__init__(model, optimizer=optimizer, lr=lr, **kwargs)
         self.source_momentum, self.probs_momentum, self.temperature = source_momentum, probs_momentum, temperature
         self.weighting, self.consistency, self.prior_correction = weighting, consistency, prior_correction

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..augment.kornia_views import cotta_augmentation
+from ..augment.kornia_views import check_transform, cotta_augmentation
 from .base import TTAMethod
 from .entropy import cross_entropy_to
 from .inputs import refuse_if_wrapped
@@ -220,6 +220,7 @@ class RoTTA(TTAMethod):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not 0.0 <= teacher_momentum <= 1.0:
             raise ValueError(f"teacher_momentum must be in [0, 1], got {teacher_momentum}")
+        check_transform(transform)
         refuse_if_wrapped(model)  # before the BatchNorm layers change
         use_robust_bn(model, rbn_alpha)
         super().__init__(model, optimizer=optimizer, lr=lr, **kwargs)

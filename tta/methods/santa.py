@@ -14,7 +14,7 @@ from typing import Iterable
 
 from torch import Tensor, nn
 
-from ..augment.kornia_views import cotta_augmentation
+from ..augment.kornia_views import check_transform, cotta_augmentation
 from .base import TTAMethod
 from .entropy import cross_entropy_to
 from .features import features_and_logits
@@ -74,6 +74,7 @@ class SANTA(TTAMethod):
         check_prototype_options(model, "santa", source_loader, "for its class prototypes",
                                 loss_weights=(lambda_ce_trg, lambda_cont), num_prototype_images=num_prototype_images,
                                 projection_dim=projection_dim, temperature=temperature)
+        check_transform(transform)
         super().__init__(model, optimizer=optimizer, lr=lr, **kwargs)
         self.lambda_ce_trg, self.lambda_cont, self.temperature = lambda_ce_trg, lambda_cont, temperature
         self.transform = transform if transform is not None else cotta_augmentation()

@@ -14,7 +14,7 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from ..augment.kornia_views import augmix_views_transform, check_view_options
+from ..augment.kornia_views import augmix_views_transform, check_transform, check_view_options
 from ..augment.views import make_views
 from .base import TTAMethod
 from .norm_layers import grouped_batch_stats
@@ -73,6 +73,7 @@ class TTAug(TTAMethod):
         **kwargs,
     ) -> None:
         check_view_options(num_views, crop, images_per_forward)
+        check_transform(transform)
         with warnings.catch_warnings():
             # The base class warns that a model without BatchNorm predicts as the
             # source model; TTAug still averages its views there.
