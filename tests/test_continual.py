@@ -148,23 +148,34 @@ def test_cotta_augmentation_is_per_image_seeded_and_in_range():
 
 
 @pytest.mark.parametrize("soft", [False, True])
-def test_cotta_colour_jitter_is_the_originals_torchvision_ops(soft):
-    # CoTTA's ColorJitterPro applies torchvision's functional ops in a random order:
-    # brightness scales, contrast and saturation blend with the grey image.
+def test_cotta_colour_jitter_is_the_originals_color_jitter_pro(soft):
+    # CoTTA's ColorJitterPro applies torchvision's functional ops (brightness
+    # scales, contrast and saturation blend with the grey image; before, Kornia's
+    # ColorJiggle added and scaled) in a random order of all five, gamma among them
+    # (before, always last).
     import torchvision.transforms.functional as TF
 
     jitter = cotta_augmentation(soft=soft)[1]
+    ops = {"brightness_factor": TF.adjust_brightness, "contrast_factor": TF.adjust_contrast,
+           "saturation_factor": TF.adjust_saturation, "hue_factor": TF.adjust_hue,
+           "gamma_factor": TF.adjust_gamma}
+    neutral = {"brightness_factor": 1.0, "contrast_factor": 1.0, "saturation_factor": 1.0, "hue_factor": 0.0}
     x = torch.rand(4, 3, 8, 8)
-    params = jitter.forward_parameters(x.shape)
-    out = jitter(x, params=params)
-    ops = [("brightness_factor", TF.adjust_brightness), ("contrast_factor", TF.adjust_contrast),
-           ("saturation_factor", TF.adjust_saturation), ("hue_factor", TF.adjust_hue)]
-    for i in range(x.shape[0]):
-        expected = x[i]
-        for k in params["order"].tolist():
-            key, op = ops[k]
-            expected = op(expected, params[key][i].item())
-        torch.testing.assert_close(out[i], expected, atol=1e-4, rtol=0)
+    gamma_places = set()
+    for seed in range(12):
+        torch.manual_seed(seed)
+        params = jitter.forward_parameters(x.shape)
+        out = jitter(x, params=params)
+        steps = [next(k for k in ops if k in p.data and not (k in neutral and torch.all(p.data[k] == neutral[k])))
+                 for p in params]
+        assert sorted(steps) == sorted(ops)
+        gamma_places.add(steps.index("gamma_factor"))
+        for i in range(x.shape[0]):
+            expected = x[i]
+            for key, p in zip(steps, params):
+                expected = ops[key](expected, p.data[key][i].item())
+            torch.testing.assert_close(out[i], expected, atol=1e-4, rtol=0)
+    assert len(gamma_places) >= 3
 
 
 def test_users_own_kornia_pipeline_is_used(noisy_batch):
@@ -233,13 +244,13 @@ def test_roid_weights_prior_and_losses():
 
 
 def test_roid_pulls_the_affines_toward_the_source(noisy_batch):
-    torch.manual_seed(0)
     free = wrap("roid", source_momentum=1.0)
-    torch.manual_seed(0)
     pulled = wrap("roid")
     source = [p.detach().clone() for _, p in pulled.adapted]
-    for _ in range(3):
+    for step in range(3):  # the same views for both: the pull is all that differs
+        torch.manual_seed(step)
         free(noisy_batch)
+        torch.manual_seed(step)
         pulled(noisy_batch)
     drift = lambda m: sum((p.detach() - s).norm() for (_, p), s in zip(m.adapted, source))  # noqa: E731
     assert drift(pulled) < drift(free)
@@ -306,7 +317,9 @@ def test_tta_bench_gives_source_learning_methods_their_source_batches(tmp_path):
 # The tests run seed 0; each bound is under the smallest gain seen.
 # ----------------------------------------------------------------------------------
 
-STREAM_BOUNDS = {"roid": 0.2, "cmf": 0.2, "santa": 0.3, "cotta": 4.0}
+# Points below BN adapt's mean error on these short streams (ROID and CMF gain 0.17
+# with CoTTA's jitter as the original's, ColorJitterPro; RESULTS.md has the full table).
+STREAM_BOUNDS = {"roid": 0.1, "cmf": 0.1, "santa": 0.3, "cotta": 4.0}
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from .views import augmix
 
-__all__ = ["cotta_augmentation", "adacontrast_weak_augmentation", "adacontrast_strong_augmentation",
+__all__ = ["cotta_augmentation", "colour_jitter_pro", "adacontrast_weak_augmentation", "adacontrast_strong_augmentation",
            "stack_views", "Clamp", "CropFlip", "AugMix", "augmix_views_transform", "CROPS",
            "check_view_options", "check_transform"]
 
@@ -34,6 +34,26 @@ class Clamp(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return x.clamp(0.0, 1.0)
+
+
+def colour_jitter_pro(
+    *, brightness: tuple[float, float], contrast: tuple[float, float], saturation: tuple[float, float],
+    hue: tuple[float, float], gamma: tuple[float, float], same_on_batch: bool = False,
+) -> K.ImageSequential:
+    """CoTTA's ``ColorJitterPro``: brightness, contrast, saturation, hue and gamma,
+    each factor drawn uniformly from its range, applied in a random order drawn per
+    call (the original's ``randperm(5)``, gamma among the five).
+
+    Each colour step is a one-step ``K.ColorJitter`` (``order=(i,)``), not
+    ``K.ColorJiggle`` nor ``K.RandomBrightness``/``RandomContrast``: those add the
+    brightness factor minus 1 and scale contrast and saturation without blending
+    with the grey image, where the original calls torchvision's functional ops
+    (ColorJitter's; up to 0.27 apart on a pixel at brightness 1.3)."""
+    steps = [K.ColorJitter(**{name: value}, order=(i,), p=1.0, same_on_batch=same_on_batch)
+             for i, (name, value) in enumerate((("brightness", brightness), ("contrast", contrast),
+                                                ("saturation", saturation), ("hue", hue)))]
+    gamma_step = K.RandomGamma(gamma=gamma, p=1.0, same_on_batch=same_on_batch)
+    return K.ImageSequential(*steps, gamma_step, random_apply=True)
 
 
 def cotta_augmentation(
@@ -54,19 +74,14 @@ def cotta_augmentation(
             batch tensor; by default each image draws its own.
     """
     ops: list[nn.Module] = [
-        # ColorJitter, not ColorJiggle: the original's ColorJitterPro calls torchvision's
-        # functional ops, which scale brightness multiplicatively and blend contrast and
-        # saturation with the grey image; ColorJiggle adds the brightness factor minus 1
-        # and scales contrast and saturation without that blend (up to 0.27 apart on a
-        # pixel at brightness 1.3).
-        K.ColorJitter(
+        colour_jitter_pro(
             brightness=(0.8, 1.2) if soft else (0.6, 1.4),
             contrast=(0.85, 1.15) if soft else (0.7, 1.3),
             saturation=(0.75, 1.25) if soft else (0.5, 1.5),
             hue=(-0.03, 0.03) if soft else (-0.06, 0.06),
-            p=1.0, same_on_batch=same_on_batch,
+            gamma=(0.85, 1.15) if soft else (0.7, 1.3),
+            same_on_batch=same_on_batch,
         ),
-        K.RandomGamma(gamma=(0.85, 1.15) if soft else (0.7, 1.3), p=1.0, same_on_batch=same_on_batch),
         K.RandomAffine(
             degrees=8.0 if soft else 15.0,
             translate=(1 / 8, 1 / 8),
