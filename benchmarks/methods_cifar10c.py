@@ -32,8 +32,20 @@ METHODS = ["source", "norm", "tent", "eta", "eata", "sar", "deyo"]
 CONTINUAL = ["cotta", "rmt", "roid", "cmf", "santa", "rotta", "adacontrast"]
 
 
+def share_view_draws_over_the_batch(method) -> None:
+    """One draw of every random parameter of the method's view transform per batch,
+    as the official code's torchvision transforms on a batch tensor (tta draws per
+    image by default): ``same_on_batch`` on each Kornia augmentation of it."""
+    transform = getattr(method, "transform", None)
+    if not isinstance(transform, torch.nn.Module):
+        raise ValueError(f"{method.method_name} has no view transform to share over the batch")
+    for module in transform.modules():
+        if hasattr(module, "same_on_batch"):
+            module.same_on_batch = True
+
+
 def run_method(name, domains, batch_size, model_name, fisher_images, lr=None, preset="cifar10", seed=0,
-               reset_each_shift=False, **overrides):
+               reset_each_shift=False, batch_shared_views=False, **overrides):
     model = tta.load_model(model_name)
     kw = dict(overrides, **({} if lr is None else {"lr": lr}))
     if name == "eata":
@@ -45,6 +57,8 @@ def run_method(name, domains, batch_size, model_name, fisher_images, lr=None, pr
         kw.update(source_loader=SourceBatches(cifar10_dir("train"), batch_size, device=torch.device("cpu"),
                                               size=32, seed=seed))
     adapted = tta.wrap(model, name, preset=preset, **kw)
+    if batch_shared_views:
+        share_view_draws_over_the_batch(adapted)
     return stream_errors(adapted, domains, batch_size, reset_each_shift)
 
 
@@ -71,6 +85,9 @@ def main() -> None:
                         help="hyper-parameter overrides for every method of the run, e.g. skip_modules=last_stage")
     parser.add_argument("--reset-each-shift", action="store_true",
                         help="reset the method to its source state before every corruption (default: continual)")
+    parser.add_argument("--batch-shared-views", action="store_true",
+                        help="one draw of the view transform's parameters per batch, as the official code's "
+                             "torchvision transforms on a batch tensor (default: per image)")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -86,7 +103,8 @@ def main() -> None:
         torch.manual_seed(args.seed)
         errors, elapsed = run_method(name, domains, args.batch_size, args.model, fisher_images, lrs.get(name),
                                      preset=None if args.preset == "none" else args.preset, seed=args.seed,
-                                     reset_each_shift=args.reset_each_shift, **settings)
+                                     reset_each_shift=args.reset_each_shift,
+                                     batch_shared_views=args.batch_shared_views, **settings)
         results[name] = dict(errors=errors, mean=statistics.mean(errors.values()), seconds=elapsed)
     plain.append(plain_inference_time(domains, args.batch_size, args.model))
     base = statistics.median(plain)
