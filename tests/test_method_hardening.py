@@ -439,3 +439,34 @@ def test_a_paper_lr_fixed_on_the_first_batch_survives_a_checkpoint(resnet20, noi
     expected = straight(second)
     torch.manual_seed(0)
     assert torch.equal(resumed(second), expected)
+
+
+@pytest.mark.parametrize("name", ["tent", "norm_ema", "rotta", "memo"])
+def test_a_wrapped_model_pickles_whole(name, monkeypatch):
+    """``torch.save(adapted)`` (and pickling for a subprocess) of the whole wrapped
+    model: the BatchNorm classes tta swaps in are made at run time, so pickle could
+    not find them by name. Loaded in a fresh process (no swapped class made yet),
+    timm's norm-act layers keep their activation."""
+    import io
+
+    from timm.layers import BatchNormAct2d
+
+    from tta.methods import norm_layers
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), BatchNormAct2d(8, act_layer=nn.ReLU), nn.AdaptiveAvgPool2d(1),
+                        nn.Flatten(), nn.Linear(8, 10))
+    kw = {"memory_size": 8, "update_frequency": 8} if name == "rotta" else {"num_views": 2} if name == "memo" else {}
+    method = tta.wrap(net, name, **kw)
+    x = torch.rand(8, 3, 12, 12)
+    method(x)
+    buffer = io.BytesIO()
+    torch.save(method, buffer)
+    monkeypatch.setattr(norm_layers, "_SWAPPED", {})  # as in a fresh process
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert type(loaded.model[1]).__name__ == type(method.model[1]).__name__
+    torch.manual_seed(1)
+    expected = method(x)
+    torch.manual_seed(1)
+    assert torch.equal(loaded(x), expected)

@@ -181,14 +181,36 @@ def swap_forward(module: _BatchNorm, forward: Callable[[_BatchNorm, Tensor], Ten
     base = type(module)
     if getattr(base, "tta_norm_forward", None) is forward:
         return
+    norm_act = isinstance(getattr(module, "act", None), nn.Module) and isinstance(getattr(module, "drop", None), nn.Module)
+    module.__class__ = _swapped_class(base, forward, prefix, norm_act)
+
+
+def _swapped_class(base: type, forward: Callable[[_BatchNorm, Tensor], Tensor], prefix: str, norm_act: bool) -> type:
     key = (base, forward)
     if key not in _SWAPPED:
         full = forward
-        if isinstance(getattr(module, "act", None), nn.Module) and isinstance(getattr(module, "drop", None), nn.Module):
+        if norm_act:
             def full(self: _BatchNorm, x: Tensor) -> Tensor:
                 return self.act(self.drop(forward(self, x)))
-        _SWAPPED[key] = type(f"{prefix}{base.__name__}", (base,), {"forward": full, "tta_norm_forward": forward})
-    module.__class__ = _SWAPPED[key]
+        _SWAPPED[key] = type(f"{prefix}{base.__name__}", (base,), {
+            "forward": full, "tta_norm_forward": forward, "_tta_swap": (prefix, norm_act),
+            "__reduce_ex__": _reduce_swapped})
+    return _SWAPPED[key]
+
+
+def _reduce_swapped(module: _BatchNorm, protocol: int) -> tuple:
+    # A swapped class is made at run time, so pickle (torch.save of a whole wrapped
+    # model, multiprocessing) cannot find it by name: a layer pickles as its base
+    # class and forward, and unpickling makes (or finds) the class again.
+    cls = type(module)
+    return _unpickle_swapped, (cls.__bases__[0], cls.tta_norm_forward, *cls._tta_swap), module.__getstate__()
+
+
+def _unpickle_swapped(base: type, forward: Callable[[_BatchNorm, Tensor], Tensor], prefix: str,
+                      norm_act: bool) -> _BatchNorm:
+    """An empty layer of the swapped class (pickle then sets its state)."""
+    cls = _swapped_class(base, forward, prefix, norm_act)
+    return cls.__new__(cls)
 
 
 #: why layers that mix in the source statistics (``bn_alpha < 1``) need running ones
