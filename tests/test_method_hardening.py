@@ -470,3 +470,22 @@ def test_a_wrapped_model_pickles_whole(name, monkeypatch):
     expected = method(x)
     torch.manual_seed(1)
     assert torch.equal(loaded(x), expected)
+
+
+def test_a_wrapped_method_changes_dtype_whole():
+    """``adapted.double()`` (or ``.to(device)``) after some batches: Adam's moments,
+    the collapse guard's reference model and the snapshot's source values follow the
+    parameters (the next step mixed float and double)."""
+    torch.manual_seed(0)
+    source = _small_bn_net()
+    method = tta.wrap(copy.deepcopy(source), "tent", collapse_guard=True)
+    x = torch.rand(8, 3, 12, 12)
+    method(x)
+    method.double()
+    for _ in range(2):
+        assert torch.isfinite(method(x.double())).all()
+    assert all(v.dtype == torch.float64 for s in method.optimizer.state.values() for k, v in s.items() if k != "step")
+    assert all(p.dtype == torch.float64 for p in method.source_params())
+    method.reset()
+    for (name, p), expected in zip(method.model.named_parameters(), source.double().parameters()):
+        assert p.dtype == torch.float64 and torch.equal(p, expected), name

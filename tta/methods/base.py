@@ -470,6 +470,25 @@ class TTAMethod(nn.Module):
         if self.optimizer is not None:
             self.optimizer.zero_grad(set_to_none=True)
 
+    def _apply(self, fn, recurse: bool = True):
+        # `.to(device)`, `.double()`, `.half()` of the wrapped method: what it holds
+        # besides its modules' parameters and buffers follows them, else the next step
+        # mixes devices or dtypes (Adam's moments, the reference model of the
+        # collapse guard, the source values in the snapshot that TTRV's KL reads).
+        super()._apply(fn, recurse)
+        optimizer = getattr(self, "optimizer", None)
+        if optimizer is not None and optimizer.state:
+            # torch's own rule: state takes its parameter's device and dtype (step counts stay)
+            optimizer.load_state_dict(optimizer.state_dict())
+        source = getattr(self, "_source_state", None)
+        if source is not None:  # the extra state's optimizer is cast as above when reset loads it
+            self._source_state = {k: fn(v) if isinstance(v, Tensor) else [fn(t) for t in v]
+                                  if isinstance(v, list) else v for k, v in source.items()}
+        guard = getattr(self, "guard", None)
+        if guard is not None and guard._reference is not None:
+            guard._reference._apply(fn)
+        return self
+
     def train(self, mode: bool = True) -> "TTAMethod":
         # The wrapped model's modes are part of the method's configuration: keep them.
         self.training = mode
