@@ -397,6 +397,10 @@ def test_adam_on_a_float16_model_is_refused_with_the_fix(optimizer):
     half = tta.load_model("cifar10_resnet20").half()
     with pytest.raises(ValueError, match=r"float16 parameters: Adam's eps .*amp='bf16'"):
         tta.wrap(half, "tent", optimizer=optimizer)
+    wrapped = tta.wrap(tta.load_model("cifar10_resnet20"), "tent", optimizer=optimizer)
+    with pytest.raises(ValueError, match=r"float16 parameters: Adam's eps .*amp='bf16'"):
+        wrapped.half()  # halved after the wrap: refused as well, before anything moved
+    assert all(p.dtype == torch.float32 for p in wrapped.parameters())
     method = tta.wrap(tta.load_model("cifar10_resnet20").half(), "tent", optimizer="sgd", lr=1e-3)
     x = torch.rand(8, 3, 32, 32)
     for _ in range(3):

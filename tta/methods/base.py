@@ -29,7 +29,7 @@ from .entropy import entropy_margin
 from .guard import CollapseGuard
 from .inputs import check_images, floating_dtype, mark_wrapped, refuse_if_wrapped, refuse_inference_weights
 from .norm_layers import refuse_single_image_statistics, use_batch_stats
-from .optim import StepUndo, build_optimizer, gated_step
+from .optim import StepUndo, adam_on_float16_message, build_optimizer, gated_step
 from .params import frozen_top, nothing_to_adapt_message, select_norm_params
 from .records import StepRecord
 from .state import check_loadable, is_placeholder
@@ -475,8 +475,14 @@ class TTAMethod(nn.Module):
         # besides its modules' parameters and buffers follows them, else the next step
         # mixes devices or dtypes (Adam's moments, the reference model of the
         # collapse guard, the source values in the snapshot that TTRV's KL reads).
-        super()._apply(fn, recurse)
         optimizer = getattr(self, "optimizer", None)
+        if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+            # `.half()` would pass the check tta.wrap makes (Adam's eps is 0 in float16:
+            # NaN weights from the second batch on); refused before anything moves
+            p = self.adapted[0][1]
+            if fn(torch.empty(0, dtype=p.dtype, device=p.device)).dtype == torch.float16:
+                raise ValueError(adam_on_float16_message(type(optimizer).__name__.lower()))
+        super()._apply(fn, recurse)
         if optimizer is not None and optimizer.state:
             # torch's own rule: state takes its parameter's device and dtype (step counts stay)
             optimizer.load_state_dict(optimizer.state_dict())

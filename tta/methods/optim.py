@@ -37,14 +37,17 @@ def build_optimizer(
     if name in ("adam", "adamw"):
         params = list(params)
         if any(p.dtype == torch.float16 for p in params):
-            raise ValueError(
-                f"optimizer={optimizer!r} on float16 parameters: Adam's eps (1e-08) is 0 in float16, so its "
-                "steps divide by zero and turn the weights to NaN. Keep the model in float32 and pass "
-                "amp='bf16' (or 'fp16' on CUDA: the forward in half precision, the steps in float32), or "
-                "use optimizer='sgd'")
+            raise ValueError(adam_on_float16_message(optimizer))
         cls = torch.optim.Adam if name == "adam" else torch.optim.AdamW
         return cls(params, lr=lr, betas=betas, weight_decay=weight_decay)
     raise ValueError(f"optimizer must be 'sgd', 'adam' or 'adamw', got {optimizer!r}")
+
+
+def adam_on_float16_message(optimizer: str) -> str:
+    return (f"optimizer={optimizer!r} on float16 parameters: Adam's eps (1e-08) is 0 in float16, so its "
+            "steps divide by zero and turn the weights to NaN. Keep the model in float32 and pass "
+            "amp='bf16' (or 'fp16' on CUDA: the forward in half precision, the steps in float32), or "
+            "use optimizer='sgd'")
 
 
 def _state_tensors(optimizer: torch.optim.Optimizer) -> list[tuple[dict, str, Tensor]]:
