@@ -493,3 +493,18 @@ def test_a_wrapped_method_changes_dtype_whole():
     method.reset()
     for (name, p), expected in zip(method.model.named_parameters(), source.double().parameters()):
         assert p.dtype == torch.float64 and torch.equal(p, expected), name
+
+
+def test_eatas_fisher_follows_the_method_to_another_dtype():
+    """EATA's Fisher and anchors are plain tensors: ``.to(device)`` / ``.double()``
+    of the method left them behind (a CUDA model's penalty then mixed devices), and
+    a reset brought back the snapshot's."""
+    torch.manual_seed(0)
+    x = torch.rand(8, 3, 12, 12)
+    method = tta.wrap(_small_bn_net(), "eata", fisher_loader=[x], fisher_size=8, d_margin=1.0)
+    method(x)
+    method.double()
+    for _ in range(2):
+        assert all(t.dtype == torch.float64 for t in method.fisher + method.anchors)
+        method(x.double())
+        method.reset()

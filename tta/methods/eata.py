@@ -126,6 +126,18 @@ class EATA(TTAMethod):
         moved = torch.where(self.mean_probs.isnan(), batch_mean, 0.9 * self.mean_probs + 0.1 * batch_mean)
         self.mean_probs = torch.where(count > 0, moved, self.mean_probs)
 
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)
+        # The Fisher and its anchors are plain tensors, here and in the snapshot a reset
+        # loads them from: they follow `.to(device)` / `.double()` as the parameters do
+        # (else the penalty mixes devices).
+        extra = (self._source_state or {}).get("_extra_state", {})
+        for holder in (self.__dict__, extra):
+            for key in ("fisher", "anchors"):
+                if key in holder:
+                    holder[key] = [fn(t) for t in holder[key]]
+        return self
+
     def get_extra_state(self):
         state = super().get_extra_state()
         state["fisher"] = [f.clone() for f in self.fisher]
