@@ -2,6 +2,7 @@
 ``skip_modules`` option, the papers' margins as class constants, the SAM step,
 and CLIP methods that check their model by what it can do."""
 
+import copy
 import math
 
 import pytest
@@ -43,6 +44,17 @@ def test_skip_modules_is_an_option_of_every_norm_affine_method(resnet20):
     names = [n for n, _ in method.adapted]
     assert names == [n for n, _ in select_norm_params(resnet20, frozen)]
     assert names and not any(n.startswith(tuple(frozen)) for n in names)
+
+
+def test_skip_modules_names_that_are_no_module_are_refused_with_the_close_ones(resnet20):
+    """A name of the bare network ('layer3') on a tta classifier, whose modules start
+    with 'backbone.', froze nothing, silently."""
+    with pytest.raises(ValueError, match=r"no module 'layer3'; did you mean 'backbone.layer3'"):
+        tta.wrap(copy.deepcopy(resnet20), "tent", skip_modules=["layer3"])
+    with pytest.raises(TypeError, match="skip_modules must be .* a list of module names, got 3"):
+        tta.wrap(copy.deepcopy(resnet20), "tent", skip_modules=3)
+    names = [n for n, _ in tta.wrap(resnet20, "tent", skip_modules=["backbone.layer3"]).adapted]
+    assert names and not any(n.startswith("backbone.layer3.") for n in names)
 
 
 @pytest.mark.parametrize("name, why", [("source", "takes no gradient steps"),

@@ -4,7 +4,9 @@ learning-rate rule that depends on the model family."""
 
 from __future__ import annotations
 
+import difflib
 import re
+from collections.abc import Iterable
 from typing import Sequence
 
 from torch import nn
@@ -100,9 +102,22 @@ def frozen_top(model: nn.Module, freeze: str | Sequence[str]) -> list[str]:
     if isinstance(freeze, str):
         rules = {"paper": paper_frozen_modules, "last_stage": last_stage_prefixes, "none": lambda m: []}
         if freeze not in rules:
-            raise ValueError(f"freeze must be one of {sorted(rules)} or a list of module names, got {freeze!r}")
+            raise ValueError(f"skip_modules must be one of {sorted(rules)} or a list of module names, got {freeze!r}")
         return rules[freeze](model)
-    return list(freeze)
+    names = list(freeze) if isinstance(freeze, Iterable) else None
+    if names is None or not all(isinstance(n, str) for n in names):
+        raise TypeError(f"skip_modules must be 'none', 'paper', 'last_stage' or a list of module names, got {freeze!r}")
+    # A name that is no module of the model would freeze nothing, silently (a name
+    # of the bare network on a tta classifier, whose modules start with 'backbone.').
+    modules = [name for name, _ in model.named_modules() if name]
+    for name in names:
+        if name not in modules:
+            close = [m for m in modules if m.endswith("." + name)][:3]
+            close += [m for m in difflib.get_close_matches(name, modules, n=3, cutoff=0.5) if m not in close]
+            close = close[:3]
+            raise ValueError(f"skip_modules: the model has no module {name!r}"
+                             + (f"; did you mean {' or '.join(map(repr, close))}?" if close else ""))
+    return names
 
 
 def uses_transformer_lr(model: nn.Module) -> bool:
