@@ -508,3 +508,18 @@ def test_eatas_fisher_follows_the_method_to_another_dtype():
         assert all(t.dtype == torch.float64 for t in method.fisher + method.anchors)
         method(x.double())
         method.reset()
+
+
+@pytest.mark.parametrize("option, value, error, match", [
+    ("momentum", "0.9", ValueError, "momentum must be a number >= 0, got '0.9'"),
+    ("weight_decay", "1e-4", ValueError, "weight_decay must be a number >= 0, got '1e-4'"),
+    ("betas", "0.9", ValueError, r"betas must be two numbers in \[0, 1\)"),
+    ("optimizer", torch.optim.SGD, TypeError, r"optimizer must be 'sgd', 'adam' or 'adamw' \(its name"),
+    ("optimizer", None, TypeError, "optimizer must be 'sgd', 'adam' or 'adamw'.*got None"),
+])
+def test_optimizer_options_of_the_wrong_type_are_named(option, value, error, match):
+    """Strings from a config and optimizer classes failed inside a comparison or a
+    .lower() ("'<' not supported between instances of 'str' and 'int'"), naming no
+    option."""
+    with pytest.raises(error, match=match):
+        tta.wrap(_small_bn_net(), "tent", **{option: value})

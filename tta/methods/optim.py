@@ -27,8 +27,16 @@ def build_optimizer(
     """SGD (with momentum) or Adam/AdamW over ``params``, validated."""
     if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
         raise ValueError(f"lr must be a positive number, got {lr!r}")
-    if momentum < 0 or weight_decay < 0:
-        raise ValueError("momentum and weight_decay must be >= 0")
+    # Checked by type first: a string from a config ("0.9") failed in a comparison
+    # ("'<' not supported between instances of 'str' and 'int'"), naming no option.
+    for option, value in (("momentum", momentum), ("weight_decay", weight_decay)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            raise ValueError(f"{option} must be a number >= 0, got {value!r}")
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2
+            and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in betas)):
+        raise ValueError(f"betas must be two numbers in [0, 1), e.g. (0.9, 0.999), got {betas!r}")
+    if not isinstance(optimizer, str):
+        raise TypeError(f"optimizer must be 'sgd', 'adam' or 'adamw' (its name, not an optimizer), got {optimizer!r}")
     name = optimizer.lower()
     if name == "sgd":
         return torch.optim.SGD(
