@@ -27,6 +27,21 @@ def test_unknown_method_suggests_close_match(resnet20):
         tta.wrap(resnet20, "tnet")
 
 
+def test_names_that_are_no_string_are_named_with_the_fix():
+    """A method or model given as something else than its name failed deep inside
+    the lookup ("'int' object is not iterable", "'Sequential' object has no
+    attribute 'partition'")."""
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    with pytest.raises(TypeError, match=r"takes the model first, then the method's name: tta.wrap\(model, 'tent'\)"):
+        tta.wrap("tent", net)
+    with pytest.raises(TypeError, match=r"method's name, not its class: tta.wrap\(model, 'tent'\)"):
+        tta.wrap(net, tta.methods.method_class("tent"))
+    with pytest.raises(TypeError, match="a method is looked up by its name, a string, got int 3"):
+        tta.method_defaults(3)
+    with pytest.raises(TypeError, match="load_model takes a model's name.*got Sequential.*pass it to tta.wrap"):
+        tta.load_model(net)
+
+
 def test_unknown_hyperparameter_suggests_close_match(resnet20):
     with pytest.raises(TypeError, match="did you mean 'e_margin'"):
         tta.wrap(resnet20, "eta", e_margn=0.3)

@@ -32,6 +32,10 @@ class Registry(Generic[T]):
         return decorator
 
     def get(self, name: str) -> T:
+        if not isinstance(name, str):
+            # else the lookup's close matches failed ("'int' object is not iterable")
+            raise TypeError(f"a {self.kind} is looked up by its name, a string, got {type(name).__name__} "
+                            f"{_short_repr(name)}")
         try:
             return self._entries[name]
         except KeyError:
@@ -43,6 +47,11 @@ class Registry(Generic[T]):
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries
+
+
+def _short_repr(value: object, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def unknown_name_message(kind: str, name: str, known, list_with: str = "list_models()") -> str:

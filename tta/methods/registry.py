@@ -89,6 +89,12 @@ def wrap(model: nn.Module, name: str, *, preset: str | None = None, **overrides:
     builds (copies, buffers, a Fisher estimate, a warm-up) is built with gradients
     and as normal tensors, which later steps can update.
     """
+    if isinstance(model, str) and not isinstance(name, str):
+        raise TypeError(f"tta.wrap takes the model first, then the method's name: tta.wrap(model, {model!r})")
+    if isinstance(name, type) and issubclass(name, TTAMethod):
+        raise TypeError("tta.wrap takes a method's name, not its class: "
+                        + (f"tta.wrap(model, {name.method_name!r})" if name.method_name
+                           else f"build an unregistered method as {name.__name__}(model, ...)"))
     cls = method_class(name)
     known = method_defaults(name)
     if preset is not None:

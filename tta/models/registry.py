@@ -92,6 +92,11 @@ def load_model(name: str, *, weights: str | os.PathLike | None = None, **kwargs:
             clip, see :func:`tta.models.clip_models.clip_classifier`; ``verify`` for
             zoo, see :func:`tta.models.zoo.load_zoo_model`).
     """
+    if not isinstance(name, str):
+        # else "'Sequential' object has no attribute 'partition'"
+        fix = " (a model built already needs no loading: pass it to tta.wrap)" if isinstance(name, nn.Module) else ""
+        raise TypeError(f"load_model takes a model's name, a string such as 'cifar10_resnet20', got "
+                        f"{type(name).__name__}{fix}")
     prefix, sep, rest = name.partition(":")
     if sep and prefix in _FAMILIES:
         model = _FAMILIES.get(prefix).load(rest, weights=weights, **kwargs)
