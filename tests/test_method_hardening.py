@@ -523,3 +523,11 @@ def test_optimizer_options_of_the_wrong_type_are_named(option, value, error, mat
     option."""
     with pytest.raises(error, match=match):
         tta.wrap(_small_bn_net(), "tent", **{option: value})
+
+
+@pytest.mark.parametrize("option", ["episodic", "nesterov", "check_inputs", "channels_last"])
+def test_switches_given_as_strings_are_refused(option):
+    """A string from a config is truthy: episodic="False" reset before every batch,
+    silently."""
+    with pytest.raises(TypeError, match=f"{option} must be True or False, got 'False'"):
+        tta.wrap(_small_bn_net(), "tent", **{option: "False"})

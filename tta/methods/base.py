@@ -178,6 +178,11 @@ class TTAMethod(nn.Module):
         refuse_if_wrapped(model)
         if self.has_optimizer:
             refuse_inference_weights(model, self.method_name or type(self).__name__)
+        for option, value in (("episodic", episodic), ("nesterov", nesterov), ("check_inputs", check_inputs),
+                              ("channels_last", channels_last)):
+            # A string from a config is truthy: episodic="False" reset before every batch.
+            if not isinstance(value, bool):
+                raise TypeError(f"{option} must be True or False, got {value!r}")
         if not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be a positive integer, got {steps!r}")
         if reset_every is not None and (not isinstance(reset_every, int) or reset_every < 1):
