@@ -531,3 +531,25 @@ def test_switches_given_as_strings_are_refused(option):
     silently."""
     with pytest.raises(TypeError, match=f"{option} must be True or False, got 'False'"):
         tta.wrap(_small_bn_net(), "tent", **{option: "False"})
+
+
+class _DictOutput(nn.Module):
+    """A Hugging Face style model: its logits in a dict."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _small_bn_net()
+
+    def forward(self, x):
+        return {"logits": self.net(x)}
+
+
+@pytest.mark.parametrize("name", ["tent", "norm", "source", "sar"])
+def test_a_model_returning_a_dict_is_named_with_the_fix(name):
+    """It failed deep in the method ("'dict' object has no attribute 'float'"); the
+    check lives for the step only, so the model itself still runs as it did."""
+    model = _DictOutput()
+    method = tta.wrap(model, name)
+    with pytest.raises(TypeError, match=r"_DictOutput returned a dict \(keys 'logits'\): wrap it in a module"):
+        method(torch.rand(4, 3, 12, 12))
+    assert not model._forward_hooks and model(torch.rand(4, 3, 12, 12))["logits"].shape == (4, 10)

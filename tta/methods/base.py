@@ -58,6 +58,15 @@ def _clear_attention_bias_cache(module: nn.Module, args: tuple) -> None:
     module.attention_bias_cache.clear()
 
 
+def _refuse_non_tensor_output(module: nn.Module, args: tuple, output: Any) -> None:
+    if not isinstance(output, Tensor):
+        keys = f" (keys {', '.join(map(repr, output))})" if isinstance(output, Mapping) else ""
+        raise TypeError(
+            f"tta methods need a model that returns its logits, a (B, num_classes) tensor; "
+            f"{type(module).__name__} returned a {type(output).__name__}{keys}: wrap it in a module whose "
+            "forward returns the logits (e.g. the output's ['logits'] or [0])")
+
+
 class TTAMethod(nn.Module):
     """Base class: wraps ``model``; ``forward(x)`` predicts on ``x`` and adapts on it.
 
@@ -300,9 +309,17 @@ class TTAMethod(nn.Module):
             if self.episodic:
                 self.reset()
             dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.amp)
-            with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
-                for _ in range(self.steps):
-                    logits, record = self._run_step(x)
+            # A model returning a dict or a tuple (Hugging Face's) failed deep in a loss
+            # ("'dict' object has no attribute 'float'"): said at its output instead, by
+            # a hook that lives for the step only (the model stays the caller's outside).
+            check = None if self.compiled else self.model.register_forward_hook(_refuse_non_tensor_output)
+            try:
+                with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
+                    for _ in range(self.steps):
+                        logits, record = self._run_step(x)
+            finally:
+                if check is not None:
+                    check.remove()
             logits = logits.float()
             if logits.dim() != 2 or logits.shape[0] != x.shape[0]:
                 raise ValueError(
