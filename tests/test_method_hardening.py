@@ -533,6 +533,17 @@ def test_switches_given_as_strings_are_refused(option):
         tta.wrap(_small_bn_net(), "tent", **{option: "False"})
 
 
+def test_numbers_given_as_booleans_and_bad_guard_settings_are_refused():
+    # True is an int to Python: lr=True, steps=True ran as 1 (a typo for a switch)
+    for option in ("lr", "steps", "reset_every"):
+        with pytest.raises(ValueError, match=rf"{option} must be a positive .*got True"):
+            tta.wrap(_small_bn_net(), "tent", **{option: True})
+    with pytest.raises(TypeError, match=r"collapse_guard: unknown settings 'windo'; it takes .*window"):
+        tta.wrap(_small_bn_net(), "tent", collapse_guard={"windo": 5})
+    with pytest.raises(TypeError, match=r"pattern must be a str such as '\*'.*got None"):
+        tta.list_methods(None)
+
+
 class _DictOutput(nn.Module):
     """A Hugging Face style model: its logits in a dict."""
 

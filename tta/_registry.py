@@ -43,6 +43,8 @@ class Registry(Generic[T]):
 
     def names(self, pattern: str = "*") -> list[str]:
         """Sorted registered names matching a shell-style ``pattern``."""
+        if not isinstance(pattern, str):
+            raise TypeError(f"pattern must be a str such as '*' or 'e*', got {pattern!r}")
         return sorted(n for n in self._entries if fnmatch.fnmatch(n, pattern))
 
     def __contains__(self, name: object) -> bool:

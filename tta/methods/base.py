@@ -102,7 +102,8 @@ class TTAMethod(nn.Module):
         channels_last: run the model in channels-last memory format (faster
             convolutions on recent GPUs and on CPUs with oneDNN).
         compile: ``torch.compile`` the model's forward (``True`` or a backend name).
-            If compilation fails, tta warns and runs eagerly.
+            A backend torch does not know is refused when wrapping; if compiling
+            fails at the first step, tta warns and runs eagerly.
         reset_every: return to the source state after every this many updates
             (RDumb's rule, Press et al. 2023; ``None``: never). The count lives in the
             state, so a resumed stream resets where an uninterrupted one would.
@@ -192,9 +193,10 @@ class TTAMethod(nn.Module):
             # A string from a config is truthy: episodic="False" reset before every batch.
             if not isinstance(value, bool):
                 raise TypeError(f"{option} must be True or False, got {value!r}")
-        if not isinstance(steps, int) or steps < 1:
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be a positive integer, got {steps!r}")
-        if reset_every is not None and (not isinstance(reset_every, int) or reset_every < 1):
+        if reset_every is not None and (isinstance(reset_every, bool) or not isinstance(reset_every, int)
+                                        or reset_every < 1):
             raise ValueError(f"reset_every must be a positive integer or None, got {reset_every!r}")
         self.reset_every = reset_every
         #: updates since the last reset (part of the state: checkpoints keep it, reset() zeroes it)

@@ -34,6 +34,7 @@ model (which is 83% wrong there), as little as a model destroyed by a too-large 
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import math
 from collections import deque
@@ -101,6 +102,11 @@ class CollapseGuard:
         if isinstance(option, CollapseGuard):
             return option
         if isinstance(option, dict):
+            known = [k for k in inspect.signature(cls).parameters]
+            unknown = sorted(set(option) - set(known))
+            if unknown:
+                raise TypeError(f"collapse_guard: unknown settings {', '.join(map(repr, unknown))}; "
+                                f"it takes {', '.join(known)}")
             return cls(**option)
         raise TypeError(f"collapse_guard must be a bool, a dict of settings or a CollapseGuard, got {option!r}")
 

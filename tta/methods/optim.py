@@ -25,7 +25,7 @@ def build_optimizer(
     nesterov: bool = False,
 ) -> torch.optim.Optimizer:
     """SGD (with momentum) or Adam/AdamW over ``params``, validated."""
-    if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
+    if isinstance(lr, bool) or not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
         raise ValueError(f"lr must be a positive number, got {lr!r}")
     # Checked by type first: a string from a config ("0.9") failed in a comparison
     # ("'<' not supported between instances of 'str' and 'int'"), naming no option.
