@@ -555,6 +555,28 @@ def test_report_out_naming_a_folder_fails_clearly_and_writes_nothing(tmp_path, c
     assert sorted(p.name for p in tmp_path.iterdir()) == ["multirun", "out"]
 
 
+def test_report_plot_format_follows_its_name_and_unfinished_jobs_are_listed(tmp_path, capsys) -> None:
+    # --plot p.svg held PNG bytes; job folders without results (running, or killed
+    # before the end) were left out of the report without a word.
+    from tta.bench.report import main
+
+    sweep = tmp_path / "multirun"
+    (sweep / "0").mkdir(parents=True)
+    (sweep / "0" / "results.json").write_text(json.dumps(_fake_result("tent", 40.0)))
+    for job in ("1", "2"):
+        (sweep / job / ".hydra").mkdir(parents=True)
+    (sweep / "2" / "checkpoint.pt").write_bytes(b"")
+    text = make_report(sweep, out_png=tmp_path / "p.svg")
+    assert (tmp_path / "p.svg").read_bytes().lstrip().startswith(b"<?xml")
+    assert "without results yet, running or stopped (2;" in text
+    assert f"- `{sweep / '1'}`\n" in text and f"- `{sweep / '2'}` (a checkpoint)\n" in text
+    assert main([str(sweep), "--plot", str(tmp_path / "p.xyz")]) == 2
+    assert "matplotlib writes" in capsys.readouterr().err and not (tmp_path / "p.xyz").exists()
+    (sweep / "0" / "results.json").unlink()
+    with pytest.raises(FileNotFoundError, match="2 job folders have none yet"):
+        make_report(sweep)
+
+
 def test_report_of_a_file_says_it_is_a_file(tmp_path) -> None:
     # tta-bench-report <job>/results.json said "sweep folder not found" of a file that is there.
     res = tmp_path / "job" / "results.json"

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from ..paths import atomic_write_bytes
+from .checkpoint import CHECKPOINT
 from .results import RESULTS_JSON, read_results
 
 log = logging.getLogger("tta.bench.report")
@@ -166,8 +167,9 @@ def _shared(results: Sequence[dict[str, Any]], field: str) -> str:
     return values[0] if len(values) == 1 else f"{len(values)} {field}s (per row)"
 
 
-def plot_comparison(results: Sequence[dict[str, Any]]) -> bytes:
-    """PNG: grouped bars of the error per domain (and the mean) for each result.
+def plot_comparison(results: Sequence[dict[str, Any]], fmt: str = "png") -> bytes:
+    """An image (PNG, or another matplotlib format ``fmt``): grouped bars of the
+    error per domain (and the mean) for each result.
 
     The legend sits below the axes in as many columns as fit the figure's width,
     and the figure grows with the number of jobs, so labels are never clipped and
@@ -203,7 +205,7 @@ def plot_comparison(results: Sequence[dict[str, Any]]) -> bytes:
                frameon=False)
     buf = io.BytesIO()
     # "tight" grows the saved canvas to hold the legend below the axes.
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    fig.savefig(buf, format=fmt, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return buf.getvalue()
 
@@ -218,6 +220,10 @@ def make_report(sweep_dir: str | Path, out_md: str | Path | None = None,
     unreadable: list[tuple[str, str]] = []
     only = None if only is None else list(only)
     results = collect_results(sweep_dir, only, unreadable)
+    # Job folders Hydra made that hold no results yet (a running job, or one killed:
+    # rerunning the sweep resumes it); a sweep's own report lists its jobs instead.
+    unfinished = [] if only is not None else sorted(
+        p.parent for p in Path(sweep_dir).rglob(".hydra") if p.is_dir() and not (p.parent / RESULTS_JSON).exists())
     if not results:
         if unreadable:
             raise FileNotFoundError(
@@ -225,12 +231,18 @@ def make_report(sweep_dir: str | Path, out_md: str | Path | None = None,
                 + "; ".join(f"{p} ({r})" for p, r in unreadable)
             )
         raise FileNotFoundError(
-            f"no {RESULTS_JSON} under {sweep_dir}: expected the folder of a tta-bench sweep "
-            "(e.g. outputs/multirun)"
+            f"no {RESULTS_JSON} under {sweep_dir}: "
+            + (f"{len(unfinished)} job folders have none yet (running, or stopped: rerun the sweep to resume)"
+               if unfinished else "expected the folder of a tta-bench sweep (e.g. outputs/multirun)")
         )
     sweep = Path(sweep_dir)
     md_path = Path(out_md) if out_md else sweep / "report.md"
     png_path = Path(out_png) if out_png else md_path.with_suffix(".png")
+    fmt = png_path.suffix.lower().lstrip(".")
+    if plot and fmt not in _plot_formats():
+        # savefig's format follows the name here: p.svg held PNG bytes before
+        raise ValueError(f"--plot {png_path}: matplotlib writes {', '.join(sorted(_plot_formats()))}; "
+                         "end the file name with one of them")
     for path, option in ((md_path, "--out"), (png_path if plot else None, "--plot")):
         # checked before writing: the rename onto a folder failed with a traceback
         # naming a temporary file, after the plot was written beside it
@@ -276,14 +288,29 @@ def make_report(sweep_dir: str | Path, out_md: str | Path | None = None,
     if missing:
         text += f"\nJobs of the sweep without results, failed or not run ({len(missing)}):\n\n" + "".join(
             f"- `{' '.join(sorted(job))}`\n" for job in missing)
+    if unfinished:
+        text += (f"\nJob folders without results yet, running or stopped ({len(unfinished)}; rerunning the "
+                 "sweep resumes them):\n\n" + "".join(
+                     f"- `{p}`{' (a checkpoint)' if (p / CHECKPOINT).is_file() else ''}\n" for p in unfinished))
     if unreadable:
         text += f"\nLeft out, unreadable ({len(unreadable)}):\n\n" + "".join(
             f"- `{p}`: {r}\n" for p, r in unreadable)
     if plot:
-        atomic_write_bytes(png_path, plot_comparison(results))
+        atomic_write_bytes(png_path, plot_comparison(results, fmt))
         text += f"\n![comparison]({png_path.name})\n"
     atomic_write_bytes(md_path, text.encode())
     return text
+
+
+def _plot_formats() -> set[str]:
+    from .results import _pyplot
+
+    plt = _pyplot()
+    fig = plt.figure()
+    try:
+        return set(fig.canvas.get_supported_filetypes()) - {"raw", "rgba"}
+    finally:
+        plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -299,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.WARNING, format="tta-bench-report: %(levelname)s: %(message)s")
     try:
         text = make_report(args.sweep_dir, args.out, args.plot, plot=not args.no_plot)
-    except (FileNotFoundError, IsADirectoryError) as err:
+    except (FileNotFoundError, IsADirectoryError, ValueError) as err:
         print(f"tta-bench-report: {err}", file=sys.stderr)
         return 2
     print(text)
