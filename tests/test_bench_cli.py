@@ -110,22 +110,22 @@ def test_method_overrides_pass_only_changes():
 
 
 def test_a_default_given_on_the_command_line_beats_the_preset():
-    # SAR's cifar10 preset uses Adam; SGD is its default. Typed out, SGD must win, in
+    # DeYO's cifar10 preset uses Adam; SGD is its default. Typed out, SGD must win, in
     # the composed config itself (what the Python API runs, what the hash and
     # results.json record), not only on the command line.
     from tta.bench.config import config_hash, method_preset
 
-    plain, typed = compose_config(["method=sar"]), compose_config(["method=sar", "method.optimizer=sgd"])
+    plain, typed = compose_config(["method=deyo"]), compose_config(["method=deyo", "method.optimizer=sgd"])
     preset = method_preset(typed.method, typed.data.name)
-    assert preset == "cifar10" and tta.method_defaults("sar", preset=preset)["optimizer"] == "adam"
+    assert preset == "cifar10" and tta.method_defaults("deyo", preset=preset)["optimizer"] == "adam"
     assert plain.method.optimizer == "adam" and typed.method.optimizer == "sgd"
     assert config_hash(plain) != config_hash(typed)
-    assert method_overrides(plain.method, preset) == ("sar", {})
+    assert method_overrides(plain.method, preset) == ("deyo", {})
     name, overrides = method_overrides(typed.method, preset)
     assert overrides == {"optimizer": "sgd"}
     assert tta.wrap(_tiny_bn_model(), name, preset=preset, **overrides).optimizer.__class__.__name__ == "SGD"
     # no preset: the Python defaults
-    assert compose_config(["method=sar", "method.preset=none"]).method.optimizer == "sgd"
+    assert compose_config(["method=deyo", "method.preset=none"]).method.optimizer == "sgd"
 
 
 def _tiny_bn_model() -> torch.nn.Module:
@@ -382,10 +382,10 @@ def test_a_method_reading_source_images_shows_its_setup(tmp_path, capsys):
 def test_the_runner_runs_what_the_config_says_and_skips_only_the_same(tmp_path):
     # The Python API too (no Hydra overrides to read): a value equal to the Python
     # default but not the preset's is passed, recorded, and hashed apart.
-    res = run_benchmark(compose_config(TINY + ["method=sar", "method.optimizer=sgd"]), tmp_path)
+    res = run_benchmark(compose_config(TINY + ["method=deyo", "method.optimizer=sgd"]), tmp_path)
     assert res["method_preset"] == "cifar10" and res["method_overrides"] == {"optimizer": "sgd"}
     assert res["config"]["method"]["optimizer"] == "sgd"
-    plain = run_benchmark(compose_config(TINY + ["method=sar"]), tmp_path)
+    plain = run_benchmark(compose_config(TINY + ["method=deyo"]), tmp_path)
     assert not plain.get("skipped") and plain["method_overrides"] == {}
     assert plain["config"]["method"]["optimizer"] == "adam"  # the preset's, as it ran
 

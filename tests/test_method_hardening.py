@@ -344,8 +344,8 @@ def test_presets_give_the_published_settings(resnet20, cifar_train_images):
     assert eata.d_margin == 0.4 and eata.fisher_alpha == 1.0
     assert tta.method_defaults("eata", preset="cifar10")["fisher_size"] == 2000
     # explicit overrides refine a preset
-    sar = tta.wrap(copy.deepcopy(resnet20), "sar", preset="cifar10", lr=5e-4)
-    assert isinstance(sar.optimizer, torch.optim.Adam) and sar.optimizer.param_groups[0]["lr"] == 5e-4
+    deyo = tta.wrap(copy.deepcopy(resnet20), "deyo", preset="cifar10", lr=5e-4)
+    assert isinstance(deyo.optimizer, torch.optim.Adam) and deyo.optimizer.param_groups[0]["lr"] == 5e-4
     tent = tta.wrap(copy.deepcopy(resnet20), "tent", preset="imagenet")
     assert isinstance(tent.optimizer, torch.optim.SGD) and tent.optimizer.param_groups[0]["lr"] == 2.5e-4
     for name in tta.list_methods():

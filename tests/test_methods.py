@@ -236,6 +236,19 @@ def test_sar_recovers_from_collapse(resnet20, noisy_batch):
     assert normal.num_resets.item() == 0 and not torch.isnan(normal.ema)
 
 
+def test_sar_cifar10_preset_is_the_ports_sam_over_sgd():
+    # mariodoebler/test-time-adaptation's SAR.setup_optimizer builds SAM(params,
+    # torch.optim.SGD, lr=OPTIM.LR, momentum=OPTIM.MOMENTUM) whatever OPTIM.METHOD
+    # says: cifar10_c/sar.yaml's "METHOD: Adam" is never read, so the CIFAR-10-C run
+    # is SGD (momentum 0.9, no Nesterov) at lr 1e-3.
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(4, 10))
+    sar = tta.wrap(model, "sar", preset="cifar10")
+    assert type(sar.optimizer) is torch.optim.SGD
+    group = sar.optimizer.param_groups[0]
+    assert (group["lr"], group["momentum"], group["nesterov"], group["weight_decay"]) == (1e-3, 0.9, False, 0.0)
+
+
 def test_batch_size_one_with_batch_norm_is_refused(resnet20, noisy_batch):
     adapted = tta.wrap(resnet20, "tent")
     with pytest.raises(ValueError, match="batch size 1"):

@@ -151,8 +151,8 @@ def preset_or(default: Any, *, _node_: Any, _parent_: Any, _root_: Any) -> Any:
     changes: the preset's value (``method.preset``, with ``auto`` read from
     ``data.name``), else ``default`` (the Python default). A value set on the command
     line or in a config file replaces the interpolation, so the composed config holds
-    what runs: ``method=sar`` on CIFAR-10-C composes ``optimizer: adam`` (its preset),
-    ``method=sar method.optimizer=sgd`` composes ``sgd``, and their hashes differ."""
+    what runs: ``method=deyo`` on CIFAR-10-C composes ``optimizer: adam`` (its preset),
+    ``method=deyo method.optimizer=sgd`` composes ``sgd``, and their hashes differ."""
     import tta
 
     data = _root_.get("data") if isinstance(_root_, DictConfig) else None
