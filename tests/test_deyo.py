@@ -57,6 +57,26 @@ def test_patch_shuffle_resizes_when_not_divisible_and_validates():
         PatchShuffle(0)(x)
 
 
+def test_patch_shuffle_resizes_down_to_the_grid_as_deyo_does(monkeypatch):
+    # The official code (Jhyun17/DeYO methods/deyo.py, and the port) resizes to
+    # (side // patch_len) * patch_len, the multiple below, then back: 30 px on a 4 x 4
+    # grid is cut at 28 px, not blown up to 32.
+    import tta.augment.destroy as destroy
+
+    sizes, interpolate = [], destroy.F.interpolate
+
+    def recording(x, size=None, **kw):
+        sizes.append(tuple(size))
+        return interpolate(x, size=size, **kw)
+
+    monkeypatch.setattr(destroy.F, "interpolate", recording)
+    assert patch_shuffle(torch.rand(2, 3, 30, 30), 4).shape == (2, 3, 30, 30)
+    assert sizes == [(28, 28), (30, 30)]
+    sizes.clear()
+    patch_shuffle(torch.rand(2, 3, 32, 32), 4)  # divisible: no resize at all
+    assert sizes == []
+
+
 def test_occlusion_fills_square_with_image_mean():
     x = torch.rand(2, 3, 224, 224)
     y = occlude(x, 0.5)

@@ -47,14 +47,15 @@ def _random_permutations(batch: int, n: int, device, generator: torch.Generator 
 def patch_shuffle(x: Tensor, patch_len: int = 4, generator: torch.Generator | None = None) -> Tensor:
     """Cut each image into a ``patch_len`` x ``patch_len`` grid and permute the
     patches, independently per image. Sizes not divisible by ``patch_len`` are
-    resized up to the next multiple and back, as DeYO does."""
+    resized down to the multiple below and back, as DeYO does."""
     _check(x)
     if not isinstance(patch_len, int) or patch_len < 1:
         raise ValueError(f"patch_len must be a positive integer, got {patch_len!r}")
     b, c, h, w = x.shape
     if patch_len > min(h, w):
         raise ValueError(f"patch_len {patch_len} is larger than the image ({h}x{w})")
-    hh, ww = -(-h // patch_len) * patch_len, -(-w // patch_len) * patch_len
+    # The official code's grid: ``(side // patch_len) * patch_len`` (rounded down).
+    hh, ww = (h // patch_len) * patch_len, (w // patch_len) * patch_len
     y = x if (hh, ww) == (h, w) else F.interpolate(x, size=(hh, ww), mode="bilinear", align_corners=False)
     ph, pw = hh // patch_len, ww // patch_len
     n = patch_len * patch_len
