@@ -385,3 +385,36 @@ def test_roid_view_of_a_single_kept_image(name, kept, monkeypatch):
         assert torch.isfinite(method(x)).all()
         runs = kept > 1 or (kept == 1 and norm == "layer")
         assert seen == ([kept] if runs else []), (arch, seen)
+
+
+class _NetWithAnEmbedding(nn.Module):
+    """Conv, BatchNorm and a linear head, plus a parameter named neither weight nor
+    bias (as a ViT's position embedding)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Linear(8, 10)
+        self.pos_embed = nn.Parameter(torch.zeros(1, 8, 1, 1))
+
+    def forward(self, x):
+        return self.fc((self.bn(self.conv(x)) + self.pos_embed).relu().mean((2, 3)))
+
+
+@pytest.mark.parametrize("name", ["cotta", "rmt", "adacontrast"])
+def test_the_whole_network_methods_train_weights_and_biases_only_as_the_official_code(name, cifar_train_images):
+    """The official collect_params of CoTTA, RMT and AdaContrast keeps the parameters
+    named weight or bias: a ViT's class token, position embedding, layer-scale gamma
+    stay frozen (and CoTTA does not restore them)."""
+    torch.manual_seed(0)
+    x, y = cifar_train_images
+    options = {"cotta": {"num_views": 2},
+               "rmt": {"source_loader": [(x[:40], y[:40])], "num_warmup_images": 40},
+               "adacontrast": {"queue_size": 64, "bank_size": 64, "warmup_samples": 0}}[name]
+    net = _NetWithAnEmbedding()
+    method = tta.wrap(net, name, **options)
+    adapted = {n for n, _ in method.adapted if not n.startswith("projector.")}
+    assert adapted == {"conv.weight", "conv.bias", "bn.weight", "bn.bias", "fc.weight", "fc.bias"}
+    assert not net.pos_embed.requires_grad
+    for _ in range(2):
+        method(x[:16])
+    assert torch.equal(net.pos_embed, torch.zeros(1, 8, 1, 1))

@@ -1,14 +1,14 @@
 """``adacontrast``: contrastive test-time adaptation (Chen, Wang, Darrell, Ebrahimi,
 CVPR 2022).
 
-The whole network adapts, online, with three losses on each batch: cross-entropy of
-a strongly augmented view against pseudo-labels, a MoCo-style contrastive loss, and
-a diversity loss. The pseudo-labels are the model's predictions on a weakly
-augmented view, refined by soft voting among their nearest neighbours in a memory
-bank of recent features and predictions. The contrastive loss pairs two strong views
-of each image: the query from the adapted model, the key from a key encoder that
-follows the model by an exponential moving average, against a queue of past keys,
-leaving out the negatives whose pseudo-label is the query's own.
+The whole network (every weight and bias) adapts, online, with three losses on each
+batch: cross-entropy of a strongly augmented view against pseudo-labels, a MoCo-style
+contrastive loss, and a diversity loss. The pseudo-labels are the model's
+predictions on a weakly augmented view, refined by soft voting among their nearest
+neighbours in a memory bank of recent features and predictions. The contrastive loss
+pairs two strong views of each image: the query from the adapted model, the key from
+a key encoder that follows the model by an exponential moving average, against a
+queue of past keys, leaving out the negatives whose pseudo-label is the query's own.
 
 Written from the authors' code (DianCh/AdaContrast, offline source-free adaptation)
 and its online port (mariodoebler/test-time-adaptation), whose setting this follows:
@@ -29,6 +29,7 @@ from ..augment.kornia_views import (adacontrast_strong_augmentation, adacontrast
                                      check_transform)
 from .base import TTAMethod
 from .features import check_feature_split, features_and_logits, pooled_features
+from .params import select_weights_and_biases
 from .records import AdaContrastRecord, StepRecord
 from .registry import register_method
 from .teacher import ema_update_, frozen_copy
@@ -215,7 +216,9 @@ class AdaContrast(TTAMethod):
         self.register_buffer("num_seen", torch.zeros((), dtype=torch.long, device=device))
 
     def select_params(self) -> list[tuple[str, nn.Parameter]]:
-        return list(self.model.named_parameters())
+        # The official online code's: every parameter named weight or bias (a ViT's
+        # class token and position embedding stay frozen).
+        return select_weights_and_biases(self.model)
 
     def _allocate(self, features: Tensor, logits: Tensor) -> None:
         """Size the queue and bank on the first batch (a shape check, no sync)."""

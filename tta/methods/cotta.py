@@ -1,12 +1,12 @@
 """``cotta``: continual test-time adaptation (Wang et al., CVPR 2022).
 
-Every parameter adapts, toward a weight-averaged mean teacher: the student learns
-the teacher's prediction (cross-entropy), the teacher follows the student by an
-exponential moving average, and every weight is restored to its source value with
-a small probability at each step. When the source model is unsure of the batch
-(mean confidence below ``confidence_threshold``) the teacher predicts by averaging
-over ``num_views`` augmented views of each image; the teacher's prediction is also
-what the method reports.
+Every weight and bias adapts, toward a weight-averaged mean teacher: the student
+learns the teacher's prediction (cross-entropy), the teacher follows the student by
+an exponential moving average, and every adapted weight is restored to its source
+value with a small probability at each step. When the source model is unsure of the
+batch (mean confidence below ``confidence_threshold``) the teacher predicts by
+averaging over ``num_views`` augmented views of each image; the teacher's prediction
+is also what the method reports.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from ..augment.kornia_views import check_transform, cotta_augmentation, stack_vi
 from .base import TTAMethod
 from .entropy import cross_entropy_to, symmetric_cross_entropy
 from .norm_layers import grouped_batch_stats
+from .params import select_weights_and_biases
 from .records import CoTTARecord, StepRecord
 from .registry import register_method
 from .teacher import ema_update_, frozen_copy, stochastic_restore_
@@ -100,7 +101,9 @@ class CoTTA(TTAMethod):
         self.anchor = frozen_copy(self.model)
 
     def select_params(self) -> list[tuple[str, nn.Parameter]]:
-        return list(self.model.named_parameters())
+        # The official code's: every parameter named weight or bias (a ViT's class
+        # token and position embedding stay frozen, and are never restored).
+        return select_weights_and_biases(self.model)
 
     @torch.no_grad()
     def teacher_prediction(self, x: Tensor) -> tuple[Tensor, Tensor]:

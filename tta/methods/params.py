@@ -32,6 +32,17 @@ def select_norm_params(model: nn.Module, skip: Sequence[str] = ()) -> list[tuple
     return chosen
 
 
+def select_weights_and_biases(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """Every parameter that a module holds under the name ``weight`` or ``bias``:
+    what the official CoTTA, RMT and AdaContrast code trains (its ``collect_params``
+    keeps a module's own parameters named ``weight`` or ``bias``). Everything else
+    stays frozen, as there: a ViT's class token and position embedding, layer-scale
+    ``gamma``, Swin's relative position bias tables, ``nn.MultiheadAttention``'s
+    ``in_proj_weight``/``in_proj_bias`` (torchvision's ViT). On a ResNet this is
+    every parameter."""
+    return [(name, p) for name, p in model.named_parameters() if name.rsplit(".", 1)[-1] in ("weight", "bias")]
+
+
 def last_stage_prefixes(model: nn.Module) -> list[str]:
     """Module names of the top of the network, which DeYO and SAR leave frozen: the
     last ``layerN`` stage of a ResNet, or the last quarter of a ViT's ``blocks`` plus

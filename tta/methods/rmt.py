@@ -1,7 +1,7 @@
 """``rmt``: robust mean teacher for continual test-time adaptation (Döbler et al.,
 CVPR 2023).
 
-Every parameter adapts. A mean teacher (an exponential moving average of the
+Every weight and bias adapts. A mean teacher (an exponential moving average of the
 student's weights) gives the targets of a symmetric cross-entropy on the test batch
 and on an augmented copy; a contrastive loss pulls the features of both toward the
 nearest class prototype of the source data; and a batch of labelled source images is
@@ -24,6 +24,7 @@ from .base import TTAMethod
 from .entropy import symmetric_cross_entropy
 from .features import features_and_logits
 from .inputs import to_model_input
+from .params import select_weights_and_biases
 from .prototypes import (attach_prototypes, check_prototype_options, prototype_contrastive_loss,
                          SourceStream)
 from .records import RMTRecord, StepRecord
@@ -120,7 +121,9 @@ class RMT(TTAMethod):
         self.snapshot()  # reset() returns here, after the warm-up
 
     def select_params(self) -> list[tuple[str, nn.Parameter]]:
-        return list(self.model.named_parameters())
+        # The official code's: every parameter named weight or bias (a ViT's class
+        # token and position embedding stay frozen).
+        return select_weights_and_biases(self.model)
 
     def reset(self) -> None:
         # The replay goes on where it is, as the official code's loader iterator does.
