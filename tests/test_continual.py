@@ -147,6 +147,17 @@ def test_cotta_augmentation_is_per_image_seeded_and_in_range():
     assert not any("Noise" in type(m).__name__ or "Blur" in type(m).__name__ for m in roid)
 
 
+def test_batch_shared_views_draw_once_per_view():
+    # The official draws (same_on_batch=True) in one call of the transform made
+    # every view the same (the teacher's 32-view average on a GPU, where the views
+    # go in one forward): one draw per view, shared by the view's images.
+    x = torch.rand(1, 3, 16, 16).repeat(4, 1, 1, 1)
+    torch.manual_seed(0)
+    views = stack_views(x, 3, cotta_augmentation(same_on_batch=True, blur_and_noise=False)).view(3, 4, -1)
+    assert all(torch.equal(v[0], v[i]) for v in views for i in range(1, 4))  # one draw per view
+    assert not torch.allclose(views[0], views[1]) and not torch.allclose(views[1], views[2])
+
+
 @pytest.mark.parametrize("soft", [False, True])
 def test_cotta_colour_jitter_is_the_originals_color_jitter_pro(soft):
     # CoTTA's ColorJitterPro applies torchvision's functional ops (brightness

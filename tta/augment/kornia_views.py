@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from .views import augmix
 
-__all__ = ["cotta_augmentation", "colour_jitter_pro", "adacontrast_weak_augmentation", "adacontrast_strong_augmentation",
+__all__ = ["cotta_augmentation", "colour_jitter_pro", "shares_draws_over_batch", "adacontrast_weak_augmentation", "adacontrast_strong_augmentation",
            "stack_views", "Clamp", "CropFlip", "AugMix", "augmix_views_transform", "CROPS",
            "check_view_options", "check_transform"]
 
@@ -71,7 +71,12 @@ def cotta_augmentation(
             RoTTA) or ``"reflection"`` (ROID).
         same_on_batch: one draw of every random parameter for the whole batch
             (but the pixel noise), as the original's torchvision transforms do on a
-            batch tensor; by default each image draws its own.
+            batch tensor; by default each image draws its own. This is the one
+            deliberate difference of the default from the official code of CoTTA,
+            RMT, ROID, CMF, SANTA and RoTTA (which call these transforms on the batch
+            tensor): per-image draws scored lower errors on the shared ResNet-20
+            (benchmarks/RESULTS.md, "The continual-shift family"); ``True``
+            reproduces the official draws (:func:`stack_views` then draws per view).
     """
     ops: list[nn.Module] = [
         colour_jitter_pro(
@@ -125,8 +130,20 @@ def stack_views(x: Tensor, num_views: int, transform: nn.Module) -> Tensor:
     """``num_views`` augmented copies of the batch ``x`` (B, C, H, W), stacked view
     after view as one (num_views * B, C, H, W) batch: the views come out of one call
     of ``transform`` (each image its own parameters) and go through the model as one
-    forward."""
+    forward. A transform that draws once per batch (``same_on_batch=True`` on a
+    Kornia module of it, as ``cotta_augmentation(same_on_batch=True)``, the official
+    code's draws) is called once per view instead: in one call every view would be
+    the same."""
+    if shares_draws_over_batch(transform):
+        return torch.cat([transform(x) for _ in range(num_views)])
     return transform(x.repeat(num_views, 1, 1, 1))
+
+
+def shares_draws_over_batch(transform: nn.Module) -> bool:
+    """Whether a Kornia module of ``transform`` draws one set of parameters for a
+    whole batch (``same_on_batch=True``)."""
+    return isinstance(transform, nn.Module) and any(getattr(m, "same_on_batch", None) is True
+                                                    for m in transform.modules())
 
 
 # ----------------------------------------------------------------------------------

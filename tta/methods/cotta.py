@@ -39,8 +39,10 @@ class CoTTA(TTAMethod):
             paper's ``p_th``; 0 never averages, 1 always).
         num_views: augmented views the teacher averages.
         transform: the view augmentation, a module on (N, 3, H, W) batches in
-            [0, 1] with per-image randomness, e.g. a ``kornia.augmentation``
-            pipeline (default: :func:`~tta.augment.kornia_views.cotta_augmentation`).
+            [0, 1], e.g. a ``kornia.augmentation`` pipeline (default:
+            :func:`~tta.augment.kornia_views.cotta_augmentation`, which draws per
+            image; the official code draws once per view for the whole batch:
+            ``cotta_augmentation(same_on_batch=True)``, which gives its figure).
         views_per_forward: how many views the teacher takes in one forward, each
             view's images normalised with that view's statistics as separate
             forwards would. ``None``: all at once on a GPU; on the CPU as many as
