@@ -205,21 +205,16 @@ def _drop_keys(data: dict[str, Any], keys: Iterable[str]) -> dict[str, Any]:
 def config_hash(cfg: DictConfig | Mapping[str, Any]) -> str:
     """sha256 of the resolved config, without :data:`NON_RESULT_KEYS`: equal hashes
     mean the same stream, model and method, so a finished run can be reused."""
-    blob = json.dumps(result_config(cfg), sort_keys=True, separators=(",", ":"), default=str)
+    data = _drop_keys(to_container(cfg), NON_RESULT_KEYS)
+    blob = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def result_config(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
-    """The resolved config without :data:`NON_RESULT_KEYS`: what
-    :func:`config_hash` hashes, kept beside a checkpoint or results to say later
-    what changed."""
-    return _drop_keys(to_container(cfg), NON_RESULT_KEYS)
 
 
 def config_changes(old: Mapping[str, Any], new: Mapping[str, Any], limit: int = 6) -> str:
     """The keys whose values differ between two plain configs, as
     ``"method.lr=0.001 (was 0.00025), data.severity=3 (was 5)"``: what makes a
-    checkpoint or a finished run another config's (at most ``limit`` of them)."""
+    checkpoint or a finished run another config's (at most ``limit`` of them;
+    :data:`NON_RESULT_KEYS` left out, as from the hash)."""
     flat_old, flat_new = _flatten(old), _flatten(new)
     missing = object()
     keys = [k for k in sorted(flat_old.keys() | flat_new.keys())

@@ -239,9 +239,10 @@ def make_report(sweep_dir: str | Path, out_md: str | Path | None = None,
     md_path = Path(out_md) if out_md else sweep / "report.md"
     png_path = Path(out_png) if out_png else md_path.with_suffix(".png")
     fmt = png_path.suffix.lower().lstrip(".")
-    if plot and fmt not in _plot_formats():
+    formats = _plot_formats() if plot else set()
+    if plot and fmt not in formats:
         # savefig's format follows the name here: p.svg held PNG bytes before
-        raise ValueError(f"--plot {png_path}: matplotlib writes {', '.join(sorted(_plot_formats()))}; "
+        raise ValueError(f"--plot {png_path}: matplotlib writes {', '.join(sorted(formats))}; "
                          "end the file name with one of them")
     for path, option in ((md_path, "--out"), (png_path if plot else None, "--plot")):
         # checked before writing: the rename onto a folder failed with a traceback
@@ -303,14 +304,10 @@ def make_report(sweep_dir: str | Path, out_md: str | Path | None = None,
 
 
 def _plot_formats() -> set[str]:
-    from .results import _pyplot
+    """The file formats matplotlib's savefig writes, but its raw pixel buffers."""
+    from matplotlib.backend_bases import FigureCanvasBase
 
-    plt = _pyplot()
-    fig = plt.figure()
-    try:
-        return set(fig.canvas.get_supported_filetypes()) - {"raw", "rgba"}
-    finally:
-        plt.close(fig)
+    return set(FigureCanvasBase.get_supported_filetypes()) - {"raw", "rgba"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,7 +31,7 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from .checkpoint import CHECKPOINT, Progress, load_checkpoint
-from .config import config_changes, method_overrides, method_preset, register_resolvers, result_config
+from .config import config_changes, method_overrides, method_preset, register_resolvers
 from .loop import Checkpointing, adapt, count
 from .metrics import summarise, throughput
 from .render import BatchRenderer, to_model_size
@@ -102,8 +102,7 @@ def _run(config: BenchConfig, out: Path, hydra_info: Mapping[str, Any] | None) -
              "tensor cache" if loader.cached else "DataLoader workers")
 
     ckpt_path = out / CHECKPOINT
-    saved_config = result_config(config.plain)
-    progress = load_checkpoint(ckpt_path, config.hash, method, job.device, saved_config)
+    progress = load_checkpoint(ckpt_path, config.hash, method, job.device, config.plain)
     resumed_at = None if progress is None else progress.position
     if progress is None:
         progress = Progress()
@@ -111,7 +110,7 @@ def _run(config: BenchConfig, out: Path, hydra_info: Mapping[str, Any] | None) -
         log.info("resuming from %s at batch %d of %d", ckpt_path, resumed_at, len(loader))
     if job.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(job.device)
-    checkpointing = Checkpointing(ckpt_path, config.hash, saved_config, every=config.run.checkpoint_every or 0,
+    checkpointing = Checkpointing(ckpt_path, config.hash, config.plain, every=config.run.checkpoint_every or 0,
                                   every_s=60.0 * (config.run.checkpoint_minutes or 0))
     timing = adapt(method, loader, render, progress, checkpointing=checkpointing,
                    show_progress=config.run.progress, desc=name)
@@ -142,7 +141,7 @@ def _finished_run(out: Path, config: BenchConfig) -> dict[str, Any] | None:
     if old.get("config_hash") != config.hash:
         if isinstance(old.get("config"), Mapping):
             log.info("rerunning %s: %s holds results of another config (%s)", out, RESULTS_JSON,
-                     config_changes(result_config(old["config"]), result_config(config.plain)))
+                     config_changes(old["config"], config.plain))
         return None
     if old.get("num_bad_files") and not config.data.skip_bad_files:
         # data.skip_bad_files does not change the hash (it never changes the
