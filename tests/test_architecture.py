@@ -13,7 +13,7 @@ ROOT = Path(tta.__file__).resolve().parent
 #: Layer of each top-level part of tta (a part may import from lower layers and
 #: from its own layer's other parts only where listed as the same number).
 LAYERS = {
-    "paths": 0, "_registry": 0, "_warn": 0, "_host_memory": 0,
+    "paths": 0, "_registry": 0, "_warn": 0, "_host_memory": 0, "_checks": 0,
     "corruptions": 1, "augment": 1,
     "models": 2,
     "methods": 3,

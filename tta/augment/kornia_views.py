@@ -22,6 +22,7 @@ import torch
 from kornia import augmentation as K
 from torch import Tensor, nn
 
+from .._checks import check_positive_int
 from .views import augmix
 
 __all__ = ["cotta_augmentation", "colour_jitter_pro", "shares_draws_over_batch", "adacontrast_weak_augmentation", "adacontrast_strong_augmentation",
@@ -214,11 +215,7 @@ def check_transform(transform: object, option: str = "transform") -> None:
 def check_view_options(num_views: int, crop: str, images_per_forward: int | None) -> None:
     """The options of a method that predicts from AugMix views (MEMO, TTAug), checked
     before it touches the model."""
-    if not isinstance(num_views, int) or isinstance(num_views, bool) or num_views < 1:
-        raise ValueError(f"num_views must be a positive integer, got {num_views!r}")
-    if images_per_forward is not None and (
-            not isinstance(images_per_forward, int) or isinstance(images_per_forward, bool)
-            or images_per_forward < 1):
-        raise ValueError(f"images_per_forward must be a positive integer or None, got {images_per_forward!r}")
+    check_positive_int(num_views, "num_views")
+    check_positive_int(images_per_forward, "images_per_forward", optional=True)
     if crop not in CROPS:
         raise ValueError(f"crop must be one of {CROPS}, got {crop!r}")

@@ -23,6 +23,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
+from .._checks import check_positive_int
 from .._host_memory import keep_freed_host_memory
 from .._warn import warn_at_caller
 from .entropy import entropy_margin
@@ -193,11 +194,8 @@ class TTAMethod(nn.Module):
             # A string from a config is truthy: episodic="False" reset before every batch.
             if not isinstance(value, bool):
                 raise TypeError(f"{option} must be True or False, got {value!r}")
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be a positive integer, got {steps!r}")
-        if reset_every is not None and (isinstance(reset_every, bool) or not isinstance(reset_every, int)
-                                        or reset_every < 1):
-            raise ValueError(f"reset_every must be a positive integer or None, got {reset_every!r}")
+        check_positive_int(steps, "steps")
+        check_positive_int(reset_every, "reset_every", optional=True)
         self.reset_every = reset_every
         #: updates since the last reset (part of the state: checkpoints keep it, reset() zeroes it)
         self.num_updates = 0

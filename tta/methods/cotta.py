@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .._checks import check_positive_int
 from ..augment.kornia_views import check_transform, cotta_augmentation, stack_views
 from .base import TTAMethod
 from .entropy import cross_entropy_to, symmetric_cross_entropy
@@ -85,11 +86,8 @@ class CoTTA(TTAMethod):
             raise ValueError(f"teacher_momentum and restore_prob must be in [0, 1], got {teacher_momentum}, "
                              f"{restore_prob}")
         # Integers: the views are counted out in a range() at the first unsure batch.
-        if isinstance(num_views, bool) or not isinstance(num_views, int) or num_views < 1:
-            raise ValueError(f"num_views must be a positive integer, got {num_views!r}")
-        if views_per_forward is not None and (isinstance(views_per_forward, bool)
-                                              or not isinstance(views_per_forward, int) or views_per_forward < 1):
-            raise ValueError(f"views_per_forward must be a positive integer or None, got {views_per_forward!r}")
+        check_positive_int(num_views, "num_views")
+        check_positive_int(views_per_forward, "views_per_forward", optional=True)
         check_transform(transform)
         super().__init__(model, optimizer=optimizer, lr=lr, **kwargs)
         self.teacher_momentum, self.restore_prob = teacher_momentum, restore_prob

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 
+from .._checks import check_positive_int
 from ..augment.kornia_views import augmix_views_transform, check_transform, check_view_options
 from ..augment.views import augmented_copies
 from .base import TTAMethod
@@ -209,8 +210,7 @@ class MEMO(TTAMethod):
     ) -> None:
         check_view_options(num_views, crop, images_per_forward)
         check_transform(transform)
-        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-            raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        check_positive_int(steps, "steps")
         if not (isinstance(bn_alpha, (int, float)) and 0.0 <= bn_alpha <= 1.0):
             raise ValueError(f"bn_alpha must be a number in [0, 1], got {bn_alpha!r}")
         if kwargs.get("amp") == "fp16":

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import TTAMethod
+from .norm_layers import check_bn_alpha
 from .records import StepRecord
 from .registry import register_method
 
@@ -34,10 +35,7 @@ class Norm(TTAMethod):
         if alpha != 1.0 and bn_alpha != alpha:
             raise ValueError(f"norm: alpha={alpha!r} and bn_alpha={bn_alpha!r} are one option, the weight of "
                              "the test-batch statistics: give one")
-        # checked here to name the option the user gave (the shared check says bn_alpha)
-        if isinstance(bn_alpha, bool) or not isinstance(bn_alpha, (int, float)) or not 0.0 <= bn_alpha <= 1.0:
-            raise ValueError(f"norm: {given} must be a number in [0, 1] (the weight of the test-batch "
-                             f"statistics), got {bn_alpha!r}")
+        check_bn_alpha(bn_alpha, given, "norm")  # here, to name the option the user gave
         super().__init__(model, bn_alpha=bn_alpha, **kwargs)
 
     @torch.no_grad()

@@ -230,6 +230,14 @@ def batchnorm_layers(model: nn.Module, types: tuple[type[nn.Module], ...] = (_Ba
     return layers
 
 
+def check_bn_alpha(alpha: float, option: str = "bn_alpha", method: str | None = None) -> None:
+    """The weight of the test-batch statistics must be a number in [0, 1];
+    ``option`` and ``method`` name it as the user gave it (norm's ``alpha``)."""
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"{method + ': ' if method else ''}{option} must be a number in [0, 1], got {alpha!r} "
+                         "(the weight of the test-batch statistics)")
+
+
 def use_batch_stats(model: nn.Module, alpha: float = 1.0) -> int:
     """Make every BatchNorm layer of ``model`` normalise with test-batch statistics.
 
@@ -240,8 +248,7 @@ def use_batch_stats(model: nn.Module, alpha: float = 1.0) -> int:
     layers keep their class's behaviour otherwise (their class is swapped for a
     subclass, state-dict keys are unchanged). Returns the number of layers changed.
     """
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"bn_alpha must be a number in [0, 1], got {alpha!r}")
+    check_bn_alpha(alpha)
     layers = batchnorm_layers(model, needing_running_stats=MIXES_SOURCE_STATISTICS if alpha < 1.0 else None)
     count = 0
     for _, module in layers:
