@@ -491,3 +491,10 @@ def test_clip_methods_adapt_under_no_grad_and_inference_mode(name, context, imag
     with context():
         got = method(images.clone())
     assert torch.equal(expected, got)
+
+
+@pytest.mark.parametrize("name, option", [("tpt", "steps"), ("rlcf", "ema_every")])
+def test_counts_given_as_booleans_are_refused(name, option):
+    """True is an int to Python: steps=True ran as one step where a switch was meant."""
+    with pytest.raises(ValueError, match=f"{option} must be a positive integer, got True"):
+        tta.wrap(tiny_clip(), name, **{option: True})

@@ -324,3 +324,14 @@ def test_zoo_vit_tiny_ln_runs_and_stays_frozen(cifar_train_images, noisy_batch):
     assert all(p.grad is None for p in foa.parameters()) and not any(o.requires_grad for o in outs)
     # the first batch's elitist candidate is the small init prompt: close to the plain model
     assert (outs[0].argmax(1) == plain.argmax(1)).float().mean() > 0.5
+
+
+def test_counts_given_as_booleans_or_below_their_bound_are_refused():
+    """True is an int to Python: popsize=True ran where a switch was meant."""
+    for option, bound in (("num_prompts", "an integer >= 0"), ("popsize", "an integer >= 2 or None"),
+                          ("candidates_per_forward", "a positive integer or None"),
+                          ("num_source_images", "an integer >= 2 or None")):
+        with pytest.raises(ValueError, match=rf"{option} must be {bound}, got True"):
+            tta.wrap(tiny_vit(), "foa", **{option: True})
+    with pytest.raises(ValueError, match=r"popsize must be an integer >= 2 or None, got 1"):
+        tta.wrap(tiny_vit(), "foa", popsize=1)

@@ -564,3 +564,23 @@ def test_a_model_returning_a_dict_is_named_with_the_fix(name):
     with pytest.raises(TypeError, match=r"_DictOutput returned a dict \(keys 'logits'\): wrap it in a module"):
         method(torch.rand(4, 3, 12, 12))
     assert not model._forward_hooks and model(torch.rand(4, 3, 12, 12))["logits"].shape == (4, 10)
+
+
+def test_counts_given_as_booleans_are_refused_by_every_method_and_view_helper(resnet20):
+    """True is an int to Python: RoTTA's memory_size=True, LAME's knn=True, TTRV's
+    steps=True ran (as 1) where a switch was meant (TPT, RLCF: test_clip; FOA: test_foa)."""
+    from tta.augment.destroy import patch_shuffle
+    from tta.augment.views import augmented_copies, make_views
+
+    cases = [("rotta", resnet20, "memory_size"), ("rotta", resnet20, "update_frequency"),
+             ("lame", resnet20, "knn"), ("lame", resnet20, "max_steps"),
+             ("ttrv", resnet20, "steps"), ("ttrv", resnet20, "inner_steps"),
+             ("ttrv", resnet20, "num_samples")]
+    for name, model, option in cases:
+        with pytest.raises(ValueError, match=rf"{option}.* got (16 and )?True"):
+            tta.wrap(copy.deepcopy(model), name, **{option: True})
+    x = torch.rand(2, 3, 16, 16)
+    for helper, option in ((patch_shuffle, "patch_len"), (augmented_copies, "num_copies"), (make_views, "num_views")):
+        with pytest.raises(ValueError, match=rf"{option} must be a positive integer, got True"):
+            helper(x, **{option: True})
+

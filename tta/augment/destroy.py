@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._checks import check_positive_int
+
 __all__ = [
     "patch_shuffle",
     "pixel_permute",
@@ -49,8 +51,7 @@ def patch_shuffle(x: Tensor, patch_len: int = 4, generator: torch.Generator | No
     patches, independently per image. Sizes not divisible by ``patch_len`` are
     resized down to the multiple below and back, as DeYO does."""
     _check(x)
-    if not isinstance(patch_len, int) or patch_len < 1:
-        raise ValueError(f"patch_len must be a positive integer, got {patch_len!r}")
+    check_positive_int(patch_len, "patch_len")
     b, c, h, w = x.shape
     if patch_len > min(h, w):
         raise ValueError(f"patch_len {patch_len} is larger than the image ({h}x{w})")

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._checks import check_positive_int
+
 __all__ = [
     "augmented_copies",
     "check_view_shape",
@@ -211,8 +213,7 @@ def augmented_copies(
     ``transform`` makes of the image (a module on (N, C, H, W) batches, e.g. a Kornia
     pipeline), AugMixed if ``use_augmix``. Independent per copy; one call of the
     transform for the whole batch, an image's copies contiguous."""
-    if not isinstance(num_copies, int) or num_copies < 1:
-        raise ValueError(f"num_copies must be a positive integer, got {num_copies!r}")
+    check_positive_int(num_copies, "num_copies")
     b = x.shape[0]
     many = x.unsqueeze(1).expand(b, num_copies, *x.shape[1:]).reshape(-1, *x.shape[1:])
     crops = (check_view_shape(transform(many), many, transform) if transform is not None
@@ -237,8 +238,7 @@ def make_views(
     :func:`augmented_copies`."""
     if x.dim() != 4:
         raise ValueError(f"expected (B, C, H, W) images, got shape {tuple(x.shape)}")
-    if not isinstance(num_views, int) or num_views < 1:
-        raise ValueError(f"num_views must be a positive integer, got {num_views!r}")
+    check_positive_int(num_views, "num_views")
     if num_views == 1:  # the image alone: no crops to draw (an empty batch of affine maps fails)
         return x.unsqueeze(1)
     copies = augmented_copies(x, num_views - 1, use_augmix=use_augmix, scale=scale, flip_p=flip_p,

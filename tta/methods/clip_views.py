@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from .._checks import check_positive_int
 from ..augment.views import Views, gather_views
 from ..models.clip import is_saved_context
 from .base import TTAMethod
@@ -128,8 +129,7 @@ class CLIPViewsMethod(TTAMethod):
         **kwargs,
     ) -> None:
         check_clip_classifier(model, self.method_name or type(self).__name__)
-        if not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        check_positive_int(steps, "steps")
         if isinstance(num_views, bool) or not isinstance(num_views, int) or num_views < 1:
             raise ValueError(f"num_views must be a positive integer (the image itself included), got {num_views!r}")
         if isinstance(selection_p, bool) or not isinstance(selection_p, (int, float)):

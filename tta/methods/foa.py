@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .._checks import check_int, check_positive_int
 from .base import TTAMethod
 from .cma_search import CMASearch
 from .entropy import softmax_entropy
@@ -182,16 +183,10 @@ class FOA(TTAMethod):
         **kwargs,
     ) -> None:
         vit, normalize = find_vit(model)
-        if not isinstance(num_prompts, int) or num_prompts < 0:
-            raise ValueError(f"num_prompts must be an integer >= 0, got {num_prompts!r}")
-        if popsize is not None and (not isinstance(popsize, int) or popsize < 2):
-            raise ValueError(f"popsize must be an integer >= 2 or None, got {popsize!r}")
-        if candidates_per_forward is not None and (not isinstance(candidates_per_forward, int)
-                                                   or candidates_per_forward < 1):
-            raise ValueError(f"candidates_per_forward must be a positive integer or None, "
-                             f"got {candidates_per_forward!r}")
-        if num_source_images is not None and (not isinstance(num_source_images, int) or num_source_images < 2):
-            raise ValueError(f"num_source_images must be an integer >= 2 or None, got {num_source_images!r}")
+        check_int(num_prompts, "num_prompts", minimum=0)
+        check_int(popsize, "popsize", minimum=2, optional=True)
+        check_positive_int(candidates_per_forward, "candidates_per_forward", optional=True)
+        check_int(num_source_images, "num_source_images", minimum=2, optional=True)
         if not 0.0 <= shift_momentum <= 1.0 or sigma0 <= 0 or fitness_lambda < 0:
             raise ValueError(f"need 0 <= shift_momentum <= 1, sigma0 > 0 and fitness_lambda >= 0, got "
                              f"{shift_momentum}, {sigma0}, {fitness_lambda}")

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._checks import check_positive_int
 from .base import TTAMethod
 from .features import check_feature_split, features_and_logits
 from .records import LAMERecord
@@ -153,10 +154,8 @@ class LAME(TTAMethod):
     ) -> None:
         if not isinstance(affinity, str) or affinity.lower() not in AFFINITIES:
             raise ValueError(f"affinity must be one of {AFFINITIES}, got {affinity!r}")
-        if not isinstance(knn, int) or knn < 1:
-            raise ValueError(f"knn must be a positive integer, got {knn!r}")
-        if not isinstance(max_steps, int) or max_steps < 1:
-            raise ValueError(f"max_steps must be a positive integer, got {max_steps!r}")
+        check_positive_int(knn, "knn")
+        check_positive_int(max_steps, "max_steps")
         check_feature_split(model, "lame")
         super().__init__(model, **kwargs)
         self.affinity, self.knn, self.force_symmetry = affinity.lower(), knn, force_symmetry

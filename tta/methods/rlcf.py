@@ -17,6 +17,7 @@ import copy
 import torch
 from torch import Tensor, nn
 
+from .._checks import check_positive_int
 from ..augment.views import gather_views
 from .clip_views import CLIPViewsMethod, check_clip_classifier, clip_adapted_params
 from .records import StepRecord
@@ -195,8 +196,7 @@ class RLCF(CLIPViewsMethod):
             raise ValueError(f"sampling must be 'topk' or 'sample', got {sampling!r}")
         if not 0.0 <= ema_momentum <= 1.0 or not 0.0 <= ema_weight <= 1.0:
             raise ValueError(f"ema_momentum and ema_weight must be in [0, 1], got {ema_momentum}, {ema_weight}")
-        if not isinstance(ema_every, int) or ema_every < 1:
-            raise ValueError(f"ema_every must be a positive integer, got {ema_every!r}")
+        check_positive_int(ema_every, "ema_every")
         if ema and kwargs.get("episodic"):
             raise ValueError("ema=True carries a momentum buffer from image to image, which episodic=True would "
                              "reset before every batch; leave episodic off (every image starts afresh anyway)")

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .._checks import check_positive_int
 from ..augment.kornia_views import check_transform, cotta_augmentation
 from .base import TTAMethod
 from .entropy import cross_entropy_to
@@ -215,9 +216,8 @@ class RoTTA(TTAMethod):
         lr: float = 1e-3,
         **kwargs,
     ) -> None:
-        for name, value in (("memory_size", memory_size), ("update_frequency", update_frequency)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_positive_int(memory_size, "memory_size")
+        check_positive_int(update_frequency, "update_frequency")
         if not 0.0 <= teacher_momentum <= 1.0:
             raise ValueError(f"teacher_momentum must be in [0, 1], got {teacher_momentum}")
         check_transform(transform)

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from .._checks import check_positive_int
 from ..augment.views import Views
 from .base import TTAMethod
 from .clip_views import (CLIP_INTERFACE, VIEW_CHUNK, check_clip_classifier, clip_adapted_params,
@@ -177,14 +178,13 @@ class TTRV(TTAMethod):
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if sampling not in SAMPLINGS:
             raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
-        if not isinstance(num_samples, int) or not isinstance(num_train_samples, int) \
+        if any(isinstance(n, bool) or not isinstance(n, int) for n in (num_samples, num_train_samples)) \
                 or not 2 <= num_train_samples <= num_samples:
             raise ValueError("need integers 2 <= num_train_samples <= num_samples (GRPO compares draws), got "
                              f"{num_train_samples!r} and {num_samples!r}")
         for name, value in (("inner_steps", inner_steps), ("steps", steps),
                             ("single_example_steps", single_example_steps)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            check_positive_int(value, name)
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature!r}")
         if clip_ratio is not None and not 0 < clip_ratio < 1:
