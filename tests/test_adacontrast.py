@@ -157,7 +157,36 @@ def test_queue_and_bank_are_rings_and_the_warmup_ends(noisy_batch):
     assert refined == [False, False, True]
     assert int(method.num_seen) == 48
     assert torch.allclose(method.queue_keys.norm(dim=1), torch.ones(40))
-    assert torch.allclose(method.bank_probs.sum(1), torch.ones(24))  # full: 48 images in 24 rows
+    # As the official bank, grown by whole batches until it holds >= 24: 32 rows, full
+    # after 48 images (rows 0..15 twice)
+    assert method.bank_probs.shape[0] == 32 and torch.allclose(method.bank_probs.sum(1), torch.ones(32))
+
+
+def test_the_bank_holds_the_first_whole_number_of_batches_at_or_above_its_size(noisy_batch):
+    """The official bank grows by concatenation until it holds at least bank_size
+    entries: 16400 at the CIFAR setting's batch 200, not 16384."""
+    for bank_size, batch, rows in ((16384, 200, 16400), (96, 32, 96), (100, 32, 128), (8, 16, 16)):
+        method = wrap(queue_size=256, bank_size=max(bank_size, batch))
+        method.bank_size = bank_size  # the rows come from the first batch alone: no need to run 16384 images
+        method._allocate(torch.zeros(batch, 4), torch.zeros(batch, 10))
+        assert method.bank_features.shape == (rows, 4) and method.bank_probs.shape == (rows, 10)
+
+
+def test_the_adaptation_passes_run_in_train_mode_and_the_prediction_in_eval_mode(noisy_batch):
+    """As the official ``model.train()``: dropout active while adapting (model and key
+    encoder), not in the prediction."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Dropout(0.5), nn.Linear(8, 10)).eval()
+    method = wrap(net, queue_size=32, bank_size=32)
+    modes = {"model": [], "key": []}
+    method.model[5].register_forward_pre_hook(lambda m, _: modes["model"].append(m.training))
+    method.key_encoder[5].register_forward_pre_hook(lambda m, _: modes["key"].append(m.training))
+    logits = method(noisy_batch[:16])
+    # weak view and query in train mode, the prediction after the step in eval mode
+    assert modes == {"model": [True, True, False], "key": [True, True]}
+    assert not any(m.training for m in method.model.modules())
+    assert torch.equal(logits, method.model(noisy_batch[:16]))  # eval mode: no dropout draw
 
 
 def test_knn_soft_voting_on_a_hand_made_bank():

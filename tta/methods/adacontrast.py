@@ -23,7 +23,6 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..augment.kornia_views import (adacontrast_strong_augmentation, adacontrast_weak_augmentation,
                                      check_transform)
@@ -83,18 +82,19 @@ def contrastive_logits(
 
 
 @contextmanager
-def batchnorm_training(model: nn.Module, enabled: bool = True) -> Iterator[None]:
-    """Within the block the BatchNorm layers of ``model`` run in train mode: each
-    forward normalises by its batch's statistics and moves the running statistics
-    toward them (by the layer's momentum)."""
-    layers = [m for m in model.modules() if isinstance(m, _BatchNorm) and not m.training] if enabled else []
+def train_mode(model: nn.Module) -> Iterator[None]:
+    """Within the block every module of ``model`` is in train mode, as under the
+    official code's ``model.train()``: dropout and stochastic depth active, BatchNorm
+    normalising by each batch and moving its running statistics toward it (by the
+    layer's momentum; tta's test-statistics layers read the batch either way)."""
+    layers = [m for m in model.modules() if not m.training]
     for m in layers:
-        m.train()
+        m.train(True)
     try:
         yield
     finally:
         for m in layers:
-            m.eval()
+            m.train(False)
 
 
 @register_method("adacontrast")
@@ -104,7 +104,8 @@ class AdaContrast(TTAMethod):
     batch 200): SGD (momentum 0.9, Nesterov, weight decay 1e-4) lr 2e-4 on every
     weight, queue and bank of 16384, key momentum 0.999, temperature 0.07, 10 cosine
     neighbours, the three losses weighted 1, a 1024-image warm-up. The authors' code
-    (DianCh/AdaContrast) has the same values.
+    (DianCh/AdaContrast) has the same values. The adaptation passes run the model
+    and the key encoder in train mode (dropout active), the prediction in eval mode.
 
     Per batch: the model on the weak view (pseudo-labels), on a strong view (the
     query, with gradient), the key encoder on another strong view (the key) and on
@@ -118,7 +119,9 @@ class AdaContrast(TTAMethod):
         queue_size: keys in the contrastive queue (the negatives); starts with random
             unit vectors and random labels, as MoCo's.
         bank_size: entries (features, probabilities) of the neighbour bank; it starts
-            empty and fills first-in, first-out.
+            empty and fills first-in, first-out. As the official bank, which grows by
+            whole batches, it holds the first multiple of the batch size at or above
+            ``bank_size`` (16400 at batch 200; the first batch's size counts).
         key_momentum: the key encoder's EMA momentum over the model's parameters.
         temperature: of the contrastive logits.
         num_neighbors: neighbours in the soft voting.
@@ -201,11 +204,9 @@ class AdaContrast(TTAMethod):
         self.weak_transform = weak_transform if weak_transform is not None else adacontrast_weak_augmentation()
         self.strong_transform = (strong_transform if strong_transform is not None
                                  else adacontrast_strong_augmentation())
-        # The key encoder follows the model by EMA. In "running" mode its BatchNorm layers always
-        # run in train mode, as the official one's (their running statistics move, unread).
-        self.key_encoder = frozen_copy(self.model)
-        for m in self.key_encoder.modules():
-            m.training = m.training or (bn_mode == "running" and isinstance(m, _BatchNorm))
+        # The key encoder follows the model by EMA. It runs in train mode, as the official one
+        # (dropout active; in "running" mode BatchNorm's running statistics move, unread).
+        self.key_encoder = frozen_copy(self.model).train()
         device = next(self.model.parameters()).device
         # Queue (keys, pseudo-labels) and bank (features, probabilities): empty until the first batch
         # gives their sizes. One counter drives both rings and the warm-up: the images adapted on.
@@ -228,8 +229,11 @@ class AdaContrast(TTAMethod):
         dtype = torch.promote_types(features.dtype, torch.float32)
         self.queue_keys = F.normalize(torch.randn(self.queue_size, dim, device=device, dtype=dtype), dim=1)
         self.queue_labels = torch.randint(0, classes, (self.queue_size,), device=device)
-        self.bank_features = torch.zeros(self.bank_size, dim, device=device, dtype=dtype)
-        self.bank_probs = torch.zeros(self.bank_size, classes, device=device, dtype=dtype)
+        # The official bank grows by whole batches until it holds at least bank_size entries
+        # (16400 at batch 200), then wraps: the first batch's multiple at or above bank_size.
+        rows = -(-self.bank_size // features.shape[0]) * features.shape[0]
+        self.bank_features = torch.zeros(rows, dim, device=device, dtype=dtype)
+        self.bank_probs = torch.zeros(rows, classes, device=device, dtype=dtype)
         self.num_seen = self.num_seen.to(device)
 
     def forward_and_adapt(self, x: Tensor) -> tuple[Tensor, StepRecord]:
@@ -238,7 +242,7 @@ class AdaContrast(TTAMethod):
             raise ValueError(f"adacontrast: a batch of {batch} images does not fit the queue ({self.queue_size}) "
                              f"or the bank ({self.bank_size}); raise queue_size/bank_size")
         weak, query_view, key_view = self.weak_transform(x), self.strong_transform(x), self.strong_transform(x)
-        with batchnorm_training(self.model, self.bn_mode == "running"):
+        with train_mode(self.model):
             with torch.no_grad():
                 weak_features, weak_logits = features_and_logits(self.model, weak)
             query_features, query_logits = features_and_logits(self.model, query_view)
