@@ -584,3 +584,25 @@ def test_counts_given_as_booleans_are_refused_by_every_method_and_view_helper(re
         with pytest.raises(ValueError, match=rf"{option} must be a positive integer, got True"):
             helper(x, **{option: True})
 
+
+def test_a_model_returning_a_dict_is_named_in_the_passes_made_when_wrapping():
+    """EATA's Fisher pass and RMT's warm-up run the model at wrap time: they failed
+    deep in a loss too."""
+    source = [(torch.rand(10, 3, 12, 12), torch.arange(10))]
+    match = r"_DictOutput returned a dict \(keys 'logits'\): wrap it in a module"
+    with pytest.raises(TypeError, match=match):
+        tta.wrap(_DictOutput(), "eata", fisher_loader=source, fisher_size=10)
+    model = _DictOutputWithFeatures()
+    with pytest.raises(TypeError, match=match.replace("_DictOutput", "_DictOutputWithFeatures")):
+        tta.wrap(model, "rmt", source_loader=source, num_prototype_images=10, num_warmup_images=10)
+    assert not model._forward_hooks
+
+
+class _DictOutputWithFeatures(_DictOutput):
+    """timm's feature interface (RMT's prototypes need it), a dict from forward."""
+
+    def forward_features(self, x):
+        return self.net[:-1](x)
+
+    def get_classifier(self):
+        return self.net[-1]

@@ -18,7 +18,8 @@ one file to know what ``forward`` does around ``forward_and_adapt``.
 from __future__ import annotations
 
 import copy
-from typing import Any, Mapping
+from contextlib import contextmanager
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -309,17 +310,9 @@ class TTAMethod(nn.Module):
             if self.episodic:
                 self.reset()
             dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.amp)
-            # A model returning a dict or a tuple (Hugging Face's) failed deep in a loss
-            # ("'dict' object has no attribute 'float'"): said at its output instead, by
-            # a hook that lives for the step only (the model stays the caller's outside).
-            check = None if self.compiled else self.model.register_forward_hook(_refuse_non_tensor_output)
-            try:
-                with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
-                    for _ in range(self.steps):
-                        logits, record = self._run_step(x)
-            finally:
-                if check is not None:
-                    check.remove()
+            with self.logits_only(), torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
+                for _ in range(self.steps):
+                    logits, record = self._run_step(x)
             logits = logits.float()
             if logits.dim() != 2 or logits.shape[0] != x.shape[0]:
                 raise ValueError(
@@ -380,6 +373,20 @@ class TTAMethod(nn.Module):
         self._lr_rule = None
 
     # -- shared step pieces ------------------------------------------------------------
+    @contextmanager
+    def logits_only(self) -> Iterator[None]:
+        """Within the block a forward of the model that returns no tensor is refused
+        with the fix. A model returning a dict or a tuple (Hugging Face's) failed deep
+        in a loss ("'dict' object has no attribute 'float'"); a hook says so at its
+        output instead, living for the block only (the model stays the caller's
+        outside; none on a compiled model, whose graph it would break)."""
+        check = None if self.compiled else self.model.register_forward_hook(_refuse_non_tensor_output)
+        try:
+            yield
+        finally:
+            if check is not None:
+                check.remove()
+
     def backward(self, loss: Tensor) -> None:
         """``loss.backward()``, scaled when training in float16."""
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()

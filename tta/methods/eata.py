@@ -82,7 +82,8 @@ class EATA(TTAMethod):
         for batch in loader:
             images = batch[0] if isinstance(batch, (tuple, list)) else batch
             images = to_model_input(images[: size - seen], self.model)
-            logits = self.model(images)
+            with self.logits_only():
+                logits = self.model(images)
             loss = F.cross_entropy(logits, logits.argmax(1))
             grads = torch.autograd.grad(loss, params)
             for f, g in zip(fisher, grads):

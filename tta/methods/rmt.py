@@ -160,7 +160,7 @@ class RMT(TTAMethod):
         if steps <= 0:
             return
         final = [group["lr"] for group in self.optimizer.param_groups]
-        with torch.enable_grad():
+        with torch.enable_grad(), self.logits_only():
             for i in range(steps):
                 for group, lr in zip(self.optimizer.param_groups, final):
                     group["lr"] = lr * (i + 1) / steps
