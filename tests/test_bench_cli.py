@@ -250,6 +250,19 @@ def test_configs_ship_as_package_data():
     assert "tta-bench = tta.bench.app:main" in entry and "tta-bench-report = tta.bench.report:main" in entry
 
 
+def test_the_report_module_runs_without_runpy_warning(tmp_path):
+    """``python -m tta.bench.report`` warned that the module was in sys.modules before
+    it ran (the package imported it): the package now loads its names on first use."""
+    proc = _cli(["--help"], tmp_path, module="tta.bench.report", timeout=120)
+    assert "usage: tta-bench-report" in proc.stdout and "RuntimeWarning" not in proc.stderr, proc.stderr
+    import tta.bench
+
+    assert sorted(tta.bench.__all__) == sorted(n for n in dir(tta.bench) if n in tta.bench.__all__)
+    assert tta.bench.make_report.__module__ == "tta.bench.report"
+    with pytest.raises(AttributeError, match="has no attribute 'make_reprot'"):
+        tta.bench.make_reprot
+
+
 def test_dirname_from_overrides():
     assert dirname_from_overrides("") == "default"
     assert dirname_from_overrides("data.root=/a/b,method=tent") == "data.root=_a_b,method=tent"

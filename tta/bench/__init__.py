@@ -20,11 +20,37 @@ runner's stages take (``runner.py`` lists the stages, ``ARCHITECTURE.md`` draws 
 
 from __future__ import annotations
 
-from .config import NON_RESULT_KEYS, compose_config, config_dir, config_hash, register_resolvers
-from .report import collect_results, make_report
-from .results import load_results
-from .runner import run_benchmark
-from .settings import BenchConfig, ConfigError, read_config
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .config import NON_RESULT_KEYS, compose_config, config_dir, config_hash, register_resolvers
+    from .report import collect_results, make_report
+    from .results import load_results
+    from .runner import run_benchmark
+    from .settings import BenchConfig, ConfigError, read_config
+
+# Loaded on first use (PEP 562): importing the submodules here put tta.bench.report in
+# sys.modules before ``python -m tta.bench.report`` ran it, which runpy warns about.
+_SOURCES = {
+    "NON_RESULT_KEYS": "config", "compose_config": "config", "config_dir": "config", "config_hash": "config",
+    "register_resolvers": "config", "collect_results": "report", "make_report": "report",
+    "load_results": "results", "run_benchmark": "runner", "BenchConfig": "settings", "ConfigError": "settings",
+    "read_config": "settings",
+}
+
+
+def __getattr__(name: str) -> Any:
+    source = _SOURCES.get(name)
+    if source is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{source}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_SOURCES))
 
 __all__ = [
     "BenchConfig",
