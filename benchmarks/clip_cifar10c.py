@@ -27,6 +27,7 @@ import statistics
 import torch
 
 import tta
+from tta.models.clip import TEMPLATE_SETS
 
 from benchmarks.common import (EIGHT, method_table_stream, machine, parse_lr_overrides, parse_settings, print_table,
                                stream_errors, write_json)
@@ -59,6 +60,9 @@ def main() -> None:
     parser.add_argument("--num-images", type=int, default=500)
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--templates", default="photo", choices=TEMPLATE_SETS,
+                        help="the policy's text templates (VTE's official CIFAR-10 runs: cifar10, the CLIP "
+                             "authors' 18)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--lr", nargs="+", default=[], metavar="METHOD=LR",
                         help="learning rate overrides, e.g. rlcf-prompt=0.05 (default: the papers')")
@@ -76,9 +80,10 @@ def main() -> None:
         reward_errors, _ = stream_errors(tta.load_model(REWARD), domains, args.batch_size)
     for label in args.methods:
         with torch.no_grad():
-            plain.append(stream_errors(tta.load_model(POLICY), domains, args.batch_size)[1])
+            plain.append(stream_errors(tta.load_model(POLICY, templates=args.templates), domains,
+                                       args.batch_size)[1])
         torch.manual_seed(args.seed)
-        model = tta.load_model(POLICY)
+        model = tta.load_model(POLICY, templates=args.templates)
         if METHODS[label] is None:
             with torch.no_grad():
                 errors, elapsed = stream_errors(model, domains, args.batch_size)
@@ -98,7 +103,7 @@ def main() -> None:
     row = " | ".join(f"{reward_errors[c]:.1f}" for c in cols)
     print(f"| (reward model, zero-shot) | {row} | {statistics.mean(reward_errors.values()):.1f} | | |")
     print(f"\nzero-shot inference: {total / base:.0f} img/s; {machine(args.threads)}; "
-          f"{args.num_images} images per corruption")
+          f"{args.num_images} images per corruption; policy templates {args.templates!r}")
     if args.json:
         write_json(args.json, dict(args=vars(args), results=results, reward_errors=reward_errors,
                                    zero_shot_seconds=plain))

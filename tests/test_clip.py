@@ -96,6 +96,9 @@ def test_template_ensemble_averages_normalised_features():
     expected = torch.nn.functional.normalize(singles[0] + singles[1], dim=-1)
     torch.testing.assert_close(ensemble, expected)
     assert len(tiny_clip(templates="clip80").templates) == 80
+    cifar = tiny_clip(templates="cifar10").templates  # the CLIP authors' CIFAR-10 ensemble, VTE's there
+    assert len(cifar) == len(set(cifar)) == 18 and cifar[0] == "a photo of a {}."
+    assert cifar[9] == "a photo of the {}." and cifar[-1] == "a photo of the big {}."
     assert len(tiny_clip(templates="clip7").templates) == 7
     assert len(tiny_clip(classnames=None).classnames) == 1000
 

@@ -51,7 +51,7 @@ class VTE(CLIPViewsMethod):
     of the text features over the CLIP paper's templates of the data set, its 80
     ImageNet ones for ImageNet, its 18 CIFAR-10 ones for CIFAR-10); load the
     classifier so, e.g. ``tta.load_model("clip:ViT-B-16/openai",
-    templates="clip80")``. A classifier with a learned prompt (``ctx``) is used
+    templates="clip80")`` (``templates="cifar10"`` for CIFAR-10). A classifier with a learned prompt (``ctx``) is used
     with that prompt.
 
     The views of a batch are drawn, encoded (in chunks of

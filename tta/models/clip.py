@@ -38,8 +38,21 @@ CIFAR10_CLASSNAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "f
 
 #: Template sets by name: ``photo`` is the single "a photo of a {}."; ``clip7`` the
 #: 7-template ImageNet ensemble the CLIP authors selected; ``clip80`` the CLIP paper's
-#: 80 ImageNet templates (both read from open_clip).
-TEMPLATE_SETS = ("photo", "clip7", "clip80")
+#: 80 ImageNet templates (both read from open_clip); ``cifar10`` the CLIP authors' 18
+#: CIFAR-10 templates (their prompts.md; the ensemble VTE's official code uses there).
+TEMPLATE_SETS = ("photo", "clip7", "clip80", "cifar10")
+
+# The CLIP authors' CIFAR-10 ensemble: "a photo of a {}." and its variants, each
+# once with "a" and once with "the" before the class.
+_CIFAR10_TEMPLATES = tuple(
+    template.format(article=article)
+    for article in ("a", "the")
+    for template in ("a photo of {article} {{}}.", "a blurry photo of {article} {{}}.",
+                     "a black and white photo of {article} {{}}.", "a low contrast photo of {article} {{}}.",
+                     "a high contrast photo of {article} {{}}.", "a bad photo of {article} {{}}.",
+                     "a good photo of {article} {{}}.", "a photo of {article} small {{}}.",
+                     "a photo of {article} big {{}}.")
+)
 
 
 def import_open_clip() -> Any:
@@ -70,6 +83,8 @@ def prompt_templates(templates: str | Sequence[str]) -> list[str]:
     """A template set by name (:data:`TEMPLATE_SETS`) or a list of ``"...{}..."``."""
     if templates == "photo":
         return ["a photo of a {}."]
+    if templates == "cifar10":
+        return list(_CIFAR10_TEMPLATES)
     if templates in ("clip7", "clip80"):
         oc = import_open_clip()
         found = oc.SIMPLE_IMAGENET_TEMPLATES if templates == "clip7" else oc.OPENAI_IMAGENET_TEMPLATES

@@ -65,7 +65,7 @@ def clip_classifier(
             The zoo's CLIP models are ``"zoo:<name>"`` (:mod:`tta.models.zoo`).
         weights: a local checkpoint, instead of a tag in ``spec``.
         classnames: ``None``/``"imagenet"`` (1000 ImageNet classes), ``"cifar10"`` or a list.
-        templates: ``"photo"``, ``"clip7"``, ``"clip80"`` (see
+        templates: ``"photo"``, ``"clip7"``, ``"clip80"``, ``"cifar10"`` (see
             :data:`~tta.models.clip.TEMPLATE_SETS`) or a list.
         ctx_init: make the text before the class name learnable (see
             :meth:`CLIPClassifier.use_prompt`); TPT and RLCF set it up themselves.
