@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import tta
-from tta.augment.views import gather_views, make_views
+from tta.augment.views import gather_views, make_views, random_resized_crops
 from tta.methods.clip_views import marginal_entropy, select_confident
 from tta.methods.params import select_norm_params
 
@@ -250,6 +250,15 @@ def test_full_crops_are_the_image_and_flips_mirror_it():
     # small crops magnify: neighbouring pixels of a view are closer than in the image
     zoomed = make_views(x, 9, scale=(0.1, 0.1), flip_p=0.0)[:, 1:]
     assert zoomed.diff(dim=-1).abs().mean() < 0.5 * x.diff(dim=-1).abs().mean()
+
+
+def test_crops_that_fit_nowhere_fall_back_to_torchvisions_centred_crop():
+    # Aspect 8 with scale (1, 1): no box within the 3/4..4/3 ratios fits, so every
+    # crop is torchvision's fallback, the 4/3-wide box centred in the image.
+    x = torch.arange(64.0).view(1, 1, 1, 64).expand(16, 3, 8, 64).contiguous()
+    crops = random_resized_crops(x, scale=(1.0, 1.0), flip_p=0.0)
+    torch.testing.assert_close(crops, crops[:1].expand_as(crops))  # no random offset
+    torch.testing.assert_close(crops[:, 0].mean(), torch.tensor(31.5), atol=1e-4, rtol=0)  # centred
 
 
 def test_selection_and_marginal_entropy_match_a_hand_computation():

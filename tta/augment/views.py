@@ -84,8 +84,9 @@ def random_resized_crops(
     found = fits.any(dim=1)
     cw = torch.where(found, cw, torch.full_like(cw, fw))
     ch = torch.where(found, ch, torch.full_like(ch, fh))
-    x0 = _uniform(n, 0.0, 1.0, x, generator) * (w - cw)
-    y0 = _uniform(n, 0.0, 1.0, x, generator) * (h - ch)
+    # A random offset for a box that fits; the fallback is centred (torchvision's).
+    x0 = torch.where(found, _uniform(n, 0.0, 1.0, x, generator), 0.5) * (w - cw)
+    y0 = torch.where(found, _uniform(n, 0.0, 1.0, x, generator), 0.5) * (h - ch)
     flip = torch.where(_uniform(n, 0.0, 1.0, x, generator) < flip_p, -1.0, 1.0)
     theta = torch.zeros(n, 2, 3, device=x.device)
     theta[:, 0, 0] = cw / w * flip
