@@ -97,13 +97,25 @@ class TTRV(TTAMethod):
     full fine-tuning of a 2B VLM, cosine warm-up over two passes of the test set)
     does not transfer: the lr follows ``adapt`` (:data:`DEFAULT_LR`). Its weight
     decay (0.01 at lr 5e-7, a decay of 5e-9 per step) is none in effect: 0 here.
+    What else its actor does (ppo_trainer.yaml lines 40-51) and tta does not: it
+    clips the gradient norm to 1.0 (on the zoo's CLIP pair, online, the same
+    predictions with and without: the prompt's norms stay below 1, and AdamW's
+    steps hardly change when the image encoder's, 8 to 12, are scaled down); its KL
+    is ``low_var_kl``, the k3 estimate ``r - log r - 1`` (``r = p_ref / p``) on the
+    trained draws, clamped to [-10, 10], whose gradient is in expectation that of
+    KL(source || policy), where tta's exact term is KL(policy || source) (the two
+    agree to second order near the source); and it caps the loss of a
+    negative-advantage draw at 3 |A| (dual-clip PPO), which only a ratio above 3
+    reaches (never with ``inner_steps=1``). Its protocol is not a stream either:
+    two epochs over 20 or 500 unlabelled test samples (run.sh ``EPISODE=2``), then
+    greedy predictions on the test set (``mode="single_example"`` is the nearest).
 
     Args:
         adapt: what adapts. CLIP classifiers: ``"prompt"`` (the learnable context,
             default), ``"image"`` (every image-encoder weight) or ``"image_norm"``
             (its norm layers). Other classifiers: ``"norm"`` (norm affines, with
             test-batch statistics, as Tent; default) or ``"all"``.
-        mode: ``"online"`` (the paper's: the model keeps what it learned across the
+        mode: ``"online"`` (the model keeps what it learned across the
             stream; each batch's prediction is its last forward's, before that
             forward's update, as in Tent), ``"episodic"`` (every image starts from the
             source, adapts alone, then is predicted, as in TPT/RLCF) or
