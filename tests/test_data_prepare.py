@@ -256,6 +256,20 @@ def test_cifar10_copy_made_otherwise_with_the_published_counts_is_complete(tmp_p
     assert state == "incomplete" and "cat 1 of 2" in detail
 
 
+def test_cifar10_split_with_folders_that_are_no_classes_is_complete(tmp_path, monkeypatch):
+    """Hidden folders, __MACOSX and @eaDir are never classes, in tta-data as in
+    tta-bench: beside a complete split they do not make it "incomplete" (which
+    refused it and offered --force, rewriting the data set)."""
+    monkeypatch.setitem(P.CIFAR10_PER_CLASS, "test", 1)
+    target = tmp_path / "test"
+    for c in CLASSES:
+        (target / c).mkdir(parents=True)
+        Image.new("RGB", (32, 32)).save(target / c / "0000.jpg", quality=75)
+    for other in (".ipynb_checkpoints", "__MACOSX", "@eaDir"):
+        (target / other).mkdir()
+    assert cifar10._split_state(target, "test") == ("complete", "10 images in 10 class folders")
+
+
 def test_cifar10_download_failure_says_how_to_do_it_offline(tmp_path, monkeypatch):
     import torchvision.datasets
 

@@ -19,6 +19,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from . import is_class_folder
 from ._files import Log, _abs, _bar, _count_images, _home, _home_or_none, _move_into_place, _temp_folder_for
 from .cifar10_archive import (
     CIFAR10_CLASSES,
@@ -37,8 +38,10 @@ MARKER = ".tta-data.json"
 
 
 def _image_counts(folder: Path) -> dict[str, int]:
-    """Image files per class folder of a split folder."""
-    return {entry.name: _count_images(entry.path) for entry in os.scandir(folder) if entry.is_dir()}
+    """Image files per class folder of a split folder (hidden folders, ``__MACOSX``
+    and ``@eaDir`` are no classes: :func:`tta.data.is_class_folder`, as everywhere)."""
+    return {entry.name: _count_images(entry.path) for entry in os.scandir(folder)
+            if entry.is_dir() and is_class_folder(entry.name)}
 
 
 def _split_state(folder: Path, split: str) -> tuple[str, str]:
