@@ -592,3 +592,16 @@ def test_set_frost_dir_module_setting(tmp_path, monkeypatch, clean32):
     finally:
         set_frost_dir(None)
     assert default_frost_dir() == tta_home() / "data" / "imagenet-c-frost"
+
+
+def test_motion_blur_off_the_cpu_reads_no_device_value_per_tap():
+    """The batched (accelerator) motion blur of motion_blur and snow reads its tap
+    weights from the host: on a device tensor, float(k[t]) waited for the device at
+    every one of up to 31 taps. Meta tensors stand in for a device here (they have
+    no values to read, so any host read raises)."""
+    from tta.corruptions._resample import imagemagick_motion_offsets, motion_blur_im
+
+    k, dx, dy = imagemagick_motion_offsets(7.5, 3.0, torch.zeros(2, device="meta"))
+    assert k.device.type == "cpu" and dx.device.type == "meta"
+    y = motion_blur_im(torch.empty(2, 3, 20, 24, device="meta"), 7.5, 3.0, torch.zeros(2, device="meta"))
+    assert y.shape == (2, 3, 20, 24) and y.device.type == "meta"

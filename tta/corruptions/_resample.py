@@ -106,13 +106,16 @@ def imagemagick_motion_offsets(radius: float, sigma: float, angle_deg: Tensor) -
     """Taps of ImageMagick's ``MotionBlurImage``: a one-sided Gaussian of width
     ``2*ceil(radius)+1`` laid along ``angle`` with integer (rounded-up) offsets.
 
-    Returns ``(weights (K,), dx (B, K), dy (B, K))``.
+    Returns ``(weights (K,), dx (B, K), dy (B, K))``; the weights on the CPU (they
+    do not depend on the angles), so that the accelerator path reads them without a
+    host-device sync per tap.
     """
     width = int(2 * math.ceil(radius) + 1) if radius > 1e-12 else 3
     sig = sigma if abs(sigma) > 1e-12 else 1e-12
-    i = torch.arange(width, dtype=torch.float64, device=angle_deg.device)
-    k = torch.exp(-(i * i) / (2 * sig * sig))
+    taps = torch.arange(width, dtype=torch.float64)
+    k = torch.exp(-(taps * taps) / (2 * sig * sig))
     k = k / k.sum()
+    i = taps.to(angle_deg.device)
     theta = torch.deg2rad(angle_deg.to(torch.float64))[:, None]
     # ImageMagick scales the direction by the kernel width and divides by the hypot
     # again; the ratio is cos/sin up to rounding, which ceil(.. - 0.5) absorbs.
@@ -165,9 +168,11 @@ def _shifted_sum_gather(x: Tensor, k: Tensor, dx: Tensor, dy: Tensor) -> Tensor:
     xs = torch.arange(w, device=x.device)
     flat = x.reshape(b, c, h * w)
     out = torch.zeros_like(flat)
-    for t in range(k.numel()):
+    # the weights as Python floats at once (a CPU tensor from imagemagick_motion_offsets):
+    # float(k[t]) of a device tensor would wait for the device at every tap
+    for t, kt in enumerate(k.tolist()):
         yy = (ys[None, :] + dy[:, t : t + 1]).clamp_(0, h - 1)  # (B, H)
         xx = (xs[None, :] + dx[:, t : t + 1]).clamp_(0, w - 1)  # (B, W)
         idx = (yy[:, :, None] * w + xx[:, None, :]).reshape(b, 1, h * w).expand(b, c, h * w)
-        out.add_(torch.gather(flat, 2, idx), alpha=float(k[t]))
+        out.add_(torch.gather(flat, 2, idx), alpha=kt)
     return out.reshape(b, c, h, w)
