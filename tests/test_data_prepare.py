@@ -9,6 +9,8 @@ import dataclasses
 import hashlib
 import os
 import pickle
+import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -529,6 +531,28 @@ def test_load_image_folder_refuses_bad_counts_and_names_two_sizes(tmp_path):
     msg = str(err.value)
     assert f"{tmp_path / 'a' / '0.png'} is 4x4" in msg and f"{tmp_path / 'b' / '2.png'} is 6x5" in msg
     assert "resize" in msg
+
+
+def test_load_image_folder_names_the_file_it_cannot_decode(tmp_path):
+    """A truncated JPEG (Pillow: "Truncated File Read"), an empty or a text file named
+    like an image, a folder or a broken symlink named like one: the error names it."""
+    from tta.data import load_image_folder
+
+    _images(tmp_path / "a", ["0.jpg"])
+    whole = (tmp_path / "a" / "0.jpg").read_bytes()
+    makers = {
+        "cut.jpg": lambda p: p.write_bytes(whole[: len(whole) // 2]),
+        "empty.png": lambda p: p.write_bytes(b""),
+        "text.png": lambda p: p.write_text("not an image"),
+        "dir.png": lambda p: p.mkdir(),
+        "link.png": lambda p: p.symlink_to(tmp_path / "gone.png"),
+    }
+    for name, make in makers.items():
+        (tmp_path / "b").mkdir()
+        make(tmp_path / "b" / name)
+        with pytest.raises(OSError, match=f"cannot decode image file {re.escape(str(tmp_path / 'b' / name))}"):
+            load_image_folder(tmp_path, shuffle=False)
+        shutil.rmtree(tmp_path / "b")
 
 
 def test_files_of_other_extensions_are_counted_and_the_accepted_ones_named(tmp_path):

@@ -156,8 +156,7 @@ def load_image_folder(
         order = order[:num_images]
     arrays = []
     for i in order:
-        with Image.open(files[i]) as img:
-            arrays.append(np.asarray(to_rgb8(img)))
+        arrays.append(_decode_rgb8(files[i]))
         if arrays[-1].shape != arrays[0].shape:
             (h0, w0), (h, w) = arrays[0].shape[:2], arrays[-1].shape[:2]
             raise ValueError(
@@ -169,6 +168,19 @@ def load_image_folder(
     x = x.contiguous() if uint8 else x.float().div_(255)
     y = torch.tensor([labels[i] for i in order])
     return x, y
+
+
+def _decode_rgb8(path: Path) -> np.ndarray:
+    """(H, W, 3) uint8 RGB of an image file; an ``OSError`` naming the file when it
+    cannot be decoded (Pillow's own errors, e.g. "Truncated File Read" for a cut
+    JPEG, do not say which of a folder's files it was)."""
+    try:
+        with Image.open(path) as img:
+            return np.asarray(to_rgb8(img))
+    except MemoryError:
+        raise
+    except Exception as err:  # noqa: BLE001 - Pillow raises assorted errors on damaged files
+        raise OSError(f"cannot decode image file {path} ({type(err).__name__}: {err}); replace or remove it") from err
 
 
 @lru_cache(maxsize=1)
