@@ -199,6 +199,25 @@ def test_weights_that_are_not_a_checkpoint_name_the_file(tmp_path, name, kwargs)
         assert str(path) in str(err.value) and "a valid checkpoint is a file written by torch.save" in str(err.value)
 
 
+def test_weights_and_image_folders_may_start_with_a_tilde(tmp_path, monkeypatch):
+    """weights="~/..." (tta-bench: model.weights=~/...) and load_image_folder("~/...")
+    read the home folder, as data.root, TTA_HOME and torchvision's ImageFolder do:
+    they failed with "checkpoint not found: ~/r20.th"."""
+    from PIL import Image
+
+    from tta.data import load_image_folder
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    net = CifarResNet(20, num_classes=10)
+    torch.save(net.state_dict(), tmp_path / "r20.th")
+    for weights in ("~/r20.th", pathlib.Path("~/r20.th")):
+        model = tta.load_model("cifar10_resnet20", weights=weights)
+        assert torch.equal(model.backbone.conv1.weight, net.conv1.weight)
+    (tmp_path / "imgs" / "cat").mkdir(parents=True)
+    Image.new("RGB", (4, 4)).save(tmp_path / "imgs" / "cat" / "0.png")
+    assert load_image_folder("~/imgs")[0].shape == (1, 3, 4, 4)
+
+
 def test_a_checkpoint_of_other_shapes_names_the_file_and_the_keys(tmp_path):
     path = tmp_path / "cifar100.pt"
     torch.save(CifarResNet(20, num_classes=100).state_dict(), path)

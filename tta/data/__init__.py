@@ -84,7 +84,7 @@ def list_image_folder(root: str | os.PathLike) -> tuple[list[Path], list[int], l
     :data:`IMG_EXTENSIONS`, any case, not hidden); class folders those
     :func:`is_class_folder` accepts. Image files of other formats
     (``.tif``, ``.gif`` ...) are left out, with a warning that counts them."""
-    root = Path(root)
+    root = Path(root).expanduser()  # as torchvision's ImageFolder and tta-bench's data.root
     if not root.is_dir():
         raise FileNotFoundError(f"image folder not found: {root} (expected <root>/<class>/<image>)")
     classes = class_folders(root)

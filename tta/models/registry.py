@@ -97,6 +97,10 @@ def load_model(name: str, *, weights: str | os.PathLike | None = None, **kwargs:
         fix = " (a model built already needs no loading: pass it to tta.wrap)" if isinstance(name, nn.Module) else ""
         raise TypeError(f"load_model takes a model's name, a string such as 'cifar10_resnet20', got "
                         f"{type(name).__name__}{fix}")
+    if isinstance(weights, (str, os.PathLike)):
+        # "~/ckpt.pt" as the shell, tta-bench's data.root and TTA_HOME read it
+        expanded = os.path.expanduser(weights)
+        weights = expanded if isinstance(weights, str) else type(weights)(expanded)
     prefix, sep, rest = name.partition(":")
     if sep and prefix in _FAMILIES:
         model = _FAMILIES.get(prefix).load(rest, weights=weights, **kwargs)
