@@ -605,3 +605,28 @@ def test_motion_blur_off_the_cpu_reads_no_device_value_per_tap():
     assert k.device.type == "cpu" and dx.device.type == "meta"
     y = motion_blur_im(torch.empty(2, 3, 20, 24, device="meta"), 7.5, 3.0, torch.zeros(2, device="meta"))
     assert y.shape == (2, 3, 20, 24) and y.device.type == "meta"
+
+
+def test_corrupt_with_a_generator_warns_in_several_dataloader_workers(monkeypatch):
+    """Each DataLoader worker gets a copy of a Corrupt transform's generator in the
+    same state: the workers then corrupt their images with the same draws (items 0
+    and 1, in workers 0 and 1, came out identical). That warns, once per process;
+    without a generator, or re-seeded per worker, it does not."""
+    import types
+    import warnings
+
+    x = torch.full((3, 8, 8), 0.5)
+    worker = types.SimpleNamespace(id=1, num_workers=2)
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: worker)
+    seeded = Corrupt("gaussian_noise", 3, generator=torch.Generator().manual_seed(0))
+    with pytest.warns(UserWarning, match="same random draws"):
+        seeded(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        seeded(x)  # once per process
+        Corrupt("gaussian_noise", 3)(x)  # torch's generator, seeded per worker
+        reseeded = Corrupt("gaussian_noise", 3, generator=torch.Generator().manual_seed(0))
+        reseeded.generator.manual_seed(1000 + worker.id)  # what a worker_init_fn does
+        reseeded(x)
+        monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: None)
+        Corrupt("gaussian_noise", 3, generator=torch.Generator().manual_seed(0))(x)  # the main process

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from .._host_memory import keep_freed_host_memory
+from .._warn import warn_at_caller
 from ._common import Rng, channels_last
 from ._frost import FROST_FILES, FROST_SHA256, default_frost_dir, load_frost_textures, set_frost_dir
 from ._render import REGISTRY as _REGISTRY
@@ -240,10 +241,16 @@ class Corrupt(nn.Module):
         self.generator = generator
         self.quantize = _check_quantize(quantize)
         self.frost_dir = frost_dir
+        # the generator and its seed as built, to tell a DataLoader worker's copy of
+        # it that nobody re-seeded (see _warn_if_worker_copy)
+        self._built = (generator, generator.initial_seed()) if isinstance(generator, torch.Generator) else None
+        self._warned_in: int | None = None
 
     def forward(self, x: Tensor, generator: torch.Generator | Sequence[torch.Generator] | None = None) -> Tensor:
         """Corrupt ``x``; ``generator`` (if given; one, or one per image) overrides
         the one set at construction."""
+        if generator is None:
+            self._warn_if_worker_copy()
         return corrupt(
             x,
             self.name,
@@ -252,6 +259,25 @@ class Corrupt(nn.Module):
             generator=generator if generator is not None else self.generator,
             quantize=self.quantize,
             frost_dir=self.frost_dir,
+        )
+
+    def _warn_if_worker_copy(self) -> None:
+        """Warn (once per process) when this transform runs in one of several
+        DataLoader workers with the generator it was built with, never re-seeded:
+        every worker holds a copy of that generator in the same state, so the
+        workers' images get the same noise, draw for draw."""
+        built = getattr(self, "_built", None)
+        if built is None or self.generator is not built[0] or self.generator.initial_seed() != built[1]:
+            return
+        info = torch.utils.data.get_worker_info()
+        if info is None or info.num_workers < 2 or self._warned_in == os.getpid():
+            return
+        self._warned_in = os.getpid()
+        warn_at_caller(
+            f"Corrupt({self.name!r}) runs in DataLoader worker {info.id} of {info.num_workers} with the "
+            "generator it was built with: each worker holds a copy of it in the same state, so the workers "
+            "corrupt their images with the same random draws. Leave generator=None (DataLoader seeds "
+            "torch's generator per worker), or re-seed it per worker in worker_init_fn"
         )
 
     def extra_repr(self) -> str:
