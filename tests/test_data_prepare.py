@@ -570,6 +570,22 @@ def test_files_of_other_extensions_are_counted_and_the_accepted_ones_named(tmp_p
     assert [f.name for f in files] == ["2.png"]
 
 
+def test_images_in_folders_inside_class_folders_are_not_left_out_silently(tmp_path):
+    """torchvision's ImageFolder reads <root>/<class>/<sub>/<image> too; tta reads one
+    level: the images of sub-folders were left out without a word (2 of 4 here)."""
+    _images(tmp_path / "a", ["0.png"])
+    _images(tmp_path / "a" / "sub", ["1.png", "2.png"])
+    _images(tmp_path / "b", ["3.png"])
+    (tmp_path / "b" / ".ipynb_checkpoints").mkdir()  # never a place for images: no warning for it
+    with pytest.warns(UserWarning, match=r"1 folders inside class folders, e\.g\. .*sub, left out") as record:
+        files, _, _ = list_image_folder(tmp_path)
+    assert len(record) == 1 and [f.name for f in files] == ["0.png", "3.png"]
+    (tmp_path / "a" / "0.png").unlink()
+    (tmp_path / "b" / "3.png").unlink()
+    with pytest.raises(FileNotFoundError, match="folders inside class folders"):
+        list_image_folder(tmp_path)
+
+
 def test_severities_and_corruptions_are_refused_not_coerced(tmp_path, capsys):
     root = write_fake_imagenetc(tmp_path / "ImageNet-C")
     # one int, one name as a string: taken as one

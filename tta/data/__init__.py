@@ -83,13 +83,16 @@ def list_image_folder(root: str | os.PathLike) -> tuple[list[Path], list[int], l
     Images are the files :func:`is_image_file` accepts (an extension of
     :data:`IMG_EXTENSIONS`, any case, not hidden); class folders those
     :func:`is_class_folder` accepts. Image files of other formats
-    (``.tif``, ``.gif`` ...) are left out, with a warning that counts them."""
+    (``.tif``, ``.gif`` ...) are left out, with a warning that counts them, and so
+    are folders inside class folders (one level is read: torchvision's ImageFolder
+    also reads the images of such sub-folders)."""
     root = Path(root).expanduser()  # as torchvision's ImageFolder and tta-bench's data.root
     if not root.is_dir():
         raise FileNotFoundError(f"image folder not found: {root} (expected <root>/<class>/<image>)")
     classes = class_folders(root)
     files, labels = [], []
     skipped: Counter = Counter()  # non-hidden files of other extensions, by extension
+    nested: list[Path] = []  # folders inside class folders, whose images are not read
     for idx, cls in enumerate(classes):
         for f in sorted((root / cls).iterdir()):
             if is_image_file(f.name):
@@ -97,7 +100,12 @@ def list_image_folder(root: str | os.PathLike) -> tuple[list[Path], list[int], l
                 labels.append(idx)
             elif not f.name.startswith(".") and f.is_file():
                 skipped[f.suffix.lower() or "(no extension)"] += 1
+            elif is_class_folder(f.name) and f.is_dir():
+                nested.append(f)
     accepted = ", ".join(IMG_EXTENSIONS)
+    sub_folders = (f"{len(nested)} folders inside class folders, e.g. {nested[0]}, left out: tta reads "
+                   "<root>/<class>/<image>, one level (move the images of sub-folders up into their class "
+                   "folder)" if nested else "")
     if not files:
         found = (f"{len(classes)} class folders ({', '.join(classes[:5])}{' ...' if len(classes) > 5 else ''})"
                  if classes else "no class folders")
@@ -105,8 +113,10 @@ def list_image_folder(root: str | os.PathLike) -> tuple[list[Path], list[int], l
                  "(convert images to one of the accepted formats)" if skipped else "")
         raise FileNotFoundError(
             f"no images under {root} (expected <root>/<class>/<image>, image files ending in {accepted}, "
-            f"any case): found {found}{other}"
+            f"any case): found {found}{other}{'; ' + sub_folders if nested else ''}"
         )
+    if nested:  # as the image files of other formats: a data set shrunk without a word otherwise
+        warn_at_caller(sub_folders)
     # Readme and notes files are expected beside images; image files of a format
     # tta does not list would silently shrink the data set, so those are counted.
     readable = _pillow_extensions() if skipped else set()
