@@ -83,3 +83,18 @@ def test_rdumb_is_eta_until_its_reset(noisy_batch):
     short(noisy_batch)
     short(noisy_batch)
     assert changed_keys(source, state(short)) == set()  # weights, optimizer and ETA's mean prediction
+
+
+def test_reset_every_counts_steps_not_batches(noisy_batch):
+    # With steps > 1 the reset falls on the update that reaches the count, as in the
+    # port (mariodoebler/test-time-adaptation methods/base.py resets inside its steps
+    # loop): steps=2, reset_every=3 resets at the 3rd update, mid-batch, and the 4th
+    # update adapts the source model again.
+    torch.manual_seed(0)
+    method = tta.wrap(tta.load_model("cifar10_resnet20"), "tent", steps=2, reset_every=3)
+    method(noisy_batch[:32])
+    method(noisy_batch[32:64])
+    assert method.num_updates == 1
+    once = tta.wrap(tta.load_model("cifar10_resnet20"), "tent")
+    once(noisy_batch[32:64])
+    assert changed_keys(state(once), state(method)) == set()

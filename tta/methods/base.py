@@ -107,7 +107,8 @@ class TTAMethod(nn.Module):
             A backend torch does not know is refused when wrapping; if compiling
             fails at the first step, tta warns and runs eagerly.
         reset_every: return to the source state after every this many updates
-            (RDumb's rule, Press et al. 2023; ``None``: never). The count lives in the
+            (RDumb's rule, Press et al. 2023; ``None``: never). Updates are steps, so
+            with ``steps > 1`` the reset may fall mid-batch. The count lives in the
             state, so a resumed stream resets where an uninterrupted one would.
         collapse_guard: watch for collapse and reset to the source when it happens,
             and report the source model's predictions while test statistics mislead
@@ -313,6 +314,7 @@ class TTAMethod(nn.Module):
             with self.logits_only(), torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
                 for _ in range(self.steps):
                     logits, record = self._run_step(x)
+                    self._count_update()
             logits = logits.float()
             if logits.dim() != 2 or logits.shape[0] != x.shape[0]:
                 raise ValueError(
@@ -329,10 +331,15 @@ class TTAMethod(nn.Module):
         record.num_collapses = self.guard.num_collapses if self.guard is not None else 0
         record.guard_fallback = fallback is not None
         self.last_record = record
-        self.num_updates += self.steps
+        return logits if fallback is None else fallback
+
+    def _count_update(self) -> None:
+        # Counted per step and reset at the step that reaches the count (mid-batch
+        # when steps > 1), as the port resets inside its steps loop; a batch whose
+        # later step raises restores the count with the rest (StepUndo).
+        self.num_updates += 1
         if self.reset_every is not None and self.num_updates >= self.reset_every:
             self.reset()
-        return logits if fallback is None else fallback
 
     def _run_step(self, x: Tensor) -> tuple[Tensor, StepRecord]:
         if not self.compiled:

@@ -120,7 +120,7 @@ class StepUndo:
     leaves the method exactly as it was: the adapted parameters (and their
     gradients), every buffer of the method and its model (buffers are often
     reassigned rather than written, so they are restored by name), the optimizer
-    state, the collapse guard and the gradient scaler; and the parameters of the
+    state, the collapse guard, the gradient scaler and the update count; and the parameters of the
     model copies a step moves (``updated_copies``: a mean teacher). For norm-affine
     methods this is a few kilobytes; no host sync."""
 
@@ -143,6 +143,7 @@ class StepUndo:
         }
         self.guard = method.guard.state_dict() if method.guard is not None else None
         self.scaler = method.scaler.state_dict() if method.scaler is not None else None
+        self.num_updates = method.num_updates
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -159,6 +160,7 @@ class StepUndo:
             method.guard.load_state_dict(self.guard)
         if self.scaler is not None:
             method.scaler.load_state_dict(self.scaler)
+        method.num_updates = self.num_updates
 
 
 @torch.no_grad()
