@@ -602,3 +602,22 @@ def test_report_rows_left_at_a_default_show_the_value_they_ran_with(tmp_path) ->
     both_zero = make_report(sweep, plot=False, only=[frozenset({"method=tent"}), frozenset({"method=tent",
                                                                                            "run.seed=0"})])
     assert "run.seed" not in both_zero
+
+
+def test_fisher_batches_take_the_run_batch_size(monkeypatch) -> None:
+    # EATA's Fisher is the squared gradient of a batch's mean loss, so its size
+    # depends on the batch: the official code batches it as its test stream (64 on
+    # ImageNet), the port too (cfgs/cifar10_c: 200). Batch size 1 falls back to 64.
+    from types import SimpleNamespace
+
+    import tta.bench.runner as runner
+
+    monkeypatch.setattr(runner, "load_source_images",
+                        lambda *a, **k: torch.zeros(450, 3, 8, 8, dtype=torch.uint8))
+    data = SimpleNamespace(source_root="src", image_size=None, crop_ratio=1.0, num_workers=0,
+                           skip_bad_files=False)
+    job = SimpleNamespace(device=torch.device("cpu"), input_size=None)
+    sizes = [len(b) for b in runner._fisher_batches(data, "eata", 450, job, 0, [], 200)]
+    assert sizes == [200, 200, 50]
+    sizes = [len(b) for b in runner._fisher_batches(data, "eata", 450, job, 0, [], 1)]
+    assert sizes == [64] * 7 + [2]
