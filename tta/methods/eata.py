@@ -40,6 +40,11 @@ class EATA(TTAMethod):
     Presets: ``"imagenet"`` is these defaults; ``"cifar10"`` the CIFAR-10-C setting
     of mariodoebler/test-time-adaptation (cfgs/cifar10_c/eata.yaml): Adam, lr 1e-3,
     ``d_margin = 0.4``, ``fisher_alpha = 1``, 2000 Fisher samples.
+
+    ``reset()`` (``episodic``, tta-bench's per-domain resets, ``reset_every``) also
+    forgets the mean prediction, as the port and RDumb's code do; the official EATA's
+    ``reset`` keeps it, so there a new domain's first batch is already checked for
+    redundancy against the previous domain's mean prediction.
     """
 
     presets = {
