@@ -49,7 +49,9 @@ def run_method(name, domains, batch_size, model_name, fisher_images, lr=None, pr
     model = tta.load_model(model_name)
     kw = dict(overrides, **({} if lr is None else {"lr": lr}))
     if name == "eata":
-        kw.update(fisher_loader=[fisher_images[i:i + 100] for i in range(0, len(fisher_images), 100)],
+        # batched as the test stream, as the port and tta-bench: the Fisher is the squared
+        # gradient of a batch's mean loss, so its scale follows the batch size
+        kw.update(fisher_loader=[fisher_images[i:i + batch_size] for i in range(0, len(fisher_images), batch_size)],
                   fisher_size=len(fisher_images))
     if "source_loader" in tta.method_defaults(name):
         # Labelled CIFAR-10 train images in shuffled batches of the test batch size,
