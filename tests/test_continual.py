@@ -34,7 +34,7 @@ def intended(name, method):
     if name == "cotta":
         return ({f"model.{n}" for n, _ in method.model.named_parameters()}
                 | {f"teacher.{n}" for n, _ in method.teacher.named_parameters()})
-    names = {f"model.{n}" for n, _ in select_norm_params(method.model)} | {"mean_probs"}
+    names = {f"model.{n}" for n, _ in select_norm_params(method.model)} | {"mean_probs", "largest_batch"}
     if name == "cmf":
         names |= {f"hidden.{i}" for i in range(len(method.hidden))} | {"variance"}
     return names
@@ -252,6 +252,24 @@ def test_roid_weights_prior_and_losses():
     a, b = torch.randn(5, 3), torch.randn(5, 3)
     torch.testing.assert_close(symmetric_cross_entropy(a, b), symmetric_cross_entropy(b, a))
     torch.testing.assert_close(symmetric_cross_entropy(a, b), 0.5 * (cross_entropy_to(a, b) + cross_entropy_to(b, a)))
+
+
+@pytest.mark.parametrize("name", ["roid", "cmf"])
+def test_a_short_last_batch_divides_by_the_full_batch_size(name, noisy_batch):
+    """The official loss is a sum over the batch divided by the configured batch size:
+    a domain's short last batch (ImageNet-C's 8 after 78 x 64) takes a step its size."""
+    method = wrap(name, weighting=False, consistency=False)
+    method(noisy_batch[:16])
+    short = noisy_batch[16:24]
+    with torch.no_grad():
+        logits = method.model(short)
+        loss, _ = method.roid_loss(short, logits)
+    torch.testing.assert_close(loss, soft_likelihood_ratio(logits).sum() / 16)
+    method.reset()  # a reset starts the count again: the next batch is the full one
+    assert int(method.largest_batch) == 0
+    with torch.no_grad():
+        loss, _ = method.roid_loss(short, logits)
+    torch.testing.assert_close(loss, soft_likelihood_ratio(logits).mean())
 
 
 def test_roid_pulls_the_affines_toward_the_source(noisy_batch):

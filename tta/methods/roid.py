@@ -104,11 +104,17 @@ class ROID(TTAMethod):
             blur_and_noise=False, padding_mode="reflection")
         # Running mean prediction; NaN until the first batch sets it to uniform.
         self.register_buffer("mean_probs", torch.tensor(float("nan")))
+        # The official loss divides by the configured batch size, not the batch's: a
+        # domain's short last batch (ImageNet-C's 5000 = 78 x 64 + 8) takes a smaller
+        # step. Here the largest batch since the last reset stands for it.
+        self.register_buffer("largest_batch", torch.zeros((), dtype=torch.long,
+                                                          device=next(model.parameters()).device))
 
     def roid_loss(self, x: Tensor, logits: Tensor) -> tuple[Tensor, Tensor]:
         """The weighted soft-likelihood-ratio and consistency loss of a batch, and
         the number of images kept."""
         batch = x.shape[0]
+        self.largest_batch.clamp_(min=batch)
         if self.mean_probs.dim() == 0:
             self.mean_probs = torch.full((logits.shape[1],), 1 / logits.shape[1], device=logits.device)
         with torch.no_grad():
@@ -116,7 +122,7 @@ class ROID(TTAMethod):
             weight = (certainty_diversity_weights(logits.float(), self.mean_probs, self.temperature)
                       if self.weighting else torch.ones(batch, device=x.device))
             self.mean_probs = self.probs_momentum * self.mean_probs + (1 - self.probs_momentum) * probs.mean(0)
-        loss = (weight * soft_likelihood_ratio(logits)).sum() / batch
+        loss = (weight * soft_likelihood_ratio(logits)).sum() / self.largest_batch
         kept = weight > 0
         if self.consistency:
             # One host sync: the view's forward and backward run on the kept images
@@ -128,7 +134,7 @@ class ROID(TTAMethod):
             # code): its view is left out, as are none (an empty sum adds 0).
             if len(keep) > 1 or (len(keep) == 1 and not uses_test_statistics_alone(self.model)):
                 view_logits = self.model(self.transform(x[keep]))
-                loss = loss + (weight[keep] * symmetric_cross_entropy(view_logits, logits[keep])).sum() / batch
+                loss = loss + (weight[keep] * symmetric_cross_entropy(view_logits, logits[keep])).sum() / self.largest_batch
         return loss, kept.sum()
 
     def forward_and_adapt(self, x: Tensor) -> tuple[Tensor, StepRecord]:
