@@ -99,8 +99,7 @@ def load_model(name: str, *, weights: str | os.PathLike | None = None, **kwargs:
                         f"{type(name).__name__}{fix}")
     if isinstance(weights, (str, os.PathLike)):
         # "~/ckpt.pt" as the shell, tta-bench's data.root and TTA_HOME read it
-        expanded = os.path.expanduser(weights)
-        weights = expanded if isinstance(weights, str) else type(weights)(expanded)
+        weights = os.path.expanduser(weights)
     prefix, sep, rest = name.partition(":")
     if sep and prefix in _FAMILIES:
         model = _FAMILIES.get(prefix).load(rest, weights=weights, **kwargs)
