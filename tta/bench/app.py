@@ -139,10 +139,9 @@ def _check_keys(argv: Sequence[str]) -> None:
     key that run, data, scenario or model do not have (``run.batchsize=8``): Hydra
     would say "Key 'batchsize' is not in struct" and suggest ``+run.batchsize=8``,
     which the config check then refuses."""
-    import difflib
     from dataclasses import fields
 
-    from .settings import _GROUPS
+    from .settings import _GROUPS, unknown_key_problem
 
     for arg in argv:
         key, eq, _ = arg.partition("=")
@@ -151,9 +150,7 @@ def _check_keys(argv: Sequence[str]) -> None:
             continue
         known = [f.name for f in fields(_GROUPS[group])]
         if leaf not in known:
-            close = difflib.get_close_matches(leaf, known, n=1)
-            hint = f"did you mean {group}.{close[0]}? " if close else ""
-            sys.exit(f"tta-bench: {key} is not a key of {group} ({hint}its keys: {', '.join(known)})")
+            sys.exit(f"tta-bench: {unknown_key_problem(group, leaf, known)}")
 
 
 def main() -> None:

@@ -12,9 +12,10 @@ against the method's signature.
 
 from __future__ import annotations
 
+import difflib
 import math
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from omegaconf import DictConfig
 
@@ -216,8 +217,17 @@ def _read_group(name: str, cls: type, node: Any, problems: list[str]) -> Any:
             shown = "null" if value is None else repr(value)
             problems.append(f"{name}.{f.name} must be {allowed}; got {shown} ({type(value).__name__})")
         values[f.name] = tuple(value) if isinstance(value, list) else value
-    problems += [f"{name}.{k} is not a key of {name} (keys: {', '.join(known)})" for k in node if k not in known]
+    problems += [unknown_key_problem(name, k, known) for k in node if k not in known]
     return cls(**values) if len(values) == len(known) else None
+
+
+def unknown_key_problem(group: str, key: str, known: Sequence[str]) -> str:
+    """How a key that ``group`` does not have is named: with the closest key, if one
+    is close, and the group's keys (the config check and tta-bench's check of the
+    command line say it alike)."""
+    close = difflib.get_close_matches(key, list(known), n=1)
+    hint = f"did you mean {group}.{close[0]}? " if close else ""
+    return f"{group}.{key} is not a key of {group} ({hint}keys: {', '.join(known)})"
 
 
 def read_config(cfg: DictConfig | Mapping[str, Any]) -> BenchConfig:
