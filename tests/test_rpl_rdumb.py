@@ -70,6 +70,19 @@ def test_reset_every_resets_exactly_every_n_updates_and_survives_a_checkpoint(no
     assert "reset_every" not in tta.method_defaults("norm")  # nothing to reset
 
 
+def test_reset_every_falls_after_the_collapse_guard_has_seen_the_batch(noisy_batch):
+    # The reset due at a batch's last step comes after the guard's check of that
+    # batch (made with the model that produced it), and the guard's window after the
+    # reset starts empty, as reset() promises: the old model's batch is not in it.
+    method = tta.wrap(tta.load_model("cifar10_resnet20"), "tent", reset_every=2, collapse_guard=True)
+    seen, check = [], method.guard.check
+    method.guard.check = lambda x, logits: (seen.append(method.num_updates), check(x, logits))[1]
+    for _ in range(2):
+        method(noisy_batch[:32])
+    assert seen == [1, 2]
+    assert method.num_updates == 0 and len(method.guard._history) == 0
+
+
 def test_rdumb_is_eta_until_its_reset(noisy_batch):
     torch.manual_seed(0)
     eta = tta.wrap(tta.load_model("cifar10_resnet20"), "eta", preset="cifar10")

@@ -312,9 +312,11 @@ class TTAMethod(nn.Module):
                 self.reset()
             dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.amp)
             with self.logits_only(), torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
-                for _ in range(self.steps):
+                for step in range(self.steps):
                     logits, record = self._run_step(x)
-                    self._count_update()
+                    self.num_updates += 1
+                    if step < self.steps - 1:
+                        self._reset_if_due()
             logits = logits.float()
             if logits.dim() != 2 or logits.shape[0] != x.shape[0]:
                 raise ValueError(
@@ -325,6 +327,10 @@ class TTAMethod(nn.Module):
                 collapsed, fallback = self.guard.check(x, logits)
                 if collapsed:
                     self.reset()
+            # A reset due at the batch's last step comes after the guard has seen the
+            # batch: its check counts in the window it belongs to, and the window after
+            # the reset starts empty (as reset() says), not with the old model's batch.
+            self._reset_if_due()
         except BaseException:
             undo.restore()
             raise
@@ -333,11 +339,11 @@ class TTAMethod(nn.Module):
         self.last_record = record
         return logits if fallback is None else fallback
 
-    def _count_update(self) -> None:
-        # Counted per step and reset at the step that reaches the count (mid-batch
-        # when steps > 1), as the port resets inside its steps loop; a batch whose
-        # later step raises restores the count with the rest (StepUndo).
-        self.num_updates += 1
+    def _reset_if_due(self) -> None:
+        # Updates are counted per step and the reset falls at the step that reaches
+        # the count (mid-batch when steps > 1), as the port resets inside its steps
+        # loop; a batch whose later step raises restores the count with the rest
+        # (StepUndo).
         if self.reset_every is not None and self.num_updates >= self.reset_every:
             self.reset()
 
