@@ -272,6 +272,19 @@ def test_a_short_last_batch_divides_by_the_full_batch_size(name, noisy_batch):
     torch.testing.assert_close(loss, soft_likelihood_ratio(logits).mean())
 
 
+@pytest.mark.parametrize("name", ["roid", "cmf"])
+def test_a_state_saved_before_largest_batch_existed_loads(name, noisy_batch):
+    # A checkpoint from before the full-batch divisor (a tta-bench run in progress)
+    # resumes; the divisor counts from the next batch, as after a reset.
+    saved = wrap(name)
+    saved(noisy_batch[:16])
+    old = {k: v for k, v in saved.state_dict().items() if k != "largest_batch"}
+    resumed = wrap(name)
+    resumed.load_state_dict(old)
+    assert int(resumed.largest_batch) == 0
+    assert changed_keys(state(saved), state(resumed)) == {"largest_batch"}
+
+
 def test_roid_pulls_the_affines_toward_the_source(noisy_batch):
     free = wrap("roid", source_momentum=1.0)
     pulled = wrap("roid")

@@ -12,6 +12,8 @@ step's own, reweighted by a smoothed estimate of the batch's class prior.
 
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -109,6 +111,14 @@ class ROID(TTAMethod):
         # step. Here the largest batch since the last reset stands for it.
         self.register_buffer("largest_batch", torch.zeros((), dtype=torch.long,
                                                           device=next(model.parameters()).device))
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        # A state saved before ``largest_batch`` existed (a tta-bench checkpoint of a run
+        # in progress) was refused as "from another model or method": it counts from the
+        # next batch instead, as after a reset.
+        if isinstance(state_dict, Mapping) and "mean_probs" in state_dict and "largest_batch" not in state_dict:
+            state_dict = {**state_dict, "largest_batch": torch.zeros((), dtype=torch.long)}
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def roid_loss(self, x: Tensor, logits: Tensor) -> tuple[Tensor, Tensor]:
         """The weighted soft-likelihood-ratio and consistency loss of a batch, and
