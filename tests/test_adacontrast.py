@@ -12,7 +12,7 @@ from torch import nn
 
 import tta
 import tta.methods.adacontrast  # noqa: F401  (registers the method)
-from tta.methods.adacontrast import contrastive_logits, knn_soft_voting
+from tta.methods.adacontrast import contrastive_logits, knn_soft_voting, train_mode
 
 from test_methods import changed_keys, same, state
 
@@ -321,3 +321,14 @@ def test_records_and_a_failed_step_leaves_everything_as_it_was(noisy_batch):
         assert changed_keys(before, state(method)) == set()
         assert not any(m.training for m in method.model.modules())
     method(noisy_batch[:16])  # and it goes on
+
+
+def test_train_mode_gives_every_module_its_own_mode_back():
+    # Inside: all in train mode (the official model.train()). After: each as before,
+    # a sub-module kept in train mode inside an eval-mode block included.
+    model = nn.Sequential(nn.Sequential(nn.Linear(2, 2), nn.Dropout()), nn.Dropout()).eval()
+    model[0][1].train()
+    before = [m.training for m in model.modules()]
+    with train_mode(model):
+        assert all(m.training for m in model.modules())
+    assert [m.training for m in model.modules()] == before

@@ -88,6 +88,9 @@ def train_mode(model: nn.Module) -> Iterator[None]:
     normalising by each batch and moving its running statistics toward it (by the
     layer's momentum; tta's test-statistics layers read the batch either way)."""
     layers = [m for m in model.modules() if not m.training]
+    # train(False) also reaches a layer's sub-modules: those in train mode before the
+    # block (set so by the user, e.g. MC dropout) are put back after it
+    kept = [m for m in model.modules() if m.training]
     for m in layers:
         m.train(True)
     try:
@@ -95,6 +98,8 @@ def train_mode(model: nn.Module) -> Iterator[None]:
     finally:
         for m in layers:
             m.train(False)
+        for m in kept:
+            m.training = True
 
 
 @register_method("adacontrast")
