@@ -630,3 +630,10 @@ def test_corrupt_with_a_generator_warns_in_several_dataloader_workers(monkeypatc
         reseeded(x)
         monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: None)
         Corrupt("gaussian_noise", 3, generator=torch.Generator().manual_seed(0))(x)  # the main process
+        # a corruption that draws nothing, and worker 0 re-seeded with seed + its id (0)
+        monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: worker)
+        Corrupt("brightness", 3, generator=torch.Generator().manual_seed(0))(x)
+        worker.id = 0
+        first = Corrupt("gaussian_noise", 3, generator=torch.Generator().manual_seed(0))
+        first.generator.manual_seed(0 + worker.id)
+        first(x)

@@ -269,8 +269,12 @@ class Corrupt(nn.Module):
         built = getattr(self, "_built", None)
         if built is None or self.generator is not built[0] or self.generator.initial_seed() != built[1]:
             return
+        if _REGISTRY[self.name].draws is None:  # brightness, pixelate ...: nothing drawn
+            return
         info = torch.utils.data.get_worker_info()
-        if info is None or info.num_workers < 2 or self._warned_in == os.getpid():
+        # Worker 0 is left out: re-seeded as usual (seed + worker id) it keeps the seed
+        # it was built with; worker 1 of an unseeded copy says it for all.
+        if info is None or info.id == 0 or self._warned_in == os.getpid():
             return
         self._warned_in = os.getpid()
         warn_at_caller(
