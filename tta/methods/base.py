@@ -107,9 +107,11 @@ class TTAMethod(nn.Module):
             A backend torch does not know is refused when wrapping; if compiling
             fails at the first step, tta warns and runs eagerly.
         reset_every: return to the source state after every this many updates
-            (RDumb's rule, Press et al. 2023; ``None``: never). Updates are steps, so
-            with ``steps > 1`` the reset may fall mid-batch. The count lives in the
-            state, so a resumed stream resets where an uninterrupted one would.
+            (RDumb's rule, Press et al. 2023; ``None``: never). Updates are the
+            ``steps`` on each batch, so with ``steps > 1`` the reset may fall
+            mid-batch (TPT, RLCF and TTRV, which run their own rounds within a
+            batch, count one per batch). The count lives in the state, so a resumed
+            stream resets where an uninterrupted one would.
         collapse_guard: watch for collapse and reset to the source when it happens,
             and report the source model's predictions while test statistics mislead
             (``True``, or a dict of :class:`~tta.methods.guard.CollapseGuard`
