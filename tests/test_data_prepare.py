@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tta.data import imagenet_wnids
+from tta.data import ImageFileError, imagenet_wnids
 from tta.corruptions import EXTRA_NAMES, NAMES
 from tta.data import cifar10, cifar10_archive, cifar10c, list_image_folder
 from tta.data import prepare as P
@@ -550,7 +550,8 @@ def test_load_image_folder_names_the_file_it_cannot_decode(tmp_path):
     for name, make in makers.items():
         (tmp_path / "b").mkdir()
         make(tmp_path / "b" / name)
-        with pytest.raises(OSError, match=f"cannot decode image file {re.escape(str(tmp_path / 'b' / name))}"):
+        # the same error class as tta-bench's decoding (an OSError)
+        with pytest.raises(ImageFileError, match=f"cannot decode image file {re.escape(str(tmp_path / 'b' / name))}"):
             load_image_folder(tmp_path, shuffle=False)
         shutil.rmtree(tmp_path / "b")
 

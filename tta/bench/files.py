@@ -14,14 +14,10 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from ..data import to_rgb8
+from ..data import ImageFileError, naming_image_file, to_rgb8
 
 __all__ = ["ImageFileError", "check_image_file", "check_image_files", "decode_image", "bad_files_error",
            "seeded_subset", "pick_files"]
-
-
-class ImageFileError(OSError):
-    """Image files the benchmark cannot read; the message names every one."""
 
 
 #: Bytes read from the end of a file for the trailer check (JPEG EOI, PNG IEND),
@@ -130,16 +126,10 @@ def decode_image(path: str | os.PathLike, size: int | None = None, crop_ratio: f
 
     Raises :class:`ImageFileError` naming ``path`` when the file cannot be decoded.
     """
-    try:
+    hint = (" (tta-bench checks the files a run uses before streaming, and data.skip_bad_files=true "
+            "leaves out the ones that fail that check)")
+    with naming_image_file(path, hint):
         return _decode_image(path, size, crop_ratio)
-    except MemoryError:
-        raise
-    except Exception as err:  # noqa: BLE001 - Pillow raises assorted errors on damaged files
-        raise ImageFileError(
-            f"cannot decode image file {path} ({type(err).__name__}: {err}); replace or remove it "
-            "(tta-bench checks the files a run uses before streaming, and data.skip_bad_files=true "
-            "leaves out the ones that fail that check)"
-        ) from err
 
 
 def _decode_image(path: str | os.PathLike, size: int | None, crop_ratio: float) -> Tensor:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import numbers
 import os
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
@@ -21,8 +23,8 @@ from .._warn import warn_at_caller
 from ..paths import tta_home
 
 __all__ = ["IMG_EXTENSIONS", "NOT_CLASS_FOLDERS", "is_class_folder", "is_image_file", "class_folders",
-           "list_image_folder",
-           "load_image_folder", "cifar10_dir", "imagenet_wnids", "to_rgb8"]
+           "list_image_folder", "load_image_folder", "cifar10_dir", "imagenet_wnids", "to_rgb8",
+           "ImageFileError", "naming_image_file"]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -181,16 +183,30 @@ def load_image_folder(
 
 
 def _decode_rgb8(path: Path) -> np.ndarray:
-    """(H, W, 3) uint8 RGB of an image file; an ``OSError`` naming the file when it
-    cannot be decoded (Pillow's own errors, e.g. "Truncated File Read" for a cut
-    JPEG, do not say which of a folder's files it was)."""
+    """(H, W, 3) uint8 RGB of an image file (:class:`ImageFileError` naming it when
+    it cannot be decoded)."""
+    with naming_image_file(path), Image.open(path) as img:
+        return np.asarray(to_rgb8(img))
+
+
+class ImageFileError(OSError):
+    """Image files that cannot be read; the message names every one."""
+
+
+@contextmanager
+def naming_image_file(path: str | os.PathLike, hint: str = "") -> Iterator[None]:
+    """Re-raise what decoding ``path`` raises inside the block as an
+    :class:`ImageFileError` that names the file, ending with ``hint``: Pillow's own
+    errors (e.g. "Truncated File Read" for a cut JPEG) do not say which of a
+    folder's files it was. ``MemoryError`` passes through."""
     try:
-        with Image.open(path) as img:
-            return np.asarray(to_rgb8(img))
+        yield
     except MemoryError:
         raise
     except Exception as err:  # noqa: BLE001 - Pillow raises assorted errors on damaged files
-        raise OSError(f"cannot decode image file {path} ({type(err).__name__}: {err}); replace or remove it") from err
+        raise ImageFileError(
+            f"cannot decode image file {path} ({type(err).__name__}: {err}); replace or remove it{hint}"
+        ) from err
 
 
 @lru_cache(maxsize=1)
