@@ -146,6 +146,45 @@ def test_a_checkpoint_or_results_of_another_config_say_which_keys_changed(tmp_pa
     assert any(said in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
 
 
+@needs_cifar
+def test_results_and_checkpoints_of_other_code_are_reused_with_a_warning_naming_it(tmp_path, monkeypatch, caplog):
+    # The config hash is of the config alone: a rerun after a fix in tta or a new
+    # torch reused old results (or resumed an old checkpoint) without a word, and a
+    # sweep mixed the numbers of two codes.
+    from tta.bench.results import git_info, versions
+
+    out = tmp_path / "run"
+    _deyo_run(monkeypatch, out, [], stop_after=2)
+    ckpt = out / "checkpoint.pt"
+    state = torch.load(ckpt, weights_only=True)
+    assert state["versions"] == versions() and state["git"] == git_info()
+    state["versions"]["torch"], state["git"]["hash"] = "0.0.1", "0" * 40
+    torch.save(state, ckpt)
+    with caplog.at_level("INFO", logger="tta.bench"):
+        res, _ = _deyo_run(monkeypatch, out, [])
+    assert res["resumed_at_batch"] == 2
+    said = [r for r in caplog.records if "written by other code" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelname == "WARNING"
+    assert f"torch 0.0.1 (now {versions()['torch']})" in said[0].getMessage()
+    if git_info()["hash"]:
+        assert f"tta commit 000000000000 (now {git_info()['hash'][:12]})" in said[0].getMessage()
+
+    caplog.clear()
+    with caplog.at_level("INFO", logger="tta.bench"):
+        again = run_benchmark(compose_config([*TINY, "method=deyo", "run.skip_existing=true"]), out)
+    assert again["skipped"] and not [r for r in caplog.records if r.levelname == "WARNING"]
+    results = json.loads((out / "results.json").read_text())
+    results["versions"]["numpy"] = "0.0.1"
+    (out / "results.json").write_text(json.dumps(results))
+    caplog.clear()
+    with caplog.at_level("INFO", logger="tta.bench"):
+        again = run_benchmark(compose_config([*TINY, "method=deyo", "run.skip_existing=true"]), out)
+    assert again["skipped"] and again["error"] == res["error"]
+    said = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(said) == 1 and f"made by other code (numpy 0.0.1 (now {versions()['numpy']})); delete it or set " \
+                               "run.skip_existing=false" in said[0].getMessage(), said
+
+
 # ----------------------------------------------------------------------------------
 # 2. Bad image files: refused before streaming (every path named), or skipped
 # ----------------------------------------------------------------------------------

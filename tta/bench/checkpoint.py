@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from ..methods.records import StepRecord
 from ..paths import atomic_write_bytes
 from .config import config_changes
+from .results import code_changes, code_provenance
 
 __all__ = ["CHECKPOINT", "Progress", "record_dicts", "save_checkpoint", "load_checkpoint"]
 
@@ -59,6 +60,7 @@ def save_checkpoint(path: Path, config_hash: str, progress: Progress, method: nn
     state = {
         "config_hash": config_hash,
         "config": dict(config) if config is not None else None,
+        **code_provenance(),
         "position": progress.position,
         "method": method.state_dict(),
         "rng": torch.get_rng_state(),
@@ -93,6 +95,10 @@ def load_checkpoint(path: Path, config_hash: str, method: nn.Module, device: tor
         log.warning("ignoring %s: it belongs to a different config (%s); starting from the beginning",
                     path, changed)
         return None
+    changed = code_changes(state)
+    if changed:
+        log.warning("resuming from %s, written by other code (%s): the batches before and after it may not "
+                    "agree; delete it to start the stream again", path, changed)
     method.load_state_dict(state["method"])
     torch.set_rng_state(state["rng"])
     if device.type == "cuda" and state.get("cuda_rng") is not None:

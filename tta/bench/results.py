@@ -76,6 +76,28 @@ def git_info() -> dict[str, Any]:
     return {"hash": head, "dirty": bool(dirty)}
 
 
+def code_provenance() -> dict[str, Any]:
+    """What made a result besides its config: the tta commit and the packages'
+    versions (stored with results and checkpoints, compared on reuse)."""
+    return {"git": git_info(), "versions": versions()}
+
+
+def code_changes(saved: Mapping[str, Any]) -> str:
+    """How the code that made ``saved`` (a results dict or a checkpoint, holding
+    ``git`` and ``versions``) differs from the code running now: "" when nothing
+    recorded differs (the config hash covers the config, not the code)."""
+    changes = []
+    then, now = saved.get("git"), git_info()
+    if isinstance(then, Mapping) and then.get("hash") and now.get("hash") and then["hash"] != now["hash"]:
+        changes.append(f"tta commit {str(then['hash'])[:12]} (now {now['hash'][:12]})")
+    then = saved.get("versions")
+    if isinstance(then, Mapping):
+        for dist, version in versions().items():
+            if then.get(dist) is not None and version is not None and then[dist] != version:
+                changes.append(f"{dist} {then[dist]} (now {version})")
+    return ", ".join(changes)
+
+
 def jsonable(value: Any) -> Any:
     """``value`` with NaN/inf as None and tuples/numpy scalars as plain JSON types
     (strict JSON, readable by any tool)."""

@@ -35,7 +35,7 @@ from .config import config_changes, method_overrides, method_preset, register_re
 from .loop import Checkpointing, adapt, count
 from .metrics import summarise, throughput
 from .render import BatchRenderer, to_model_size
-from .results import RESULTS_JSON, build_results, load_results, write_results
+from .results import RESULTS_JSON, build_results, code_changes, load_results, write_results
 from .settings import BenchConfig, DataConfig, read_config
 from .source_data import SOURCE_OPTIONS, SourceBatches, load_source_images, source_reading_progress
 from .stream import bad_files, open_stream
@@ -151,7 +151,14 @@ def _finished_run(out: Path, config: BenchConfig) -> dict[str, Any] | None:
         log.info("not reusing %s: it left out %d bad image files, and data.skip_bad_files is false",
                  out / RESULTS_JSON, old["num_bad_files"])
         return None
-    log.info("skipping %s: %s holds results of the same config (hash %s)", out, RESULTS_JSON, config.hash[:12])
+    changed = code_changes(old)
+    if changed:
+        # the hash is of the config only: a fix in tta or a new torch can move the
+        # numbers, and a sweep would then mix results of two codes without a word
+        log.warning("skipping %s: %s holds results of the same config, made by other code (%s); delete it "
+                    "or set run.skip_existing=false to run it again", out, RESULTS_JSON, changed)
+    else:
+        log.info("skipping %s: %s holds results of the same config (hash %s)", out, RESULTS_JSON, config.hash[:12])
     old["skipped"] = True
     return old
 
