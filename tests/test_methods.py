@@ -152,6 +152,39 @@ def test_state_dict_resumes_a_stream(noisy_batch, cifar_test_images):
     assert torch.equal(a.mean_probs, b.mean_probs)
 
 
+@pytest.mark.parametrize("options", [dict(optimizer="sgd", momentum=0.9), dict(optimizer="adam")])
+def test_a_loaded_state_shares_no_tensor_with_where_it_came_from(options, noisy_batch):
+    # torch's Optimizer.load_state_dict keeps the given tensors (momentum buffers, Adam's
+    # moments): a method loaded from another's state_dict() stepped the other's optimizer
+    # state, and reset() to a mid-stream snapshot() stepped the snapshot, so a second
+    # reset went back to somewhere else. nn.Module.load_state_dict copies; so does a method.
+    x = noisy_batch[:16]
+    a = tta.wrap(tta.load_model("cifar10_resnet20"), "tent", lr=1e-2, **options)
+    a(x)
+    b = tta.wrap(tta.load_model("cifar10_resnet20"), "tent", lr=1e-2, **options)
+    b.load_state_dict(a.state_dict())
+    loaded = copy.deepcopy(b.optimizer.state_dict()["state"])
+    a(x)
+    now = b.optimizer.state_dict()["state"]
+    assert loaded and all(same(loaded[i][k], now[i][k])
+                          for i in loaded for k in loaded[i] if torch.is_tensor(loaded[i][k]))
+
+    a.snapshot()
+    saved = copy.deepcopy(a.state_dict())
+    for _ in range(2):
+        a(x)
+        a.reset()
+        back = a.state_dict()
+        assert not changed_keys(state_of(saved), state_of(back))
+        opt_saved, opt_back = saved["_extra_state"]["optimizer"]["state"], back["_extra_state"]["optimizer"]["state"]
+        assert all(same(opt_saved[i][k], opt_back[i][k]) for i in opt_saved for k in opt_saved[i]
+                   if torch.is_tensor(opt_saved[i][k]))
+
+
+def state_of(state_dict):
+    return {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+
+
 def test_episodic_resets_before_each_batch(resnet20, noisy_batch):
     adapted = tta.wrap(resnet20, "tent", episodic=True, lr=1e-2)
     assert torch.equal(adapted(noisy_batch), adapted(noisy_batch))

@@ -465,7 +465,10 @@ class TTAMethod(nn.Module):
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         if self.optimizer is not None and state.get("optimizer") is not None:
-            self.optimizer.load_state_dict(state["optimizer"])
+            # torch's Optimizer.load_state_dict keeps the tensors it is given (momentum,
+            # Adam's moments): steps would then move the state loaded from, another
+            # method's or reset()'s snapshot. Copies, as nn.Module.load_state_dict makes.
+            self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
         if self.guard is not None and state.get("guard") is not None:
             self.guard.load_state_dict(state["guard"])
         self.num_updates = int(state.get("num_updates", 0))
