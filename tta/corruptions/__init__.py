@@ -2,7 +2,7 @@
 
 >>> from tta.corruptions import corrupt, Corrupt, NAMES
 >>> g = torch.Generator().manual_seed(0)
->>> y = corrupt(x, "fog", 3, generator=g)       # x: (B, 3, H, W) float RGB in [0, 1]
+>>> y = corrupt(x, "fog", 3, generator=g)       # x: (B, 3, H, W) float RGB in [0, 1] (or uint8)
 >>> aug = Corrupt("motion_blur", 5)             # nn.Module, Kornia style
 >>> y = aug(x)
 
@@ -24,7 +24,10 @@ its batch): what a benchmark needs for the same corrupted image in every stream 
 float32 (float64 stays float64; half precision is upcast and cast back) and, with
 ``quantize=True`` (default), snapped to 8-bit levels the way the original's uint8
 output is: truncation (``np.uint8``) for float results, rounding where the
-original's result comes from Pillow's 8-bit resize or JPEG codec.
+original's result comes from Pillow's 8-bit resize or JPEG codec. uint8 images
+(what image decoders give) come back as uint8, the same levels as for
+``x.float() / 255``: each chunk is converted while in cache, and no float batch is
+read or written (the JPEG codec takes the bytes as they are).
 """
 
 from __future__ import annotations
@@ -132,11 +135,11 @@ def _check_images(x: Tensor) -> None:
         raise TypeError(f"images must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 4 or x.shape[1] != 3:
         raise ValueError(f"images must have shape (B, 3, H, W) or (3, H, W), got {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise TypeError(f"images must be floating point RGB in [0, 1], got dtype {x.dtype}")
+    if not x.is_floating_point() and x.dtype != torch.uint8:
+        raise TypeError(f"images must be floating point RGB in [0, 1] or uint8 RGB, got dtype {x.dtype}")
     if x.shape[2] == 0 or x.shape[3] == 0:
         raise ValueError(f"images must be at least 1x1 pixels, got shape {tuple(x.shape)}")
-    if x.numel() == 0:
+    if x.numel() == 0 or x.dtype == torch.uint8:  # every uint8 value is a level
         return
     # over channels-last images aminmax would first copy them to NCHW (20x slower)
     flat = x.detach().permute(0, 2, 3, 1) if channels_last(x) else x.detach()
@@ -161,8 +164,9 @@ def corrupt(
     """Apply ImageNet-C corruption ``name`` at ``severity`` to a batch of images.
 
     Args:
-        x: float RGB images in [0, 1], shape ``(B, 3, H, W)``, or one image ``(3, H,
-            W)`` (as a dataset's transform sees it), any device.
+        x: float RGB images in [0, 1], or uint8 RGB images (0-255), shape ``(B, 3,
+            H, W)``, or one image ``(3, H, W)`` (as a dataset's transform sees it),
+            any device.
         name: one of :data:`NAMES` or :data:`EXTRA_NAMES`.
         severity: 1 (mild) to 5 (strongest).
         preset: severity tables to use: ``"imagenet"`` (made for 224 px),
@@ -171,13 +175,16 @@ def corrupt(
         generator: source of randomness; the same seed gives the same output. A
             sequence of ``B`` generators (one per image, all on one device) gives
             image ``i`` the corruption its generator ``i`` alone decides.
-        quantize: snap the result to 8-bit levels like the original's uint8 output.
+        quantize: snap the result to 8-bit levels like the original's uint8 output
+            (uint8 images always are: ``quantize=False`` is refused for them).
         frost_dir: folder with the frost textures (default: :func:`set_frost_dir`,
             else ``$TTA_FROST_DIR``, else ``$TTA_HOME/data/imagenet-c-frost``);
             missing textures are downloaded there once, sha256-checked.
 
     Returns:
-        The corrupted images: same shape, dtype and device as ``x``, in [0, 1].
+        The corrupted images: same shape, dtype and device as ``x`` (in [0, 1] for
+        float images; for uint8 ones, the levels of ``corrupt(x.float() / 255, ...)``
+        times 255).
     """
     key = _check_name(name)
     severity = _check_severity(severity)
@@ -185,7 +192,9 @@ def corrupt(
         return corrupt(x[None], key, severity, preset=preset, generator=generator, quantize=quantize,
                        frost_dir=frost_dir)[0]
     _check_images(x)
-    _check_quantize(quantize)
+    if not _check_quantize(quantize) and x.dtype == torch.uint8:
+        raise ValueError("quantize=False keeps results between the 8-bit levels, which uint8 images cannot "
+                         "hold: give float images (x.float() / 255) for that, or leave quantize=True")
     if _check_preset(preset) is None:
         preset = choose_preset(x.shape[-2], x.shape[-1])
     _check_generator(generator, x.shape[0])
@@ -196,7 +205,7 @@ def corrupt(
         # the kernel page by page unless freed memory is kept (tta/_host_memory.py):
         # 0.1-0.3 ms per 224 px image and tensor, as much as a cheap corruption
         keep_freed_host_memory()
-    work_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    work_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32  # uint8 too: float32
     rng = Rng(generator, x.device, work_dtype)
     return _apply(x, key, severity, preset, rng, quantize, frost_dir)
 

@@ -31,7 +31,8 @@ def shot_noise_draws(x: Tensor, c: float, ctx: Context) -> tuple[Tensor]:
         return (ctx.rng.uniform(tuple(x.shape)),)
     # many photons: torch's sampler (its transformed rejection beats a long
     # inversion); the counts depend on the images, drawn whole like every draw
-    return (ctx.rng.poisson(x.to(ctx.rng.dtype) * c),)
+    levels = x.to(ctx.rng.dtype).div_(255) if x.dtype == torch.uint8 else x.to(ctx.rng.dtype)
+    return (ctx.rng.poisson(levels * c),)
 
 
 def shot_noise(x: Tensor, c: float, ctx: Context, drawn: Tensor) -> Tensor:

@@ -18,11 +18,12 @@ from ._tables import TABLES
 
 class _Spec(NamedTuple):
     """How a corruption is made. ``draws(x, c, ctx)`` makes every random draw for
-    the whole batch, in the original's order (a tuple of tensors led by the batch;
+    the whole batch (``x`` as the caller gave it: floats, or uint8 levels), in the original's order (a tuple of tensors led by the batch;
     ``None``: deterministic); ``render(x, c, ctx, *draws)`` turns images and their
     draws into a new tensor. ``qmode``: how the original's result becomes uint8.
     ``nchw``: the render wants contiguous NCHW images (else it takes them in any
-    layout: JPEG, whose codec works on channels-last pixels). ``wide``: the render's
+    layout: JPEG, whose codec works on channels-last pixels, and on the CPU takes
+    uint8 images as they are). ``wide``: the render's
     intermediates are several times its images (FFT spectra, sampling grids), so it
     renders chunks of half the values. The output takes the renders' layout."""
 
@@ -109,8 +110,13 @@ def apply(
 def _render_input(part: Tensor, spec: _Spec, ctx: Context) -> Tensor:
     """A chunk of images as its render takes it: the work dtype, contiguous NCHW
     unless the render takes any layout; converted into a buffer kept for the
-    chunks (see ``Context.buffer``)."""
+    chunks (see ``Context.buffer``). uint8 levels become ``level / 255``, what
+    ``x.float() / 255`` gives, but for the JPEG codec on the CPU, which reads them."""
     dtype = ctx.rng.dtype
+    if part.dtype == torch.uint8:
+        if not spec.nchw and part.device.type == "cpu":
+            return part
+        return ctx.buffer("images", tuple(part.shape), dtype, part.device).copy_(part).div_(255)
     if part.dtype == dtype and (part.is_contiguous() or not spec.nchw):
         return part
     if not spec.nchw:
@@ -137,9 +143,9 @@ def _finish(y: Tensor, x: Tensor, dest: Tensor, quantize: bool, qmode: str) -> N
     [0, 1], in ``dest``'s dtype. ``y`` is the render's own tensor: quantised in
     place. Renders whose result is 8-bit whatever ``quantize`` says (Pillow's
     resize, the JPEG codec) may return it as uint8 levels, which only need the
-    division."""
+    division (none for a uint8 ``dest``, which ``quantize`` is True for)."""
     if y.dtype == torch.uint8:
-        torch.div(y, 255, out=dest)
+        dest.copy_(y) if dest.dtype == torch.uint8 else torch.div(y, 255, out=dest)
         return
     if y.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
         y = y.clone()  # a render that passed its input through: never write to the caller's images
