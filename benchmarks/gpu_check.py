@@ -184,7 +184,8 @@ class Context:
 def section_cuda_tests(plan: Plan, ctx: Context) -> None:
     files = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_*.py")
                    if "mark.cuda" in p.read_text())
-    cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider", "-rfE", *files]
+    # one process (-n 0): the suite's two xdist workers would each start CUDA for a handful of tests
+    cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-n", "0", "-p", "no:cacheprovider", "-rfE", *files]
     ctx.result.update(files=files, command="python " + " ".join(cmd[1:]))
     try:
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=max(5.0, ctx.left()))
