@@ -85,13 +85,15 @@ def _speed(r: dict) -> list[str]:
 def _corruptions(r: dict) -> list[str]:
     lines = [f"{r.get('size')} px, batch {r.get('batch')}, severity 5, median of {r.get('repeats')} repeats; "
              "ms per image = batch time / batch size.", "",
-             "| corruption | ms/image, one generator | ms/image, a generator per image (tta-bench) |",
-             "|---|---:|---:|"]
-    lines += [f"| {row['name']} | {row['ms_per_image']:.3f} | {row['ms_per_image_per_image_generators']:.3f} |"
-              for row in r.get("rows", [])]
+             "| corruption | ms/image, float, one generator | ms/image, uint8, one generator "
+             "| ms/image, uint8, a generator per image (tta-bench) |",
+             "|---|---:|---:|---:|"]
+    lines += [f"| {row['name']} | {row['ms_per_image']:.3f} | {row.get('ms_per_image_uint8', float('nan')):.3f} "
+              f"| {row['ms_per_image_per_image_generators']:.3f} |" for row in r.get("rows", [])]
     f = r.get("fifteen")
     if f:
-        lines += ["", f"The 15 summed: {f['ms_per_image']:.3f} ms per image (a generator per image: "
+        lines += ["", f"The 15 summed: {f['ms_per_image']:.3f} ms per image on float images (uint8: "
+                      f"{f.get('ms_per_image_uint8', float('nan')):.3f} ms; uint8 with a generator per image: "
                       f"{f['ms_per_image_per_image_generators']:.3f} ms) against the original code's "
                       f"{f['original_ms_per_image']:.0f} ms on one CPU thread: **{f['speedup']:.0f}×** "
                       f"({f['speedup_per_image_generators']:.0f}×); target ≥ {CORRUPTION_TARGET:.0f}× "

@@ -49,7 +49,8 @@ def test_quick_cpu_run_writes_every_section(tmp_path):
 
     rows = sections["corruptions"]["result"]["rows"]
     assert [r["name"] for r in rows] == list(plan.corruptions)
-    assert all(r["ms_per_image"] > 0 and r["ms_per_image_per_image_generators"] > 0 for r in rows)
+    assert all(r["ms_per_image"] > 0 and r["ms_per_image_uint8"] > 0 and r["ms_per_image_per_image_generators"] > 0
+               for r in rows)
 
     for name, groups in (("speed", plan.speed), ("compile", plan.compile)):
         done = sections[name]["result"]["groups"]
