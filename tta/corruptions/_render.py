@@ -18,14 +18,15 @@ from ._tables import TABLES
 
 class _Spec(NamedTuple):
     """How a corruption is made. ``draws(x, c, ctx)`` makes every random draw for
-    the whole batch (``x`` as the caller gave it: floats, or uint8 levels), in the original's order (a tuple of tensors led by the batch;
-    ``None``: deterministic); ``render(x, c, ctx, *draws)`` turns images and their
-    draws into a new tensor. ``qmode``: how the original's result becomes uint8.
-    ``nchw``: the render wants contiguous NCHW images (else it takes them in any
-    layout: JPEG, whose codec works on channels-last pixels, and on the CPU takes
-    uint8 images as they are). ``wide``: the render's
-    intermediates are several times its images (FFT spectra, sampling grids), so it
-    renders chunks of half the values. The output takes the renders' layout."""
+    the whole batch (``x`` as the caller gave it: floats, or uint8 levels), in the
+    original's order (a tuple of tensors led by the batch; ``None``:
+    deterministic); ``render(x, c, ctx, *draws)`` turns images and their draws into
+    a new tensor. ``qmode``: how the original's result becomes uint8. ``nchw``: the
+    render wants contiguous NCHW images (else it takes them in any layout: JPEG,
+    whose codec works on channels-last pixels, and on the CPU takes uint8 images as
+    they are). ``wide``: the render's intermediates are several times its images
+    (FFT spectra, sampling grids), so it renders chunks of half the values. The
+    output takes the renders' layout."""
 
     draws: Callable[..., tuple[Tensor, ...]] | None
     render: Callable[..., Tensor]
@@ -145,7 +146,10 @@ def _finish(y: Tensor, x: Tensor, dest: Tensor, quantize: bool, qmode: str) -> N
     resize, the JPEG codec) may return it as uint8 levels, which only need the
     division (none for a uint8 ``dest``, which ``quantize`` is True for)."""
     if y.dtype == torch.uint8:
-        dest.copy_(y) if dest.dtype == torch.uint8 else torch.div(y, 255, out=dest)
+        if dest.dtype == torch.uint8:
+            dest.copy_(y)
+        else:
+            torch.div(y, 255, out=dest)
         return
     if y.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
         y = y.clone()  # a render that passed its input through: never write to the caller's images
