@@ -79,7 +79,7 @@ def git_info() -> dict[str, Any]:
 def code_provenance() -> dict[str, Any]:
     """What made a result besides its config: the tta commit and the packages'
     versions (stored with results and checkpoints, compared on reuse)."""
-    return {"git": git_info(), "versions": versions()}
+    return {"versions": versions(), "git": git_info()}
 
 
 def code_changes(saved: Mapping[str, Any]) -> str:
@@ -218,8 +218,7 @@ def build_results(config: BenchConfig, summary: Mapping[str, Any], speed: Mappin
         "config_hash": config.hash,
         "method_preset": preset,
         "method_overrides": dict(overrides),
-        "versions": versions(),
-        "git": git_info(),
+        **code_provenance(),
         "hydra": dict(hydra_info or {}),
         "started_at": started.isoformat(timespec="seconds"),
         "finished_at": _now_iso(),
